@@ -1,0 +1,327 @@
+"""The training images: finding and checking them, captions, aspect-ratio buckets, tensors, augmentation, batching.
+
+Everything a user can get wrong about the dataset folder is found by `scan_dataset` before training starts and
+reported in one `DatasetError`, so a broken dataset never costs a model load or a crash halfway through training.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import DatasetError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_MODES = ("none", "phrase", "txt")
+
+Bucket = tuple[int, int]  # (width, height) in pixels
+
+# What Pillow raises for files it cannot identify or decode (truncated data, wrong format, absurd sizes).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One training image; width and height are as displayed, i.e. after EXIF rotation."""
+
+    path: Path
+    caption: str
+    width: int
+    height: int
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB, upright, with transparency flattened onto white.
+
+    Decoding everything (not just the header) is what catches truncated downloads before training starts.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
+    except _DECODE_ERRORS as exc:
+        raise DatasetError(
+            f"{path} cannot be read as an image ({exc}). Re-save it as PNG or JPEG, or remove it from the "
+            "dataset folder."
+        ) from exc
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = _sixteen_bit_to_grey(img)
+    if img.has_transparency_data:
+        # Transparent pixels keep whatever colour the editor left there (often black); white is what people see.
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _sixteen_bit_to_grey(img: Image.Image) -> Image.Image:
+    """Scale 0..65535 down to 0..255; Pillow's own conversion clips, turning most 16-bit images white."""
+    values = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.round(np.clip(values, 0, 65535) / 257).astype(np.uint8), mode="L")
+
+
+def scan_dataset(
+    folder: str | Path, caption_mode: str, caption_phrase: str = "", caption_ext: str = ".txt"
+) -> list[ImageItem]:
+    """List the images directly in `folder` with their captions, sorted by file name so runs are repeatable.
+
+    caption_mode: "none" (empty captions), "phrase" (`caption_phrase` for every image) or "txt" (the text file
+    named like the image with `caption_ext`). Every image is decoded once here, and all problems (missing
+    captions, unreadable captions, broken images) are reported together so the user can fix them in one go.
+    Hidden files (names starting with ".", e.g. macOS "._photo.jpg" leftovers) are ignored.
+    """
+    if caption_mode not in CAPTION_MODES:
+        raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, not {caption_mode!r}")
+    phrase = _one_line(caption_phrase)
+    if caption_mode == "phrase" and not phrase:
+        raise DatasetError("Captions is set to Single Phrase but the phrase is empty. Type a phrase, or choose "
+                           "No Caption or TXT Captions.")
+    folder = _existing_folder(folder)
+    files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    image_paths = sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    if not image_paths:
+        raise DatasetError(
+            f"No images found in {folder} (sub-folders are not searched). Supported file types: "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Put your training images directly in this folder, or choose the "
+            "folder that holds them."
+        )
+
+    captions: list[str] = []
+    missing: list[str] = []
+    not_utf8: list[str] = []
+    if caption_mode == "txt":
+        by_lower_name = {name.lower(): p for name, p in files.items()}
+        for image_path in image_paths:
+            caption_name = image_path.stem + caption_ext
+            # Case-insensitive fallback: "photo.TXT" beside "photo.png" works on Windows, so it should here too.
+            caption_path = files.get(caption_name) or by_lower_name.get(caption_name.lower())
+            if caption_path is None:
+                missing.append(caption_name)
+                captions.append("")
+                continue
+            try:
+                captions.append(_one_line(caption_path.read_bytes().decode("utf-8-sig")))
+            except UnicodeDecodeError:
+                not_utf8.append(caption_path.name)
+                captions.append("")
+    else:
+        captions = [phrase] * len(image_paths)  # phrase is "" in "none" mode
+
+    items: list[ImageItem] = []
+    broken: list[str] = []
+    for image_path, caption in zip(image_paths, captions):
+        try:
+            with load_image(image_path) as img:
+                items.append(ImageItem(image_path, caption, img.width, img.height))
+        except DatasetError:
+            broken.append(image_path.name)
+
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} caption file(s) are missing (Captions is set to TXT Captions, so every image needs a "
+            f"text file with the same name, e.g. {image_paths[0].stem}{caption_ext} for {image_paths[0].name}): "
+            f"{_name_list(missing)}. Add them, or choose No Caption or Single Phrase."
+        )
+    if not_utf8:
+        problems.append(f"{len(not_utf8)} caption file(s) are not UTF-8 text: {_name_list(not_utf8)}. "
+                        "Re-save them with UTF-8 encoding.")
+    if broken:
+        problems.append(f"{len(broken)} image(s) cannot be read (damaged, incomplete, or not really an image): "
+                        f"{_name_list(broken)}. Re-save them as PNG or JPEG, or remove them from the dataset folder.")
+    if problems:
+        raise DatasetError(f"The dataset folder {folder} needs fixing:\n" + "\n".join(problems))
+    return items
+
+
+def _existing_folder(folder: str | Path) -> Path:
+    if not str(folder).strip():
+        raise DatasetError("No dataset folder is set. Enter the folder that holds your training images.")
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise DatasetError(f"The dataset folder {path} does not exist. Check the path (copy it from your file "
+                           "manager's address bar).")
+    if not path.is_dir():
+        raise DatasetError(f"{path} is a file, not a folder. Enter the folder that holds your training images.")
+    return path
+
+
+def _one_line(text: str) -> str:
+    """Collapse newlines and runs of spaces: the text encoder sees one line either way, and metadata stays tidy."""
+    return " ".join(text.split())
+
+
+def _name_list(names: Sequence[str]) -> str:
+    """A readable list that stays short even when a whole folder of files has the same problem."""
+    shown = ", ".join(names[:_MAX_LISTED])
+    hidden = len(names) - _MAX_LISTED
+    return f"{shown} and {hidden} more" if hidden > 0 else shown
+
+
+def _tags(caption: str) -> list[str]:
+    return [tag for tag in (part.strip() for part in caption.split(",")) if tag]
+
+
+def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
+    """Shuffle comma-separated tags so the network does not learn their order; the first `keep_tokens` stay
+    first (usually the trigger word)."""
+    if keep_tokens < 0:
+        raise ValueError(f"keep_tokens must be 0 or more, not {keep_tokens}")
+    tags = _tags(caption)
+    rest = tags[keep_tokens:]
+    rng.shuffle(rest)
+    return ", ".join(tags[:keep_tokens] + rest)
+
+
+def tag_frequency(items: Sequence[ImageItem]) -> dict[str, int]:
+    """How often each tag occurs, most frequent first, for the `ss_tag_frequency` metadata.
+
+    Tags are lower-cased like kohya's sd-scripts does, so WebUI tools show the same counts for our files.
+    """
+    counts = Counter(tag.lower() for item in items for tag in _tags(item.caption))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def make_buckets(resolution: int, min_side: int = 256, max_side: int = 1024, step: int = 64) -> list[Bucket]:
+    """All (width, height) sizes whose area is at most resolution², each as tall as allowed for its width.
+
+    Portrait and landscape images then train at about the same pixel count as square ones, without cropping
+    most of the picture away. Sides are multiples of `step` so the latents divide evenly.
+    """
+    if resolution % step or not min_side <= resolution <= max_side:
+        raise ValueError(f"resolution {resolution} must be a multiple of {step} between {min_side} and {max_side}")
+    max_area = resolution * resolution
+    buckets = {(resolution, resolution)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, max_area // width // step * step)
+        if height >= min_side:
+            buckets.add((width, height))
+            buckets.add((height, width))  # the same shape turned; keeps portrait and landscape symmetric
+    return sorted(buckets)
+
+
+def assign_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is closest to the image's, so the centre crop removes the least.
+
+    Ratios are compared on a log scale so 1:2 and 2:1 are treated alike; on a tie the larger bucket wins.
+    """
+    image_ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - image_ratio), -b[0] * b[1]))
+
+
+def assign_buckets(items: Sequence[ImageItem], resolution: int, bucketing: bool = True,
+                   min_side: int = 256, max_side: int = 1024) -> list[Bucket]:
+    """The bucket of every item: by aspect ratio with Aspect Ratio Grouping on, the square resolution without."""
+    if not bucketing:
+        return [(resolution, resolution)] * len(items)
+    buckets = make_buckets(resolution, min_side, max_side)
+    return [assign_bucket(item.width, item.height, buckets) for item in items]
+
+
+def prepare_image(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Resize `img` to just cover the bucket, centre-crop it to the bucket, and make it a model input.
+
+    Returns a float32 (3, height, width) tensor in [-1, 1] and the crop's (top, left) in resized pixels,
+    which SDXL takes as a conditioning input.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"prepare_image needs an RGB image (use load_image), got mode {img.mode}")
+    bucket_w, bucket_h = bucket
+    scale = max(bucket_w / img.width, bucket_h / img.height)
+    resized_w = max(bucket_w, round(img.width * scale))
+    resized_h = max(bucket_h, round(img.height * scale))
+    if (resized_w, resized_h) != img.size:
+        img = img.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
+    top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
+    img = img.crop((left, top, left + bucket_w, top + bucket_h))
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1).contiguous(), (top, left)
+
+
+def upscale_warnings(items: Sequence[ImageItem], buckets_of_items: Sequence[Bucket]) -> list[str]:
+    """One line per image smaller than its bucket: upscaled images train blurry, which users should know."""
+    return [
+        f"{item.path.name} is {item.width}x{item.height} and is upscaled to {bw}x{bh}; "
+        "a larger image trains sharper details"
+        for item, (bw, bh) in zip(items, buckets_of_items, strict=True)
+        if item.width < bw or item.height < bh
+    ]
+
+
+def flip(pixels: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right (the last dimension)."""
+    return pixels.flip(-1)
+
+
+def color_augment(pixels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """A mild random hue rotation (up to ±15°), brightness shift (±5%) and contrast change (±10%).
+
+    Works on (..., 3, H, W) tensors in [-1, 1]; one draw per call. The hue turns colours around the grey axis,
+    so greys stay grey. Draws come from `rng` only, so a seeded generator repeats the same augmentation.
+    """
+    hue, brightness, contrast = (torch.rand(3, generator=rng, dtype=torch.float64) * 2 - 1).tolist()
+    angle = math.radians(15 * hue)
+    # Rodrigues' rotation about the unit grey axis u = (1, 1, 1)/√3: cos·I + sin·[u]× + (1 - cos)·u·uᵀ.
+    u_cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=torch.float64) / math.sqrt(3)
+    u_outer = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    rotation = math.cos(angle) * torch.eye(3, dtype=torch.float64) + math.sin(angle) * u_cross
+    rotation = (rotation + (1 - math.cos(angle)) * u_outer).to(device=pixels.device, dtype=pixels.dtype)
+    out = torch.einsum("ij,...jhw->...ihw", rotation, pixels)
+    mean = out.mean(dim=(-3, -2, -1), keepdim=True)
+    out = (out - mean) * (1 + 0.1 * contrast) + mean + 0.1 * brightness
+    return out.clamp(-1, 1)
+
+
+class BucketBatchSampler:
+    """Endless batches of item indexes, each batch from one bucket (a batch tensor needs one image size).
+
+    Every epoch shuffles the images within each bucket and then the order of all batches; a bucket's last batch
+    may be smaller than `batch_size`. All randomness comes from `generator`, so a seed repeats the run.
+    """
+
+    def __init__(self, bucket_of_item: Sequence[Bucket], batch_size: int, generator: torch.Generator):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if not bucket_of_item:
+            raise ValueError("no items to sample from")
+        groups: dict[Bucket, list[int]] = defaultdict(list)
+        for index, bucket in enumerate(bucket_of_item):
+            groups[tuple(bucket)].append(index)
+        self._groups = [groups[b] for b in sorted(groups)]
+        self.batch_size = batch_size
+        self.generator = generator
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(math.ceil(len(group) / self.batch_size) for group in self._groups)
+
+    def _epoch(self) -> list[list[int]]:
+        batches = []
+        for group in self._groups:
+            order = torch.randperm(len(group), generator=self.generator).tolist()
+            shuffled = [group[i] for i in order]
+            batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield from self._epoch()
+
+
+def bucket_table(items: Sequence[ImageItem], bucket_of_item: Sequence[Bucket]) -> list[tuple[Bucket, int]]:
+    """(bucket, image count) per used bucket, narrowest first, to show the user how the dataset was grouped."""
+    counts = Counter(tuple(bucket) for _, bucket in zip(items, bucket_of_item, strict=True))
+    return sorted(counts.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0][0]))

@@ -1,0 +1,132 @@
+"""Stable Diffusion 1.x: an ldm LatentDiffusion with a CLIP ViT-L text encoder, predicting noise (eps).
+
+Keys are written the way kohya's tools write SD1 files (`lora_unet_<diffusers path>`,
+`lora_te_text_model_…`), which A1111's Lora extension, ComfyUI and kohya's scripts all read. A UNet whose
+layout is not SD1's (2 res blocks on each of 4 levels) keeps the ldm path, which the host also matches.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+# The UNet blocks that hold what LoHa adapts, by ldm class name (the host's own classes are ldm's).
+ATTENTION_BLOCKS = ("SpatialTransformer",)
+CONV_BLOCKS = ("ResBlock", "Downsample", "Upsample")
+TEXT_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+_RESNET_SUFFIX = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                  "skip_connection": "conv_shortcut"}
+
+
+def _is_sd1_layout(unet: nn.Module) -> bool:
+    return (len(getattr(unet, "input_blocks", ())) == 12 and len(getattr(unet, "output_blocks", ())) == 12
+            and getattr(unet, "num_res_blocks", None) in (2, [2, 2, 2, 2]))
+
+
+def ldm_to_diffusers(path: str) -> str | None:
+    """`input_blocks.1.1.proj_in` → `down_blocks.0.attentions.0.proj_in` for the SD1 layout; None if unmapped.
+
+    The inverse of the host's `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py).
+    """
+    parts = path.split(".")
+    if parts[0] == "input_blocks":
+        index, sub, rest = int(parts[1]), int(parts[2]), parts[3:]
+        level, pos = divmod(index - 1, 3)
+        if index == 0:
+            return None
+        if pos == 2:  # the level's downsampler: input_blocks.{3,6,9}.0.op
+            return f"down_blocks.{level}.downsamplers.0.conv" if rest == ["op"] else None
+        return _block(f"down_blocks.{level}", sub, pos, rest)
+    if parts[0] == "middle_block":
+        index, rest = int(parts[1]), parts[2:]
+        if index == 1:
+            return "mid_block.attentions.0." + ".".join(rest)
+        return _block("mid_block", 0, index // 2, rest)
+    if parts[0] == "output_blocks":
+        index, sub, rest = int(parts[1]), int(parts[2]), parts[3:]
+        level, pos = divmod(index, 3)
+        if rest == ["conv"] and (sub == 2 or (sub == 1 and level == 0)):  # Upsample after the 3rd resnet
+            return f"up_blocks.{level}.upsamplers.0.conv"
+        return _block(f"up_blocks.{level}", sub, pos, rest)
+    return None
+
+
+def _block(prefix: str, sub: int, pos: int, rest: list[str]) -> str | None:
+    if sub == 1:
+        return f"{prefix}.attentions.{pos}." + ".".join(rest)
+    if sub == 0:
+        suffix = _RESNET_SUFFIX.get(".".join(rest))
+        return f"{prefix}.resnets.{pos}.{suffix}" if suffix else None
+    return None
+
+
+class SD1:
+    """The SD1 family. Stateless: every method takes the model object."""
+
+    name = "sd1"
+    label = "SD 1.x"
+    base_model_version = "sd_v1"
+    default_resolution = 512
+
+    @staticmethod
+    def matches(model) -> bool:
+        if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False):
+            return False
+        unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+        return unet is not None and hasattr(model, "get_learned_conditioning") and hasattr(model, "alphas_cumprod")
+
+    @staticmethod
+    def unet(model) -> nn.Module:
+        return model.model.diffusion_model
+
+    @staticmethod
+    def vae(model) -> nn.Module:
+        return model.first_stage_model
+
+    @staticmethod
+    def text_encoder(model) -> nn.Module:
+        """The transformers CLIPTextModel, inside the host's wrapper (`.wrapped`) or ldm's embedder."""
+        stage = model.cond_stage_model
+        return getattr(stage, "wrapped", stage).transformer
+
+    @classmethod
+    def unet_key(cls, unet: nn.Module, path: str) -> str:
+        diffusers = ldm_to_diffusers(path) if _is_sd1_layout(unet) else None
+        return "lora_unet_" + (diffusers or path).replace(".", "_")
+
+    @staticmethod
+    def text_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(file key, Linear) for the attention projections and MLP of every CLIP layer."""
+        return [("lora_te_" + path.replace(".", "_"), module) for path, module in text_encoder.named_modules()
+                if TEXT_LAYER.search(path) and isinstance(module, nn.Linear)]
+
+    @staticmethod
+    @contextmanager
+    def clip_skip(model, skip: int | None):
+        """CLIP skip on ldm's own FrozenCLIPEmbedder (`layer`/`layer_idx`); the WebUI adapter uses its option."""
+        stage = model.cond_stage_model
+        if skip is None or not hasattr(stage, "layer"):
+            yield
+            return
+        saved = stage.layer, stage.layer_idx
+        stage.layer, stage.layer_idx = ("last", saved[1]) if skip <= 1 else ("hidden", -skip)
+        try:
+            yield
+        finally:
+            stage.layer, stage.layer_idx = saved
+
+    @staticmethod
+    def encode_images(model, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] → scaled latents, exactly as the model samples them."""
+        return model.get_first_stage_encoding(model.encode_first_stage(images))
+
+    @staticmethod
+    def predict(model, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
+        return model.apply_model(noisy, timesteps, cond)
+
+    @staticmethod
+    def metadata(model) -> dict[str, str]:
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}

@@ -1,0 +1,174 @@
+"""The .safetensors file: where it goes, its kohya-style metadata, and a write that is all or nothing."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from .errors import LohatrainError
+from .settings import TrainSettings, check_file_name
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    folder: Path
+    name: str
+
+    @property
+    def final(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    def intermediate(self, step: int) -> Path:
+        return self.folder / f"{self.name}-{step}.safetensors"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.folder / f"{self.name}.lohatrain.json"
+
+    @property
+    def card_file(self) -> Path:
+        """The WebUI's per-network user metadata (activation text, notes) lives in `<name>.json`."""
+        return self.folder / f"{self.name}.json"
+
+
+def plan_output(settings: TrainSettings, folder: str | Path) -> OutputPlan:
+    """Check before training starts that the file can be written, so nobody waits an hour for an error."""
+    problem = check_file_name(settings.name)
+    if problem:
+        raise LohatrainError(problem)
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LohatrainError(f"cannot create the output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise LohatrainError(f"the output folder {folder} is not writable")
+    plan = OutputPlan(folder, settings.name)
+    if plan.final.exists() and not settings.overwrite:
+        raise LohatrainError(f"{plan.final.name} already exists in {folder}: choose another name, "
+                             "or turn on 'overwrite' to replace it")
+    return plan
+
+
+def timestamp() -> int:
+    """Now, or SOURCE_DATE_EPOCH when set (the reproducible-builds convention), for byte-identical files."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return int(epoch) if epoch and epoch.isdigit() else int(time.time())
+
+
+def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name: str, model_hash: str,
+                   clip_skip: int | None, image_count: int, tag_frequency: dict, bucket_counts: dict,
+                   steps_done: int, started_at: int, batches_per_epoch: int, seed: int) -> dict[str, str]:
+    """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings."""
+    dataset = Path(settings.dataset_dir).name or "dataset"
+    args = {"algo": "loha", "conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)}
+    meta = {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps(args, sort_keys=True),
+        "ss_network_dim": str(settings.dim),
+        "ss_network_alpha": str(settings.alpha),
+        "ss_output_name": settings.name,
+        "ss_sd_model_name": model_name,
+        "ss_sd_model_hash": model_hash,
+        "ss_resolution": f"({settings.resolution}, {settings.resolution})",
+        "ss_clip_skip": str(clip_skip) if clip_skip else "None",
+        "ss_num_train_images": str(image_count),
+        "ss_tag_frequency": json.dumps({dataset: tag_frequency}, sort_keys=True),
+        "ss_dataset_dirs": json.dumps({dataset: {"n_repeats": 1, "img_count": image_count}}),
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n)
+                                                  in enumerate(sorted(bucket_counts.items()))}}),
+        "ss_enable_bucket": str(settings.bucketing),
+        "ss_learning_rate": str(settings.learning_rate),
+        "ss_unet_lr": str(settings.learning_rate),
+        "ss_text_encoder_lr": str(settings.text_encoder_lr),
+        "ss_lr_scheduler": settings.lr_scheduler,
+        "ss_lr_warmup_steps": str(settings.lr_warmup_steps),
+        "ss_max_train_steps": str(settings.steps),
+        "ss_steps": str(steps_done),
+        "ss_epoch": str(-(-steps_done // max(batches_per_epoch, 1))),
+        "ss_num_batches_per_epoch": str(batches_per_epoch),
+        "ss_batch_size_per_device": str(settings.batch_size),
+        "ss_seed": str(seed),
+        "ss_mixed_precision": settings.train_dtype,
+        "ss_save_precision": settings.save_dtype,
+        "ss_gradient_checkpointing": str(settings.gradient_checkpointing),
+        "ss_shuffle_caption": str(settings.shuffle_tags),
+        "ss_keep_tokens": str(settings.keep_tokens),
+        "ss_flip_aug": str(settings.flip_aug),
+        "ss_color_aug": str(settings.color_aug),
+        "ss_noise_offset": str(settings.noise_offset),
+        "ss_min_snr_gamma": str(settings.min_snr_gamma),
+        "ss_optimizer": "torch.optim.AdamW",
+        "ss_training_started_at": str(started_at),
+        "ss_training_finished_at": str(timestamp()),
+        "ss_caption_mode": settings.caption_mode,
+        "lohatrain_settings": json.dumps({**settings.to_dict(), "seed": seed}, sort_keys=True),
+    }
+    meta.update(family_metadata)
+    return meta
+
+
+def safetensors_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with the header's keys sorted and `sshs_model_hash` set.
+
+    safetensors' writer orders the header by a hash map that differs per process; rewriting the header
+    sorted (same offsets, padded to the 8-byte alignment) makes identical runs give identical bytes.
+    """
+    raw = safetensors_bytes(tensors, metadata=dict(metadata))
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    data = raw[8 + header_len:]
+    # kohya's model hash: sha256 of the tensor data, which the WebUI shows and puts in infotexts.
+    header["__metadata__"]["sshs_model_hash"] = hashlib.sha256(data).hexdigest()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def write_atomically(path: Path, content: bytes, overwrite: bool) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    if path.exists() and not overwrite:
+        raise LohatrainError(f"{path.name} already exists in {path.parent}; nothing was overwritten")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise LohatrainError(f"the disk holding {path.parent} is full: {path.name} needs "
+                                 f"{len(content) / 2**20:.1f} MB. Free some space and train again.") from None
+        if isinstance(e, OSError):
+            raise LohatrainError(f"could not write {path}: {e.strerror or e}") from None
+        raise
+
+
+def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool) -> Path:
+    write_atomically(path, safetensors_file_bytes(tensors, metadata), overwrite)
+    return path
+
+
+def write_sidecars(plan: OutputPlan, settings: TrainSettings, seed: int, activation_text: str,
+                   notes: str, sd_version: str) -> None:
+    """The settings JSON (to train again) and the WebUI card's activation text, beside the file."""
+    saved = json.dumps({**settings.to_dict(), "seed": seed}, indent=2, sort_keys=True) + "\n"
+    write_atomically(plan.settings_file, saved.encode(), overwrite=True)
+    card = {"description": notes, "activation text": activation_text, "sd version": sd_version,
+            "preferred weight": 0, "notes": notes}
+    if not plan.card_file.exists() or settings.overwrite:
+        write_atomically(plan.card_file, (json.dumps(card, indent=4, sort_keys=True) + "\n").encode(),
+                         overwrite=True)

@@ -1,0 +1,241 @@
+"""Every training setting in one typed object: defaults, presets, validation, JSON.
+
+The tab, the REST API, the command line and the tests all build a `TrainSettings`; nothing else decides a
+default. Validation collects every bad value at once, so a user fixes a form in one go.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LohatrainError
+
+CAPTION_MODES = ("none", "phrase", "txt")
+DTYPES = ("fp16", "bf16", "fp32")
+SCHEDULERS = ("constant", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A network size: LoHa rank and alpha for linear layers and (when conv_dim > 0) 3x3 convs."""
+
+    label: str
+    dim: int
+    alpha: float
+    conv_dim: int
+    conv_alpha: float
+    sd15_file_mb: float  # fp16 file size on SD1.5; checked against a full-size model in tests/test_network.py
+
+
+# Smallest and fastest first. "highest" is the seed's recommendation and the default.
+PRESETS: dict[str, Preset] = {
+    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 1.5),
+    "medium": Preset("Medium: characters", 8, 4, 0, 0, 3.0),
+    "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 8.3),
+    "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 16.5),
+}
+DEFAULT_PRESET = "highest"
+CUSTOM_PRESET = "custom"
+
+_RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
+_BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+class SettingsError(LohatrainError):
+    """One or more settings are invalid; `problems` lists one message per bad value."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("Please fix these settings:\n" + "\n".join(f"- {p}" for p in problems))
+
+
+@dataclass
+class TrainSettings:
+    """What the user chose. Names match the JSON file, the REST API and the `ss_*` metadata."""
+
+    name: str = "my-loha"
+    dataset_dir: str = ""
+    output_dir: str = ""  # the WebUI fills in its Lora folder; the command line requires it
+    training_method: str = "loha"
+    caption_mode: str = "txt"
+    caption_phrase: str = ""
+    caption_ext: str = ".txt"
+    resolution: int = 512
+    bucketing: bool = True
+    bucket_min_side: int = 256
+    bucket_max_side: int = 1024
+    learning_rate: float = 1e-3
+    text_encoder_lr: float = 0.0
+    steps: int = 800
+    batch_size: int = 4
+    network_preset: str = DEFAULT_PRESET
+    dim: int = PRESETS[DEFAULT_PRESET].dim
+    alpha: float = PRESETS[DEFAULT_PRESET].alpha
+    conv_dim: int = PRESETS[DEFAULT_PRESET].conv_dim
+    conv_alpha: float = PRESETS[DEFAULT_PRESET].conv_alpha
+    clip_skip: int | None = None  # None: whatever the host uses now; 1 = last layer (0 is read as 1)
+    train_dtype: str = "fp16"
+    save_dtype: str = "fp16"
+    gradient_checkpointing: bool = True
+    seed: int = -1  # -1: a random seed, chosen at start and recorded in the file
+    deterministic: bool = False  # GPU: torch's deterministic algorithms (CPU runs always are)
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    flip_aug: bool = False
+    color_aug: bool = False
+    save_every_steps: int = 0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
+    overwrite: bool = False
+    preview_every_steps: int = 0
+    preview_prompts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainSettings":
+        """Build from JSON-like data; a preset fills the sizes it sets unless they are given explicitly."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError([f"unknown setting {k!r}" for k in unknown])
+        data = dict(data)
+        preset = PRESETS.get(data.get("network_preset", DEFAULT_PRESET))
+        if preset is not None:
+            for key in ("dim", "alpha", "conv_dim", "conv_alpha"):
+                data.setdefault(key, getattr(preset, key))
+            if any(data[k] != getattr(preset, k) for k in ("dim", "alpha", "conv_dim", "conv_alpha")):
+                data["network_preset"] = CUSTOM_PRESET
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def with_preset(self, preset_name: str) -> "TrainSettings":
+        """A copy with the preset's sizes applied."""
+        preset = PRESETS[preset_name]
+        return dataclasses.replace(self, network_preset=preset_name, dim=preset.dim, alpha=preset.alpha,
+                                   conv_dim=preset.conv_dim, conv_alpha=preset.conv_alpha)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainSettings":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError([f"settings file {path} does not exist"]) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SettingsError([f"settings file {path} is not valid JSON: {e}"]) from None
+        if not isinstance(data, dict):
+            raise SettingsError([f"settings file {path} must hold a JSON object"])
+        return cls.from_dict(data)
+
+    @property
+    def effective_clip_skip(self) -> int | None:
+        return None if self.clip_skip is None else max(1, self.clip_skip)
+
+    def problems(self) -> list[str]:
+        """Every invalid value, one plain-language message each (empty when all is well)."""
+        p: list[str] = []
+        name_problem = check_file_name(self.name)
+        if name_problem:
+            p.append(name_problem)
+        if not str(self.dataset_dir).strip():
+            p.append("dataset_dir: choose the folder that holds your training images")
+        if self.training_method != "loha":
+            p.append(f"training_method: only 'loha' is available, not {self.training_method!r}")
+        if self.caption_mode not in CAPTION_MODES:
+            p.append(f"caption_mode must be one of {', '.join(CAPTION_MODES)}, not {self.caption_mode!r}")
+        if self.caption_mode == "phrase" and not self.caption_phrase.strip():
+            p.append("caption_phrase: type the phrase every image is trained with (or pick another caption mode)")
+        if self.caption_mode == "txt" and not re.fullmatch(r"\.[A-Za-z0-9_]+", self.caption_ext or ""):
+            p.append(f"caption_ext must look like '.txt', not {self.caption_ext!r}")
+        _int_range(p, "resolution", self.resolution, 64, 4096, multiple=64)
+        _int_range(p, "bucket_min_side", self.bucket_min_side, 64, 4096, multiple=64)
+        _int_range(p, "bucket_max_side", self.bucket_max_side, 64, 8192, multiple=64)
+        if _is_int(self.bucket_min_side) and _is_int(self.bucket_max_side) and _is_int(self.resolution):
+            if self.bucket_min_side > self.resolution or self.bucket_max_side < self.resolution:
+                p.append("bucket_min_side must be at most, and bucket_max_side at least, the resolution")
+        _float_range(p, "learning_rate", self.learning_rate, 0, 1, low_open=True)
+        _float_range(p, "text_encoder_lr", self.text_encoder_lr, 0, 1)
+        _int_range(p, "steps", self.steps, 1, 1_000_000)
+        _int_range(p, "batch_size", self.batch_size, 1, 256)
+        if self.network_preset not in PRESETS and self.network_preset != CUSTOM_PRESET:
+            p.append(f"network_preset must be one of {', '.join([*PRESETS, CUSTOM_PRESET])}")
+        _int_range(p, "dim", self.dim, 1, 256)
+        _float_range(p, "alpha", self.alpha, 0, 1024, low_open=True)
+        _int_range(p, "conv_dim", self.conv_dim, 0, 256)
+        if self.conv_dim:
+            _float_range(p, "conv_alpha", self.conv_alpha, 0, 1024, low_open=True)
+        if self.clip_skip is not None:
+            _int_range(p, "clip_skip", self.clip_skip, 0, 12)
+        for key in ("train_dtype", "save_dtype"):
+            if getattr(self, key) not in DTYPES:
+                p.append(f"{key} must be one of {', '.join(DTYPES)}, not {getattr(self, key)!r}")
+        _int_range(p, "seed", self.seed, -1, 2**32 - 1)
+        _int_range(p, "keep_tokens", self.keep_tokens, 0, 1000)
+        _int_range(p, "save_every_steps", self.save_every_steps, 0, 1_000_000)
+        if self.lr_scheduler not in SCHEDULERS:
+            p.append(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}, not {self.lr_scheduler!r}")
+        _int_range(p, "lr_warmup_steps", self.lr_warmup_steps, 0, 1_000_000)
+        if _is_int(self.lr_warmup_steps) and _is_int(self.steps) and self.lr_warmup_steps >= self.steps > 0:
+            p.append("lr_warmup_steps must be fewer than steps")
+        _float_range(p, "noise_offset", self.noise_offset, 0, 1)
+        _float_range(p, "min_snr_gamma", self.min_snr_gamma, 0, 100)
+        _int_range(p, "preview_every_steps", self.preview_every_steps, 0, 1_000_000)
+        for key in ("bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
+                    "color_aug", "overwrite"):
+            if not isinstance(getattr(self, key), bool):
+                p.append(f"{key} must be true or false")
+        if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
+            p.append("preview_prompts must be a list of prompts")
+        return p
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise SettingsError(problems)
+
+
+def check_file_name(name) -> str | None:
+    """Why `name` cannot be the LoRA's file name, or None. It must stay inside the Lora folder."""
+    if not isinstance(name, str) or not name.strip():
+        return "name: give the LoRA a name (it becomes the file name and the <lora:name:1> tag)"
+    if name != name.strip():
+        return "name must not start or end with spaces"
+    if _BAD_NAME_CHARS.search(name) or name in (".", "..") or name.startswith("."):
+        return (f"name {name!r} must be a plain file name: no slashes, '..', leading dot "
+                "or any of < > : \" | ? *")
+    if name.split(".")[0].lower() in _RESERVED_NAMES:
+        return f"name {name!r} is reserved by Windows; choose another"
+    if len(name) > 100:
+        return "name is too long (at most 100 characters)"
+    return None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_range(problems, key, value, low, high, multiple=1):
+    if not _is_int(value):
+        problems.append(f"{key} must be a whole number, not {value!r}")
+    elif not low <= value <= high:
+        problems.append(f"{key} must be between {low} and {high}, not {value}")
+    elif value % multiple:
+        problems.append(f"{key} must be a multiple of {multiple}, not {value}")
+
+
+def _float_range(problems, key, value, low, high, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        problems.append(f"{key} must be a number, not {value!r}")
+    elif value < low or value > high or (low_open and value == low):
+        bound = "above" if low_open else "at least"
+        problems.append(f"{key} must be {bound} {low} and at most {high}, not {value}")

@@ -1,0 +1,327 @@
+"""The training loop: one function, `train`, that the tab, the REST API, the command line and tests call.
+
+Flow: settings → dataset (images, captions, buckets) → cache (latents through the VAE, conditioning through
+the model's own text path) → VAE / text encoder off the GPU → LoHa attached → loop → LoHa detached → model
+restored exactly (ModelGuard) → file written atomically.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import secrets
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import dataset as ds
+from .errors import LohatrainError
+from .families import detect
+from .model_guard import ModelGuard
+from .network import LohaNetwork, plan_text_encoder, plan_unet
+from .output import (SAVE_DTYPES, build_metadata, plan_output, save_network, timestamp, write_sidecars)
+from .settings import TrainSettings
+
+COMPUTE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Progress:
+    """What a progress bar shows. `stage` is a short phrase for the phases before and after the steps."""
+
+    stage: str
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    smooth_loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" or "interrupted"
+    file: Path | None
+    steps_done: int
+    seed: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Sample:
+    """One training image, ready for the loop: cached latents (plain and flipped) and caption."""
+
+    item: ds.ImageItem
+    bucket: tuple[int, int]
+    pixels: torch.Tensor | None  # kept only when colour augmentation re-encodes every step
+    latent: torch.Tensor
+    latent_flipped: torch.Tensor | None
+
+
+def train(model, settings: TrainSettings, *, output_dir: str | Path | None = None,
+          encode_prompts: Callable[[list[str]], object] | None = None, model_name: str = "unknown",
+          model_hash: str = "", on_progress: Callable[[Progress], None] | None = None,
+          should_stop: Callable[[], bool] | None = None,
+          on_step: Callable[[int, LohaNetwork], None] | None = None,
+          offload_device: str | torch.device = "cpu") -> TrainResult:
+    """Train a LoHa on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
+
+    `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
+    its CLIP-skip option and without prompt-emphasis parsing). `should_stop` is polled every step: when it
+    turns true the run stops within one step and saves what it has. `on_step(step, network)` runs after each
+    step with the LoHa attached (previews). The model is left exactly as found, whatever happens.
+    """
+    settings.validate()
+    started = time.perf_counter()
+    started_at = timestamp()
+    report = on_progress or (lambda p: None)
+    stop = should_stop or (lambda: False)
+    family = detect(model)
+    seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**32)
+    plan = plan_output(settings, output_dir or settings.output_dir or ".")
+
+    report(Progress("Checking the dataset"))
+    items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
+                            settings.caption_ext)
+    buckets = (ds.make_buckets(settings.resolution, settings.bucket_min_side, settings.bucket_max_side)
+               if settings.bucketing else [(settings.resolution, settings.resolution)])
+    bucket_of = [ds.assign_bucket(i.width, i.height, buckets) for i in items]
+    warnings = ds.upscale_warnings(items, bucket_of)
+
+    unet = family.unet(model)
+    vae = family.vae(model)
+    text_encoder = family.text_encoder(model)
+    device = next(unet.parameters()).device
+    base_dtype = next(unet.parameters()).dtype
+    compute_dtype = COMPUTE_DTYPES[settings.train_dtype]
+    if base_dtype != torch.float32 and compute_dtype == torch.float32:
+        raise LohatrainError("the loaded model is in half precision, so it cannot train in fp32: choose "
+                             "fp16 or bf16, or start the WebUI with --no-half")
+    train_text = settings.text_encoder_lr > 0
+    clip_skip = settings.effective_clip_skip
+
+    with ExitStack() as stack:
+        guard = stack.enter_context(ModelGuard(model, unet, vae, model.cond_stage_model))
+        stack.enter_context(_determinism(settings.deterministic and device.type == "cuda"))
+        guard.disable_ldm_checkpointing()
+        for p in guard.roots[0].parameters():
+            p.requires_grad_(False)
+        if encode_prompts is None:
+            stack.enter_context(family.clip_skip(model, clip_skip))
+            encode_prompts = model.get_learned_conditioning
+        autocast = partial(torch.autocast, device.type, dtype=compute_dtype,
+                           enabled=compute_dtype != torch.float32)
+
+        report(Progress("Encoding images"))
+        samples = _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop)
+        if samples is None:
+            return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
+        if not settings.color_aug:
+            vae.to(offload_device)
+
+        cached_cond: dict[str, torch.Tensor] = {}
+        per_step_text = settings.shuffle_tags or train_text
+        if not per_step_text:
+            report(Progress("Encoding captions"))
+            with torch.no_grad(), autocast():
+                for caption in sorted({s.item.caption for s in samples}):
+                    cached_cond[caption] = encode_prompts([caption]).float()
+            text_encoder.to(offload_device)
+
+        unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
+        text_plans = plan_text_encoder(family, text_encoder, settings.dim, settings.alpha) if train_text else []
+        network = LohaNetwork(unet_plans + text_plans, seed).to(device)
+        network.attach()
+        stack.callback(network.detach)
+        if settings.gradient_checkpointing:
+            _checkpoint_blocks(unet)
+
+        groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
+        if train_text:
+            groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
+        scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+
+        batch_sampler = ds.BucketBatchSampler([s.bucket for s in samples], settings.batch_size,
+                                              torch.Generator().manual_seed(seed))
+        sampler = iter(batch_sampler)
+        noise_gen = torch.Generator().manual_seed(seed + 1)
+        aug_gen = torch.Generator().manual_seed(seed + 2)
+        caption_rng = random.Random(seed + 3)
+        alphas_cumprod = model.alphas_cumprod.detach().to(device=device, dtype=torch.float32)
+        v_prediction = getattr(model, "parameterization", "eps") == "v"
+
+        def make_metadata(steps_done: int) -> dict[str, str]:
+            return build_metadata(
+                settings, family_metadata=family.metadata(model), model_name=model_name, model_hash=model_hash,
+                clip_skip=clip_skip, image_count=len(items), tag_frequency=ds.tag_frequency(items),
+                bucket_counts=dict(ds.bucket_table(items, bucket_of)), steps_done=steps_done,
+                started_at=started_at, batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed)
+
+        losses: list[float] = []
+        files: list[Path] = []
+        smooth = None
+        loop_start = time.perf_counter()
+        step = 0
+        status = "done"
+        while step < settings.steps:
+            if stop():
+                status = "interrupted"
+                break
+            batch = [samples[i] for i in next(sampler)]
+            latents = _batch_latents(model, family, batch, settings, aug_gen, device, autocast)
+            captions = [s.item.caption for s in batch]
+            if settings.shuffle_tags:
+                captions = [ds.shuffle_caption(c, caption_rng, settings.keep_tokens) for c in captions]
+            if per_step_text:
+                with torch.set_grad_enabled(train_text), autocast():
+                    cond = encode_prompts(captions)
+            else:
+                cond = torch.cat([cached_cond[c] for c in captions])
+
+            noise = torch.randn(latents.shape, generator=noise_gen).to(device)
+            if settings.noise_offset:
+                noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
+            timesteps = torch.randint(0, len(alphas_cumprod), (len(batch),), generator=noise_gen).to(device)
+            ac = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
+            target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
+
+            with autocast():
+                prediction = family.predict(model, noisy, timesteps, cond)
+            loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            if settings.min_snr_gamma:
+                snr = ac.flatten() / (1 - ac.flatten())
+                weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if v_prediction else snr)
+                loss = loss * weight
+            loss = loss.mean()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+
+            value = loss.item()
+            if not math.isfinite(value):
+                raise LohatrainError(f"training diverged at step {step} (loss is {value}): lower the learning "
+                                     "rate, or use bf16 or fp32 instead of fp16")
+            losses.append(value)
+            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
+            elapsed = time.perf_counter() - loop_start
+            rate = step / elapsed if elapsed > 0 else None
+            report(Progress("Training", step, settings.steps, value, smooth, scheduler.get_last_lr()[0], rate,
+                            (settings.steps - step) / rate if rate else None))
+            if on_step:
+                with torch.no_grad():
+                    on_step(step, network)
+            if settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps:
+                files.append(save_network(plan.intermediate(step), network.file_tensors(SAVE_DTYPES[settings.save_dtype]),
+                                          make_metadata(step), overwrite=settings.overwrite))
+
+        final = None
+        if step > 0:
+            report(Progress("Saving", step, settings.steps))
+            metadata = make_metadata(step)
+            final = save_network(plan.final, network.file_tensors(SAVE_DTYPES[settings.save_dtype]), metadata,
+                                 overwrite=settings.overwrite)
+            files.append(final)
+            write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),
+                           notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
+                           sd_version=family.label)
+        else:
+            metadata = {}
+    return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
+
+
+def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop) -> list[_Sample] | None:
+    """Each image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels."""
+    vae_dtype = next(family.vae(model).parameters()).dtype
+    samples = []
+    for item, bucket in zip(items, bucket_of):
+        if stop():
+            return None
+        pixels, _crop = ds.prepare_image(ds.load_image(item.path), bucket)
+        with torch.no_grad(), autocast():
+            latent = _encode(model, family, pixels[None], device, vae_dtype)
+            flipped = _encode(model, family, ds.flip(pixels)[None], device, vae_dtype) if settings.flip_aug else None
+        samples.append(_Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped))
+    return samples
+
+
+def _encode(model, family, pixels, device, dtype) -> torch.Tensor:
+    return family.encode_images(model, pixels.to(device, dtype)).float()
+
+
+def _batch_latents(model, family, batch, settings, gen, device, autocast) -> torch.Tensor:
+    """Latents for one batch: cached ones, or (colour augmentation) a fresh VAE pass of the changed pixels."""
+    latents = []
+    for s in batch:
+        flip = settings.flip_aug and torch.rand((), generator=gen).item() < 0.5
+        if settings.color_aug:
+            pixels = ds.color_augment(ds.flip(s.pixels) if flip else s.pixels, gen)
+            with torch.no_grad(), autocast():
+                latents.append(_encode(model, family, pixels[None], device, next(family.vae(model).parameters()).dtype))
+        else:
+            latents.append(s.latent_flipped if flip else s.latent)
+    return torch.cat(latents)
+
+
+def _checkpoint_blocks(unet) -> None:
+    """torch's non-reentrant checkpointing around each UNet block (ModelGuard removes it afterwards)."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for block in blocks:
+        block.forward = partial(checkpoint, type(block).forward.__get__(block), use_reentrant=False)
+
+
+def _lr_lambda(settings: TrainSettings) -> Callable[[int], float]:
+    warmup, total = settings.lr_warmup_steps, settings.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if settings.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if settings.lr_scheduler == "linear":
+            return 1 - progress
+        return 1.0
+
+    return factor
+
+
+def _activation_text(settings: TrainSettings, items) -> str:
+    if settings.caption_mode == "phrase":
+        return settings.caption_phrase
+    first_tags = [i.caption.split(",")[0].strip() for i in items if i.caption.strip()]
+    return max(sorted(set(first_tags)), key=first_tags.count) if first_tags else ""
+
+
+@contextmanager
+def _determinism(enabled: bool):
+    """torch's deterministic algorithms on the GPU for the run only (CPU runs are deterministic anyway)."""
+    if not enabled:
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
