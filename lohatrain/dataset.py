@@ -99,26 +99,10 @@ def scan_dataset(
             "folder that holds them."
         )
 
-    captions: list[str] = []
-    missing: list[str] = []
-    not_utf8: list[str] = []
     if caption_mode == "txt":
-        by_lower_name = {name.lower(): p for name, p in files.items()}
-        for image_path in image_paths:
-            caption_name = image_path.stem + caption_ext
-            # Case-insensitive fallback: "photo.TXT" beside "photo.png" works on Windows, so it should here too.
-            caption_path = files.get(caption_name) or by_lower_name.get(caption_name.lower())
-            if caption_path is None:
-                missing.append(caption_name)
-                captions.append("")
-                continue
-            try:
-                captions.append(_one_line(caption_path.read_bytes().decode("utf-8-sig")))
-            except UnicodeDecodeError:
-                not_utf8.append(caption_path.name)
-                captions.append("")
+        captions, problems = _read_captions(image_paths, files, caption_ext)
     else:
-        captions = [phrase] * len(image_paths)  # phrase is "" in "none" mode
+        captions, problems = [phrase] * len(image_paths), []  # phrase is "" in "none" mode
 
     items: list[ImageItem] = []
     broken: list[str] = []
@@ -129,22 +113,41 @@ def scan_dataset(
         except DatasetError:
             broken.append(image_path.name)
 
-    problems = []
-    if missing:
-        problems.append(
-            f"{len(missing)} caption file(s) are missing (Captions is set to TXT Captions, so every image needs a "
-            f"text file with the same name, e.g. {image_paths[0].stem}{caption_ext} for {image_paths[0].name}): "
-            f"{_name_list(missing)}. Add them, or choose No Caption or Single Phrase."
-        )
-    if not_utf8:
-        problems.append(f"{len(not_utf8)} caption file(s) are not UTF-8 text: {_name_list(not_utf8)}. "
-                        "Re-save them with UTF-8 encoding.")
     if broken:
         problems.append(f"{len(broken)} image(s) cannot be read (damaged, incomplete, or not really an image): "
                         f"{_name_list(broken)}. Re-save them as PNG or JPEG, or remove them from the dataset folder.")
     if problems:
         raise DatasetError(f"The dataset folder {folder} needs fixing:\n" + "\n".join(problems))
     return items
+
+
+def _read_captions(image_paths: list[Path], files: dict[str, Path], caption_ext: str) -> tuple[list[str], list[str]]:
+    """The caption of each image from `<stem><caption_ext>`, and a problem line for missing or non-UTF-8 files."""
+    by_lower_name = {name.lower(): p for name, p in files.items()}
+    captions, missing, not_utf8, problems = [], [], [], []
+    for image_path in image_paths:
+        caption_name = image_path.stem + caption_ext
+        # Case-insensitive fallback: "photo.TXT" beside "photo.png" works on Windows, so it should here too.
+        caption_path = files.get(caption_name) or by_lower_name.get(caption_name.lower())
+        if caption_path is None:
+            missing.append(caption_name)
+            captions.append("")
+            continue
+        try:
+            captions.append(_one_line(caption_path.read_bytes().decode("utf-8-sig")))
+        except UnicodeDecodeError:
+            not_utf8.append(caption_path.name)
+            captions.append("")
+    if missing:
+        problems.append(
+            f"{len(missing)} caption file(s) are missing: {_name_list(missing)}. Captions is set to TXT Captions, "
+            f"so every image needs a text file with the same name (photo.png needs photo{caption_ext}). Add them, "
+            "or choose No Caption or Single Phrase."
+        )
+    if not_utf8:
+        problems.append(f"{len(not_utf8)} caption file(s) are not UTF-8 text: {_name_list(not_utf8)}. "
+                        "Re-save them with UTF-8 encoding.")
+    return captions, problems
 
 
 def _existing_folder(folder: str | Path) -> Path:

@@ -113,10 +113,17 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(timestamp()),
         "ss_caption_mode": settings.caption_mode,
-        "lohatrain_settings": json.dumps({**settings.to_dict(), "seed": seed}, sort_keys=True),
+        "lohatrain_settings": json.dumps(_shareable_settings(settings, seed), sort_keys=True),
     }
     meta.update(family_metadata)
     return meta
+
+
+def _shareable_settings(settings: TrainSettings, seed: int) -> dict:
+    """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder name."""
+    data = {**settings.to_dict(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
+    del data["output_dir"]
+    return data
 
 
 def safetensors_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

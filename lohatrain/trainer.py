@@ -83,6 +83,17 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     turns true the run stops within one step and saves what it has. `on_step(step, network)` runs after each
     step with the LoHa attached (previews). The model is left exactly as found, whatever happens.
     """
+    try:
+        return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
+                      should_stop, on_step, offload_device)
+    except torch.OutOfMemoryError:
+        raise LohatrainError(
+            "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
+            "checkpointing, or choose a smaller network preset. The model was left as it was.") from None
+
+
+def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
+           on_step, offload_device) -> TrainResult:
     settings.validate()
     started = time.perf_counter()
     started_at = timestamp()
@@ -95,9 +106,8 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     report(Progress("Checking the dataset"))
     items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
                             settings.caption_ext)
-    buckets = (ds.make_buckets(settings.resolution, settings.bucket_min_side, settings.bucket_max_side)
-               if settings.bucketing else [(settings.resolution, settings.resolution)])
-    bucket_of = [ds.assign_bucket(i.width, i.height, buckets) for i in items]
+    bucket_of = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
+                                  settings.bucket_max_side)
     warnings = ds.upscale_warnings(items, bucket_of)
 
     unet = family.unet(model)
@@ -125,7 +135,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
                            enabled=compute_dtype != torch.float32)
 
         report(Progress("Encoding images"))
-        samples = _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop)
+        samples = _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed)
         if samples is None:
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
         if not settings.color_aug:
@@ -247,23 +257,27 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
 
 
-def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop) -> list[_Sample] | None:
+def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:
     """Each image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels."""
     vae_dtype = next(family.vae(model).parameters()).dtype
     samples = []
-    for item, bucket in zip(items, bucket_of):
+    for index, (item, bucket) in enumerate(zip(items, bucket_of)):
         if stop():
             return None
         pixels, _crop = ds.prepare_image(ds.load_image(item.path), bucket)
         with torch.no_grad(), autocast():
-            latent = _encode(model, family, pixels[None], device, vae_dtype)
-            flipped = _encode(model, family, ds.flip(pixels)[None], device, vae_dtype) if settings.flip_aug else None
+            latent = _encode(model, family, pixels[None], device, vae_dtype, seed + 2 * index)
+            flipped = (_encode(model, family, ds.flip(pixels)[None], device, vae_dtype, seed + 2 * index + 1)
+                       if settings.flip_aug else None)
         samples.append(_Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped))
     return samples
 
 
-def _encode(model, family, pixels, device, dtype) -> torch.Tensor:
-    return family.encode_images(model, pixels.to(device, dtype)).float()
+def _encode(model, family, pixels, device, dtype, seed: int) -> torch.Tensor:
+    """VAE latents; the VAE samples its posterior from the global RNG, so fork it under our own seed."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return family.encode_images(model, pixels.to(device, dtype)).float()
 
 
 def _batch_latents(model, family, batch, settings, gen, device, autocast) -> torch.Tensor:
@@ -273,8 +287,10 @@ def _batch_latents(model, family, batch, settings, gen, device, autocast) -> tor
         flip = settings.flip_aug and torch.rand((), generator=gen).item() < 0.5
         if settings.color_aug:
             pixels = ds.color_augment(ds.flip(s.pixels) if flip else s.pixels, gen)
+            vae_dtype = next(family.vae(model).parameters()).dtype
+            vae_seed = int(torch.randint(2**31, (), generator=gen))
             with torch.no_grad(), autocast():
-                latents.append(_encode(model, family, pixels[None], device, next(family.vae(model).parameters()).dtype))
+                latents.append(_encode(model, family, pixels[None], device, vae_dtype, vae_seed))
         else:
             latents.append(s.latent_flipped if flip else s.latent)
     return torch.cat(latents)
