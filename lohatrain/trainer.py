@@ -148,6 +148,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             with torch.no_grad(), autocast():
                 for caption in sorted({s.item.caption for s in samples}):
                     cached_cond[caption] = encode_prompts([caption]).float()
+                if len({c.shape[1] for c in cached_cond.values()}) > 1 and "" not in cached_cond:
+                    cached_cond[""] = encode_prompts([""]).float()
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -200,7 +202,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 with torch.set_grad_enabled(train_text), autocast():
                     cond = encode_prompts(captions)
             else:
-                cond = torch.cat([cached_cond[c] for c in captions])
+                cond = _stack_conditioning([cached_cond[c] for c in captions], cached_cond)
 
             noise = torch.randn(latents.shape, generator=noise_gen).to(device)
             if settings.noise_offset:
@@ -255,6 +257,17 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         else:
             metadata = {}
     return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
+
+
+def _stack_conditioning(conds: list[torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
+    are padded with the empty prompt's chunk (cached under ""), as the host pads cond and uncond."""
+    longest = max(c.shape[1] for c in conds)
+    if all(c.shape[1] == longest for c in conds):
+        return torch.cat(conds)
+    empty = cached[""]
+    return torch.cat([torch.cat([c, empty.repeat(1, (longest - c.shape[1]) // empty.shape[1], 1)], dim=1)
+                      for c in conds])
 
 
 def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:

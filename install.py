@@ -1,0 +1,97 @@
+"""Installs what lohatrain needs on top of the WebUI; the WebUI runs this file at every start.
+
+The WebUI runs it with its own Python (PYTHONPATH = WebUI root, so `import launch` works) and
+prints whatever it prints. So it must:
+  * cost next to nothing when everything is present: only metadata look-ups, no pip, no heavy
+    imports (not even `launch`, whose import parses the WebUI's command line);
+  * never change a package the WebUI pinned (torch, numpy, transformers, gradio, ...): every
+    install is `--no-deps` and names only packages that are missing, so pip cannot upgrade or
+    downgrade anything that is already there;
+  * never stop the WebUI from starting: any failure becomes one `[lohatrain] ...` line.
+"""
+
+import importlib.metadata
+import subprocess
+import sys
+
+LYCORIS = "lycoris-lora"
+LYCORIS_VERSION = "4.1.3"  # the version lohatrain is tested with
+
+# lycoris-lora 4.1.3 requires einops, numpy, safetensors, toml, torch and tqdm; lohatrain itself
+# also uses Pillow. torch and numpy are left out on purpose: the WebUI installs them (pinned)
+# before it runs extension installers, and only the WebUI should choose their versions.
+# None of these has a required dependency of its own, hence `--no-deps` is safe
+# (tqdm's colorama is Windows-only and optional).
+LIGHT_DEPENDENCIES = ["einops", "safetensors", "toml", "tqdm", "Pillow"]
+
+
+def installed_version(name):
+    """The installed distribution's version, or None. A metadata look-up: no import, no pip."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_requirements():
+    """Requirement strings to install, e.g. ["lycoris-lora==4.1.3", "toml"]; [] when all is there.
+
+    A lycoris-lora of another version is left alone (the user, or another extension, chose it):
+    it is reported in one line, not replaced.
+    """
+    missing = []
+    lycoris = installed_version(LYCORIS)
+    if lycoris is None:
+        missing.append(f"{LYCORIS}=={LYCORIS_VERSION}")
+    elif lycoris != LYCORIS_VERSION:
+        print(f"[lohatrain] found {LYCORIS} {lycoris}; lohatrain is tested with {LYCORIS_VERSION} "
+              f"(left as is)")
+    missing += [name for name in LIGHT_DEPENDENCIES if installed_version(name) is None]
+    return missing
+
+
+def pip_install(requirements):
+    """`pip install --no-deps <requirements>`, through the WebUI's `launch.run_pip` when there is one.
+
+    `launch.run_pip` honours the WebUI's --skip-install and INDEX_URL, and raises RuntimeError on
+    failure. Outside the WebUI (tests, a manual run) pip is run directly, the same way.
+    """
+    args = "install --no-deps " + " ".join(requirements)
+    desc = "lohatrain requirements: " + ", ".join(requirements)
+    try:
+        import launch
+        run_pip = launch.run_pip
+    except (Exception, SystemExit):  # not inside the WebUI
+        run_pip = None
+    if run_pip is not None:
+        run_pip(args, desc)
+        return
+    print(f"Installing {desc}", flush=True)
+    result = subprocess.run([sys.executable, "-m", "pip", *args.split(), "--prefer-binary"],
+                            capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        raise RuntimeError(f"pip exited with code {result.returncode}\n{result.stdout}\n{result.stderr}")
+
+
+def one_line_reason(error):
+    """The most telling line of an error: pip's last `ERROR:` line if any, else the last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    reason = (errors or lines or [type(error).__name__])[-1]
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def main():
+    requirements = []
+    try:
+        requirements = missing_requirements()
+        if requirements:
+            pip_install(requirements)
+    except Exception as error:  # never stop the WebUI from starting
+        what = ", ".join(requirements) or "its requirements"
+        print(f"[lohatrain] could not install {what} ({one_line_reason(error)}): "
+              f"the LoHa training tab will be unavailable until it is installed", flush=True)
+
+
+if __name__ == "__main__":
+    main()

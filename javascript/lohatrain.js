@@ -1,0 +1,121 @@
+// lohatrain: what Gradio cannot do — the live training panel (progress, loss chart, preview) polled from
+// GET /lohatrain/v1/status, and "Send to txt2img".
+(function () {
+    const STATUS_URL = "/lohatrain/v1/status";
+    let timer = null;
+    let last = null;
+
+    function app() {
+        return typeof gradioApp === "function" ? gradioApp() : document;
+    }
+
+    function fmtTime(seconds) {
+        if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
+        const s = Math.round(seconds);
+        const m = Math.floor(s / 60);
+        return m > 0 ? `${m}:${String(s % 60).padStart(2, "0")}` : `${s}s`;
+    }
+
+    function escapeHtml(text) {
+        const div = document.createElement("div");
+        div.textContent = text === null || text === undefined ? "" : String(text);
+        return div.innerHTML;
+    }
+
+    function lossChart(losses) {
+        if (!losses || losses.length < 2) return "";
+        const w = 320, h = 90;
+        const lo = Math.min(...losses), hi = Math.max(...losses);
+        const span = hi - lo || 1;
+        const points = losses.map((v, i) =>
+            `${(i / (losses.length - 1) * w).toFixed(1)},${(h - (v - lo) / span * h).toFixed(1)}`).join(" ");
+        return `<svg class="lohatrain-chart" viewBox="0 0 ${w} ${h}" preserveAspectRatio="none" role="img"
+                     aria-label="loss chart"><polyline points="${points}"/></svg>
+                <div class="lohatrain-chart-scale"><span>${hi.toFixed(4)}</span><span>${lo.toFixed(4)}</span></div>`;
+    }
+
+    function render(s) {
+        const panel = app().querySelector("#lohatrain_live");
+        if (!panel) return;
+        last = s;
+        if (s.state === "idle") {
+            panel.innerHTML = "";
+            return;
+        }
+        const pct = s.total ? Math.min(100, 100 * s.step / s.total) : 0;
+        const numbers = s.stage === "Training"
+            ? `step ${s.step}/${s.total} · loss ${s.smooth_loss === null ? "–" : s.smooth_loss.toFixed(4)}` +
+              ` · ${s.it_per_s ? s.it_per_s.toFixed(2) : "–"} it/s · ETA ${fmtTime(s.eta_s)}`
+            : escapeHtml(s.stage);
+        const preview = s.preview_url
+            ? `<figure><img class="lohatrain-preview" src="${s.preview_url}&t=${Date.now()}" alt="preview">` +
+              `<figcaption>preview at step ${s.preview_step}</figcaption></figure>` : "";
+        const done = s.state !== "running"
+            ? `<div class="lohatrain-message lohatrain-${s.state === "error" ? "error" : "info"}" id="lohatrain_result">` +
+              `${escapeHtml(s.message)}${s.file_name ? `<br>File: <code>${escapeHtml(s.file_name)}</code>` : ""}</div>`
+            : "";
+        panel.innerHTML =
+            `<div class="lohatrain-state" data-state="${escapeHtml(s.state)}">${escapeHtml(s.state)}</div>` +
+            `<div class="lohatrain-progress"><div class="lohatrain-bar" style="width:${pct}%">` +
+            `${Math.round(pct)}%</div></div>` +
+            `<div class="lohatrain-numbers">${numbers}</div>` + lossChart(s.losses) + preview + done +
+            (s.warnings && s.warnings.length ? `<ul class="lohatrain-warnings">${s.warnings.map(
+                w => `<li>${escapeHtml(w)}</li>`).join("")}</ul>` : "");
+    }
+
+    async function poll() {
+        try {
+            const response = await fetch(STATUS_URL, {cache: "no-store"});
+            const s = await response.json();
+            render(s);
+            if (s.state !== "running") stop();
+        } catch (e) {
+            stop();
+        }
+    }
+
+    function start() {
+        if (timer === null) timer = setInterval(poll, 1000);
+        poll();
+    }
+
+    function stop() {
+        if (timer !== null) clearInterval(timer);
+        timer = null;
+    }
+
+    window.lohatrainSendToTxt2img = function () {
+        const s = last || {};
+        const name = s.name || (app().querySelector("#lohatrain_name textarea, #lohatrain_name input") || {}).value;
+        const phrase = (app().querySelector("#lohatrain_phrase textarea, #lohatrain_phrase input") || {}).value;
+        const prompt = app().querySelector("#txt2img_prompt textarea");
+        if (prompt && name) {
+            const tag = `<lora:${name}:1>`;
+            prompt.value = [tag, phrase].filter(Boolean).join(", ") + (prompt.value ? ", " + prompt.value : "");
+            prompt.dispatchEvent(new Event("input", {bubbles: true}));
+        }
+        if (typeof switch_to_txt2img === "function") {
+            switch_to_txt2img();
+        } else {
+            const tabButton = [...app().querySelectorAll("#tabs > .tab-nav > button, .tab-nav button")]
+                .find(b => b.textContent.trim() === "txt2img");
+            if (tabButton) tabButton.click();
+        }
+        return [];
+    };
+
+    function hook() {
+        const train = app().querySelector("#lohatrain_train");
+        if (!train || train.dataset.lohatrainHooked) return false;
+        train.dataset.lohatrainHooked = "1";
+        train.addEventListener("click", () => setTimeout(start, 300));
+        poll();  // a job may already run (started through the REST API)
+        return true;
+    }
+
+    const observer = new MutationObserver(() => { if (hook()) observer.disconnect(); });
+    document.addEventListener("DOMContentLoaded", () => {
+        if (!hook()) observer.observe(document.documentElement, {childList: true, subtree: true});
+    });
+    window.lohatrainPoll = start;
+})();

@@ -1,0 +1,130 @@
+"""One training at a time for the whole WebUI, shared by the tab and the REST API.
+
+A job goes idle → running → done | error | interrupted. It runs in its own thread so that a REST call
+answers at once and the tab can poll; `status()` is a plain dict, the same one `GET /lohatrain/v1/status`
+returns.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import LohatrainError
+from .settings import TrainSettings
+from .trainer import Progress, TrainResult
+
+log = logging.getLogger("lohatrain")
+
+MAX_CHART_POINTS = 400
+
+
+class Busy(LohatrainError):
+    """A training is already running."""
+
+
+@dataclass
+class Job:
+    """What a running training reports, and how it is asked to stop."""
+
+    id: str
+    settings: TrainSettings
+    state: str = "running"
+    progress: Progress = field(default_factory=lambda: Progress("Waiting for the GPU"))
+    losses: list[float] = field(default_factory=list)
+    message: str = ""
+    file: str | None = None
+    preview: str | None = None
+    preview_step: int = 0
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    def report(self, progress: Progress) -> None:
+        self.progress = progress
+        if progress.stage == "Training" and progress.loss is not None:
+            self.losses.append(progress.loss)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested.is_set()
+
+    def set_preview(self, path: Path, step: int) -> None:
+        self.preview, self.preview_step = str(path), step
+
+
+RunFn = Callable[[TrainSettings, Job], TrainResult]
+
+
+class JobRunner:
+    def __init__(self, run: RunFn):
+        self._run = run
+        self._lock = threading.Lock()
+        self.job: Job | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, settings: TrainSettings) -> str:
+        """Start training in the background; raises Busy while another one runs."""
+        settings.validate()
+        with self._lock:
+            if self.job is not None and self.job.state == "running":
+                raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
+                           "or interrupt it")
+            self.job = Job(uuid.uuid4().hex[:12], settings)
+            self._thread = threading.Thread(target=self._work, args=(self.job,), name="lohatrain", daemon=True)
+            self._thread.start()
+            return self.job.id
+
+    def _work(self, job: Job) -> None:
+        try:
+            result = self._run(job.settings, job)
+            job.file = str(result.file) if result.file else None
+            job.warnings = result.warnings
+            job.state = result.status
+            if result.status == "interrupted":
+                job.message = (f"Interrupted after {result.steps_done} steps; saved {Path(job.file).name}."
+                               if job.file else "Interrupted before the first step; nothing was saved.")
+            else:
+                job.message = f"Done: {result.steps_done} steps in {result.seconds:.0f}s, seed {result.seed}."
+        except LohatrainError as e:
+            job.state, job.message = "error", str(e)
+        except Exception as e:  # anything else is our bug or the host's: say so, keep the WebUI running
+            log.error("lohatrain: training failed\n%s", traceback.format_exc())
+            job.state, job.message = "error", f"Training failed with an unexpected error: {type(e).__name__}: {e}"
+
+    def interrupt(self) -> bool:
+        job = self.job
+        if job is None or job.state != "running":
+            return False
+        job.stop_requested.set()
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict:
+        job = self.job
+        if job is None:
+            return {"state": "idle"}
+        p = job.progress
+        return {
+            "state": job.state, "job_id": job.id, "name": job.settings.name, "stage": p.stage,
+            "step": p.step, "total": p.total or job.settings.steps, "loss": p.loss, "smooth_loss": p.smooth_loss,
+            "lr": p.lr, "it_per_s": p.it_per_s, "eta_s": p.eta_s, "message": job.message, "file": job.file,
+            "preview": job.preview, "preview_step": job.preview_step, "warnings": job.warnings,
+            "losses": _downsample(job.losses, MAX_CHART_POINTS), "elapsed_s": time.time() - job.started,
+        }
+
+
+def _downsample(values: list[float], n: int) -> list[float]:
+    """At most n points for the chart: means of equal runs, so the curve keeps its shape."""
+    if len(values) <= n:
+        return list(values)
+    size = len(values) / n
+    return [sum(chunk) / len(chunk) for chunk in
+            (values[int(i * size):max(int((i + 1) * size), int(i * size) + 1)] for i in range(n))]

@@ -1,0 +1,239 @@
+"""The one place lohatrain talks to the WebUI (`modules`, and the built-in Lora extension's `networks`).
+
+Everything host-specific is here: the loaded model and its name, CLIP skip and emphasis options, the Lora
+folder, the GPU queue, `shared.state` (progress bar, Interrupt, live preview), previews through the host's
+own txt2img processing, and refreshing the Lora list. The tab and the REST routes call these functions and
+never import `modules` themselves.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from modules import call_queue, processing, script_callbacks, sd_models, shared
+
+from ..errors import LohatrainError
+from ..families import detect
+from ..jobs import Job
+from ..settings import TrainSettings
+from ..trainer import Progress, TrainResult, train
+
+EXTENSION_DIR = Path(__file__).resolve().parents[2]
+SETTINGS_SECTION = ("lohatrain", "LoHa training")
+
+
+def register_settings() -> None:
+    """The extension's section in the WebUI's Settings tab."""
+    shared.opts.add_option("lohatrain_lora_subfolder", shared.OptionInfo(
+        "", "Sub-folder of the Lora folder for trained files (empty: the Lora folder itself)",
+        section=SETTINGS_SECTION))
+    shared.opts.add_option("lohatrain_previews", shared.OptionInfo(
+        True, "Make preview images while training (when 'preview every N steps' is set)", section=SETTINGS_SECTION))
+    shared.opts.add_option("lohatrain_allow_any_path", shared.OptionInfo(
+        False, "Allow dataset folders outside the WebUI folder even when the WebUI listens on the network "
+        "without a password", section=SETTINGS_SECTION))
+
+
+def model():
+    return shared.sd_model
+
+
+def model_summary() -> dict:
+    """What the tab shows about the loaded checkpoint."""
+    m = shared.sd_model
+    info = getattr(m, "sd_checkpoint_info", None)
+    try:
+        family = detect(m).label
+        problem = None
+    except LohatrainError as e:
+        family, problem = None, str(e)
+    return {"name": getattr(info, "name_for_extra", None) or getattr(info, "name", "unknown"),
+            "title": getattr(info, "title", ""), "hash": getattr(info, "shorthash", None) or "",
+            "family": family, "problem": problem}
+
+
+def checkpoint_titles() -> list[str]:
+    sd_models.list_models()
+    return list(sd_models.checkpoint_tiles())
+
+
+def load_checkpoint(title: str) -> dict:
+    """Switch the WebUI to another checkpoint through its own loader (waits for the GPU queue)."""
+    info = sd_models.get_closet_checkpoint_match(title)
+    if info is None:
+        raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
+    with call_queue.queue_lock:
+        shared.opts.set("sd_model_checkpoint", info.title)
+        sd_models.reload_model_weights(info=info)
+    return model_summary()
+
+
+def host_clip_skip() -> int:
+    return int(shared.opts.CLIP_stop_at_last_layers)
+
+
+def lora_dir() -> Path:
+    sub = str(getattr(shared.opts, "lohatrain_lora_subfolder", "") or "").strip()
+    base = Path(shared.cmd_opts.lora_dir)
+    if sub:
+        sub_path = Path(sub)
+        if sub_path.is_absolute() or ".." in sub_path.parts:
+            raise LohatrainError(f"the Lora sub-folder setting {sub!r} must be a plain relative folder name")
+        return base / sub_path
+    return base
+
+
+def is_exposed() -> bool:
+    """Listening beyond this computer without a password: anyone could make us read any folder."""
+    o = shared.cmd_opts
+    public = bool(getattr(o, "listen", False) or getattr(o, "share", False) or getattr(o, "ngrok", None)
+                  or getattr(o, "server_name", None))
+    return public and not (getattr(o, "gradio_auth", None) or getattr(o, "api_auth", None))
+
+
+def check_paths(settings: TrainSettings) -> None:
+    if not is_exposed() or getattr(shared.opts, "lohatrain_allow_any_path", False):
+        return
+    root = Path(getattr(shared, "data_path", None) or EXTENSION_DIR.parents[1]).resolve()
+    dataset = Path(settings.dataset_dir).resolve()
+    if root not in (dataset, *dataset.parents):
+        raise LohatrainError(
+            f"the WebUI is reachable from the network without a password, so the dataset folder must be inside "
+            f"{root} (an administrator can allow other folders in Settings → LoHa training)")
+
+
+def check_memory_mode() -> None:
+    o = shared.cmd_opts
+    if getattr(o, "lowvram", False) or getattr(o, "medvram", False):
+        raise LohatrainError(
+            "lohatrain cannot train while the WebUI runs with --lowvram or --medvram: those modes move parts "
+            "of the model between CPU and GPU inside every forward pass, which a training step's backward pass "
+            "cannot follow. Start the WebUI without them; with gradient checkpointing, SD1 trains in 8 GB.")
+
+
+def take_off_networks(sd_model) -> None:
+    """Undo any Lora/LoHa the host has merged into the weights, so we train against the pure checkpoint.
+
+    The host applies networks by changing weights in place with a backup; restoring the backup and clearing
+    the layer's applied-set makes the host apply them again at the next prompt that asks for them.
+    """
+    networks = sys.modules.get("networks")
+    if networks is None:
+        return
+    for module in sd_model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)):
+            networks.network_restore_weights_from_backup(module)
+            if hasattr(module, "network_current_names"):
+                module.network_current_names = ()
+    networks.loaded_networks.clear()
+
+
+def refresh_loras() -> None:
+    networks = sys.modules.get("networks")
+    if networks is not None:
+        networks.list_available_networks()
+
+
+@contextmanager
+def _options(**values):
+    saved = {k: getattr(shared.opts, k) for k in values}
+    shared.opts.data.update(values)
+    try:
+        yield
+    finally:
+        shared.opts.data.update(saved)
+
+
+def prompt_encoder(sd_model, clip_skip: int | None):
+    """The host's conditioning path with the run's CLIP skip, and captions taken literally.
+
+    With emphasis "None" the host does not parse `(word:1.2)` or BREAK, so captions with brackets (common in
+    booru tags) are trained as written; chunking past 75 tokens and embeddings work as at inference.
+    """
+    skip = clip_skip if clip_skip is not None else host_clip_skip()
+
+    def encode(prompts: list[str]):
+        with _options(CLIP_stop_at_last_layers=skip, emphasis="None"):
+            return sd_model.get_learned_conditioning(prompts)
+
+    return encode
+
+
+def _progress_to_state(job: Job):
+    state = shared.state
+
+    def report(p: Progress) -> None:
+        job.report(p)
+        state.textinfo = p.stage if p.stage != "Training" else (
+            f"LoHa training: step {p.step}/{p.total}, loss {p.smooth_loss:.4f}")
+        if p.total:
+            state.job_count, state.sampling_steps, state.sampling_step = 1, p.total, p.step
+
+    return report
+
+
+def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
+    prompts = [p for p in settings.preview_prompts if p.strip()] or [settings.caption_phrase or ""]
+    every = settings.preview_every_steps if getattr(shared.opts, "lohatrain_previews", True) else 0
+    folder = out_dir / f"{settings.name}.previews"
+
+    def on_step(step: int, network) -> None:
+        if not every or (step % every and step != settings.steps):
+            return
+        saved = (shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps)
+        vae, vae_device = sd_model.first_stage_model, next(sd_model.first_stage_model.parameters()).device
+        vae.to(next(sd_model.model.parameters()).device)
+        try:
+            p = processing.StableDiffusionProcessingTxt2Img(
+                sd_model=sd_model, prompt=prompts[0], seed=1234, steps=20, width=settings.resolution,
+                height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True)
+            p.disable_extra_networks = True
+            image = processing.process_images(p).images[0]
+        finally:
+            vae.to(vae_device)
+            shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps = saved
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:06d}.png"
+        image.save(path)
+        image.save(out_dir / f"{settings.name}.preview.png")  # the Lora tab's card picture
+        shared.state.assign_current_image(image)
+        job.set_preview(path, step)
+
+    return on_step
+
+
+def run_training(settings: TrainSettings, job: Job) -> TrainResult:
+    """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
+    check_paths(settings)
+    check_memory_mode()
+    out_dir = lora_dir()
+    with call_queue.queue_lock:
+        state = shared.state
+        state.begin(job="lohatrain")
+        try:
+            sd_model = shared.sd_model
+            detect(sd_model)
+            take_off_networks(sd_model)
+            info = getattr(sd_model, "sd_checkpoint_info", None)
+            result = train(
+                sd_model, settings, output_dir=out_dir,
+                encode_prompts=prompt_encoder(sd_model, settings.effective_clip_skip),
+                model_name=Path(getattr(info, "filename", "") or "unknown").name,
+                model_hash=getattr(info, "sha256", None) or getattr(info, "shorthash", None) or "",
+                on_progress=_progress_to_state(job),
+                should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
+                on_step=_preview_maker(settings, job, sd_model, out_dir))
+        finally:
+            state.end()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    refresh_loras()
+    return result
+
+
+def on_model_loaded(callback) -> None:
+    script_callbacks.on_model_loaded(callback)

@@ -1,0 +1,274 @@
+"""The "LoHa training" tab, built with the host's Gradio (3.41), laid out like the original product.
+
+The form maps one-to-one onto TrainSettings; Train starts a job in the shared JobRunner and returns at once.
+The live panel (progress bar, loss chart, preview) is drawn by javascript/lohatrain.js from
+`GET /lohatrain/v1/status`, the same data the REST API gives.
+"""
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from .. import dataset as ds
+from ..errors import LohatrainError
+from ..jobs import JobRunner
+from ..settings import CUSTOM_PRESET, DTYPES, PRESETS, SCHEDULERS, TrainSettings, check_file_name
+from . import host
+
+CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
+PRESET_LABELS = {key: f"{p.label} (~{p.sd15_file_mb:g} MB on SD1.5)" for key, p in PRESETS.items()}
+PRESET_LABELS[CUSTOM_PRESET] = "Custom (set the sizes below)"
+SAVED_PRESETS_DIR = host.EXTENSION_DIR / "presets"
+
+# Form fields in the order the handlers receive them; each is a TrainSettings field.
+FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
+          "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing", "learning_rate", "steps",
+          "batch_size", "train_dtype", "save_dtype", "gradient_checkpointing", "seed", "deterministic",
+          "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
+          "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
+          "bucket_max_side", "overwrite", "preview_every_steps", "preview_prompts"]
+INT_FIELDS = {"dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
+              "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps"}
+
+
+def settings_from_form(values: list) -> TrainSettings:
+    """Form values → validated settings (raises SettingsError listing every bad value)."""
+    data = dict(zip(FIELDS, values))
+    data["network_preset"] = _key_for(PRESET_LABELS, data["network_preset"])
+    data["caption_mode"] = _key_for(CAPTION_LABELS, data["caption_mode"])
+    for key in INT_FIELDS:
+        value = data[key]
+        if isinstance(value, float) and value.is_integer():
+            data[key] = int(value)
+    data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
+    data["output_dir"] = str(host.lora_dir())
+    settings = TrainSettings(**data)
+    if settings.network_preset in PRESETS:
+        p = PRESETS[settings.network_preset]
+        if (settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha) != (
+                p.dim, p.alpha, p.conv_dim, p.conv_alpha):
+            settings.network_preset = CUSTOM_PRESET
+    settings.validate()
+    return settings
+
+
+def form_values(settings: TrainSettings) -> list:
+    """Settings → form values (for loading a saved preset)."""
+    values = []
+    for key in FIELDS:
+        value = getattr(settings, key)
+        if key == "network_preset":
+            value = PRESET_LABELS[value]
+        elif key == "caption_mode":
+            value = CAPTION_LABELS[value]
+        elif key == "preview_prompts":
+            value = "\n".join(value)
+        elif key == "clip_skip" and value is None:
+            value = host.host_clip_skip()
+        values.append(value)
+    return values
+
+
+def _key_for(labels: dict, label):
+    return next((k for k, v in labels.items() if v == label), label)
+
+
+def _message(text: str, kind: str = "info") -> str:
+    lines = "<br>".join(html.escape(line) for line in str(text).splitlines())
+    return f'<div class="lohatrain-message lohatrain-{kind}">{lines}</div>'
+
+
+def _model_markdown() -> str:
+    s = host.model_summary()
+    text = f"**Loaded checkpoint:** {s['name']}" + (f" `[{s['hash']}]`" if s["hash"] else "")
+    if s["family"]:
+        return text + f" — {s['family']}"
+    return text + f"\n\n⚠️ {s['problem']}"
+
+
+def start_training(runner: JobRunner, *values) -> str:
+    try:
+        settings = settings_from_form(list(values))
+        host.check_paths(settings)
+        host.check_memory_mode()
+        runner.start(settings)
+    except LohatrainError as e:
+        return _message(str(e), "error")
+    return _message(f"Training {settings.name} started: progress below.", "info")
+
+
+def interrupt(runner: JobRunner) -> str:
+    if runner.interrupt():
+        return _message("Stopping after the current step; what was trained so far will be saved.")
+    return _message("Nothing is training.")
+
+
+def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side):
+    """Count, buckets, captions and a few thumbnails, before anything is trained."""
+    mode = _key_for(CAPTION_LABELS, caption_label)
+    try:
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
+        bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
+    except (LohatrainError, ValueError) as e:
+        return _message(str(e), "error"), []
+    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
+    captioned = sum(1 for i in items if i.caption.strip())
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of))
+    report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
+              f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
+              + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>")
+    thumbs = [(str(i.path), i.caption or "(no caption)") for i in items[:12]]
+    return report, thumbs
+
+
+def preset_sizes(label):
+    key = _key_for(PRESET_LABELS, label)
+    p = PRESETS.get(key)
+    if p is None:
+        return [gr.update()] * 4
+    return [p.dim, p.alpha, p.conv_dim, p.conv_alpha]
+
+
+def saved_preset_names() -> list[str]:
+    return sorted(p.stem for p in SAVED_PRESETS_DIR.glob("*.json"))
+
+
+def save_preset(preset_name, *values):
+    problem = check_file_name(preset_name or "")
+    if problem:
+        return _message(problem.replace("name", "preset name", 1), "error"), gr.update()
+    try:
+        settings = settings_from_form(list(values))
+    except LohatrainError as e:
+        return _message(str(e), "error"), gr.update()
+    SAVED_PRESETS_DIR.mkdir(exist_ok=True)
+    (SAVED_PRESETS_DIR / f"{preset_name}.json").write_text(settings.to_json() + "\n", encoding="utf-8")
+    return _message(f"Saved settings as {preset_name}."), gr.update(choices=saved_preset_names(), value=preset_name)
+
+
+def load_preset(preset_name):
+    path = SAVED_PRESETS_DIR / f"{preset_name}.json"
+    if not preset_name or check_file_name(preset_name) or not path.exists():
+        return [_message("Choose a saved preset first.", "error")] + [gr.update()] * len(FIELDS)
+    try:
+        settings = TrainSettings.load(path)
+    except LohatrainError as e:
+        return [_message(str(e), "error")] + [gr.update()] * len(FIELDS)
+    return [_message(f"Loaded {preset_name}.")] + form_values(settings)
+
+
+def load_checkpoint(title):
+    try:
+        host.load_checkpoint(title)
+    except LohatrainError as e:
+        return _model_markdown(), _message(str(e), "error")
+    return _model_markdown(), _message(f"Loaded {title}.")
+
+
+def build_tab(runner: JobRunner) -> gr.Blocks:
+    d = TrainSettings()
+    with gr.Blocks(analytics_enabled=False) as tab:
+        with gr.Row(elem_id="lohatrain_tab"):
+            with gr.Column(scale=3, elem_id="lohatrain_form"):
+                gr.Dropdown(["LoHa"], value="LoHa", label="Training method", interactive=False,
+                            elem_id="lohatrain_method")
+                with gr.Row():
+                    model_md = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
+                with gr.Row():
+                    ckpt = gr.Dropdown(host.checkpoint_titles(), label="Base model (loads through the WebUI)",
+                                       elem_id="lohatrain_checkpoint")
+                    load_ckpt = gr.Button("Load", elem_id="lohatrain_load_checkpoint")
+                with gr.Row():
+                    preset = gr.Dropdown(list(PRESET_LABELS.values()), value=PRESET_LABELS[d.network_preset],
+                                         label="Network preset", elem_id="lohatrain_preset")
+                    clip_skip = gr.Slider(1, 12, step=1, value=host.host_clip_skip(), label="CLIP skip",
+                                          elem_id="lohatrain_clip_skip")
+                with gr.Accordion("Network size", open=False):
+                    with gr.Row():
+                        dim = gr.Number(d.dim, label="Dim (rank)", precision=0, elem_id="lohatrain_dim")
+                        alpha = gr.Number(d.alpha, label="Alpha", elem_id="lohatrain_alpha")
+                        conv_dim = gr.Number(d.conv_dim, label="Conv dim (0 = attention only)", precision=0)
+                        conv_alpha = gr.Number(d.conv_alpha, label="Conv alpha")
+                name = gr.Textbox(d.name, label="Project name (file name and <lora:name:1>)", elem_id="lohatrain_name")
+                dataset_dir = gr.Textbox("", label="Dataset folder", placeholder="/path/to/images",
+                                         elem_id="lohatrain_dataset")
+                with gr.Row():
+                    caption_mode = gr.Radio(list(CAPTION_LABELS.values()), value=CAPTION_LABELS[d.caption_mode],
+                                            label="Captions", elem_id="lohatrain_caption_mode")
+                    caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase")
+                    caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext")
+                with gr.Row():
+                    resolution = gr.Slider(256, 2048, step=64, value=d.resolution, label="Training resolution",
+                                           elem_id="lohatrain_resolution")
+                    bucketing = gr.Checkbox(d.bucketing, label="Aspect ratio grouping", elem_id="lohatrain_bucketing")
+                with gr.Row():
+                    learning_rate = gr.Number(d.learning_rate, label="Learning rate", elem_id="lohatrain_lr")
+                    steps = gr.Number(d.steps, label="Training steps", precision=0, elem_id="lohatrain_steps")
+                    batch_size = gr.Slider(1, 16, step=1, value=d.batch_size, label="Batch size",
+                                           elem_id="lohatrain_batch_size")
+                with gr.Accordion("Developer options", open=False, elem_id="lohatrain_dev"):
+                    with gr.Row():
+                        train_dtype = gr.Radio(list(DTYPES), value=d.train_dtype, label="Train format")
+                        save_dtype = gr.Radio(list(DTYPES), value=d.save_dtype, label="Save format")
+                    with gr.Row():
+                        gradient_checkpointing = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing")
+                        seed = gr.Number(d.seed, label="Seed (-1 = random, recorded)", precision=0,
+                                         elem_id="lohatrain_seed")
+                        deterministic = gr.Checkbox(d.deterministic, label="Deterministic (GPU, slower)")
+                    with gr.Row():
+                        shuffle_tags = gr.Checkbox(d.shuffle_tags, label="Shuffle tags")
+                        keep_tokens = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0)
+                        flip_aug = gr.Checkbox(d.flip_aug, label="Flip augmentation")
+                        color_aug = gr.Checkbox(d.color_aug, label="Color augmentation")
+                    with gr.Row():
+                        save_every_steps = gr.Number(d.save_every_steps, label="Save every N steps (0 = off)",
+                                                     precision=0)
+                        lr_scheduler = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="LR scheduler")
+                        lr_warmup_steps = gr.Number(d.lr_warmup_steps, label="Warm-up steps", precision=0)
+                    with gr.Row():
+                        noise_offset = gr.Number(d.noise_offset, label="Noise offset")
+                        min_snr_gamma = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0 = off)")
+                        text_encoder_lr = gr.Number(d.text_encoder_lr, label="Text encoder LR (0 = off)")
+                    with gr.Row():
+                        bucket_min_side = gr.Number(d.bucket_min_side, label="Bucket min side", precision=0)
+                        bucket_max_side = gr.Number(d.bucket_max_side, label="Bucket max side", precision=0)
+                        overwrite = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
+                                                elem_id="lohatrain_overwrite")
+                with gr.Accordion("Previews", open=False):
+                    preview_every_steps = gr.Number(d.preview_every_steps, label="Preview every N steps (0 = off)",
+                                                    precision=0, elem_id="lohatrain_preview_every")
+                    preview_prompts = gr.Textbox("", lines=2, label="Preview prompt (default: the phrase)",
+                                                 elem_id="lohatrain_preview_prompt")
+                with gr.Row():
+                    saved = gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved")
+                    preset_name = gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name")
+                    save_btn = gr.Button("Save settings", elem_id="lohatrain_save_settings")
+                    load_btn = gr.Button("Load settings", elem_id="lohatrain_load_settings")
+            with gr.Column(scale=2, elem_id="lohatrain_side"):
+                with gr.Row():
+                    check_btn = gr.Button("Check dataset", elem_id="lohatrain_check")
+                    train_btn = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
+                    interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
+                message = gr.HTML("", elem_id="lohatrain_message")
+                gr.HTML('<div id="lohatrain_live"></div>')
+                send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
+                report = gr.HTML("", elem_id="lohatrain_report")
+                thumbs = gr.Gallery(label="Dataset", columns=4, height="auto", elem_id="lohatrain_thumbs")
+
+        form = [preset, dim, alpha, conv_dim, conv_alpha, clip_skip, name, dataset_dir, caption_mode,
+                caption_phrase, caption_ext, resolution, bucketing, learning_rate, steps, batch_size, train_dtype,
+                save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
+                color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
+                text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, preview_every_steps, preview_prompts]
+        preset.change(preset_sizes, [preset], [dim, alpha, conv_dim, conv_alpha])
+        train_btn.click(lambda *v: start_training(runner, *v), form, [message])
+        interrupt_btn.click(lambda: interrupt(runner), [], [message])
+        check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
+                                        bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
+        load_ckpt.click(load_checkpoint, [ckpt], [model_md, message])
+        save_btn.click(save_preset, [preset_name, *form], [message, saved])
+        load_btn.click(load_preset, [saved], [message, *form])
+        send.click(None, [], [], _js="lohatrainSendToTxt2img")
+    return tab
+

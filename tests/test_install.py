@@ -1,0 +1,238 @@
+"""install.py, run the way the WebUI runs it: a separate Python process with PYTHONPATH = WebUI root.
+
+Each test uses a throwaway venv in tmp_path standing for the WebUI's Python, and a fake WebUI root
+whose `launch.py` has the host's (v1.10.1) `is_installed` / `run_pip` / `run` behaviour and also
+records every `run_pip` call to a file; a root without `launch.py` exercises install.py's fallback.
+
+Fast tests use venvs made `--without-pip`, with fake `*.dist-info` folders standing for installed
+packages (no network; pip, if called, fails for real). The `slow` tests make a venv with pip and
+the host's pins and really install lycoris-lora from the package registry (about 10 s each with a
+warm pip cache); set LOHATRAIN_FAST_TESTS=1 to skip them.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+INSTALL_PY = Path(__file__).resolve().parent.parent / "install.py"
+
+slow = pytest.mark.skipif(os.environ.get("LOHATRAIN_FAST_TESTS") == "1",
+                          reason="LOHATRAIN_FAST_TESTS=1: skips the tests that install from the registry")
+
+# Light stand-ins for packages the WebUI pins (v1.10.1 requirements_versions.txt: einops 0.4.1,
+# safetensors 0.4.2, Pillow 9.5.0, numpy 1.26.x). torch is left out: a huge wheel, and install.py
+# installs lycoris-lora --no-deps, so installation never needs it.
+HOST_PINS = {"numpy": "1.26.4", "einops": "0.4.1", "safetensors": "0.4.2", "tqdm": "4.66.1",
+             "pillow": "9.5.0"}
+
+# The parts of the WebUI v1.10.1 `launch` module (modules/launch_utils.py) that install.py may use,
+# plus a log of run_pip calls (JSON lines in $FAKE_LAUNCH_LOG).
+FAKE_LAUNCH = '''
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+python = sys.executable
+index_url = os.environ.get("INDEX_URL", "")
+default_command_live = os.environ.get("WEBUI_LAUNCH_LIVE_OUTPUT") == "1"
+
+
+class args:
+    skip_install = False
+
+
+def run(command, desc=None, errdesc=None, custom_env=None, live=default_command_live):
+    if desc is not None:
+        print(desc)
+    kwargs = dict(args=command, shell=True, env=os.environ if custom_env is None else custom_env,
+                  encoding="utf8", errors="ignore")
+    if not live:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    result = subprocess.run(**kwargs)
+    if result.returncode != 0:
+        bits = [f"{errdesc or 'Error running command'}.", f"Command: {command}",
+                f"Error code: {result.returncode}"]
+        if result.stdout:
+            bits.append(f"stdout: {result.stdout}")
+        if result.stderr:
+            bits.append(f"stderr: {result.stderr}")
+        raise RuntimeError("\\n".join(bits))
+    return result.stdout or ""
+
+
+def is_installed(package):
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            spec = importlib.util.find_spec(package)
+        except ModuleNotFoundError:
+            return False
+        return spec is not None
+    return dist is not None
+
+
+def run_pip(command, desc=None, live=default_command_live):
+    with open(os.environ["FAKE_LAUNCH_LOG"], "a") as log:
+        log.write(json.dumps({"command": command, "desc": desc}) + "\\n")
+    if args.skip_install:
+        return
+    index_url_line = f" --index-url {index_url}" if index_url != "" else ""
+    return run(f'"{python}" -m pip {command} --prefer-binary{index_url_line}',
+               desc=f"Installing {desc}", errdesc=f"Couldn't install {desc}", live=live)
+'''
+
+
+def canonical(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def make_venv(path, with_pip):
+    command = [sys.executable, "-m", "venv", str(path)] + ([] if with_pip else ["--without-pip"])
+    subprocess.run(command, check=True, capture_output=True)
+    return path / "bin" / "python"
+
+
+def site_packages(python):
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    return Path(subprocess.run([str(python), "-c", code], check=True, capture_output=True,
+                               text=True).stdout.strip())
+
+
+def fake_installed(python, **versions):
+    """Makes `name==version` look installed to importlib.metadata (a bare .dist-info folder)."""
+    for name, version in versions.items():
+        info = site_packages(python) / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def installed(python):
+    """{canonical name: version} of everything installed in the venv."""
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout
+    return {canonical(name): version for name, version in json.loads(out).items()}
+
+
+def webui_root(tmp_path, with_launch):
+    root = tmp_path / ("webui" if with_launch else "webui-without-launch")
+    root.mkdir()
+    if with_launch:
+        (root / "launch.py").write_text(FAKE_LAUNCH)
+    return root
+
+
+def run_install(python, root):
+    """Runs install.py as the WebUI does; returns (process, run_pip calls recorded by the fake launch)."""
+    log = root / "run_pip.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(PYTHONPATH=str(root), FAKE_LAUNCH_LOG=str(log))
+    log.write_text("")
+    process = subprocess.run([str(python), str(INSTALL_PY)], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=300)
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    return process, calls
+
+
+ALL_PRESENT = dict(lycoris_lora="4.1.3", einops="0.4.1", safetensors="0.4.2", toml="0.10.2",
+                   tqdm="4.66.1", Pillow="9.5.0")
+
+
+def test_all_present_does_nothing(tmp_path):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **ALL_PRESENT)
+    start = time.perf_counter()
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    print(f"install.py with everything present: {time.perf_counter() - start:.3f} s")
+    assert process.returncode == 0
+    assert (process.stdout, process.stderr, calls) == ("", "", [])
+
+
+def test_other_lycoris_version_is_left_alone(tmp_path):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "lycoris_lora": "3.1.0"})
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    assert process.returncode == 0 and process.stderr == "" and calls == []
+    assert process.stdout.splitlines() == [
+        "[lohatrain] found lycoris-lora 3.1.0; lohatrain is tested with 4.1.3 (left as is)"]
+
+
+def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
+    """Only the missing packages are asked for; pip failing (no pip in this venv) is one line."""
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, lycoris_lora="4.1.3", einops="0.4.1", Pillow="9.5.0")
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    assert process.returncode == 0
+    assert [call["command"] for call in calls] == ["install --no-deps safetensors toml tqdm"]
+    ours = [line for line in process.stdout.splitlines() if line.startswith("[lohatrain]")]
+    assert len(ours) == 1
+    assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm (")
+    assert "No module named pip" in ours[0]
+    assert ours[0].endswith("the LoHa training tab will be unavailable until it is installed")
+    # Besides our line, only the host's own announcement from run_pip.
+    assert [line for line in process.stdout.splitlines() if line not in ours] == [
+        "Installing lohatrain requirements: safetensors, toml, tqdm"]
+    assert process.stderr == ""
+
+
+def test_pip_failure_outside_webui_prints_one_line_and_exits_0(tmp_path):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=False))
+    assert process.returncode == 0 and process.stderr == ""
+    lines = process.stdout.splitlines()
+    assert lines[0] == ("Installing lohatrain requirements: "
+                        "lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow")
+    assert len(lines) == 2 and lines[1].startswith(
+        "[lohatrain] could not install lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow (")
+
+
+@pytest.fixture
+def host_venv(tmp_path):
+    """A venv with pip and the host's pins; skips the test when the registry cannot be reached."""
+    python = make_venv(tmp_path / "venv", with_pip=True)
+    pins = [f"{name}=={version}" for name, version in HOST_PINS.items()]
+    result = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.skip("could not install the host's pins: " + result.stderr.strip().splitlines()[-1])
+    return python
+
+
+@slow
+@pytest.mark.parametrize("inside_webui", [False, True], ids=["fallback-pip", "launch.run_pip"])
+def test_installs_lycoris_without_touching_pins_then_does_nothing(tmp_path, host_venv, inside_webui):
+    before = installed(host_venv)
+    assert {name: before[name] for name in HOST_PINS} == HOST_PINS
+
+    start = time.perf_counter()
+    process, calls = run_install(host_venv, webui_root(tmp_path, with_launch=inside_webui))
+    print(f"first run (installs): {time.perf_counter() - start:.2f} s")
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "[lohatrain]" not in process.stdout, process.stdout
+    after = installed(host_venv)
+    assert after["lycoris-lora"] == "4.1.3"
+    assert {name: after.get(name) for name in before} == before  # nothing upgraded or downgraded
+    assert set(after) - set(before) == {"lycoris-lora", "toml"}  # only additions: no torch
+    if inside_webui:
+        assert [call["command"] for call in calls] == ["install --no-deps lycoris-lora==4.1.3 toml"]
+
+    # The second start: everything is present, so no pip call and no output at all.
+    root = tmp_path / "second-start"
+    root.mkdir()
+    (root / "launch.py").write_text(FAKE_LAUNCH)
+    start = time.perf_counter()
+    process, calls = run_install(host_venv, root)
+    print(f"second run (nothing to do): {time.perf_counter() - start:.3f} s")
+    assert process.returncode == 0
+    assert (process.stdout, process.stderr, calls) == ("", "", [])
+    assert installed(host_venv) == after
