@@ -47,8 +47,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import contextlib  # noqa: E402
-
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries only figures
     import lohatrain.demo  # noqa: E402,F401  (first: installs the torchvision stand-in that ldm's import needs)
 import torch  # noqa: E402
@@ -231,26 +229,53 @@ def forward_style(two_op: bool):
 
 @torch.no_grad()
 def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
-    """Mean noise-prediction error on the dataset's images over fixed noise and timesteps, in fp32
-    (the same measure as tests/test_engine.py)."""
+    """Mean noise-prediction error on the dataset's images over fixed noise and timesteps (the measure of
+    tests/test_engine.py). fp32, or fp16 autocast when the UNet's weights are fp16."""
     from lohatrain import dataset as ds
 
     device = next(SD1.unet(model).parameters()).device
-    dtype = next(SD1.unet(model).parameters()).dtype
+    half = next(SD1.unet(model).parameters()).dtype == torch.float16
     items = ds.scan_dataset(dataset, "txt")
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
-    for item in items:
-        pixels, _ = ds.prepare_image(ds.load_image(item.path), (64, 64))
-        latent = model.get_first_stage_encoding(model.encode_first_stage(pixels[None].to(device, dtype)))
-        cond = model.get_learned_conditioning([item.caption])
-        for t in (100, 400, 700):
-            noise = torch.randn(latent.shape, generator=gen).to(device, dtype)
-            ac = model.alphas_cumprod[t]
-            noisy = (ac.sqrt() * latent + (1 - ac).sqrt() * noise).to(dtype)
-            pred = model.apply_model(noisy, torch.tensor([t], device=device), cond)
-            total += torch.mean((pred.float() - noise.float()) ** 2).item()
+    with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+        for item in items:
+            pixels, _ = ds.prepare_image(ds.load_image(item.path), (64, 64))
+            latent = model.get_first_stage_encoding(model.encode_first_stage(pixels[None].to(device))).float()
+            cond = model.get_learned_conditioning([item.caption])
+            for t in (100, 400, 700):
+                noise = torch.randn(latent.shape, generator=gen).to(device)
+                ac = model.alphas_cumprod[t].float()
+                noisy = ac.sqrt() * latent + (1 - ac).sqrt() * noise
+                pred = model.apply_model(noisy, torch.tensor([t], device=device), cond)
+                total += torch.mean((pred.float() - noise) ** 2).item()
     return total / (3 * len(items))
+
+
+def fp16_unet_weights(model):
+    """Emulates a half-precision base model on the CPU: the UNet's Linear and Conv weights in fp16 (what
+    LoHa merges into), norms left in fp32. A plain `model.half()` does not run on the CPU: ldm's GroupNorm32
+    upcasts its input to fp32, and the CPU group_norm refuses fp16 parameters with an fp32 input."""
+    for m in SD1.unet(model).modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.half()
+    return model
+
+
+@torch.no_grad()
+def merge_rounding(network) -> dict[str, float]:
+    """How much of the trained ΔW survives being merged into W in bf16 / fp16: per layer, the relative error
+    ||(W+ΔW)_low - W_low - ΔW|| / ||ΔW|| (median over layers), and ||ΔW|| / ||W||."""
+    ratios, errors = [], {"bf16": [], "fp16": []}
+    for plan, lora in zip(network.plans, network.loras):
+        w = plan.module.weight.float()
+        delta = lora.get_weight(lora.shape).float().reshape(w.shape)
+        ratios.append((delta.norm() / w.norm()).item())
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            kept = (w + delta).to(dtype).float() - w.to(dtype).float()
+            errors[name].append(((kept - delta).norm() / delta.norm()).item())
+    return {"delta_weight_over_weight_norm_median": statistics.median(ratios),
+            **{f"{k}_merge_delta_weight_error_median": statistics.median(v) for k, v in errors.items()}}
 
 
 def cmd_compare_forward(args, device: torch.device) -> None:
@@ -260,26 +285,34 @@ def cmd_compare_forward(args, device: torch.device) -> None:
     emit("device", describe_device(device))
     emit("torch_threads", torch.get_num_threads())
     emit("steps", steps)
-    emit("learning_rate", 3e-3)
+    emit("learning_rate", args.learning_rate)
     emit("preset", args.preset)
-    cases = [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp16", "fp16-base")]
+    # (train dtype, base weights): "fp16-base" tries model.half(); "fp16-weights" is the CPU emulation
+    cases = [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp16", "fp16-base"), ("fp16", "fp16-weights")]
     with tempfile.TemporaryDirectory(prefix="lohatrain-bench-") as tmp:
         dataset = make_sample_dataset(Path(tmp) / "images")
-        template = build_tiny_sd1()
-        emit("untrained_denoising_loss", denoising_loss(template.to(device), dataset))
+        emit("untrained_denoising_loss", denoising_loss(build_tiny_sd1().to(device), dataset))
         for dtype, base in cases:
+            suffix = {"fp32": "", "fp16-base": "_fp16base", "fp16-weights": "_fp16weights"}[base]
+            if base == "fp16-weights":
+                emit(f"{dtype}{suffix}_untrained_denoising_loss",
+                     denoising_loss(fp16_unet_weights(build_tiny_sd1().to(device)), dataset))
             for two_op in (False, True):
-                name = f"{dtype}{'_fp16base' if base == 'fp16-base' else ''}_{'two_op' if two_op else 'merged'}"
+                name = f"{dtype}{suffix}_{'two_op' if two_op else 'merged'}"
                 model = build_tiny_sd1().to(device)
                 if base == "fp16-base":
                     model = model.half()
-                settings = timing_settings(dataset, Path(tmp) / "out", steps, args.preset, False, dtype, 3e-3)
+                elif base == "fp16-weights":
+                    model = fp16_unet_weights(model)
+                settings = timing_settings(dataset, Path(tmp) / "out", steps, args.preset, False, dtype,
+                                           args.learning_rate)
                 final = {}
 
                 def on_step(step, network, _final=final, _two_op=two_op, _model=model):
                     assert network.two_op == _two_op  # the patched forward style really is in use
                     if step == steps:
                         _final["loss"] = denoising_loss(_model, dataset)
+                        _final["rounding"] = merge_rounding(network)
 
                 try:
                     with forward_style(two_op):
@@ -291,6 +324,9 @@ def cmd_compare_forward(args, device: torch.device) -> None:
                 emit(f"{name}_mean_loss_last_20", statistics.fmean(losses[-20:]))
                 emit(f"{name}_final_denoising_loss", final.get("loss", float("nan")))
                 emit(f"{name}_seconds_per_step", timed_figures(run, warmup)["seconds_per_step"])
+                if (dtype, base, two_op) == ("fp32", "fp32", False):
+                    for key, value in final.get("rounding", {}).items():
+                        emit(f"{name}_{key}", value)
 
 
 # ------------------------------------------------------------------------------------------------- --flops
@@ -425,6 +461,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="training steps (default 30; 60 with --compare-forward)")
     parser.add_argument("--preset", default="small", choices=list(PRESETS), help="network size (default: demo's)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="timing mode: checkpoint UNet blocks")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="--compare-forward (default 3e-3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--checkpoint", help="a real model checkpoint (not supported: needs the WebUI)")

@@ -74,7 +74,7 @@ def test_augmentations_cost_the_vae_passes_the_docs_say(tiny_model, sample_datas
 @pytest.mark.parametrize("bucketing", [True, False])
 def test_bucketing_groups_images_by_aspect_ratio(tiny_model, sample_dataset, tmp_path, bucketing):
     result = train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=1, bucketing=bucketing,
-                                            resolution=128, bucket_max_side=256))
+                                            resolution=256, bucket_max_side=512))
     with safe_open(result.file, "pt") as f:
         buckets = json.loads(f.metadata()["ss_bucket_info"])["buckets"].values()
     sizes = {tuple(b["resolution"]) for b in buckets}
@@ -82,7 +82,7 @@ def test_bucketing_groups_images_by_aspect_ratio(tiny_model, sample_dataset, tmp
     if bucketing:
         assert len(sizes) > 1 and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)
     else:
-        assert sizes == {(128, 128)}
+        assert sizes == {(256, 256)}
 
 
 def _assert_refused(model, settings, message, out: Path):

@@ -38,6 +38,11 @@ options_templates.update(options_section(("system", "System", "system"), {
 }))
 options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
     "samples_save": OptionInfo(True, "Always save all generated images"),
+    "grid_save": OptionInfo(True, "Always save all generated image grids"),
+    "grid_only_if_multiple": OptionInfo(True, "Do not save grids consisting of one picture"),
+    "grid_prevent_empty_spots": OptionInfo(False, "Prevent empty spots in grid (when set to autodetect)"),
+    "n_rows": OptionInfo(-1, "Grid row count; use -1 for autodetect and 0 for it to be same as batch size"),
+    "return_grid": OptionInfo(True, "Show grid in gallery"),
     "enable_pnginfo": OptionInfo(True, "Write infotext to metadata of the generated image"),
 }))
 options_templates.update(options_section(("ui", "Live previews", "ui"), {

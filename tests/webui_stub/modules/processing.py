@@ -1,0 +1,384 @@
+"""txt2img: `StableDiffusionProcessingTxt2Img` and `process_images(p) -> Processed`.
+
+The host's flow, kept: `p.sd_model` is always `shared.sd_model` (the constructor argument is ignored);
+process_images first calls `sd_models.reload_model_weights()` (so the model is switched back to
+opts.sd_model_checkpoint if it differs), then per batch: Skip is cleared, Interrupt stops, `<lora:…>` tags are
+stripped from the prompts and, unless `p.disable_extra_networks`, every extra network is activated (for Lora:
+`networks.load_networks(...)`, with `[]` when the prompt names none); `state.job_count` -1 becomes n_iter,
+`state.sampling_steps/sampling_step/current_latent` follow the steps, `state.nextjob()` after each batch.
+Seeds: -1 is random; image i of the batch uses seed + i; the noise is drawn after `torch.manual_seed(seed)`,
+which re-seeds torch's GLOBAL generator, as the host does. Interrupt or Skip during sampling returns the
+last denoised estimate, which is still decoded and returned. With 2+ images and not do_not_save_grid,
+images[0] is a grid.
+
+The stand-in's sampler: DDIM (eta 0, uniform timesteps) with classifier-free guidance, whatever
+`sampler_name` says. Nothing is written to disk (the host saves samples unless do_not_save_samples).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modules import devices, extra_networks, sd_hijack, sd_models, shared
+from modules.shared import opts, state
+
+opt_C = 4
+opt_f = 8
+
+
+def get_fixed_seed(seed):
+    if seed == '' or seed is None:
+        seed = -1
+    elif isinstance(seed, str):
+        try:
+            seed = int(seed)
+        except Exception:
+            seed = -1
+    if seed == -1:
+        return int(random.randrange(4294967294))
+    return seed
+
+
+@dataclass(repr=False)
+class StableDiffusionProcessing:
+    sd_model: object = None
+    outpath_samples: str = None
+    outpath_grids: str = None
+    prompt: str = ""
+    prompt_for_display: str = None
+    negative_prompt: str = ""
+    styles: list = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    seed_enable_extras: bool = True
+    sampler_name: str = None
+    scheduler: str = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool = None
+    tiling: bool = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    extra_generation_params: dict = None
+    overlay_images: list = None
+    eta: float = None
+    do_not_reload_embeddings: bool = False
+    denoising_strength: float = None
+    ddim_discretize: str = None
+    s_min_uncond: float = None
+    s_churn: float = None
+    s_tmax: float = None
+    s_tmin: float = None
+    s_noise: float = None
+    override_settings: dict = None
+    override_settings_restore_afterwards: bool = True
+    sampler_index: int = None
+    refiner_checkpoint: str = None
+    refiner_switch_at: float = None
+    disable_extra_networks: bool = False
+    firstpass_image: Any = None
+    comments: dict = None
+
+    all_prompts: list = field(default=None, init=False)
+    all_negative_prompts: list = field(default=None, init=False)
+    all_seeds: list = field(default=None, init=False)
+    all_subseeds: list = field(default=None, init=False)
+    iteration: int = field(default=0, init=False)
+    prompts: list = field(default=None, init=False)
+    negative_prompts: list = field(default=None, init=False)
+    seeds: list = field(default=None, init=False)
+    subseeds: list = field(default=None, init=False)
+    extra_network_data: dict = field(default=None, init=False)
+    sd_model_name: str = field(default=None, init=False)
+    sd_model_hash: str = field(default=None, init=False)
+    c: Any = field(default=None, init=False)
+    uc: Any = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.comments = {}
+        if self.styles is None:
+            self.styles = []
+        self.extra_generation_params = self.extra_generation_params or {}
+        self.override_settings = self.override_settings or {}
+        self.scripts = None
+        if not self.seed_enable_extras:
+            self.subseed, self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = -1, 0, 0, 0
+
+    @property
+    def sd_model(self):
+        return shared.sd_model
+
+    @sd_model.setter
+    def sd_model(self, value):
+        pass
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def setup_prompts(self):
+        if isinstance(self.prompt, list):
+            self.all_prompts = self.prompt
+        elif isinstance(self.negative_prompt, list):
+            self.all_prompts = [self.prompt] * len(self.negative_prompt)
+        else:
+            self.all_prompts = self.batch_size * self.n_iter * [self.prompt]
+        if isinstance(self.negative_prompt, list):
+            self.all_negative_prompts = self.negative_prompt
+        else:
+            self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
+
+    def parse_extra_network_prompts(self):
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+
+    def setup_conds(self):
+        model = self.sd_model
+        self.uc = model.get_learned_conditioning(self.negative_prompts)
+        self.c = model.get_learned_conditioning(self.prompts)
+
+    def save_samples(self) -> bool:
+        return False  # the stand-in writes no files
+
+
+@dataclass(repr=False)
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    enable_hr: bool = False
+    denoising_strength: float = 0.75
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str = None
+    hr_sampler_name: str = None
+    hr_scheduler: str = None
+    hr_prompt: str = ''
+    hr_negative_prompt: str = ''
+    force_task_id: str = None
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        shape = (getattr(self.sd_model, "latent_channels", opt_C), self.height // opt_f, self.width // opt_f)
+        noise = []
+        for seed in seeds:
+            torch.manual_seed(seed)  # as the host's rng.randn: the global generator
+            noise.append(torch.randn(shape, device=devices.cpu))
+        x = torch.stack(noise).to(devices.device)
+        return _ddim(self.sd_model, x, conditioning, unconditional_conditioning, self.steps, self.cfg_scale)
+
+
+def _ddim(model, x, cond, uncond, steps, cfg_scale):
+    alphas = model.alphas_cumprod.to(device=x.device, dtype=torch.float32)
+    n = len(alphas)
+    steps = max(1, min(int(steps), n))
+    timesteps = [t + 1 for t in range(0, n, n // steps)][:steps]
+    timesteps = [min(t, n - 1) for t in reversed(timesteps)]
+    v_pred = getattr(model, "parameterization", "eps") == "v"
+
+    state.sampling_steps = steps
+    state.sampling_step = 0
+    last_latent = x
+    for i, t in enumerate(timesteps):
+        if state.interrupted or state.skipped:
+            return last_latent
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out_c = model.apply_model(x, t_batch, cond)
+        out_u = model.apply_model(x, t_batch, uncond)
+        out = out_u + cfg_scale * (out_c - out_u)
+        a_t = alphas[t]
+        a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
+        if v_pred:
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = (1 - a_t).sqrt() * x + a_t.sqrt() * out
+        else:
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        last_latent = x0
+        state.sampling_step = i  # the index of the step just done, as the host's sampler callback
+        state.current_latent = x0
+    return x
+
+
+def decode_first_stage(model, x):
+    return model.decode_first_stage(x.to(devices.dtype_vae))
+
+
+def latent_to_image(latent, index=0):
+    """A latent (batch) to a PIL image, as the host's sd_samplers.sample_to_image."""
+    with torch.no_grad():
+        x = decode_first_stage(shared.sd_model, latent[index:index + 1])[0]
+    return _to_pil(x)
+
+
+def _to_pil(x):
+    x = torch.clamp((x.float() + 1.0) / 2.0, min=0.0, max=1.0)
+    return Image.fromarray((255. * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8))
+
+
+def image_grid(imgs, batch_size=1, rows=None):
+    if rows is None:
+        if opts.n_rows > 0:
+            rows = opts.n_rows
+        elif opts.n_rows == 0:
+            rows = batch_size
+        elif opts.grid_prevent_empty_spots:
+            rows = math.floor(math.sqrt(len(imgs)))
+            while len(imgs) % rows != 0:
+                rows -= 1
+        else:
+            rows = round(math.sqrt(len(imgs)))
+    rows = min(rows, len(imgs))
+    cols = math.ceil(len(imgs) / rows)
+    w, h = map(max, zip(*(img.size for img in imgs)))
+    grid = Image.new('RGB', size=(cols * w, rows * h), color="#ffffff")
+    for i, img in enumerate(imgs):
+        grid.paste(img, box=(i % cols * w, i // cols * h))
+    return grid
+
+
+class Processed:
+    def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
+                 all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):
+        self.images = images_list
+        self.prompt = p.prompt if not isinstance(p.prompt, list) else p.prompt[0]
+        self.negative_prompt = p.negative_prompt if not isinstance(p.negative_prompt, list) else p.negative_prompt[0]
+        self.seed = int(seed if not isinstance(seed, list) else seed[0]) if seed is not None else -1
+        self.subseed = subseed
+        self.info = info
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
+        self.width = p.width
+        self.height = p.height
+        self.sampler_name = p.sampler_name
+        self.cfg_scale = p.cfg_scale
+        self.steps = p.steps
+        self.batch_size = p.batch_size
+        self.sd_model_name = p.sd_model_name
+        self.sd_model_hash = p.sd_model_hash
+        self.extra_generation_params = p.extra_generation_params
+        self.index_of_first_image = index_of_first_image
+        self.job_timestamp = state.job_timestamp
+        self.clip_skip = opts.CLIP_stop_at_last_layers
+        self.all_prompts = all_prompts or p.all_prompts or [self.prompt]
+        self.all_negative_prompts = all_negative_prompts or p.all_negative_prompts or [self.negative_prompt]
+        self.all_seeds = all_seeds or p.all_seeds or [self.seed]
+        self.all_subseeds = all_subseeds or p.all_subseeds or [self.subseed]
+        self.infotexts = infotexts or [info] * len(images_list)
+
+
+def create_infotext(p, all_prompts, all_seeds, index=0):
+    params = {
+        "Steps": p.steps, "Sampler": p.sampler_name or "DDIM", "CFG scale": p.cfg_scale, "Seed": all_seeds[index],
+        "Size": f"{p.width}x{p.height}", "Model hash": p.sd_model_hash, "Model": p.sd_model_name,
+        "Clip skip": None if opts.CLIP_stop_at_last_layers <= 1 else opts.CLIP_stop_at_last_layers,
+        **p.extra_generation_params,
+    }
+    text = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+    negative = p.all_negative_prompts[index] if p.all_negative_prompts else ""
+    return f"{all_prompts[index]}" + (f"\nNegative prompt: {negative}" if negative else "") + f"\n{text}"
+
+
+def process_images(p: StableDiffusionProcessing) -> Processed:
+    stored_opts = {k: opts.data[k] if k in opts.data else opts.get_default(k) for k in p.override_settings if k in opts.data}
+    try:
+        if sd_models.checkpoint_aliases.get(p.override_settings.get('sd_model_checkpoint')) is None:
+            p.override_settings.pop('sd_model_checkpoint', None)
+            sd_models.reload_model_weights()
+        for k, v in p.override_settings.items():
+            opts.set(k, v, is_api=True, run_callbacks=False)
+            if k == 'sd_model_checkpoint':
+                sd_models.reload_model_weights()
+        res = process_images_inner(p)
+    finally:
+        if p.override_settings_restore_afterwards:
+            for k, v in stored_opts.items():
+                setattr(opts, k, v)
+    return res
+
+
+def process_images_inner(p: StableDiffusionProcessing) -> Processed:
+    assert p.prompt is not None
+    devices.torch_gc()
+    seed = get_fixed_seed(p.seed)
+    subseed = get_fixed_seed(p.subseed)
+
+    p.sd_model_name = shared.sd_model.sd_checkpoint_info.name_for_extra
+    p.sd_model_hash = shared.sd_model.sd_model_hash
+    sd_hijack.model_hijack.clear_comments()
+    p.setup_prompts()
+    p.all_seeds = [int(seed) + (x if p.subseed_strength == 0 else 0) for x in range(len(p.all_prompts))]
+    p.all_subseeds = [int(subseed) + x for x in range(len(p.all_prompts))]
+
+    infotexts, output_images = [], []
+    with torch.no_grad():
+        if state.job_count == -1:
+            state.job_count = p.n_iter
+
+        for n in range(p.n_iter):
+            p.iteration = n
+            if state.skipped:
+                state.skipped = False
+            if state.interrupted or state.stopping_generation:
+                break
+
+            sd_models.reload_model_weights()  # as the host: the model can have been changed meanwhile
+
+            batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
+            p.prompts, p.negative_prompts = p.all_prompts[batch], p.all_negative_prompts[batch]
+            p.seeds, p.subseeds = p.all_seeds[batch], p.all_subseeds[batch]
+            if len(p.prompts) == 0:
+                break
+
+            p.parse_extra_network_prompts()
+            if not p.disable_extra_networks:
+                extra_networks.activate(p, p.extra_network_data)
+
+            p.setup_conds()
+            for comment in sd_hijack.model_hijack.comments:
+                p.comment(comment)
+            if p.n_iter > 1:
+                state.job = f"Batch {n + 1} out of {p.n_iter}"
+
+            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds,
+                               subseeds=p.subseeds, subseed_strength=p.subseed_strength, prompts=p.prompts)
+            decoded = decode_first_stage(p.sd_model, samples)
+            del samples
+            state.nextjob()
+
+            for i, x in enumerate(decoded):
+                image = _to_pil(x)
+                text = create_infotext(p, p.all_prompts[batch], p.seeds, i)
+                infotexts.append(text)
+                if opts.enable_pnginfo:
+                    image.info["parameters"] = text
+                output_images.append(image)
+
+        if not infotexts:
+            infotexts.append("")
+
+        index_of_first_image = 0
+        unwanted_grid = len(output_images) < 2 and opts.grid_only_if_multiple
+        if (opts.return_grid or opts.grid_save) and not p.do_not_save_grid and not unwanted_grid and opts.return_grid:
+            output_images.insert(0, image_grid(output_images, p.batch_size))
+            infotexts.insert(0, infotexts[0])
+            index_of_first_image = 1
+
+    if not p.disable_extra_networks and p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
+    devices.torch_gc()
+
+    return Processed(p, images_list=output_images, seed=p.all_seeds[0], info=infotexts[0],
+                     subseed=p.all_subseeds[0], index_of_first_image=index_of_first_image, infotexts=infotexts)

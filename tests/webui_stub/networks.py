@@ -1,0 +1,489 @@
+"""The built-in Lora extension's `networks` module (extensions-builtin/Lora), for LoHa files on SD1.
+
+How the host applies networks, kept: `load_networks(names, ...)` only decides WHICH networks are loaded
+(`loaded_networks`); the weights change later, lazily, when a layer runs. The host patches the forward of every
+Linear / Conv2d / GroupNorm / LayerNorm / MultiheadAttention to call `network_apply_weights(self)` first: if
+the layer's `network_current_names` differ from the wanted set (name, te mult, unet mult, dyn) it restores the
+layer from `network_weights_backup` / `network_bias_backup` (taken the first time a network is wanted) and
+adds each loaded network's ΔW in place. Loading a state dict into a layer drops its backup and names.
+The stand-in does the same per model instead of globally: `assign_network_names_to_compvis_modules` (a
+model_loaded callback, as in the host) gives each layer of the loaded model a forward pre-hook and a
+load_state_dict pre-hook. A layer whose `forward` was replaced on the instance is skipped, as the host's
+class-level patch is then never reached.
+
+Consequences an adapter must respect (host and stand-in alike):
+- `load_networks([])` alone takes nothing off the weights until each layer runs again.
+- Restoring from the backup is an in-place copy outside `no_grad`: on a parameter with requires_grad=True and
+  grad mode on it raises "a leaf Variable that requires grad is being used in an in-place operation".
+- The wanted set does not include the file: a network re-written under the same name and loaded with the same
+  multipliers is re-read (newer mtime) but layers that already carry the old one are not re-applied.
+
+Key matching follows the host's load_network, using the rules in tests/host_rules.py (diffusers → compvis,
+then the `lora_unet` → `diffusion_model` fallback; text encoder `transformer_text_model_…`), plus the host's
+conv_in / conv_out / time_embedding names, the `_[qkv]_proj` retry and the `lora_te1_text_model` fallback.
+Only LoHa (`hada_*`) modules are understood; SD2/SDXL mappings, MultiheadAttention layers, bundled
+embeddings and `lora_functional` are left out. Unmatched keys are logged at DEBUG (as the host) and kept in
+`last_unmatched_keys`.
+"""
+from __future__ import annotations
+
+import enum
+import importlib.util
+import logging
+import os
+import re
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+
+from modules import devices, errors, extra_networks, hashes, script_callbacks, sd_hijack, sd_models, shared
+
+
+def _host_rules():
+    if "host_rules" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("host_rules", Path(__file__).resolve().parent.parent / "host_rules.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["host_rules"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["host_rules"]
+
+
+host_rules = _host_rules()
+
+NetworkWeights = namedtuple('NetworkWeights', ['network_key', 'sd_key', 'w', 'sd_module'])
+metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10, "ss_tag_frequency": 20}
+
+
+class SdVersion(enum.Enum):
+    Unknown = 1
+    SD1 = 2
+    SD2 = 3
+    SDXL = 4
+
+
+class NetworkOnDisk:
+    def __init__(self, name, filename):
+        self.name = name
+        self.filename = filename
+        self.metadata = {}
+        self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
+        if self.is_safetensors:
+            try:
+                self.metadata = sd_models.read_metadata_from_safetensors(filename)
+            except Exception as e:
+                errors.display(e, f"reading lora {filename}")
+        if self.metadata:
+            self.metadata = dict(sorted(self.metadata.items(), key=lambda x: metadata_tags_order.get(x[0], 999)))
+        self.alias = self.metadata.get('ss_output_name', self.name)
+        self.hash = None
+        self.shorthash = None
+        self.set_hash(self.metadata.get('sshs_model_hash')
+                      or hashes.sha256_from_cache(self.filename, "lora/" + self.name, use_addnet_hash=self.is_safetensors)
+                      or '')
+        self.sd_version = self.detect_version()
+
+    def detect_version(self):
+        if str(self.metadata.get('ss_base_model_version', "")).startswith("sdxl_"):
+            return SdVersion.SDXL
+        if str(self.metadata.get('ss_v2', "")) == "True":
+            return SdVersion.SD2
+        return SdVersion.SD1 if self.metadata else SdVersion.Unknown
+
+    def set_hash(self, v):
+        self.hash = v
+        self.shorthash = self.hash[0:12]
+        if self.shorthash:
+            available_network_hash_lookup[self.shorthash] = self
+
+    def read_hash(self):
+        if not self.hash:
+            self.set_hash(hashes.sha256(self.filename, "lora/" + self.name, use_addnet_hash=self.is_safetensors) or '')
+
+    def get_alias(self):
+        if shared.opts.lora_preferred_name == "Filename" or self.alias.lower() in forbidden_network_aliases:
+            return self.name
+        return self.alias
+
+
+class Network:
+    def __init__(self, name, network_on_disk):
+        self.name = name
+        self.network_on_disk = network_on_disk
+        self.te_multiplier = 1.0
+        self.unet_multiplier = 1.0
+        self.dyn_dim = None
+        self.modules = {}
+        self.bundle_embeddings = {}
+        self.mtime = None
+        self.mentioned_name = None
+
+
+class NetworkModuleHada:
+    """One layer's LoHa. ΔW = (w1a·w1b) ⊙ (w2a·w2b) (Tucker: via hada_t1/t2) · alpha/dim (1 without alpha)
+    · multiplier (te for layers whose key starts with `transformer…`, else unet), in the file's dtype."""
+
+    def __init__(self, net, weights):
+        self.network = net
+        self.network_key = weights.network_key
+        self.sd_key = weights.sd_key
+        self.sd_module = weights.sd_module
+        self.shape = weights.sd_module.weight.shape if hasattr(weights.sd_module, "weight") else None
+        self.w = weights.w
+        self.dim = weights.w["hada_w1_b"].shape[0]
+        self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
+
+    def multiplier(self):
+        return self.network.te_multiplier if 'transformer' in self.sd_key[:20] else self.network.unet_multiplier
+
+    def calc_updown(self, orig_weight):
+        w = {k: v.to(orig_weight.device) for k, v in self.w.items()}
+        dtype = w["hada_w1_a"].dtype
+        if "hada_t1" in w or "hada_t2" in w:
+            def tucker(t, wa, wb):
+                return torch.einsum('i j k l, j r, i p -> p r k l', t.double(), wb.double(), wa.double())
+            up1 = tucker(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
+            up2 = tucker(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
+            scale = self.alpha / self.dim if self.alpha is not None else 1.0
+            updown = up1 * up2 * scale
+        else:
+            flat = {k: w[k].reshape(w[k].shape[0], -1) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+            if self.alpha is not None:
+                flat["alpha"] = w["alpha"]
+            rows, cols = flat["hada_w1_a"].shape[0], flat["hada_w1_b"].shape[1]
+            updown = host_rules.loha_delta(flat, torch.Size((rows, cols)))
+        if updown.numel() != orig_weight.numel():
+            raise RuntimeError(f"shape {tuple(updown.shape)} does not fit weight {tuple(orig_weight.shape)}")
+        updown = updown.reshape(orig_weight.shape).to(dtype)
+        return updown * self.multiplier(), None
+
+
+def _to_compvis(key):
+    if m := re.fullmatch(r"lora_unet_conv_in(.*)", key):
+        return f"diffusion_model_input_blocks_0_0{m[1]}"
+    if m := re.fullmatch(r"lora_unet_conv_out(.*)", key):
+        return f"diffusion_model_out_2{m[1]}"
+    if m := re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
+        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
+    return host_rules.diffusers_to_compvis(key)
+
+
+re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
+_LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+
+
+def _forward_pre_hook(module, args):
+    if "forward" in module.__dict__:
+        return None  # an instance forward shadows the host's class-level patch
+    network_apply_weights(module)
+    return None
+
+
+def _load_state_dict_pre_hook(module, *args, **kwargs):
+    network_reset_cached_weight(module)
+
+
+def _install_hooks(model):
+    for module in model.modules():
+        if isinstance(module, _LAYER_TYPES) and not getattr(module, "_stub_network_hooks", False):
+            module.register_forward_pre_hook(_forward_pre_hook)
+            module._register_load_state_dict_pre_hook(_load_state_dict_pre_hook, with_module=True)
+            module._stub_network_hooks = True
+
+
+def assign_network_names_to_compvis_modules(sd_model):
+    mapping = {}
+    model = shared.sd_model
+    stage = getattr(model.cond_stage_model, 'wrapped', model.cond_stage_model)
+    for name, module in stage.named_modules():
+        mapping[name.replace(".", "_")] = module
+        module.network_layer_name = name.replace(".", "_")
+    for name, module in model.model.named_modules():
+        mapping[name.replace(".", "_")] = module
+        module.network_layer_name = name.replace(".", "_")
+    sd_model.network_layer_mapping = mapping
+    _install_hooks(model)
+
+
+def load_network(name, network_on_disk):
+    global last_unmatched_keys
+    net = Network(name, network_on_disk)
+    net.mtime = os.path.getmtime(network_on_disk.filename)
+    sd = sd_models.read_state_dict(network_on_disk.filename)
+    if not hasattr(shared.sd_model, 'network_layer_mapping'):
+        assign_network_names_to_compvis_modules(shared.sd_model)
+    mapping = shared.sd_model.network_layer_mapping
+
+    failed, matched = {}, {}
+    for key_network, weight in sd.items():
+        layer, _, part = key_network.partition(".")
+        key = _to_compvis(layer)
+        module = mapping.get(key)
+        if module is None and (m := re_x_proj.match(key)):
+            module = mapping.get(m.group(1))
+        if module is None and "lora_unet" in layer:
+            key = layer.replace("lora_unet", "diffusion_model")
+            module = mapping.get(key)
+        elif module is None and "lora_te1_text_model" in layer:
+            key = layer.replace("lora_te1_text_model", "0_transformer_text_model")
+            module = mapping.get(key)
+            if module is None:
+                key = layer.replace("lora_te1_text_model", "transformer_text_model")
+                module = mapping.get(key)
+        if module is None:
+            failed[key_network] = key
+            continue
+        if key not in matched:
+            matched[key] = NetworkWeights(network_key=key_network, sd_key=key, w={}, sd_module=module)
+        matched[key].w[part] = weight
+
+    for key, weights in matched.items():
+        if not all(x in weights.w for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+            raise AssertionError(f"Could not find a module type (the stand-in knows only LoHa) that would accept those keys: {', '.join(weights.w)}")
+        net.modules[key] = NetworkModuleHada(net, weights)
+
+    last_unmatched_keys = list(failed)
+    if failed:
+        logging.debug(f"Network {network_on_disk.filename} didn't match keys: {failed}")
+    return net
+
+
+def purge_networks_from_memory():
+    while len(networks_in_memory) > shared.opts.lora_in_memory_limit and len(networks_in_memory) > 0:
+        networks_in_memory.pop(next(iter(networks_in_memory)), None)
+    devices.torch_gc()
+
+
+def _lookup(name):
+    if name.lower() in forbidden_network_aliases:
+        return available_networks.get(name)
+    return available_network_aliases.get(name)
+
+
+def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
+    already_loaded = {net.name: net for net in loaded_networks if net.name in names}
+    loaded_networks.clear()
+
+    unavailable = [n for n in names if (n.lower() in forbidden_network_aliases and available_networks.get(n) is None)
+                   or available_network_aliases.get(n) is None]
+    if unavailable:
+        update_available_networks_by_names(unavailable)
+    on_disk = [_lookup(n) for n in names]
+    if any(x is None for x in on_disk):
+        list_available_networks()
+        on_disk = [_lookup(n) for n in names]
+
+    failed = []
+    for i, (network_on_disk, name) in enumerate(zip(on_disk, names)):
+        net = already_loaded.get(name)
+        if network_on_disk is not None:
+            if net is None:
+                net = networks_in_memory.get(name)
+            if net is None or os.path.getmtime(network_on_disk.filename) > net.mtime:
+                try:
+                    net = load_network(name, network_on_disk)
+                    networks_in_memory.pop(name, None)
+                    networks_in_memory[name] = net
+                except Exception as e:
+                    errors.display(e, f"loading network {network_on_disk.filename}")
+                    continue
+            net.mentioned_name = name
+            network_on_disk.read_hash()
+        if net is None:
+            failed.append(name)
+            logging.info(f"Couldn't find network with name {name}")
+            continue
+        net.te_multiplier = te_multipliers[i] if te_multipliers else 1.0
+        net.unet_multiplier = unet_multipliers[i] if unet_multipliers else 1.0
+        net.dyn_dim = dyn_dims[i] if dyn_dims else 1.0
+        loaded_networks.append(net)
+
+    if failed:
+        message = f'Lora not found: {", ".join(failed)}'
+        sd_hijack.model_hijack.comments.append(message)
+        if shared.opts.lora_not_found_warning_console:
+            print(f'\n{message}\n')
+    purge_networks_from_memory()
+
+
+def allowed_layer_without_weight(layer):
+    return isinstance(layer, torch.nn.LayerNorm) and not layer.elementwise_affine
+
+
+def store_weights_backup(weight):
+    return None if weight is None else weight.to(devices.cpu, copy=True)
+
+
+def restore_weights_backup(obj, field, weight):
+    if weight is None:
+        setattr(obj, field, None)
+        return
+    getattr(obj, field).copy_(weight)  # not under no_grad, as the host
+
+
+def network_restore_weights_from_backup(self):
+    weights_backup = getattr(self, "network_weights_backup", None)
+    bias_backup = getattr(self, "network_bias_backup", None)
+    if weights_backup is None and bias_backup is None:
+        return
+    if weights_backup is not None:
+        if isinstance(self, torch.nn.MultiheadAttention):
+            restore_weights_backup(self, 'in_proj_weight', weights_backup[0])
+            restore_weights_backup(self.out_proj, 'weight', weights_backup[1])
+        else:
+            restore_weights_backup(self, 'weight', weights_backup)
+    if isinstance(self, torch.nn.MultiheadAttention):
+        restore_weights_backup(self.out_proj, 'bias', bias_backup)
+    else:
+        restore_weights_backup(self, 'bias', bias_backup)
+
+
+def network_apply_weights(self):
+    layer_name = getattr(self, 'network_layer_name', None)
+    if layer_name is None:
+        return
+    current = getattr(self, "network_current_names", ())
+    wanted = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
+
+    weights_backup = getattr(self, "network_weights_backup", None)
+    if weights_backup is None and wanted != ():
+        if current != () and not allowed_layer_without_weight(self):
+            raise RuntimeError(f"{layer_name} - no backup weights found and current weights are not unchanged")
+        if isinstance(self, torch.nn.MultiheadAttention):
+            weights_backup = (store_weights_backup(self.in_proj_weight), store_weights_backup(self.out_proj.weight))
+        else:
+            weights_backup = store_weights_backup(self.weight)
+        self.network_weights_backup = weights_backup
+
+    bias_backup = getattr(self, "network_bias_backup", None)
+    if bias_backup is None and wanted != ():
+        if isinstance(self, torch.nn.MultiheadAttention) and self.out_proj.bias is not None:
+            bias_backup = store_weights_backup(self.out_proj.bias)
+        elif getattr(self, 'bias', None) is not None:
+            bias_backup = store_weights_backup(self.bias)
+        else:
+            bias_backup = None
+        if bias_backup is not None and current != ():
+            raise RuntimeError("no backup bias found and current bias are not unchanged")
+        self.network_bias_backup = bias_backup
+
+    if current != wanted:
+        network_restore_weights_from_backup(self)
+        for net in loaded_networks:
+            module = net.modules.get(layer_name)
+            if module is None:
+                continue
+            if not hasattr(self, 'weight') or isinstance(self, torch.nn.MultiheadAttention):
+                logging.debug(f"Network {net.name} layer {layer_name}: couldn't find supported operation")
+                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                continue
+            try:
+                with torch.no_grad():
+                    updown, ex_bias = module.calc_updown(self.weight)
+                    self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+            except RuntimeError as e:
+                logging.debug(f"Network {net.name} layer {layer_name}: {e}")
+                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+        self.network_current_names = wanted
+
+
+def network_reset_cached_weight(self):
+    self.network_current_names = ()
+    self.network_weights_backup = None
+    self.network_bias_backup = None
+
+
+def process_network_files(names=None):
+    candidates = list(shared.walk_files(shared.cmd_opts.lora_dir, allowed_extensions=[".pt", ".ckpt", ".safetensors"]))
+    candidates += list(shared.walk_files(shared.cmd_opts.lyco_dir_backcompat, allowed_extensions=[".pt", ".ckpt", ".safetensors"]))
+    for filename in candidates:
+        if os.path.isdir(filename):
+            continue
+        name = os.path.splitext(os.path.basename(filename))[0]  # the file name only, also in sub-folders
+        if names and name not in names:
+            continue
+        try:
+            entry = NetworkOnDisk(name, filename)
+        except OSError:
+            errors.report(f"Failed to load network {name} from {filename}", exc_info=True)
+            continue
+        available_networks[name] = entry
+        if entry.alias in available_network_aliases:
+            forbidden_network_aliases[entry.alias.lower()] = 1
+        available_network_aliases[name] = entry
+        available_network_aliases[entry.alias] = entry
+
+
+def update_available_networks_by_names(names):
+    process_network_files(names)
+
+
+def list_available_networks():
+    available_networks.clear()
+    available_network_aliases.clear()
+    forbidden_network_aliases.clear()
+    available_network_hash_lookup.clear()
+    forbidden_network_aliases.update({"none": 1, "Addams": 1})
+    os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)
+    process_network_files()
+
+
+class ExtraNetworkLora(extra_networks.ExtraNetwork):
+    """`<lora:name:te_mult:unet_mult:dyn>` or `<lora:name:te=…:unet=…>`; unet defaults to te, te to 1."""
+
+    remove_symbols = str.maketrans('', '', ":,")
+
+    def __init__(self):
+        super().__init__('lora')
+        self.errors = {}
+
+    def activate(self, p, params_list):
+        additional = shared.opts.sd_lora
+        self.errors.clear()
+        if additional != "None" and additional in available_networks and not any(x for x in params_list if x.items[0] == additional):
+            p.all_prompts = [x + f"<lora:{additional}:{shared.opts.extra_networks_default_multiplier}>" for x in p.all_prompts]
+            params_list.append(extra_networks.ExtraNetworkParams(items=[additional, shared.opts.extra_networks_default_multiplier]))
+        names, te_multipliers, unet_multipliers, dyn_dims = [], [], [], []
+        for params in params_list:
+            assert params.items
+            names.append(params.positional[0])
+            te = float(params.positional[1]) if len(params.positional) > 1 else 1.0
+            te = float(params.named.get("te", te))
+            unet = float(params.positional[2]) if len(params.positional) > 2 else te
+            unet = float(params.named.get("unet", unet))
+            dyn = int(params.positional[3]) if len(params.positional) > 3 else None
+            dyn = int(params.named["dyn"]) if "dyn" in params.named else dyn
+            te_multipliers.append(te)
+            unet_multipliers.append(unet)
+            dyn_dims.append(dyn)
+        load_networks(names, te_multipliers, unet_multipliers, dyn_dims)
+        if shared.opts.lora_add_hashes_to_infotext:
+            p.lora_hashes = {}
+            for item in loaded_networks:
+                if item.network_on_disk.shorthash and item.mentioned_name:
+                    p.lora_hashes[item.mentioned_name.translate(self.remove_symbols)] = item.network_on_disk.shorthash
+            if p.lora_hashes:
+                p.extra_generation_params["Lora hashes"] = ', '.join(f'{k}: {v}' for k, v in p.lora_hashes.items())
+
+    def deactivate(self, p):
+        if self.errors:
+            p.comment("Networks with errors: " + ", ".join(f"{k} ({v})" for k, v in self.errors.items()))
+            self.errors.clear()
+
+
+available_networks = {}
+available_network_aliases = {}
+loaded_networks = []
+loaded_bundle_embeddings = {}
+networks_in_memory = {}
+available_network_hash_lookup = {}
+forbidden_network_aliases = {}
+last_unmatched_keys = []
+
+extra_network_lora = ExtraNetworkLora()
+extra_networks.register_extra_network(extra_network_lora)
+extra_networks.register_extra_network_alias(extra_network_lora, "lyco")
+script_callbacks.on_model_loaded(assign_network_names_to_compvis_modules)
+
+list_available_networks()
