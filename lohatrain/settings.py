@@ -27,15 +27,15 @@ class Preset:
     alpha: float
     conv_dim: int
     conv_alpha: float
-    sd15_file_mb: float  # fp16 file size on SD1.5; checked against a full-size model in tests/test_network.py
+    sd15_file_mb: float  # fp16 file size (MB) on SD1.5's UNet; checked on a full-size model in tests/test_presets.py
 
 
 # Smallest and fastest first. "highest" is the seed's recommendation and the default.
 PRESETS: dict[str, Preset] = {
-    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 1.5),
-    "medium": Preset("Medium: characters", 8, 4, 0, 0, 3.0),
-    "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 8.3),
-    "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 16.5),
+    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 6.8),
+    "medium": Preset("Medium: characters", 8, 4, 0, 0, 13.6),
+    "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 41.1),
+    "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 82.3),
 }
 DEFAULT_PRESET = "highest"
 CUSTOM_PRESET = "custom"

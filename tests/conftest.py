@@ -28,3 +28,27 @@ def tiny_model(_tiny_model_template):
 def sample_dataset(tmp_path):
     """The built-in demo dataset (8 PNGs with .txt captions) in a temporary folder."""
     return make_sample_dataset(tmp_path / "dataset")
+
+
+@pytest.fixture(scope="session")
+def webui_server(tmp_path_factory):
+    """The WebUI page with the extension, on the host stand-in, served on localhost for the whole session."""
+    import webui_app
+
+    ui = webui_app.start(tmp_path_factory.mktemp("webui"))
+    make_sample_dataset(ui.root / "dataset")
+    yield ui
+    ui.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright (the registry's own browser download is not used)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()

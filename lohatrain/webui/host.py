@@ -7,6 +7,7 @@ never import `modules` themselves.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,8 +67,7 @@ def load_checkpoint(title: str) -> dict:
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
-    with call_queue.queue_lock:
-        shared.opts.set("sd_model_checkpoint", info.title)
+    with call_queue.queue_lock:  # reload_model_weights records the choice in opts itself
         sd_models.reload_model_weights(info=info)
     return model_summary()
 
@@ -124,11 +124,12 @@ def take_off_networks(sd_model) -> None:
     networks = sys.modules.get("networks")
     if networks is None:
         return
-    for module in sd_model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)):
-            networks.network_restore_weights_from_backup(module)
-            if hasattr(module, "network_current_names"):
-                module.network_current_names = ()
+    with torch.no_grad():  # the host's restore is an in-place copy into weights that require grad
+        for module in sd_model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm, nn.MultiheadAttention)):
+                networks.network_restore_weights_from_backup(module)
+                if hasattr(module, "network_current_names"):
+                    module.network_current_names = ()
     networks.loaded_networks.clear()
 
 
@@ -180,6 +181,7 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
     prompts = [p for p in settings.preview_prompts if p.strip()] or [settings.caption_phrase or ""]
     every = settings.preview_every_steps if getattr(shared.opts, "lohatrain_previews", True) else 0
     folder = out_dir / f"{settings.name}.previews"
+    checkpoint_title = getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", None)
 
     def on_step(step: int, network) -> None:
         if not every or (step % every and step != settings.steps):
@@ -188,14 +190,19 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
         vae, vae_device = sd_model.first_stage_model, next(sd_model.first_stage_model.parameters()).device
         vae.to(next(sd_model.model.parameters()).device)
         try:
+            # The checkpoint is pinned: a new choice in the quick settings must not load into this model.
             p = processing.StableDiffusionProcessingTxt2Img(
                 sd_model=sd_model, prompt=prompts[0], seed=1234, steps=20, width=settings.resolution,
-                height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True)
+                height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True,
+                override_settings={"sd_model_checkpoint": checkpoint_title})
             p.disable_extra_networks = True
-            image = processing.process_images(p).images[0]
+            images = processing.process_images(p).images
         finally:
             vae.to(vae_device)
             shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps = saved
+        if not images:  # interrupted while sampling: the run stops after this step anyway
+            return
+        image = images[0]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step-{step:06d}.png"
         image.save(path)
@@ -210,6 +217,8 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
     """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
     check_paths(settings)
     check_memory_mode()
+    if settings.clip_skip is None:  # record the host's current setting, so the file says what was used
+        settings = dataclasses.replace(settings, clip_skip=host_clip_skip())
     out_dir = lora_dir()
     with call_queue.queue_lock:
         state = shared.state
@@ -225,10 +234,11 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 model_name=Path(getattr(info, "filename", "") or "unknown").name,
                 model_hash=getattr(info, "sha256", None) or getattr(info, "shorthash", None) or "",
                 on_progress=_progress_to_state(job),
-                should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
+                should_stop=lambda: job.should_stop() or state.interrupted,
                 on_step=_preview_maker(settings, job, sd_model, out_dir))
         finally:
             state.end()
+            state.interrupted = state.skipped = False  # as the host's own jobs leave it
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     refresh_loras()

@@ -176,9 +176,9 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     model_md = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
                 with gr.Row():
-                    ckpt = gr.Dropdown(host.checkpoint_titles(), label="Base model (loads through the WebUI)",
-                                       elem_id="lohatrain_checkpoint")
-                    load_ckpt = gr.Button("Load", elem_id="lohatrain_load_checkpoint")
+                    ckpt = gr.Dropdown(host.checkpoint_titles(), value=host.model_summary()["title"] or None,
+                                       label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
+                    load_ckpt = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
                 with gr.Row():
                     preset = gr.Dropdown(list(PRESET_LABELS.values()), value=PRESET_LABELS[d.network_preset],
                                          label="Network preset", elem_id="lohatrain_preset")
@@ -199,7 +199,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                     caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase")
                     caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext")
                 with gr.Row():
-                    resolution = gr.Slider(256, 2048, step=64, value=d.resolution, label="Training resolution",
+                    resolution = gr.Slider(64, 2048, step=64, value=d.resolution, label="Training resolution",
                                            elem_id="lohatrain_resolution")
                     bucketing = gr.Checkbox(d.bucketing, label="Aspect ratio grouping", elem_id="lohatrain_bucketing")
                 with gr.Row():
@@ -243,8 +243,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     saved = gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved")
                     preset_name = gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name")
-                    save_btn = gr.Button("Save settings", elem_id="lohatrain_save_settings")
-                    load_btn = gr.Button("Load settings", elem_id="lohatrain_load_settings")
+                    save_btn = gr.Button("Save settings", scale=0, min_width=120, elem_id="lohatrain_save_settings")
+                    load_btn = gr.Button("Load settings", scale=0, min_width=120, elem_id="lohatrain_load_settings")
             with gr.Column(scale=2, elem_id="lohatrain_side"):
                 with gr.Row():
                     check_btn = gr.Button("Check dataset", elem_id="lohatrain_check")

@@ -1,0 +1,175 @@
+"""The REST routes and the host integration, over real HTTP against the page served on the host stand-in."""
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors import safe_open
+
+import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
+import networks
+from modules import call_queue, processing, shared
+
+from test_engine import model_state
+
+
+def run_body(ui, name: str, **overrides) -> dict:
+    body = {"name": name, "dataset_dir": str(ui.root / "dataset"), "caption_mode": "txt", "resolution": 64,
+            "bucket_min_side": 64, "bucket_max_side": 128, "steps": 4, "batch_size": 2, "train_dtype": "fp32",
+            "save_dtype": "fp16", "gradient_checkpointing": False, "seed": 3, "network_preset": "small",
+            "overwrite": True}
+    return {**body, **overrides}
+
+
+def wait_until(ui, predicate, timeout: float = 180) -> dict:
+    """Poll the status route until `predicate(status)` holds (a bounded wait for a state, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = httpx.get(f"{ui.url}/lohatrain/v1/status").json()
+        if predicate(status):
+            return status
+        assert time.monotonic() < deadline, f"gave up waiting; last status: {status}"
+        time.sleep(0.05)
+
+
+def finished(status) -> bool:
+    return status["state"] in ("done", "error", "interrupted")
+
+
+def test_train_through_rest_writes_the_lora_and_the_webui_lists_it(webui_server):
+    ui = webui_server
+    before = model_state(shared.sd_model)
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "rest-loha"))
+    assert r.status_code == 200 and r.json()["job_id"]
+    status = wait_until(ui, finished)
+    assert status["state"] == "done", status["message"]
+    assert status["step"] == status["total"] == 4 and len(status["losses"]) == 4
+    assert (ui.lora_dir / "rest-loha.safetensors").is_file() and status["file_name"] == "rest-loha.safetensors"
+    assert "rest-loha" in networks.available_networks  # the host's Lora list was refreshed
+    with safe_open(ui.lora_dir / "rest-loha.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_sd_model_name"] == "tiny-sd1.safetensors"
+    assert meta["ss_sd_model_hash"] == shared.sd_model.sd_checkpoint_info.sha256
+    assert meta["ss_clip_skip"] == "1"  # the host's CLIP-skip setting
+    assert model_state(shared.sd_model) == before
+
+
+def test_second_training_is_refused_with_409_while_one_runs(webui_server):
+    ui = webui_server
+    with call_queue.queue_lock:  # a txt2img is running: the training waits for the GPU queue
+        assert httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "first", steps=2)).status_code == 200
+        status = httpx.get(f"{ui.url}/lohatrain/v1/status").json()
+        assert status["state"] == "running" and status["step"] == 0
+        second = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "second"))
+        assert second.status_code == 409 and "already running" in second.json()["detail"][0]
+    assert wait_until(ui, finished)["state"] == "done"
+    assert not (ui.lora_dir / "second.safetensors").exists()
+
+
+def test_every_bad_value_is_listed_with_422(webui_server):
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(
+        ui, "../escape", steps=0, learning_rate=-1, train_dtype="fp8", learnin_rate=1))
+    assert r.status_code == 422
+    assert r.json()["detail"] == ["unknown setting 'learnin_rate'"]
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(
+        ui, "../escape", steps=0, learning_rate=-1, train_dtype="fp8"))
+    problems = r.json()["detail"]
+    assert r.status_code == 422 and len(problems) == 4
+    assert [p.split()[0] for p in problems] == ["name", "learning_rate", "steps", "train_dtype"]
+    assert not list(ui.root.rglob("escape*"))
+
+
+def test_dataset_problem_ends_the_job_with_its_message(webui_server, tmp_path):
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "no-images", dataset_dir=str(tmp_path)))
+    assert r.status_code == 200
+    status = wait_until(ui, finished)
+    assert status["state"] == "error" and "No images found" in status["message"]
+    assert not (ui.lora_dir / "no-images.safetensors").exists()
+
+
+def test_interrupt_route_stops_within_a_step_and_keeps_what_was_trained(webui_server):
+    ui = webui_server
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "stopped", steps=5000))
+    wait_until(ui, lambda s: s["step"] >= 2)
+    assert httpx.post(f"{ui.url}/lohatrain/v1/interrupt").json() == {"interrupted": True}
+    status = wait_until(ui, finished)
+    assert status["state"] == "interrupted" and status["step"] < 5000
+    with safe_open(ui.lora_dir / "stopped.safetensors", "pt") as f:
+        assert f.metadata()["ss_steps"] == str(status["step"])
+    assert httpx.post(f"{ui.url}/lohatrain/v1/interrupt").json() == {"interrupted": False}
+
+
+def test_the_hosts_interrupt_button_stops_training(webui_server):
+    ui = webui_server
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "host-stopped", steps=5000))
+    wait_until(ui, lambda s: s["step"] >= 1)
+    shared.state.interrupt()
+    assert wait_until(ui, finished)["state"] == "interrupted"
+    assert not shared.state.interrupted  # left clean for the next txt2img
+
+
+def test_txt2img_waits_for_the_training_to_finish(webui_server):
+    ui = webui_server
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "queued", steps=6))
+    wait_until(ui, lambda s: s["step"] >= 1)
+    seen = {}
+
+    def txt2img():
+        with call_queue.queue_lock:
+            seen["file_existed"] = (ui.lora_dir / "queued.safetensors").exists()
+            seen["images"] = processing.process_images(processing.StableDiffusionProcessingTxt2Img(
+                prompt="<lora:queued:1> blue circle", steps=3, width=64, height=64, seed=5)).images
+
+    thread = threading.Thread(target=txt2img)
+    thread.start()
+    thread.join(timeout=180)
+    assert seen["file_existed"]  # the generation started only once training had written its file
+    assert len(seen["images"]) == 1 and "queued" in [n.name for n in networks.loaded_networks]
+
+
+def test_a_lora_the_user_had_applied_is_taken_off_and_can_be_applied_again(webui_server):
+    ui = webui_server
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "style", steps=3))
+    assert wait_until(ui, finished)["state"] == "done"
+    pure = {k: v.clone() for k, v in shared.sd_model.state_dict().items()}
+
+    def generate(prompt):
+        with call_queue.queue_lock:
+            return processing.process_images(processing.StableDiffusionProcessingTxt2Img(
+                prompt=prompt, steps=3, width=64, height=64, seed=5)).images[0]
+
+    with_lora = generate("<lora:style:1> blue circle")
+    changed = [k for k, v in shared.sd_model.state_dict().items() if not torch.equal(v, pure[k])]
+    assert changed  # the host merged the LoHa into the weights
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "after-style", steps=2))
+    assert wait_until(ui, finished)["state"] == "done"
+    assert all(torch.equal(v, pure[k]) for k, v in shared.sd_model.state_dict().items())  # trained on pure
+    assert generate("<lora:style:1> blue circle").tobytes() == with_lora.tobytes()  # applies again
+
+
+def test_presets_route(webui_server):
+    presets = httpx.get(f"{webui_server.url}/lohatrain/v1/presets").json()
+    assert list(presets) == ["small", "medium", "high", "highest"]
+    assert presets["highest"]["dim"] == 32 and presets["small"]["sd15_file_mb"] < presets["highest"]["sd15_file_mb"]
+
+
+@pytest.mark.parametrize("flag", ["lowvram", "medvram"])
+def test_low_memory_modes_are_refused_with_the_reason(webui_server, monkeypatch, flag):
+    monkeypatch.setattr(shared.cmd_opts, flag, True)
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "lowmem"))
+    assert r.status_code == 422 and "--lowvram or --medvram" in r.json()["detail"][0]
+    assert not (webui_server.lora_dir / "lowmem.safetensors").exists()
+
+
+def test_network_exposed_webui_keeps_datasets_inside_its_folder(webui_server, monkeypatch, tmp_path):
+    monkeypatch.setattr(shared.cmd_opts, "listen", True)
+    monkeypatch.setattr(shared.cmd_opts, "gradio_auth", None)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "x", dataset_dir=str(outside)))
+    assert r.status_code == 422 and "without a password" in r.json()["detail"][0]

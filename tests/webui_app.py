@@ -1,0 +1,101 @@
+"""A running WebUI page with the lohatrain extension, on the host stand-in (tests/webui_stub).
+
+Assembled the way the host v1.10.1 does it: the extension's `scripts/lohatrain_tab.py` registers its
+callbacks, the settings callback runs, every `on_ui_tabs` tab is rendered into `gr.Tabs(elem_id="tabs")`
+next to a txt2img tab, `javascript/*.js` and `style.css` are put into the page by replacing Gradio's
+template response, and `on_app_started` gets the FastAPI app after launch.
+
+Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py  (prints the URL)
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STUB = Path(__file__).resolve().parent / "webui_stub"
+for path in (str(REPO), str(STUB), str(Path(__file__).resolve().parent)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import lohatrain.demo  # noqa: E402,F401  (before anything that imports ldm)
+import gradio as gr  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import networks  # noqa: E402
+from modules import script_callbacks, sd_models, shared  # noqa: E402
+
+
+@dataclass
+class WebUI:
+    url: str
+    root: Path
+    demo: gr.Blocks
+
+    @property
+    def lora_dir(self) -> Path:
+        return Path(shared.cmd_opts.lora_dir)
+
+    def close(self) -> None:
+        self.demo.close()
+
+
+def _inject_assets() -> None:
+    """The host's way of adding extension JavaScript and CSS to every page (modules/ui_gradio_extensions.py)."""
+    js = "".join(f"<script>{p.read_text()}</script>" for p in sorted((REPO / "javascript").glob("*.js")))
+    css = f"<style>{(REPO / 'style.css').read_text()}</style>"
+    original = getattr(gr.routes.templates, "lohatrain_original", gr.routes.templates.TemplateResponse)
+    gr.routes.templates.lohatrain_original = original
+
+    def template_response(*args, **kwargs):
+        res = original(*args, **kwargs)
+        res.body = res.body.replace(b"</head>", f"{js}</head>".encode()).replace(b"</body>", f"{css}</body>".encode())
+        res.init_headers()
+        return res
+
+    gr.routes.templates.TemplateResponse = template_response
+
+
+def start(root: Path, port: int = 0) -> WebUI:
+    """Checkpoint and Lora folders under `root`, a tiny SD1 checkpoint loaded, the page served on localhost."""
+    o = shared.cmd_opts
+    o.ckpt_dir, o.lora_dir = str(root / "models" / "Stable-diffusion"), str(root / "models" / "Lora")
+    Path(o.ckpt_dir).mkdir(parents=True, exist_ok=True)
+    Path(o.lora_dir).mkdir(parents=True, exist_ok=True)
+    checkpoint = Path(o.ckpt_dir) / "tiny-sd1.safetensors"
+    if not checkpoint.exists():
+        save_file(lohatrain.demo.build_tiny_sd1(0).state_dict(), str(checkpoint))
+    sd_models.list_models()
+    sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
+    networks.list_available_networks()
+
+    script_callbacks.clear_callbacks()
+    runpy.run_path(str(REPO / "scripts" / "lohatrain_tab.py"))
+    script_callbacks.ui_settings_callback()
+    _inject_assets()
+    interfaces = script_callbacks.ui_tabs_callback()  # built outside the page's Blocks, as the host does
+    with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
+        with gr.Tabs(elem_id="tabs"):
+            with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt")
+            for interface, label, ifid in interfaces:
+                with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
+                    interface.render()
+    demo.queue(64)
+    app, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port or None,
+                              quiet=True, show_api=False)
+    script_callbacks.app_started_callback(demo, app)
+    return WebUI(url.rstrip("/"), root, demo)
+
+
+if __name__ == "__main__":
+    import tempfile
+    import time
+
+    ui = start(Path(tempfile.mkdtemp(prefix="lohatrain-webui-")), port=7860)
+    lohatrain.demo.make_sample_dataset(ui.root / "dataset")
+    print(f"{ui.url}  (dataset: {ui.root / 'dataset'}; Ctrl-C to stop)", flush=True)
+    while True:
+        time.sleep(3600)
