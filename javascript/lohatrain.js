@@ -43,10 +43,12 @@
             return;
         }
         const pct = s.total ? Math.min(100, 100 * s.step / s.total) : 0;
-        const numbers = s.stage === "Training"
+        const stage = s.state === "running" && s.stage !== "Training" ? escapeHtml(s.stage) : "";
+        const numbers = s.step > 0
             ? `step ${s.step}/${s.total} · loss ${s.smooth_loss === null ? "–" : s.smooth_loss.toFixed(4)}` +
-              ` · ${s.it_per_s ? s.it_per_s.toFixed(2) : "–"} it/s · ETA ${fmtTime(s.eta_s)}`
-            : escapeHtml(s.stage);
+              ` · ${s.it_per_s ? s.it_per_s.toFixed(2) : "–"} it/s · ETA ${fmtTime(s.eta_s)}` +
+              (stage ? ` · ${stage}` : "")
+            : stage;
         const preview = s.preview_url
             ? `<figure><img class="lohatrain-preview" src="${s.preview_url}&t=${Date.now()}" alt="preview">` +
               `<figcaption>preview at step ${s.preview_step}</figcaption></figure>` : "";

@@ -6,6 +6,7 @@ returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -46,9 +47,11 @@ class Job:
     stop_requested: threading.Event = field(default_factory=threading.Event)
 
     def report(self, progress: Progress) -> None:
-        self.progress = progress
         if progress.stage == "Training" and progress.loss is not None:
             self.losses.append(progress.loss)
+        elif progress.step:  # "Saving" after the last step: keep showing the last step's figures
+            progress = dataclasses.replace(self.progress, stage=progress.stage, eta_s=0.0)
+        self.progress = progress
 
     def should_stop(self) -> bool:
         return self.stop_requested.is_set()

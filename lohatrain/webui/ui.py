@@ -209,8 +209,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                            elem_id="lohatrain_batch_size")
                 with gr.Accordion("Developer options", open=False, elem_id="lohatrain_dev"):
                     with gr.Row():
-                        train_dtype = gr.Radio(list(DTYPES), value=d.train_dtype, label="Train format")
-                        save_dtype = gr.Radio(list(DTYPES), value=d.save_dtype, label="Save format")
+                        train_dtype = gr.Radio(list(DTYPES), value=d.train_dtype, label="Train format",
+                                               elem_id="lohatrain_train_dtype")
+                        save_dtype = gr.Radio(list(DTYPES), value=d.save_dtype, label="Save format",
+                                              elem_id="lohatrain_save_dtype")
                     with gr.Row():
                         gradient_checkpointing = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing")
                         seed = gr.Number(d.seed, label="Seed (-1 = random, recorded)", precision=0,
@@ -231,8 +233,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                         min_snr_gamma = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0 = off)")
                         text_encoder_lr = gr.Number(d.text_encoder_lr, label="Text encoder LR (0 = off)")
                     with gr.Row():
-                        bucket_min_side = gr.Number(d.bucket_min_side, label="Bucket min side", precision=0)
-                        bucket_max_side = gr.Number(d.bucket_max_side, label="Bucket max side", precision=0)
+                        bucket_min_side = gr.Number(d.bucket_min_side, label="Bucket min side", precision=0,
+                                                    elem_id="lohatrain_bucket_min")
+                        bucket_max_side = gr.Number(d.bucket_max_side, label="Bucket max side", precision=0,
+                                                    elem_id="lohatrain_bucket_max")
                         overwrite = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
                                                 elem_id="lohatrain_overwrite")
                 with gr.Accordion("Previews", open=False):

@@ -1,0 +1,143 @@
+"""The tab in a real browser (Debian's headless Chromium via Playwright) on the page served by the host stand-in."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
+from modules import shared
+
+from test_engine import model_state
+
+TIMEOUT = 180_000  # ms; a bound on waiting for a state, never a timing
+
+
+@pytest.fixture
+def page(webui_server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.goto(webui_server.url)
+    page.locator("#tabs button", has_text="LoHa training").click()
+    expect(page.locator("#lohatrain_train")).to_be_visible()
+    yield page
+    page.close()
+
+
+def fill(page, elem_id: str, value) -> None:
+    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number]").first.fill(str(value))
+
+
+def open_accordion(page, title: str) -> None:
+    page.get_by_text(title, exact=True).click()
+
+
+def fill_small_run(page, ui, name: str, steps: int) -> None:
+    fill(page, "lohatrain_name", name)
+    fill(page, "lohatrain_dataset", ui.root / "dataset")
+    page.locator("#lohatrain_caption_mode label", has_text="TXT captions").click()
+    fill(page, "lohatrain_resolution", 64)
+    fill(page, "lohatrain_steps", steps)
+    fill(page, "lohatrain_batch_size", 2)
+    page.locator("#lohatrain_preset input").click()
+    page.locator("ul.options li", has_text="Small").first.click()
+    open_accordion(page, "Developer options")
+    page.locator("#lohatrain_train_dtype label", has_text="fp32").click()
+    fill(page, "lohatrain_bucket_min", 64)
+    fill(page, "lohatrain_bucket_max", 128)
+    page.get_by_label("Gradient checkpointing").uncheck()
+    page.get_by_label("Overwrite an existing file").check()
+
+
+def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_server, tmp_path):
+    ui = webui_server
+    before = model_state(shared.sd_model)
+    fill_small_run(page, ui, "browser-loha", steps=12)
+    open_accordion(page, "Previews")
+    fill(page, "lohatrain_preview_every", 6)
+    fill(page, "lohatrain_preview_prompt", "blue circle")
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("div.prose#lohatrain_message")).to_contain_text("started")
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_result")).to_contain_text("browser-loha.safetensors")
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 12/12")
+    expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()
+    expect(page.locator("#lohatrain_live svg.lohatrain-chart")).to_be_visible()
+    assert (ui.lora_dir / "browser-loha.safetensors").is_file()
+    assert sorted(p.name for p in (ui.lora_dir / "browser-loha.previews").iterdir()) == [
+        "step-000006.png", "step-000012.png"]
+    assert model_state(shared.sd_model) == before
+    shot = tmp_path / "lohatrain-tab.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("LOHATRAIN_SCREENSHOT"):
+        shutil.copy(shot, os.environ["LOHATRAIN_SCREENSHOT"])
+
+    page.locator("#lohatrain_send").click()
+    expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>")
+
+
+def test_interrupt_button_stops_within_a_step(page, webui_server):
+    fill_small_run(page, webui_server, "browser-stopped", steps=5000)
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
+        re.compile(r"step ([2-9]|\d\d+)/5000"), timeout=TIMEOUT)
+    page.locator("#lohatrain_interrupt").click()
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
+        "data-state", "interrupted", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_result")).to_contain_text("Interrupted after")
+    assert (webui_server.lora_dir / "browser-stopped.safetensors").is_file()
+
+
+def test_check_dataset_shows_count_buckets_and_thumbnails(page, webui_server):
+    fill(page, "lohatrain_dataset", webui_server.root / "dataset")
+    fill(page, "lohatrain_resolution", 256)
+    open_accordion(page, "Developer options")
+    fill(page, "lohatrain_bucket_min", 64)
+    page.locator("#lohatrain_check").click()
+    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("8 images, 8 with a caption")
+    expect(page.locator("div.prose#lohatrain_report table tr")).to_have_count(1 + 3)  # header + 3 buckets at 256 px
+    expect(page.locator("#lohatrain_thumbs img")).to_have_count(8)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no folder", "dataset_dir: choose the folder"),
+    ("bad name", "must be a plain file name"),
+    ("missing captions", "caption file(s) are missing"),
+])
+def test_bad_input_gets_a_clear_message(page, webui_server, tmp_path, case, message):
+    fill_small_run(page, webui_server, "bad-input", steps=3)
+    if case == "no folder":
+        fill(page, "lohatrain_dataset", "")
+    elif case == "bad name":
+        fill(page, "lohatrain_name", "../../outside")
+    else:
+        for image in (webui_server.root / "dataset").glob("*.png"):
+            shutil.copy(image, tmp_path / image.name)
+        fill(page, "lohatrain_dataset", tmp_path)
+    page.locator("#lohatrain_train").click()
+    if case == "missing captions":  # found by the job, shown in the live panel
+        expect(page.locator("#lohatrain_result")).to_contain_text(message, timeout=TIMEOUT)
+    else:  # refused before a job starts
+        expect(page.locator("div.prose#lohatrain_message")).to_contain_text(message)
+    assert not (webui_server.lora_dir / "bad-input.safetensors").exists()
+    assert not Path(webui_server.root / "outside.safetensors").exists()
+
+
+def test_settings_can_be_saved_and_loaded_by_name(page, webui_server, tmp_path, monkeypatch):
+    monkeypatch.setattr("lohatrain.webui.ui.SAVED_PRESETS_DIR", tmp_path)
+    fill_small_run(page, webui_server, "saved-run", steps=77)
+    fill(page, "lohatrain_saved_name", "my-style")
+    page.locator("#lohatrain_save_settings").click()
+    expect(page.locator("div.prose#lohatrain_message")).to_contain_text("Saved settings as my-style")
+    fill(page, "lohatrain_steps", 5)
+    fill(page, "lohatrain_name", "other")
+    page.locator("#lohatrain_load_settings").click()
+    expect(page.locator("div.prose#lohatrain_message")).to_contain_text("Loaded my-style")
+    expect(page.locator("#lohatrain_steps input")).to_have_value("77")
+    expect(page.locator("#lohatrain_name textarea")).to_have_value("saved-run")
+    assert (tmp_path / "my-style.json").is_file()
