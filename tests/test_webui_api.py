@@ -150,6 +150,8 @@ def test_a_lora_the_user_had_applied_is_taken_off_and_can_be_applied_again(webui
     assert wait_until(ui, finished)["state"] == "done"
     assert all(torch.equal(v, pure[k]) for k, v in shared.sd_model.state_dict().items())  # trained on pure
     assert generate("<lora:style:1> blue circle").tobytes() == with_lora.tobytes()  # applies again
+    generate("blue circle")  # and comes off again, as in the host: later tests start from the pure model
+    assert all(torch.equal(v, pure[k]) for k, v in shared.sd_model.state_dict().items())
 
 
 def test_presets_route(webui_server):

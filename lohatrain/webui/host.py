@@ -234,7 +234,8 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 model_name=Path(getattr(info, "filename", "") or "unknown").name,
                 model_hash=getattr(info, "sha256", None) or getattr(info, "shorthash", None) or "",
                 on_progress=_progress_to_state(job),
-                should_stop=lambda: job.should_stop() or state.interrupted,
+                # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
+                should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
                 on_step=_preview_maker(settings, job, sd_model, out_dir))
         finally:
             state.end()
