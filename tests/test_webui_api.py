@@ -175,3 +175,47 @@ def test_network_exposed_webui_keeps_datasets_inside_its_folder(webui_server, mo
     outside.mkdir()
     r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "x", dataset_dir=str(outside)))
     assert r.status_code == 422 and "without a password" in r.json()["detail"][0]
+
+
+def test_captions_go_through_the_hosts_conditioning_with_the_runs_clip_skip_and_no_emphasis(webui_server,
+                                                                                            monkeypatch):
+    from lohatrain.webui import host
+
+    model = shared.sd_model
+    seen = []
+    real = model.get_learned_conditioning
+
+    def recording(prompts):
+        seen.append((shared.opts.emphasis, shared.opts.CLIP_stop_at_last_layers))
+        return real(prompts)
+
+    monkeypatch.setattr(model, "get_learned_conditioning", recording)
+    skip2 = host.prompt_encoder(model, 2)(["(red:1.5) circle"])
+    host_default = host.prompt_encoder(model, None)(["(red:1.5) circle"])
+    # The host parses (word:1.2) and BREAK only when emphasis is not "None"; CLIP skip is its option.
+    assert seen == [("None", 2), ("None", 1)]
+    assert (shared.opts.emphasis, shared.opts.CLIP_stop_at_last_layers) == ("Original", 1)  # restored
+    assert not torch.equal(skip2, host_default)  # the host's wrapper really used the other layer
+
+
+def test_shared_state_drives_the_hosts_progress_bar(webui_server):
+    ui = webui_server
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "progress", steps=5000))
+    status = wait_until(ui, lambda s: s["step"] >= 2)
+    assert shared.state.job == "lohatrain" and shared.state.sampling_steps == 5000
+    assert 1 <= shared.state.sampling_step <= 5000 and "LoHa training: step" in shared.state.textinfo
+    httpx.post(f"{ui.url}/lohatrain/v1/interrupt")
+    assert wait_until(ui, finished)["state"] == "interrupted" and status["step"] >= 2
+    assert shared.state.job == ""
+
+
+def test_files_go_into_the_configured_lora_sub_folder(webui_server, monkeypatch):
+    ui = webui_server
+    monkeypatch.setitem(shared.opts.data, "lohatrain_lora_subfolder", "trained")
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "in-sub", steps=1))
+    assert wait_until(ui, finished)["state"] == "done"
+    assert (ui.lora_dir / "trained" / "in-sub.safetensors").is_file()
+    assert "in-sub" in networks.available_networks
+    monkeypatch.setitem(shared.opts.data, "lohatrain_lora_subfolder", "../outside")
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "escaped", steps=1))
+    assert r.status_code == 422 and "plain relative folder" in r.json()["detail"][0]

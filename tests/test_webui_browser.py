@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
@@ -141,3 +142,29 @@ def test_settings_can_be_saved_and_loaded_by_name(page, webui_server, tmp_path, 
     expect(page.locator("#lohatrain_steps input")).to_have_value("77")
     expect(page.locator("#lohatrain_name textarea")).to_have_value("saved-run")
     assert (tmp_path / "my-style.json").is_file()
+
+
+def test_base_model_dropdown_loads_another_checkpoint_through_the_host(page, webui_server):
+    from safetensors.torch import save_file
+
+    import lohatrain.demo
+    from modules import sd_models
+
+    ckpt_dir = Path(shared.cmd_opts.ckpt_dir)
+    save_file(lohatrain.demo.build_tiny_sd1(1).state_dict(), str(ckpt_dir / "other-sd1.safetensors"))
+    try:
+        page.locator("#lohatrain_refresh_checkpoints").click()
+        option = page.locator("ul.options li", has_text="other-sd1").first
+        for _ in range(60):  # the refreshed choices arrive asynchronously: reopen the list until they are in
+            page.locator("#lohatrain_checkpoint input").click()
+            try:
+                option.wait_for(state="visible", timeout=500)
+                break
+            except PlaywrightTimeout:
+                page.keyboard.press("Escape")
+        option.click()
+        page.locator("#lohatrain_load_checkpoint").click()
+        expect(page.locator("div.prose#lohatrain_model")).to_contain_text("other-sd1", timeout=TIMEOUT)
+        assert shared.sd_model.sd_checkpoint_info.name == "other-sd1.safetensors"
+    finally:
+        sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))

@@ -178,6 +178,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     ckpt = gr.Dropdown(host.checkpoint_titles(), value=host.model_summary()["title"] or None,
                                        label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
+                    refresh_ckpt = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
                     load_ckpt = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
                 with gr.Row():
                     preset = gr.Dropdown(list(PRESET_LABELS.values()), value=PRESET_LABELS[d.network_preset],
@@ -271,6 +272,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
                                         bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
         load_ckpt.click(load_checkpoint, [ckpt], [model_md, message])
+        refresh_ckpt.click(lambda: gr.update(choices=host.checkpoint_titles()), [], [ckpt])
         save_btn.click(save_preset, [preset_name, *form], [message, saved])
         load_btn.click(load_preset, [saved], [message, *form])
         send.click(None, [], [], _js="lohatrainSendToTxt2img")
