@@ -106,10 +106,6 @@ class JobRunner:
         job.stop_requested.set()
         return True
 
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     def status(self) -> dict:
         job = self.job
         if job is None:

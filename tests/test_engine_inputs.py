@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from lohatrain.errors import LohatrainError

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules import call_queue, processing, script_callbacks, sd_models, shared
+from modules import call_queue, processing, sd_models, shared
 
 from ..errors import LohatrainError
 from ..families import detect
@@ -37,10 +37,6 @@ def register_settings() -> None:
     shared.opts.add_option("lohatrain_allow_any_path", shared.OptionInfo(
         False, "Allow dataset folders outside the WebUI folder even when the WebUI listens on the network "
         "without a password", section=SETTINGS_SECTION))
-
-
-def model():
-    return shared.sd_model
 
 
 def model_summary() -> dict:
@@ -244,7 +240,3 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 torch.cuda.empty_cache()
     refresh_loras()
     return result
-
-
-def on_model_loaded(callback) -> None:
-    script_callbacks.on_model_loaded(callback)
