@@ -60,7 +60,8 @@ def load_image(path: str | Path) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:
         img = _sixteen_bit_to_grey(img)
-    if img.has_transparency_data:
+    # Pillow 10.1's `has_transparency_data`, spelled out: the WebUI pins Pillow 9.5.
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
         # Transparent pixels keep whatever colour the editor left there (often black); white is what people see.
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")

@@ -88,6 +88,7 @@ class JobRunner:
             job.file = str(result.file) if result.file else None
             job.warnings = result.warnings
             job.state = result.status
+            job.progress = dataclasses.replace(job.progress, stage=result.status.capitalize())
             if result.status == "interrupted":
                 job.message = (f"Interrupted after {result.steps_done} steps; saved {Path(job.file).name}."
                                if job.file else "Interrupted before the first step; nothing was saved.")

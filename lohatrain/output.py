@@ -149,6 +149,9 @@ def write_atomically(path: Path, content: bytes, overwrite: bool) -> None:
         raise LohatrainError(f"{path.name} already exists in {path.parent}; nothing was overwritten")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)  # mkstemp makes the file owner-only; give it the permissions a new file gets
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,9 @@ def test_metadata_is_what_the_webui_reads(tiny_model, sample_dataset, tmp_path):
     assert freq["simple"] == 8  # every sample caption ends with this tag
     raw = result.file.read_bytes()
     assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
+    old_umask = os.umask(0o022)
+    os.umask(old_umask)
+    assert result.file.stat().st_mode & 0o777 == 0o666 & ~old_umask  # readable by the WebUI's user
     card = json.loads((tmp_path / "test-loha.json").read_text())
     assert card["sd version"] == "SD 1.x"
 

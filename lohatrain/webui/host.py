@@ -188,7 +188,8 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
         try:
             # The checkpoint is pinned: a new choice in the quick settings must not load into this model.
             p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=sd_model, prompt=prompts[0], seed=1234, steps=20, width=settings.resolution,
+                sd_model=sd_model, prompt=prompts[0], seed=1234, steps=20, sampler_name="DPM++ 2M",
+                scheduler="Automatic", width=settings.resolution,
                 height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True,
                 override_settings={"sd_model_checkpoint": checkpoint_title})
             p.disable_extra_networks = True
