@@ -1,9 +1,11 @@
-"""A tiny, randomly initialised SD1-shaped model and a procedural dataset.
+"""Tiny, randomly initialised SD1- and SD2-shaped models and a procedural dataset.
 
-Both exist so that training, saving and loading can be exercised end to end
+They exist so that training, saving and loading can be exercised end to end
 without a real checkpoint, a GPU or a network: `build_tiny_sd1` returns the
 same kind of object the WebUI holds for an SD1 checkpoint (an ldm
-`LatentDiffusion` with SD1's module names), with 11M parameters instead of 1B.
+`LatentDiffusion` with SD1's module names), with 11M parameters instead of 1B;
+`build_tiny_sd2` the same for SD2.x (v2-inference-v.yaml / v2-inference.yaml),
+with an OpenCLIP-shaped text encoder.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import random
 import sys
 import tempfile
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -242,8 +245,8 @@ def _reinit_degenerate_layers(model: LatentDiffusion) -> None:
 
     - ldm zero-initialises output layers (SpatialTransformer `proj_out`, ResBlock
       `out_layers.3`, UNet `out.2`); behind a zero layer no gradient reaches anything.
-    - A CLIP with LayerNorm weight 1 / bias 0 produces zero-mean embeddings, and the
-      WebUI's emphasis renormalisation divides by that mean.
+    - A CLIP (or OpenCLIP) with LayerNorm weight 1 / bias 0 produces zero-mean
+      embeddings, and the WebUI's emphasis renormalisation divides by that mean.
     - A random VAE's latents are mostly sampling noise (posterior std near 1) and,
       once multiplied by SD1's scale_factor, tiny (std ~0.05). A real SD VAE's
       posterior is nearly deterministic and its scaled latents have std ~1.
@@ -251,7 +254,7 @@ def _reinit_degenerate_layers(model: LatentDiffusion) -> None:
     for module in model.model.diffusion_model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.any():
             nn.init.normal_(module.weight, std=0.02)
-    for module in model.cond_stage_model.transformer.modules():
+    for module in model.cond_stage_model.modules():
         if isinstance(module, nn.LayerNorm):
             nn.init.normal_(module.weight, mean=1.0, std=0.2)
             nn.init.normal_(module.bias, mean=0.1, std=0.2)
@@ -277,6 +280,184 @@ def build_tiny_sd1(seed: int = 0) -> LatentDiffusion:
     model.eval()
     model.is_sd1 = True
     model.is_sd2 = False
+    model.is_sdxl = False
+    return model
+
+
+class _OpenCLIPResidualAttentionBlock(nn.Module):
+    """open_clip 2.20's `ResidualAttentionBlock` (no layer scale, as in ViT-H-14): pre-norm self-attention
+    through a fused `nn.MultiheadAttention` (sequence first), then a GELU MLP `c_fc` → `c_proj`."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        mlp_width = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(mlp_width, width))]))
+
+    def attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn_mask = attn_mask.to(x.dtype) if attn_mask is not None else None
+        return self.attn(x, x, x, need_weights=False, attn_mask=attn_mask)[0]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.ln_1(x), attn_mask=attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class _OpenCLIPTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([_OpenCLIPResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for r in self.resblocks:
+            x = r(x, attn_mask=attn_mask)
+        return x
+
+
+class _OpenCLIPTextModel(nn.Module):
+    """The text half of open_clip 2.20's `CLIP` (ldm deletes `.visual`): the names SD2 checkpoints and the
+    WebUI's Lora extension use (`token_embedding`, `positional_embedding`, `transformer.resblocks.N`,
+    `ln_final`, `text_projection`, the causal `attn_mask` buffer)."""
+
+    def __init__(self, width: int, layers: int, heads: int, context_length: int = CLIP_MAX_LENGTH,
+                 vocab_size: int = CLIP_VOCAB_SIZE):
+        super().__init__()
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.transformer = _OpenCLIPTransformer(width, layers, heads)
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, width))
+        self.register_buffer("attn_mask", self.build_attention_mask(), persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def build_attention_mask(self) -> torch.Tensor:
+        """Causal: -inf above the diagonal (open_clip's additive mask)."""
+        return torch.empty(self.context_length, self.context_length).fill_(float("-inf")).triu_(1)
+
+
+class TinyOpenCLIPEmbedder(nn.Module):
+    """A tiny stand-in for ldm's `FrozenOpenCLIPEmbedder` (SD2's text encoder), with the same attribute
+    names and the same encoding path, so code that reaches into SD2's text encoder finds the same structure.
+
+    It is a stand-in because ldm's own class cannot be imported here: `ldm.modules.encoders.modules`
+    imports open_clip, which imports torchvision (no torchvision wheel loads beside this CPU torch).
+    Like open_clip 2.20 (the WebUI's pin) the transformer runs sequence-first and its attention is a fused
+    `nn.MultiheadAttention`. Tokens come from the real CLIP tokenizer (`clip_tokenizer()`, the same BPE
+    vocabulary as `open_clip.tokenize`): `<start> … <end>`, cut to 77, padded with 0 as open_clip pads.
+
+    `layer="last"` (layer_idx 0) or `"penultimate"` (layer_idx 1, what SD2's configs use): the last
+    `layer_idx` residual blocks are skipped, then `ln_final` is applied, as in ldm's `encode_with_transformer`.
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, width: int = 32, layers: int = 3, heads: int = 4, max_length: int = CLIP_MAX_LENGTH,
+                 freeze: bool = True, layer: str = "penultimate"):
+        super().__init__()
+        assert layer in self.LAYERS
+        self.model = _OpenCLIPTextModel(width, layers, heads, context_length=max_length)
+        self.max_length = max_length
+        self._tokenizer = clip_tokenizer()
+        if freeze:
+            self.freeze()
+        self.layer = layer
+        self.layer_idx = 0 if layer == "last" else 1
+
+    def freeze(self) -> None:
+        self.model = self.model.eval()
+        for param in self.parameters():
+            param.requires_grad = False
+
+    def tokenize(self, text: list[str]) -> torch.Tensor:
+        """What `open_clip.tokenize` returns: (B, 77) ids, `<start>` … `<end>`, zero padding."""
+        rows = self._tokenizer(list(text), truncation=True, max_length=self.max_length)["input_ids"]
+        tokens = torch.zeros(len(rows), self.max_length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+        return tokens
+
+    def forward(self, text: list[str]) -> torch.Tensor:
+        tokens = self.tokenize(text)
+        return self.encode_with_transformer(tokens.to(self.model.token_embedding.weight.device))
+
+    def encode_with_transformer(self, text: torch.Tensor) -> torch.Tensor:
+        x = self.model.token_embedding(text)  # [batch_size, n_ctx, d_model]
+        x = x + self.model.positional_embedding
+        x = x.permute(1, 0, 2)  # NLD -> LND
+        x = self.text_transformer_forward(x, attn_mask=self.model.attn_mask)
+        x = x.permute(1, 0, 2)  # LND -> NLD
+        return self.model.ln_final(x)
+
+    def text_transformer_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for i, r in enumerate(self.model.transformer.resblocks):
+            if i == len(self.model.transformer.resblocks) - self.layer_idx:
+                break
+            x = r(x, attn_mask=attn_mask)
+        return x
+
+    def encode(self, text: list[str]) -> torch.Tensor:
+        return self(text)
+
+
+SD2_TEXT_WIDTH = 48  # not SD1's 32: the UNet's context_dim must follow the text encoder's width
+
+# The `model.params` of SD2's v2-inference-v.yaml (768-v; v2-inference.yaml, the 512 base, differs only in
+# predicting eps), shrunk. SD2 uses linear proj_in/proj_out and a fixed head width (64 there, 8 here).
+TINY_SD2_CONFIG = {
+    **{k: v for k, v in TINY_SD1_CONFIG.items() if k not in ("unet_config", "cond_stage_config")},
+    "parameterization": "v",
+    "unet_config": {
+        "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "params": {
+            "use_checkpoint": True,
+            "image_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "model_channels": 32,
+            "attention_resolutions": [4, 2, 1],
+            "num_res_blocks": 2,
+            "channel_mult": [1, 2, 4, 4],
+            "num_head_channels": 8,
+            "use_spatial_transformer": True,
+            "use_linear_in_transformer": True,
+            "transformer_depth": 1,
+            "context_dim": SD2_TEXT_WIDTH,
+            "legacy": False,
+        },
+    },
+    "cond_stage_config": {
+        "target": f"{__name__}.TinyOpenCLIPEmbedder",
+        "params": {"width": SD2_TEXT_WIDTH, "layers": 3, "heads": 4, "freeze": True, "layer": "penultimate"},
+    },
+}
+
+
+def build_tiny_sd2(seed: int = 0, v_prediction: bool = True) -> LatentDiffusion:
+    """A tiny random SD2.x model: ldm `LatentDiffusion` with SD2's UNet (SD1's layout, linear
+    proj_in/proj_out, fixed head width), a tiny `AutoencoderKL` and a tiny OpenCLIP text encoder
+    (`TinyOpenCLIPEmbedder`, penultimate layer) behind the real CLIP tokenizer. `v_prediction` selects the
+    768-v model's "v" parameterization; False gives the 512-base model's "eps". CPU, float32, eval mode.
+
+    Deterministic for `seed`; the caller's global RNG state is left untouched.
+    """
+    config = {**TINY_SD2_CONFIG, "parameterization": "v" if v_prediction else "eps"}
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
+        torch.manual_seed(seed)
+        model = instantiate_from_config(OmegaConf.create({"target": _LATENT_DIFFUSION, "params": config}))
+        _reinit_degenerate_layers(model)
+    model.eval()
+    model.is_sd1 = False
+    model.is_sd2 = True
     model.is_sdxl = False
     return model
 

@@ -4,6 +4,11 @@ Which layers: Linear and 1x1 convs inside the UNet's attention blocks; with `con
 layers of ResBlocks and down/up-samplers (3x3 convs get conv_dim/conv_alpha, the rest dim/alpha); with a
 text-encoder learning rate, the CLIP attention and MLP Linears.
 
+A fused `nn.MultiheadAttention` (OpenCLIP: SD2's text encoder, SDXL's second) gets four LoHa, one per
+projection, keyed `<prefix>_q_proj`, `_k_proj`, `_v_proj`, `_out_proj` as the WebUI expects them: q, k and v
+change the thirds of `in_proj_weight`, out changes `out_proj.weight`, and the attention runs once with the
+merged weights (torch's own `multi_head_attention_forward`), as the WebUI applies the file.
+
 How a layer runs while training: lycoris-lora's own LohaModule.forward runs the base op and then a second
 full-size op with ΔW, 1.5x the FLOPs of a step (counted in benchmarks/engine.py). We take only its maths
 (`get_weight`: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/dim) and do one op with W + ΔW, which is also exactly how
@@ -15,21 +20,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from lycoris.modules.loha import LohaModule
 from torch import nn
 
 from .families.sd1 import ATTENTION_BLOCKS, CONV_BLOCKS
 
 
+# The projections of a fused attention, in the order of `in_proj_weight`'s rows (then out_proj).
+FUSED_PARTS = ("q", "k", "v", "out")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
-    """One layer to adapt: its key in the file, the module, and the LoHa size for it."""
+    """One layer to adapt: its key in the file, the module, and the LoHa size for it.
+
+    For one projection of a fused attention, `fused` is the `nn.MultiheadAttention`, `part` one of
+    FUSED_PARTS, and `module` a weightless `nn.Linear` on the meta device with the projection's shape (the
+    LoHa takes its shape from it; the forward reads the live weights from `fused`).
+    """
 
     key: str
     module: nn.Module
     dim: int
     alpha: float
     text_encoder: bool = False
+    fused: nn.MultiheadAttention | None = None
+    part: str = ""
 
 
 def _is_3x3(module: nn.Module) -> bool:
@@ -58,8 +75,25 @@ def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, co
 
 
 def plan_text_encoder(family, text_encoder: nn.Module, dim: int, alpha: float) -> list[LayerPlan]:
-    return [LayerPlan(key, module, dim, alpha, text_encoder=True)
-            for key, module in family.text_layers(text_encoder)]
+    """The family's text-encoder layers; a fused attention among them becomes its four projections."""
+    plans = []
+    for key, module in family.text_layers(text_encoder):
+        if isinstance(module, nn.MultiheadAttention):
+            plans += plan_fused_attention(key, module, dim, alpha, text_encoder=True)
+        else:
+            plans.append(LayerPlan(key, module, dim, alpha, text_encoder=True))
+    return plans
+
+
+def plan_fused_attention(key: str, attention: nn.MultiheadAttention, dim: int, alpha: float,
+                         text_encoder: bool = False) -> list[LayerPlan]:
+    """Four plans, `<key>_{q,k,v,out}_proj`, for an attention with a fused (E, E) x 3 `in_proj_weight`."""
+    if not attention._qkv_same_embed_dim or attention.in_proj_weight is None:
+        raise ValueError(f"{key}: only a fused nn.MultiheadAttention (one in_proj_weight) can be adapted")
+    e = attention.embed_dim
+    # Shapes only: the meta device holds no data, so nothing of the base weights is copied.
+    return [LayerPlan(f"{key}_{part}_proj", nn.Linear(e, e, bias=False, device="meta"), dim, alpha,
+                      text_encoder, fused=attention, part=part) for part in FUSED_PARTS]
 
 
 def count_parameters(plans: list[LayerPlan]) -> int:
@@ -95,12 +129,27 @@ class LohaNetwork(nn.Module):
                 for p in lora.parameters() if p.requires_grad]
 
     def attach(self) -> None:
-        """Route each adapted layer's forward through its LoHa (an instance attribute, removed by detach)."""
+        """Route each adapted layer's forward through its LoHa (an instance attribute, removed by detach).
+
+        A fused attention always runs merged (its output is not linear in its weights, so there is no
+        second op to add), and only with all four projections, the only way the WebUI applies it.
+        """
+        fused: dict[int, tuple[nn.MultiheadAttention, dict[str, LohaModule]]] = {}
         for plan, lora in zip(self.plans, self.loras):
+            if plan.fused is not None:
+                fused.setdefault(id(plan.fused), (plan.fused, {}))[1][plan.part] = lora
+                continue
             module = plan.module
-            previous = module.__dict__.get("forward")
-            module.forward = _two_op_forward(module, lora) if self.two_op else _merged_forward(module, lora)
-            self._attached.append((module, previous))
+            self._route(module, _two_op_forward(module, lora) if self.two_op else _merged_forward(module, lora))
+        for attention, parts in fused.values():
+            if sorted(parts) != sorted(FUSED_PARTS):
+                raise ValueError(f"a fused attention needs LoHa on all of {FUSED_PARTS}, not {sorted(parts)}: "
+                                 "the WebUI ignores a partial set")
+            self._route(attention, _merged_attention_forward(attention, parts))
+
+    def _route(self, module: nn.Module, forward) -> None:
+        self._attached.append((module, module.__dict__.get("forward")))
+        module.forward = forward
 
     def detach(self) -> None:
         for module, previous in reversed(self._attached):
@@ -136,5 +185,37 @@ def _two_op_forward(module: nn.Module, lora: LohaModule):
     def forward(x):
         base = op(x, module.weight, module.bias, **kw)
         return base + op(x, lora.get_weight(shape).to(x.dtype), None, **kw)
+
+    return forward
+
+
+def _merged_attention_forward(attention: nn.MultiheadAttention, loras: dict[str, LohaModule]):
+    """nn.MultiheadAttention's forward (its general path) with in_proj_weight + cat(ΔWq, ΔWk, ΔWv) and
+    out_proj.weight + ΔWout: the weights the WebUI's Lora extension writes into the attention."""
+    q, k, v, out = (loras[part] for part in FUSED_PARTS)
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
+        delta_in = torch.cat([q.get_weight(q.shape), k.get_weight(k.shape), v.get_weight(v.shape)])
+        in_merged = in_weight + delta_in.to(in_weight.dtype)
+        out_merged = out_weight + out.get_weight(out.shape).to(out_weight.dtype)
+        transpose = attention.batch_first and query.dim() == 3
+        if transpose:  # keep `query is key is value` (self-attention's packed projection), as torch does
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        output, weights = F.multi_head_attention_forward(
+            query, key, value, attention.embed_dim, attention.num_heads, in_merged, attention.in_proj_bias,
+            attention.bias_k, attention.bias_v, attention.add_zero_attn, attention.dropout, out_merged,
+            attention.out_proj.bias, training=attention.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+            is_causal=is_causal)
+        return (output.transpose(1, 0) if transpose else output), weights
 
     return forward

@@ -109,6 +109,7 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_color_aug": str(settings.color_aug),
         "ss_noise_offset": str(settings.noise_offset),
         "ss_min_snr_gamma": str(settings.min_snr_gamma),
+        "ss_zero_terminal_snr": str(settings.zero_terminal_snr),
         "ss_optimizer": "torch.optim.AdamW",
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(timestamp()),

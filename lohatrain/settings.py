@@ -91,6 +91,7 @@ class TrainSettings:
     lr_warmup_steps: int = 0
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
+    zero_terminal_snr: bool = False  # v-prediction models only: rescale the noise schedule to SNR 0 at the end
     overwrite: bool = False
     preview_every_steps: int = 0
     preview_prompts: list[str] = field(default_factory=list)
@@ -191,7 +192,7 @@ class TrainSettings:
         _float_range(p, "min_snr_gamma", self.min_snr_gamma, 0, 100)
         _int_range(p, "preview_every_steps", self.preview_every_steps, 0, 1_000_000)
         for key in ("bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
-                    "color_aug", "overwrite"):
+                    "color_aug", "overwrite", "zero_terminal_snr"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):

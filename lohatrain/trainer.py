@@ -100,6 +100,12 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     report = on_progress or (lambda p: None)
     stop = should_stop or (lambda: False)
     family = detect(model)
+    v_prediction = getattr(model, "parameterization", "eps") == "v"
+    if settings.zero_terminal_snr and not v_prediction:
+        raise LohatrainError(
+            "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
+            "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
+            "learn from. Turn zero_terminal_snr off for this checkpoint.")
     seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**32)
     plan = plan_output(settings, output_dir or settings.output_dir or ".")
 
@@ -120,7 +126,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         raise LohatrainError("the loaded model is in half precision, so it cannot train in fp32: choose "
                              "fp16 or bf16, or start the WebUI with --no-half")
     train_text = settings.text_encoder_lr > 0
-    clip_skip = settings.effective_clip_skip
+    clip_skip = settings.effective_clip_skip if family.applies_clip_skip else None
 
     with ExitStack() as stack:
         guard = stack.enter_context(ModelGuard(model, unet, vae, model.cond_stage_model))
@@ -174,8 +180,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         noise_gen = torch.Generator().manual_seed(seed + 1)
         aug_gen = torch.Generator().manual_seed(seed + 2)
         caption_rng = random.Random(seed + 3)
-        alphas_cumprod = model.alphas_cumprod.detach().to(device=device, dtype=torch.float32)
-        v_prediction = getattr(model, "parameterization", "eps") == "v"
+        alphas_cumprod = training_alphas_cumprod(model, settings.zero_terminal_snr).to(device)
 
         def make_metadata(steps_done: int) -> dict[str, str]:
             return build_metadata(
@@ -254,10 +259,34 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             files.append(final)
             write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),
                            notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
-                           sd_version=family.label)
+                           sd_version=family.card_version)
         else:
             metadata = {}
     return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
+
+
+def training_alphas_cumprod(model, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """The checkpoint's noise schedule (float32), optionally rescaled to zero terminal SNR; the model's
+    buffer is never changed.
+
+    The host keeps the checkpoint's schedule in `alphas_cumprod_original` and may overwrite `alphas_cumprod`
+    for sampling (its "Zero Terminal SNR" noise-schedule option, or an fp16 copy): training starts from the
+    original.
+    """
+    original = getattr(model, "alphas_cumprod_original", None)
+    schedule = (original if original is not None else model.alphas_cumprod).detach().to("cpu", torch.float64)
+    if zero_terminal_snr:
+        schedule = rescale_zero_terminal_snr(schedule)
+    return schedule.float()
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", algorithm 1: shift
+    sqrt(ᾱ) so the last timestep is 0 (pure noise, SNR 0) and scale it so the first keeps its value."""
+    sqrt_ab = alphas_cumprod.sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    return sqrt_ab ** 2
 
 
 def _stack_conditioning(conds: list[torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:

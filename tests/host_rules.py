@@ -5,6 +5,14 @@ Written from the host's rules, not from lohatrain's code: diffusers names are co
 (assuming SD1's 2 res blocks per level), then looked up among `model.model` and the text encoder's modules
 with dots turned into underscores; an ldm-named UNet key matches by the `lora_unet` → `diffusion_model`
 fallback.
+
+SD2 (the host decides it by a `model_transformer_resblocks` entry in that module map, i.e. an OpenCLIP text
+encoder): `lora_te_…_layers_N_<rest>` becomes `model_transformer_resblocks_N_<rest>` with `self_attn` →
+`attn`, `mlp_fc1` → `mlp_c_fc`, `mlp_fc2` → `mlp_c_proj`. A name ending in `_q_proj`/`_k_proj`/`_v_proj`
+that is not a module falls back to the module named by the rest (the fused `nn.MultiheadAttention`), and
+`…_attn_out_proj` is the attention's `out_proj` Linear. The host changes weights only in layers whose
+forward runs: the attention (never its `out_proj`, whose weight the attention reads directly) takes q, k, v
+into the thirds of `in_proj_weight` and out into `out_proj.weight`, and only when all four are present.
 """
 from __future__ import annotations
 
@@ -18,8 +26,8 @@ _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 
 
-def diffusers_to_compvis(key: str) -> str:
-    """The host's conversion of a kohya SD1 key (without the `.hada_*` part) to its module-map name."""
+def diffusers_to_compvis(key: str, is_sd2: bool = False) -> str:
+    """The host's conversion of a kohya SD1/SD2 key (without the `.hada_*` part) to its module-map name."""
     if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         level, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
         rest = _RESNET.get(rest, rest) if kind == "resnets" else rest
@@ -38,6 +46,9 @@ def diffusers_to_compvis(key: str) -> str:
         level = int(m[1])
         return f"diffusion_model_output_blocks_{2 + 3 * level}_{2 if level > 0 else 1}_conv"
     if m := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key):
+        if is_sd2:
+            rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+            return f"model_transformer_resblocks_{m[1]}_{rest}"
         return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
     return key
 
@@ -53,12 +64,24 @@ def module_map(model) -> dict[str, nn.Module]:
     return mapping
 
 
-def find_module(model, key: str) -> nn.Module | None:
-    mapping = module_map(model)
-    module = mapping.get(diffusers_to_compvis(key))
+def is_sd2(mapping: dict[str, nn.Module]) -> bool:
+    return "model_transformer_resblocks" in mapping
+
+
+def resolve(mapping: dict[str, nn.Module], key: str) -> tuple[str, nn.Module | None]:
+    """(the host's name for the key, the module it lands on or None)."""
+    name = diffusers_to_compvis(key, is_sd2(mapping))
+    module = mapping.get(name)
+    if module is None and (m := re.fullmatch(r"(.*)_[qkv]_proj", name)):
+        module = mapping.get(m[1])
     if module is None and "lora_unet" in key:
-        module = mapping.get(key.replace("lora_unet", "diffusion_model"))
-    return module
+        name = key.replace("lora_unet", "diffusion_model")
+        module = mapping.get(name)
+    return name, module
+
+
+def find_module(model, key: str) -> nn.Module | None:
+    return resolve(module_map(model), key)[1]
 
 
 def group_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -77,15 +100,33 @@ def loha_delta(w: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     return ((w1a @ w1b) * (w2a @ w2b) * alpha / r).reshape(shape)
 
 
+def _attention_out_projs(mapping: dict[str, nn.Module]) -> set[int]:
+    return {id(m.out_proj) for m in mapping.values() if isinstance(m, nn.MultiheadAttention)}
+
+
 @torch.no_grad()
 def apply_file(model, tensors: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
     """Add every LoHa in `tensors` to `model`'s weights in place, as the host does; returns unmatched keys."""
+    mapping = module_map(model)
+    loaded: dict[str, dict[str, torch.Tensor]] = {}  # the host's name → the LoHa's tensors
     unmatched = []
     for layer, w in group_keys(tensors).items():
-        module = find_module(model, layer)
+        name, module = resolve(mapping, layer)
         if module is None:
             unmatched.append(layer)
-            continue
-        delta = loha_delta(w, module.weight.shape) * multiplier
-        module.weight += delta.to(module.weight.dtype)
+        else:
+            loaded[name] = w
+    inert = _attention_out_projs(mapping)
+    for name, module in mapping.items():  # each layer whose forward runs applies what is named after it
+        if isinstance(module, nn.MultiheadAttention):
+            parts = [loaded.get(f"{name}_{p}_proj") for p in ("q", "k", "v", "out")]
+            if all(w is not None for w in parts):
+                e = module.embed_dim
+                delta_in = torch.cat([loha_delta(w, (e, module.in_proj_weight.shape[1])) for w in parts[:3]])
+                module.in_proj_weight += (delta_in * multiplier).to(module.in_proj_weight.dtype)
+                delta_out = loha_delta(parts[3], module.out_proj.weight.shape) * multiplier
+                module.out_proj.weight += delta_out.to(module.out_proj.weight.dtype)
+        elif name in loaded and hasattr(module, "weight") and id(module) not in inert:
+            delta = loha_delta(loaded[name], module.weight.shape) * multiplier
+            module.weight += delta.to(module.weight.dtype)
     return unmatched

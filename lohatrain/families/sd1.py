@@ -68,12 +68,14 @@ class SD1:
 
     name = "sd1"
     label = "SD 1.x"
+    card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
     base_model_version = "sd_v1"
     default_resolution = 512
+    applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
 
     @staticmethod
     def matches(model) -> bool:
-        if getattr(model, "is_sdxl", False) or getattr(model, "is_sd2", False):
+        if any(getattr(model, flag, False) for flag in ("is_sdxl", "is_sd2", "is_sd3")):
             return False
         unet = getattr(getattr(model, "model", None), "diffusion_model", None)
         return unet is not None and hasattr(model, "get_learned_conditioning") and hasattr(model, "alphas_cumprod")

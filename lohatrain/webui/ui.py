@@ -27,7 +27,7 @@ FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip
           "batch_size", "train_dtype", "save_dtype", "gradient_checkpointing", "seed", "deterministic",
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
-          "bucket_max_side", "overwrite", "preview_every_steps", "preview_prompts"]
+          "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts"]
 INT_FIELDS = {"dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
               "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps"}
 
@@ -240,6 +240,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                                     elem_id="lohatrain_bucket_max")
                         overwrite = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
                                                 elem_id="lohatrain_overwrite")
+                        zero_terminal_snr = gr.Checkbox(d.zero_terminal_snr,
+                                                        label="Zero terminal SNR (v-prediction models)")
                 with gr.Accordion("Previews", open=False):
                     preview_every_steps = gr.Number(d.preview_every_steps, label="Preview every N steps (0 = off)",
                                                     precision=0, elem_id="lohatrain_preview_every")
@@ -265,7 +267,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 caption_phrase, caption_ext, resolution, bucketing, learning_rate, steps, batch_size, train_dtype,
                 save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
                 color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
-                text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, preview_every_steps, preview_prompts]
+                text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
+                preview_prompts]
         preset.change(preset_sizes, [preset], [dim, alpha, conv_dim, conv_alpha])
         train_btn.click(lambda *v: start_training(runner, *v), form, [message])
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
