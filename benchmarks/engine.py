@@ -57,7 +57,7 @@ from lohatrain.__main__ import demo_settings  # noqa: E402
 from lohatrain.demo import build_tiny_sd1, make_sample_dataset  # noqa: E402
 from lohatrain.families.sd1 import SD1  # noqa: E402
 from lohatrain.network import LohaNetwork, count_parameters, plan_unet  # noqa: E402
-from lohatrain.settings import PRESETS  # noqa: E402
+from lohatrain.settings import PRESETS, TrainSettings  # noqa: E402
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -444,12 +444,17 @@ def cmd_flops(args) -> None:
         emit(f"step_{name}_building_delta_weight_gflops", (total - applying) / 1e9)
         emit(f"step_{name}_over_forward_without_building_delta_weight", round(applying / forward, 3))
         emit(f"step_{name}_over_forward", round(total / forward, 3))
-    batch = 4  # ΔW is built once per step whatever the batch: its share shrinks as the batch grows
+    # ΔW is built once per step whatever the batch, so its share shrinks as the batch grows; the headline
+    # figure is a step at the default batch size over a forward of that batch.
+    batch = TrainSettings().batch_size
+    batched = {}
     for name, two_op in (("merged", False), ("two_op", True)):
         total, _ = training_step_flops(preset, two_op, False, batch=batch)
-        emit(f"step_{name}_batch{batch}_over_batch{batch}_forward", round(total / (forward * batch), 3))
+        batched[name] = total / (forward * batch)
+        emit(f"step_{name}_batch{batch}_over_batch{batch}_forward", round(batched[name], 3))
     emit("two_op_over_merged", round(ratios["two_op"] / ratios["merged"], 3))
-    emit("step_flops_over_forward", f"{ratios['merged']:.2f}")
+    emit("step_flops_over_forward_batch", batch)
+    emit("step_flops_over_forward", f"{batched['merged']:.2f}")
 
 
 # --------------------------------------------------------------------------------------------------- main
