@@ -153,12 +153,12 @@ def test_base_model_dropdown_loads_another_checkpoint_through_the_host(page, web
     ckpt_dir = Path(shared.cmd_opts.ckpt_dir)
     save_file(lohatrain.demo.build_tiny_sd1(1).state_dict(), str(ckpt_dir / "other-sd1.safetensors"))
     try:
-        page.locator("#lohatrain_refresh_checkpoints").click()
         option = page.locator("ul.options li", has_text="other-sd1").first
-        for _ in range(60):  # the refreshed choices arrive asynchronously: reopen the list until they are in
+        for _ in range(20):  # the refreshed choices arrive asynchronously: refresh and reopen until they are in
+            page.locator("#lohatrain_refresh_checkpoints").click()
             page.locator("#lohatrain_checkpoint input").click()
             try:
-                option.wait_for(state="visible", timeout=500)
+                option.wait_for(state="visible", timeout=1500)
                 break
             except PlaywrightTimeout:
                 page.keyboard.press("Escape")
