@@ -10,4 +10,5 @@ demo: $(VENV_STAMP)
 	.venv/bin/python -m lohatrain train --demo --output-dir out
 
 test: $(VENV_STAMP)
+	bash tools/install-chromium.sh
 	.venv/bin/python -m pytest -q
