@@ -273,13 +273,18 @@ def build_tiny_sd1(seed: int = 0) -> LatentDiffusion:
 
     Deterministic for `seed`; the caller's global RNG state is left untouched.
     """
+    return _build(TINY_SD1_CONFIG, seed, family="sd1")
+
+
+def _build(config: dict, seed: int, family: str) -> LatentDiffusion:
+    """Instantiate a LatentDiffusion config under a forked, seeded RNG, with the host's `is_*` flags."""
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
         torch.manual_seed(seed)
-        model = instantiate_from_config(OmegaConf.create({"target": _LATENT_DIFFUSION, "params": TINY_SD1_CONFIG}))
+        model = instantiate_from_config(OmegaConf.create({"target": _LATENT_DIFFUSION, "params": config}))
         _reinit_degenerate_layers(model)
     model.eval()
-    model.is_sd1 = True
-    model.is_sd2 = False
+    model.is_sd1 = family == "sd1"
+    model.is_sd2 = family == "sd2"
     model.is_sdxl = False
     return model
 
@@ -419,20 +424,10 @@ TINY_SD2_CONFIG = {
     "unet_config": {
         "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
         "params": {
-            "use_checkpoint": True,
-            "image_size": 8,
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 32,
-            "attention_resolutions": [4, 2, 1],
-            "num_res_blocks": 2,
-            "channel_mult": [1, 2, 4, 4],
+            **{k: v for k, v in TINY_SD1_CONFIG["unet_config"]["params"].items() if k != "num_heads"},
             "num_head_channels": 8,
-            "use_spatial_transformer": True,
             "use_linear_in_transformer": True,
-            "transformer_depth": 1,
             "context_dim": SD2_TEXT_WIDTH,
-            "legacy": False,
         },
     },
     "cond_stage_config": {
@@ -451,15 +446,7 @@ def build_tiny_sd2(seed: int = 0, v_prediction: bool = True) -> LatentDiffusion:
     Deterministic for `seed`; the caller's global RNG state is left untouched.
     """
     config = {**TINY_SD2_CONFIG, "parameterization": "v" if v_prediction else "eps"}
-    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
-        torch.manual_seed(seed)
-        model = instantiate_from_config(OmegaConf.create({"target": _LATENT_DIFFUSION, "params": config}))
-        _reinit_degenerate_layers(model)
-    model.eval()
-    model.is_sd1 = False
-    model.is_sd2 = True
-    model.is_sdxl = False
-    return model
+    return _build(config, seed, family="sd2")
 
 
 _COLOURS = {

@@ -132,7 +132,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         guard = stack.enter_context(ModelGuard(model, unet, vae, model.cond_stage_model))
         stack.enter_context(_determinism(settings.deterministic and device.type == "cuda"))
         guard.disable_ldm_checkpointing()
-        for p in guard.roots[0].parameters():
+        for p in model.parameters():
             p.requires_grad_(False)
         if encode_prompts is None:
             stack.enter_context(family.clip_skip(model, clip_skip))
@@ -182,12 +182,15 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         caption_rng = random.Random(seed + 3)
         alphas_cumprod = training_alphas_cumprod(model, settings.zero_terminal_snr).to(device)
 
+        save_dtype = SAVE_DTYPES[settings.save_dtype]
+        tag_frequency, bucket_counts = ds.tag_frequency(items), dict(ds.bucket_table(items, bucket_of))
+
         def make_metadata(steps_done: int) -> dict[str, str]:
             return build_metadata(
                 settings, family_metadata=family.metadata(model), model_name=model_name, model_hash=model_hash,
-                clip_skip=clip_skip, image_count=len(items), tag_frequency=ds.tag_frequency(items),
-                bucket_counts=dict(ds.bucket_table(items, bucket_of)), steps_done=steps_done,
-                started_at=started_at, batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed)
+                clip_skip=clip_skip, image_count=len(items), tag_frequency=tag_frequency,
+                bucket_counts=bucket_counts, steps_done=steps_done, started_at=started_at,
+                batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed)
 
         losses: list[float] = []
         files: list[Path] = []
@@ -247,14 +250,14 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 with torch.no_grad():
                     on_step(step, network)
             if settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps:
-                files.append(save_network(plan.intermediate(step), network.file_tensors(SAVE_DTYPES[settings.save_dtype]),
+                files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
                                           make_metadata(step), overwrite=settings.overwrite))
 
         final = None
         if step > 0:
             report(Progress("Saving", step, settings.steps))
             metadata = make_metadata(step)
-            final = save_network(plan.final, network.file_tensors(SAVE_DTYPES[settings.save_dtype]), metadata,
+            final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
                                  overwrite=settings.overwrite)
             files.append(final)
             write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),

@@ -45,7 +45,8 @@ def model_state(model) -> dict:
 
 @torch.no_grad()
 def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
-    """Mean noise-prediction error on the dataset's images over fixed noise and timesteps."""
+    """Mean prediction error on the dataset's images over fixed noise and timesteps, against the model's own
+    target: the noise, or ldm's `get_v` for a v-prediction model."""
     from lohatrain import dataset as ds
 
     items = ds.scan_dataset(dataset, "txt")
@@ -57,10 +58,10 @@ def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
         cond = model.get_learned_conditioning([item.caption])
         for t in (100, 400, 700):
             noise = torch.randn(latent.shape, generator=gen)
-            ac = model.alphas_cumprod[t]
-            noisy = ac.sqrt() * latent + (1 - ac).sqrt() * noise
-            pred = model.apply_model(noisy, torch.tensor([t]), cond)
-            total += torch.mean((pred - noise) ** 2).item()
+            timestep = torch.tensor([t])
+            pred = model.apply_model(model.q_sample(latent, timestep, noise), timestep, cond)
+            target = model.get_v(latent, noise, timestep) if model.parameterization == "v" else noise
+            total += torch.mean((pred - target) ** 2).item()
     return total / (3 * len(items))
 
 

@@ -22,7 +22,7 @@ from lohatrain.settings import TrainSettings
 from lohatrain.trainer import rescale_zero_terminal_snr, train
 
 from host_rules import apply_file, find_module, group_keys
-from test_engine import model_state, settings_for
+from test_engine import denoising_loss, model_state, settings_for
 
 PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
 
@@ -36,27 +36,6 @@ def _sd2_template():
 def sd2_model(_sd2_template):
     """A fresh `build_tiny_sd2(0)` (768-v layout, v-prediction) per test."""
     return copy.deepcopy(_sd2_template)
-
-
-@torch.no_grad()
-def denoising_loss_v(model, dataset, seed: int = 0) -> float:
-    """Mean v-prediction error over fixed noise and timesteps, with ldm's own v target (`get_v`)."""
-    from lohatrain import dataset as ds
-
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for item in ds.scan_dataset(dataset, "txt"):
-        pixels, _ = ds.prepare_image(ds.load_image(item.path), (64, 64))
-        latent = model.get_first_stage_encoding(model.encode_first_stage(pixels[None]))
-        cond = model.get_learned_conditioning([item.caption])
-        for t in (100, 400, 700):
-            noise = torch.randn(latent.shape, generator=gen)
-            timestep = torch.tensor([t])
-            noisy = model.q_sample(latent, timestep, noise)
-            pred = model.apply_model(noisy, timestep, cond)
-            total += torch.mean((pred - model.get_v(latent, noise, timestep)) ** 2).item()
-            count += 1
-    return total / count
 
 
 def test_tiny_sd2_has_the_hosts_sd2_shape(sd2_model):
@@ -98,10 +77,10 @@ def test_unsupported_families_are_named(sd2_model, flag, kind):
 
 def test_training_lowers_the_v_loss_and_the_file_carries_it(sd2_model, sample_dataset, tmp_path):
     fresh = copy.deepcopy(sd2_model)
-    before = denoising_loss_v(fresh, sample_dataset)
+    before = denoising_loss(fresh, sample_dataset)
     result = train(sd2_model, settings_for(sample_dataset, tmp_path, steps=40, learning_rate=1e-2))
     assert apply_file(fresh, load_file(result.file)) == []
-    after = denoising_loss_v(fresh, sample_dataset)
+    after = denoising_loss(fresh, sample_dataset)
     assert after < 0.9 * before, (before, after)
 
 

@@ -43,14 +43,7 @@ def settings_from_form(values: list) -> TrainSettings:
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
     data["output_dir"] = str(host.lora_dir())
-    settings = TrainSettings(**data)
-    if settings.network_preset in PRESETS:
-        p = PRESETS[settings.network_preset]
-        if (settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha) != (
-                p.dim, p.alpha, p.conv_dim, p.conv_alpha):
-            settings.network_preset = CUSTOM_PRESET
-    settings.validate()
-    return settings
+    return TrainSettings.from_dict(data)  # sizes that differ from the chosen preset make it "custom"
 
 
 def form_values(settings: TrainSettings) -> list:
