@@ -235,6 +235,13 @@ def assign_buckets(items: Sequence[ImageItem], resolution: int, bucketing: bool 
     return [assign_bucket(item.width, item.height, buckets) for item in items]
 
 
+def cover_size(size: tuple[int, int], bucket: Bucket) -> tuple[int, int]:
+    """(width, height) of an image of `size` scaled to just cover the bucket, keeping its aspect ratio."""
+    (width, height), (bucket_w, bucket_h) = size, bucket
+    scale = max(bucket_w / width, bucket_h / height)
+    return max(bucket_w, round(width * scale)), max(bucket_h, round(height * scale))
+
+
 def prepare_image(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize `img` to just cover the bucket, centre-crop it to the bucket, and make it a model input.
 
@@ -244,9 +251,7 @@ def prepare_image(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, tuple
     if img.mode != "RGB":
         raise ValueError(f"prepare_image needs an RGB image (use load_image), got mode {img.mode}")
     bucket_w, bucket_h = bucket
-    scale = max(bucket_w / img.width, bucket_h / img.height)
-    resized_w = max(bucket_w, round(img.width * scale))
-    resized_h = max(bucket_h, round(img.height * scale))
+    resized_w, resized_h = cover_size(img.size, bucket)
     if (resized_w, resized_h) != img.size:
         img = img.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
     top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2

@@ -68,6 +68,8 @@ class _Sample:
     pixels: torch.Tensor | None  # kept only when colour augmentation re-encodes every step
     latent: torch.Tensor
     latent_flipped: torch.Tensor | None
+    sizes: tuple[int, ...]  # original (h, w), crop (top, left), target (h, w): SDXL's size conditioning
+    sizes_flipped: tuple[int, ...]  # the same with the crop measured in the mirrored image
 
 
 def train(model, settings: TrainSettings, *, output_dir: str | Path | None = None,
@@ -129,14 +131,16 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     clip_skip = settings.effective_clip_skip if family.applies_clip_skip else None
 
     with ExitStack() as stack:
-        guard = stack.enter_context(ModelGuard(model, unet, vae, model.cond_stage_model))
+        guard = stack.enter_context(ModelGuard(model, unet, vae, text_encoder))
         stack.enter_context(_determinism(settings.deterministic and device.type == "cuda"))
         guard.disable_ldm_checkpointing()
         for p in model.parameters():
             p.requires_grad_(False)
         if encode_prompts is None:
             stack.enter_context(family.clip_skip(model, clip_skip))
-            encode_prompts = model.get_learned_conditioning
+            encode_prompts = family.prompt_encoder(model)
+        if train_text:
+            stack.enter_context(family.text_training(model))
         autocast = partial(torch.autocast, device.type, dtype=compute_dtype,
                            enabled=compute_dtype != torch.float32)
 
@@ -153,9 +157,9 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             report(Progress("Encoding captions"))
             with torch.no_grad(), autocast():
                 for caption in sorted({s.item.caption for s in samples}):
-                    cached_cond[caption] = encode_prompts([caption]).float()
-                if len({c.shape[1] for c in cached_cond.values()}) > 1 and "" not in cached_cond:
-                    cached_cond[""] = encode_prompts([""]).float()
+                    cached_cond[caption] = _float(encode_prompts([caption]))
+                if len({_tokens(c) for c in cached_cond.values()}) > 1 and "" not in cached_cond:
+                    cached_cond[""] = _float(encode_prompts([""]))
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -203,7 +207,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 status = "interrupted"
                 break
             batch = [samples[i] for i in next(sampler)]
-            latents = _batch_latents(model, family, batch, settings, aug_gen, device, autocast)
+            latents, sizes = _batch_latents(model, family, batch, settings, aug_gen, device, autocast)
             captions = [s.item.caption for s in batch]
             if settings.shuffle_tags:
                 captions = [ds.shuffle_caption(c, caption_rng, settings.keep_tokens) for c in captions]
@@ -212,6 +216,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                     cond = encode_prompts(captions)
             else:
                 cond = _stack_conditioning([cached_cond[c] for c in captions], cached_cond)
+            cond = family.condition_on_images(model, cond, sizes)
 
             noise = torch.randn(latents.shape, generator=noise_gen).to(device)
             if settings.noise_offset:
@@ -292,9 +297,13 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return sqrt_ab ** 2
 
 
-def _stack_conditioning(conds: list[torch.Tensor], cached: dict[str, torch.Tensor]) -> torch.Tensor:
+def _stack_conditioning(conds: list, cached: dict):
     """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
-    are padded with the empty prompt's chunk (cached under ""), as the host pads cond and uncond."""
+    are padded with the empty prompt's chunk (cached under ""), as the host pads cond and uncond. SDXL's
+    dict conditioning: its token part ("crossattn") is padded so, its per-prompt "vector" only stacked."""
+    if isinstance(conds[0], dict):
+        stacked = _stack_conditioning([c["crossattn"] for c in conds], {"": cached.get("", {}).get("crossattn")})
+        return {"crossattn": stacked, "vector": torch.cat([c["vector"] for c in conds])}
     longest = max(c.shape[1] for c in conds)
     if all(c.shape[1] == longest for c in conds):
         return torch.cat(conds)
@@ -303,43 +312,71 @@ def _stack_conditioning(conds: list[torch.Tensor], cached: dict[str, torch.Tenso
                       for c in conds])
 
 
+def _float(cond):
+    """Cached conditioning in float32 (a tensor, or SDXL's dict of them)."""
+    return {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
+
+
+def _tokens(cond) -> int:
+    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
+
+
 def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:
     """Each image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels."""
-    vae_dtype = next(family.vae(model).parameters()).dtype
     samples = []
     for index, (item, bucket) in enumerate(zip(items, bucket_of)):
         if stop():
             return None
-        pixels, _crop = ds.prepare_image(ds.load_image(item.path), bucket)
+        image = ds.load_image(item.path)
+        pixels, (top, left) = ds.prepare_image(image, bucket)
+        resized_w = ds.cover_size(image.size, bucket)[0]
+        target = (bucket[1], bucket[0])
         with torch.no_grad(), autocast():
-            latent = _encode(model, family, pixels[None], device, vae_dtype, seed + 2 * index)
-            flipped = (_encode(model, family, ds.flip(pixels)[None], device, vae_dtype, seed + 2 * index + 1)
+            latent = _encode(model, family, pixels[None], device, seed + 2 * index)
+            flipped = (_encode(model, family, ds.flip(pixels)[None], device, seed + 2 * index + 1)
                        if settings.flip_aug else None)
-        samples.append(_Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped))
+        samples.append(_Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
+                               (image.height, image.width, top, left, *target),
+                               (image.height, image.width, top, resized_w - left - bucket[0], *target)))
     return samples
 
 
-def _encode(model, family, pixels, device, dtype, seed: int) -> torch.Tensor:
-    """VAE latents; the VAE samples its posterior from the global RNG, so fork it under our own seed."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return family.encode_images(model, pixels.to(device, dtype)).float()
+def _encode(model, family, pixels, device, seed: int) -> torch.Tensor:
+    """VAE latents; the VAE samples its posterior from the global RNG, so fork it under our own seed.
+
+    A VAE in fp16 can overflow to NaN (SDXL's own VAE does, which is why the WebUI has --no-half-vae): then
+    the image is encoded again with the VAE in float32 (ModelGuard puts its dtype back after the run).
+    """
+    vae = family.vae(model)
+    for attempt in ("as loaded", "float32"):
+        if attempt == "float32":
+            vae.float()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autocast(device.type, enabled=attempt == "as loaded" and torch.is_autocast_enabled(device.type)):
+            torch.manual_seed(seed)
+            dtype = next(vae.parameters()).dtype
+            latent = family.encode_images(model, pixels.to(device, dtype)).float()
+        if torch.isfinite(latent).all():
+            return latent
+    raise LohatrainError("the VAE gives NaN or infinite latents for an image even in float32: the checkpoint's "
+                         "VAE may be broken; try another VAE in the WebUI's settings")
 
 
-def _batch_latents(model, family, batch, settings, gen, device, autocast) -> torch.Tensor:
-    """Latents for one batch: cached ones, or (colour augmentation) a fresh VAE pass of the changed pixels."""
-    latents = []
+def _batch_latents(model, family, batch, settings, gen, device, autocast):
+    """Latents and size conditioning for one batch: cached latents, or (colour augmentation) a fresh VAE pass
+    of the changed pixels."""
+    latents, sizes = [], []
     for s in batch:
         flip = settings.flip_aug and torch.rand((), generator=gen).item() < 0.5
+        sizes.append(s.sizes_flipped if flip else s.sizes)
         if settings.color_aug:
             pixels = ds.color_augment(ds.flip(s.pixels) if flip else s.pixels, gen)
-            vae_dtype = next(family.vae(model).parameters()).dtype
             vae_seed = int(torch.randint(2**31, (), generator=gen))
             with torch.no_grad(), autocast():
-                latents.append(_encode(model, family, pixels[None], device, vae_dtype, vae_seed))
+                latents.append(_encode(model, family, pixels[None], device, vae_seed))
         else:
             latents.append(s.latent_flipped if flip else s.latent)
-    return torch.cat(latents)
+    return torch.cat(latents), sizes
 
 
 def _checkpoint_blocks(unet) -> None:

@@ -13,6 +13,10 @@ that is not a module falls back to the module named by the rest (the fused `nn.M
 `…_attn_out_proj` is the attention's `out_proj` Linear. The host changes weights only in layers whose
 forward runs: the attention (never its `out_proj`, whose weight the attention reads directly) takes q, k, v
 into the thirds of `in_proj_weight` and out into `out_proj.weight`, and only when all four are present.
+
+SDXL: UNet keys in the ldm naming only (the `lora_unet` fallback); `lora_te1_text_model_…` lands on CLIP-L
+(`0_transformer_text_model_…`) and `lora_te2_text_model_encoder_layers_N_…` on OpenCLIP-bigG
+(`1_model_transformer_resblocks_N_…`, with the same renaming and fused-attention rule as SD2's).
 """
 from __future__ import annotations
 
@@ -50,15 +54,28 @@ def diffusers_to_compvis(key: str, is_sd2: bool = False) -> str:
             rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
             return f"model_transformer_resblocks_{m[1]}_{rest}"
         return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    if m := re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key):  # SDXL's OpenCLIP-bigG
+        rest = m[2].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
+        return f"1_model_transformer_resblocks_{m[1]}_{rest}"
     return key
 
 
 def module_map(model) -> dict[str, nn.Module]:
-    """The host's `network_layer_mapping`: text encoder (inside `.wrapped` if any) and `model.model`."""
+    """The host's `network_layer_mapping`: text encoder (inside `.wrapped` if any) and `model.model`.
+
+    SDXL (a model with a `conditioner`): each text embedder's modules prefixed by its index, `0_…` (CLIP-L) and
+    `1_…` (OpenCLIP-bigG); in the host they sit in wrappers as `.wrapped`, which a bare embedder stands for.
+    """
     mapping = {}
-    stage = model.cond_stage_model
-    for name, module in getattr(stage, "wrapped", stage).named_modules():
-        mapping[name.replace(".", "_")] = module
+    if hasattr(model, "conditioner"):
+        for i, embedder in enumerate(model.conditioner.embedders):
+            if getattr(embedder, "input_key", None) == "txt":
+                for name, module in getattr(embedder, "wrapped", embedder).named_modules():
+                    mapping[f"{i}_{name.replace('.', '_')}"] = module
+    else:
+        stage = model.cond_stage_model
+        for name, module in getattr(stage, "wrapped", stage).named_modules():
+            mapping[name.replace(".", "_")] = module
     for name, module in model.model.named_modules():
         mapping[name.replace(".", "_")] = module
     return mapping
@@ -77,6 +94,12 @@ def resolve(mapping: dict[str, nn.Module], key: str) -> tuple[str, nn.Module | N
     if module is None and "lora_unet" in key:
         name = key.replace("lora_unet", "diffusion_model")
         module = mapping.get(name)
+    elif module is None and "lora_te1_text_model" in key:
+        for prefix in ("0_transformer_text_model", "transformer_text_model"):
+            name = key.replace("lora_te1_text_model", prefix)
+            module = mapping.get(name)
+            if module is not None:
+                break
     return name, module
 
 

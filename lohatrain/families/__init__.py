@@ -4,9 +4,16 @@ from __future__ import annotations
 from ..errors import LohatrainError
 from .sd1 import SD1
 from .sd2 import SD2
+from .sdxl import SDXL
 
 # Most specific first: SD2 also has everything SD1.matches looks for.
-FAMILIES = (SD2, SD1)
+FAMILIES = (SDXL, SD2, SD1)
+BY_NAME = {f.name: f for f in FAMILIES}
+
+# What a UNet's input channels beyond the 4 latent ones say about the checkpoint.
+_EXTRA_INPUTS = {9: "an inpainting checkpoint (its UNet also takes a mask and a masked image)",
+                 8: "an instruct-pix2pix checkpoint (its UNet also takes the source image)",
+                 5: "a depth-conditioned SD 2 checkpoint (its UNet also takes a depth map)"}
 
 
 def describe(model) -> str:
@@ -16,18 +23,40 @@ def describe(model) -> str:
     if model_type is not None:
         name = getattr(model_type, "name", None) or str(model_type)
         return f"{name} ({kind})"
-    for flag, name in (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_ssd", "SSD-1B"), ("is_sd2", "SD 2.x"),
+    for flag, name in (("is_sd3", "SD3"), ("is_ssd", "SSD-1B"), ("is_sdxl", "SDXL"), ("is_sd2", "SD 2.x"),
                        ("is_sd1", "SD 1.x")):
         if getattr(model, flag, False):
             return f"{name} ({kind})"
     return kind
 
 
+def unsupported_reason(model) -> str | None:
+    """Why a loaded model of a known kind cannot be trained (a variant needing inputs a caption set lacks)."""
+    if getattr(model, "is_sd3", False):
+        return "Stable Diffusion 3 (a different architecture, MMDiT, that LoHa training here does not cover)"
+    if "flux" in describe(model).lower():
+        return "Flux (a different architecture that LoHa training here does not cover)"
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    channels = getattr(unet, "in_channels", 4)
+    if channels in _EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False):
+        return _EXTRA_INPUTS.get(channels, _EXTRA_INPUTS[9])
+    if hasattr(model, "noise_augmentor") or getattr(getattr(model, "model", None), "conditioning_key", "") == "crossattn-adm":
+        return "an unCLIP checkpoint (conditioned on image embeddings, not captions)"
+    conditioner = getattr(model, "conditioner", None)
+    if conditioner is not None and any(getattr(e, "input_key", None) == "aesthetic_score"
+                                       for e in conditioner.embedders):
+        return "the SDXL refiner (it only refines the last denoising steps of a base model's image)"
+    return None
+
+
 def detect(model):
     """The family object for a loaded model, or a clear error naming what cannot be trained."""
-    for family in FAMILIES:
-        if family.matches(model):
-            return family
+    reason = unsupported_reason(model)
+    if reason is None:
+        for family in FAMILIES:
+            if family.matches(model):
+                return family
+        reason = f"a model of a kind it does not know, {describe(model)}"
     raise LohatrainError(
-        f"lohatrain cannot train on the loaded model, {describe(model)}: only Stable Diffusion 1.x and 2.x "
-        "checkpoints are supported so far. Load an SD1.5- or SD2.x-based checkpoint and try again.")
+        f"lohatrain cannot train on the loaded model: it is {reason}. Load a Stable Diffusion 1.x, 2.x or SDXL "
+        "base checkpoint (or a model fine-tuned or merged from one, such as Pony or Illustrious) and try again.")

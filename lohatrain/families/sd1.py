@@ -63,6 +63,12 @@ def _block(prefix: str, sub: int, pos: int, rest: list[str]) -> str | None:
     return None
 
 
+def clip_layers(transformer: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """(file key, Linear) for the attention projections and MLP of every layer of a transformers CLIP."""
+    return [(prefix + path.replace(".", "_"), module) for path, module in transformer.named_modules()
+            if TEXT_LAYER.search(path) and isinstance(module, nn.Linear)]
+
+
 class SD1:
     """The SD1 family. Stateless: every method takes the model object."""
 
@@ -101,9 +107,23 @@ class SD1:
 
     @staticmethod
     def text_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(file key, Linear) for the attention projections and MLP of every CLIP layer."""
-        return [("lora_te_" + path.replace(".", "_"), module) for path, module in text_encoder.named_modules()
-                if TEXT_LAYER.search(path) and isinstance(module, nn.Linear)]
+        return clip_layers(text_encoder, "lora_te_")
+
+    @staticmethod
+    def prompt_encoder(model):
+        """captions → conditioning, when the caller (the WebUI adapter) does not bring its own."""
+        return model.get_learned_conditioning
+
+    @staticmethod
+    def condition_on_images(model, cond, sizes: list[tuple[int, ...]]):
+        """Add what each image contributes to the conditioning (SDXL: its sizes and crop); nothing here."""
+        return cond
+
+    @staticmethod
+    @contextmanager
+    def text_training(model):
+        """Whatever the text path needs to pass gradients to a text-encoder LoHa; nothing here."""
+        yield
 
     @staticmethod
     @contextmanager

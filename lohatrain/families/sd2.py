@@ -27,6 +27,19 @@ from .sd1 import SD1
 OPENCLIP_MLP = {"c_fc": "mlp_fc1", "c_proj": "mlp_fc2"}
 
 
+def openclip_layers(model: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """(file key, module) per residual block of an open_clip text model, in kohya's CLIP names: the fused
+    attention under `…_self_attn` (the network adds `_q_proj`, `_k_proj`, `_v_proj`, `_out_proj`), and the
+    two MLP Linears."""
+    layers = []
+    for i, block in enumerate(model.transformer.resblocks):
+        layer = f"{prefix}text_model_encoder_layers_{i}_"
+        layers.append((layer + "self_attn", block.attn))
+        for name, kohya in OPENCLIP_MLP.items():
+            layers.append((layer + kohya, getattr(block.mlp, name)))
+    return layers
+
+
 def _openclip_model(stage) -> nn.Module | None:
     """The open_clip model of an (optionally host-wrapped) OpenCLIP embedder, or None for anything else."""
     model = getattr(getattr(stage, "wrapped", stage), "model", None)
@@ -62,15 +75,7 @@ class SD2(SD1):
 
     @staticmethod
     def text_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
-        """(file key, module) per residual block: the fused attention under the `…_self_attn` prefix (the
-        network adds `_q_proj`, `_k_proj`, `_v_proj`, `_out_proj`), and the two MLP Linears."""
-        layers = []
-        for i, block in enumerate(text_encoder.transformer.resblocks):
-            prefix = f"lora_te_text_model_encoder_layers_{i}_"
-            layers.append((prefix + "self_attn", block.attn))
-            for name, kohya in OPENCLIP_MLP.items():
-                layers.append((prefix + kohya, getattr(block.mlp, name)))
-        return layers
+        return openclip_layers(text_encoder, "lora_te_")
 
     @staticmethod
     @contextmanager
