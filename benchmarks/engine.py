@@ -419,7 +419,7 @@ def cmd_flops(args) -> None:
         emit(f"preset_{name}_layers", len(preset_plans(unet, preset)))
         emit(f"preset_{name}_loha_parameters", params)
         emit(f"preset_{name}_fp16_file_mb", round(mb, 2))
-        emit(f"preset_{name}_settings_sd15_file_mb", preset.sd15_file_mb)
+        emit(f"preset_{name}_settings_sd15_file_mb", preset.file_mb)
 
     x, t, context = _inputs(1)
     with torch.no_grad():

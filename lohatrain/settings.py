@@ -27,15 +27,36 @@ class Preset:
     alpha: float
     conv_dim: int
     conv_alpha: float
-    sd15_file_mb: float  # fp16 file size (MB) on SD1.5's UNet; checked on a full-size model in tests/test_presets.py
+    file_mb: float  # fp16 file size (MB) on the family's full-size UNet; checked in tests/test_presets.py
 
 
-# Smallest and fastest first. "highest" is the seed's recommendation and the default.
+# Smallest and fastest first. "highest" is the seed's recommendation and the default. SD 1.x and 2.x share
+# them (their UNets' adapted layers differ in size by under 2%; the sizes are SD1.5's).
 PRESETS: dict[str, Preset] = {
     "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 6.8),
     "medium": Preset("Medium: characters", 8, 4, 0, 0, 13.6),
     "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 41.1),
     "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 82.3),
+}
+# SDXL's UNet has about 3x SD1.5's attention (wider, and 10 transformer blocks deep at its lowest level):
+# SD1's ranks would give 180-360 MB files, so SDXL's presets use half the ranks.
+SDXL_PRESETS: dict[str, Preset] = {
+    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 42.6),
+    "medium": Preset("Medium: characters", 8, 4, 0, 0, 85.1),
+    "high": Preset("High: characters with details, styles", 8, 4, 4, 2, 92.7),
+    "highest": Preset("Highest quality: styles and complex concepts", 16, 8, 8, 4, 185.4),
+}
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}  # lohatrain.families' names
+PRESETS_BY_FAMILY = {"sd1": PRESETS, "sd2": PRESETS, "sdxl": SDXL_PRESETS}
+# What else differs by family: its native resolution (and buckets around it), a batch that fits 8 GB with
+# gradient checkpointing, and SDXL's lower learning rate (its batch of 1 makes each step noisier).
+FAMILY_DEFAULTS = {
+    "sd1": {"resolution": 512, "bucket_min_side": 256, "bucket_max_side": 1024, "batch_size": 4,
+            "learning_rate": 1e-3},
+    "sd2": {"resolution": 768, "bucket_min_side": 384, "bucket_max_side": 1536, "batch_size": 2,
+            "learning_rate": 1e-3},
+    "sdxl": {"resolution": 1024, "bucket_min_side": 512, "bucket_max_side": 2048, "batch_size": 1,
+             "learning_rate": 5e-4},
 }
 DEFAULT_PRESET = "highest"
 CUSTOM_PRESET = "custom"
@@ -97,14 +118,20 @@ class TrainSettings:
     preview_prompts: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainSettings":
-        """Build from JSON-like data; a preset fills the sizes it sets unless they are given explicitly."""
+    def defaults_for(cls, family: str) -> "TrainSettings":
+        """The defaults for a model family ("sd1", "sd2", "sdxl"): its resolution, batch, rate and presets."""
+        return dataclasses.replace(cls(), **FAMILY_DEFAULTS[family]).with_preset(DEFAULT_PRESET, family)
+
+    @classmethod
+    def from_dict(cls, data: dict, family: str = "sd1") -> "TrainSettings":
+        """Build from JSON-like data; what it leaves out comes from the family's defaults, and a preset (of
+        the family's) fills the sizes it sets unless they are given explicitly."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise SettingsError([f"unknown setting {k!r}" for k in unknown])
-        data = dict(data)
-        preset = PRESETS.get(data.get("network_preset", DEFAULT_PRESET))
+        data = {**FAMILY_DEFAULTS[family], **data}
+        preset = PRESETS_BY_FAMILY[family].get(data.get("network_preset", DEFAULT_PRESET))
         if preset is not None:
             for key in ("dim", "alpha", "conv_dim", "conv_alpha"):
                 data.setdefault(key, getattr(preset, key))
@@ -114,9 +141,9 @@ class TrainSettings:
         settings.validate()
         return settings
 
-    def with_preset(self, preset_name: str) -> "TrainSettings":
-        """A copy with the preset's sizes applied."""
-        preset = PRESETS[preset_name]
+    def with_preset(self, preset_name: str, family: str = "sd1") -> "TrainSettings":
+        """A copy with the (family's) preset's sizes applied."""
+        preset = PRESETS_BY_FAMILY[family][preset_name]
         return dataclasses.replace(self, network_preset=preset_name, dim=preset.dim, alpha=preset.alpha,
                                    conv_dim=preset.conv_dim, conv_alpha=preset.conv_alpha)
 
@@ -127,7 +154,7 @@ class TrainSettings:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainSettings":
+    def load(cls, path: str | Path, family: str = "sd1") -> "TrainSettings":
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -136,7 +163,7 @@ class TrainSettings:
             raise SettingsError([f"settings file {path} is not valid JSON: {e}"]) from None
         if not isinstance(data, dict):
             raise SettingsError([f"settings file {path} must hold a JSON object"])
-        return cls.from_dict(data)
+        return cls.from_dict(data, family)
 
     @property
     def effective_clip_skip(self) -> int | None:

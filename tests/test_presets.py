@@ -1,4 +1,4 @@
-"""The network presets' advertised SD1.5 file sizes, checked on a full-size SD1.5 UNet built on the meta device
+"""The network presets' advertised file sizes, checked on full-size SD1.5 and SDXL UNets built on the meta device
 (shapes only: no weights, no memory, milliseconds to build)."""
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import lohatrain.demo  # noqa: F401  (before ldm: installs the torchvision stand-in)
+from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet
 from lohatrain.families.sd1 import SD1
+from lohatrain.families.sdxl import SDXL
 from lohatrain.network import LohaNetwork, count_parameters, plan_unet
-from lohatrain.settings import PRESETS
+from lohatrain.settings import FAMILY_DEFAULTS, PRESETS, PRESETS_BY_FAMILY, SDXL_PRESETS, TrainSettings
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -31,30 +33,62 @@ def sd15_unet():
     return unet
 
 
-def plans_for(unet, preset):
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    f = FULL_SDXL
+    with torch.device("meta"):
+        unet = SDXLUNet(f["model_channels"], f["channel_mult"], f["transformer_depth"],
+                        f["clip_l"]["hidden_size"] + f["bigg"]["width"], f["bigg"]["width"] + 6 * f["size_dim"],
+                        f["num_head_channels"])
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base's UNet
+    return unet
+
+
+def plans_for(unet, preset, family=SD1):
     # UNet only: the presets leave the text encoder untrained (text_encoder_lr defaults to 0).
-    return plan_unet(SD1, unet, preset.dim, preset.alpha, preset.conv_dim, preset.conv_alpha)
+    return plan_unet(family, unet, preset.dim, preset.alpha, preset.conv_dim, preset.conv_alpha)
 
 
-def fp16_file_mb(unet, preset) -> float:
+def fp16_file_mb(unet, preset, family=SD1) -> float:
     """LoHa parameters (alpha scalars included) x 2 bytes: the tensor data of an fp16 file."""
-    return count_parameters(plans_for(unet, preset)) * 2 / MB
+    return count_parameters(plans_for(unet, preset, family)) * 2 / MB
 
 
+@pytest.fixture
+def full_unet(request):
+    return request.getfixturevalue(request.param)
+
+
+CASES = [("sd15_unet", PRESETS, SD1), ("sdxl_unet", SDXL_PRESETS, SDXL)]
+
+
+@pytest.mark.parametrize("full_unet,presets,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
 @pytest.mark.parametrize("name", ORDER)
-def test_advertised_file_size_matches_a_full_size_sd15_unet(sd15_unet, name):
-    preset = PRESETS[name]
-    actual = fp16_file_mb(sd15_unet, preset)
-    assert preset.sd15_file_mb == pytest.approx(actual, rel=0.05), (
-        f"{name}: settings say {preset.sd15_file_mb} MB, an SD1.5 fp16 file holds {actual:.1f} MB")
+def test_advertised_file_size_matches_a_full_size_unet(full_unet, presets, family, name):
+    preset = presets[name]
+    actual = fp16_file_mb(full_unet, preset, family)
+    assert preset.file_mb == pytest.approx(actual, rel=0.05), (
+        f"{name}: settings say {preset.file_mb} MB, a full-size fp16 file holds {actual:.1f} MB")
 
 
-def test_presets_grow_strictly_from_small_to_highest(sd15_unet):
-    assert list(PRESETS) == ORDER
-    computed = [fp16_file_mb(sd15_unet, PRESETS[n]) for n in ORDER]
-    advertised = [PRESETS[n].sd15_file_mb for n in ORDER]
+@pytest.mark.parametrize("full_unet,presets,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
+def test_presets_grow_strictly_from_small_to_highest(full_unet, presets, family):
+    assert list(presets) == ORDER
+    computed = [fp16_file_mb(full_unet, presets[n], family) for n in ORDER]
+    advertised = [presets[n].file_mb for n in ORDER]
     assert all(a < b for a, b in zip(computed, computed[1:])), computed
     assert all(a < b for a, b in zip(advertised, advertised[1:])), advertised
+
+
+def test_family_defaults_and_presets_fill_what_the_user_leaves_out(tmp_path):
+    xl = TrainSettings.defaults_for("sdxl")
+    assert (xl.resolution, xl.batch_size, xl.dim, xl.conv_dim) == (1024, 1, 16, 8)
+    assert TrainSettings.defaults_for("sd1") == TrainSettings()
+    given = {"dataset_dir": str(tmp_path), "network_preset": "high", "learning_rate": 2e-4}
+    from_json = TrainSettings.from_dict(given, family="sdxl")
+    assert (from_json.dim, from_json.conv_dim, from_json.network_preset) == (8, 4, "high")
+    assert from_json.resolution == FAMILY_DEFAULTS["sdxl"]["resolution"] and from_json.learning_rate == 2e-4
+    assert TrainSettings.from_dict(given).dim == PRESETS_BY_FAMILY["sd1"]["high"].dim == 16
 
 
 def test_parameter_count_is_what_the_network_saves(sd15_unet):

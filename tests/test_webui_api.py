@@ -157,7 +157,7 @@ def test_a_lora_the_user_had_applied_is_taken_off_and_can_be_applied_again(webui
 def test_presets_route(webui_server):
     presets = httpx.get(f"{webui_server.url}/lohatrain/v1/presets").json()
     assert list(presets) == ["small", "medium", "high", "highest"]
-    assert presets["highest"]["dim"] == 32 and presets["small"]["sd15_file_mb"] < presets["highest"]["sd15_file_mb"]
+    assert presets["highest"]["dim"] == 32 and presets["small"]["file_mb"] < presets["highest"]["file_mb"]
 
 
 @pytest.mark.parametrize("flag", ["lowvram", "medvram"])

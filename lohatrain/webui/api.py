@@ -1,9 +1,10 @@
 """REST routes on the WebUI's FastAPI app; they call the same JobRunner as the tab.
 
-POST /lohatrain/v1/train      body: settings JSON (engine names) → {"job_id"}; 409 busy; 422 every bad value
+POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves out: the loaded model family's
+                              defaults) → {"job_id"}; 409 busy; 422 every bad value
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message, preview
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}
-GET  /lohatrain/v1/presets    the network presets
+GET  /lohatrain/v1/presets    the network presets for the loaded model's family (sizes, fp16 file MB)
 GET  /lohatrain/v1/preview    the latest preview image (PNG)
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
-from ..settings import PRESETS, SettingsError, TrainSettings
+from ..settings import PRESETS_BY_FAMILY, SettingsError, TrainSettings
 from . import host
 
 PREFIX = "/lohatrain/v1"
@@ -27,7 +28,8 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         if not isinstance(body, dict):
             return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
         try:
-            settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())})
+            settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
+                                               family=host.loaded_family())
             host.check_paths(settings)
             host.check_memory_mode()
             job_id = runner.start(settings)
@@ -54,8 +56,10 @@ def register(app: FastAPI, runner: JobRunner) -> None:
 
     @app.get(f"{PREFIX}/presets")
     def presets():
+        family = host.loaded_family()
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
-                      "conv_alpha": p.conv_alpha, "sd15_file_mb": p.sd15_file_mb} for key, p in PRESETS.items()}
+                      "conv_alpha": p.conv_alpha, "file_mb": p.file_mb, "family": family}
+                for key, p in PRESETS_BY_FAMILY[family].items()}
 
     @app.get(f"{PREFIX}/preview")
     def preview():

@@ -44,13 +44,19 @@ def model_summary() -> dict:
     m = shared.sd_model
     info = getattr(m, "sd_checkpoint_info", None)
     try:
-        family = detect(m).label
-        problem = None
+        found = detect(m)
+        family, family_name, problem = found.label, found.name, None
     except LohatrainError as e:
-        family, problem = None, str(e)
+        family, family_name, problem = None, None, str(e)
     return {"name": getattr(info, "name_for_extra", None) or getattr(info, "name", "unknown"),
             "title": getattr(info, "title", ""), "hash": getattr(info, "shorthash", None) or "",
-            "family": family, "problem": problem}
+            "family": family, "family_name": family_name, "problem": problem}
+
+
+def loaded_family() -> str:
+    """The loaded model's family name ("sd1", "sd2", "sdxl"), for defaults; SD1's when it cannot be trained
+    (training refuses it anyway, with the reason)."""
+    return model_summary()["family_name"] or "sd1"
 
 
 def checkpoint_titles() -> list[str]:

@@ -13,12 +13,15 @@ import gradio as gr
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import JobRunner
-from ..settings import CUSTOM_PRESET, DTYPES, PRESETS, SCHEDULERS, TrainSettings, check_file_name
+from ..settings import (CUSTOM_PRESET, DTYPES, FAMILY_LABELS, PRESETS_BY_FAMILY, SCHEDULERS, TrainSettings,
+                        check_file_name)
 from . import host
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
-PRESET_LABELS = {key: f"{p.label} (~{p.sd15_file_mb:g} MB on SD1.5)" for key, p in PRESETS.items()}
-PRESET_LABELS[CUSTOM_PRESET] = "Custom (set the sizes below)"
+CUSTOM_LABEL = "Custom (set the sizes below)"
+# Fields whose default depends on the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
+FAMILY_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "resolution", "batch_size",
+                 "learning_rate", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = host.EXTENSION_DIR / "presets"
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
@@ -35,7 +38,7 @@ INT_FIELDS = {"dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size
 def settings_from_form(values: list) -> TrainSettings:
     """Form values → validated settings (raises SettingsError listing every bad value)."""
     data = dict(zip(FIELDS, values))
-    data["network_preset"] = _key_for(PRESET_LABELS, data["network_preset"])
+    data["network_preset"] = _preset_key(data["network_preset"])
     data["caption_mode"] = _key_for(CAPTION_LABELS, data["caption_mode"])
     for key in INT_FIELDS:
         value = data[key]
@@ -43,7 +46,8 @@ def settings_from_form(values: list) -> TrainSettings:
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
     data["output_dir"] = str(host.lora_dir())
-    return TrainSettings.from_dict(data)  # sizes that differ from the chosen preset make it "custom"
+    # sizes that differ from the chosen preset make it "custom"
+    return TrainSettings.from_dict(data, family=host.loaded_family())
 
 
 def form_values(settings: TrainSettings) -> list:
@@ -52,7 +56,7 @@ def form_values(settings: TrainSettings) -> list:
     for key in FIELDS:
         value = getattr(settings, key)
         if key == "network_preset":
-            value = PRESET_LABELS[value]
+            value = preset_labels(host.loaded_family())[value]
         elif key == "caption_mode":
             value = CAPTION_LABELS[value]
         elif key == "preview_prompts":
@@ -65,6 +69,21 @@ def form_values(settings: TrainSettings) -> list:
 
 def _key_for(labels: dict, label):
     return next((k for k, v in labels.items() if v == label), label)
+
+
+def preset_labels(family: str) -> dict[str, str]:
+    """Preset key → dropdown label, with the file size on the family's full-size model."""
+    labels = {key: f"{p.label} (~{p.file_mb:g} MB on {FAMILY_LABELS[family]})"
+              for key, p in PRESETS_BY_FAMILY[family].items()}
+    return {**labels, CUSTOM_PRESET: CUSTOM_LABEL}
+
+
+def _preset_key(label):
+    for family in PRESETS_BY_FAMILY:
+        key = _key_for(preset_labels(family), label)
+        if key != label:
+            return key
+    return label
 
 
 def _message(text: str, kind: str = "info") -> str:
@@ -116,8 +135,7 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
 
 
 def preset_sizes(label):
-    key = _key_for(PRESET_LABELS, label)
-    p = PRESETS.get(key)
+    p = PRESETS_BY_FAMILY[host.loaded_family()].get(_preset_key(label))
     if p is None:
         return [gr.update()] * 4
     return [p.dim, p.alpha, p.conv_dim, p.conv_alpha]
@@ -151,16 +169,34 @@ def load_preset(preset_name):
     return [_message(f"Loaded {preset_name}.")] + form_values(settings)
 
 
+def family_values(family: str) -> list:
+    """FAMILY_FIELDS' values for a family's defaults (the preset dropdown with that family's labels)."""
+    d = TrainSettings.defaults_for(family)
+    labels = preset_labels(family)
+    return [gr.update(choices=list(labels.values()), value=labels[d.network_preset])] + [
+        getattr(d, key) for key in FAMILY_FIELDS[1:]]
+
+
 def load_checkpoint(title):
+    """Load through the host; when the family changes (say SD1 → SDXL), the family's defaults replace the
+    sizes, resolution, batch and rate, and the message says so."""
+    before = host.loaded_family()
     try:
         host.load_checkpoint(title)
     except LohatrainError as e:
-        return _model_markdown(), _message(str(e), "error")
-    return _model_markdown(), _message(f"Loaded {title}.")
+        return [_model_markdown(), _message(str(e), "error")] + [gr.update()] * len(FAMILY_FIELDS)
+    after = host.loaded_family()
+    if after == before:
+        return [_model_markdown(), _message(f"Loaded {title}.")] + [gr.update()] * len(FAMILY_FIELDS)
+    return [_model_markdown(), _message(
+        f"Loaded {title}. It is an {FAMILY_LABELS[after]} model: network size, resolution, batch size and "
+        f"learning rate are now {FAMILY_LABELS[after]}'s defaults.")] + family_values(after)
 
 
 def build_tab(runner: JobRunner) -> gr.Blocks:
-    d = TrainSettings()
+    family = host.loaded_family()
+    d = TrainSettings.defaults_for(family)
+    labels = preset_labels(family)
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id="lohatrain_tab"):
             with gr.Column(scale=3, elem_id="lohatrain_form"):
@@ -174,7 +210,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                     refresh_ckpt = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
                     load_ckpt = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
                 with gr.Row():
-                    preset = gr.Dropdown(list(PRESET_LABELS.values()), value=PRESET_LABELS[d.network_preset],
+                    preset = gr.Dropdown(list(labels.values()), value=labels[d.network_preset],
                                          label="Network preset", elem_id="lohatrain_preset")
                     clip_skip = gr.Slider(1, 12, step=1, value=host.host_clip_skip(), label="CLIP skip",
                                           elem_id="lohatrain_clip_skip")
@@ -267,7 +303,9 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
                                         bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
-        load_ckpt.click(load_checkpoint, [ckpt], [model_md, message])
+        load_ckpt.click(load_checkpoint, [ckpt], [model_md, message, preset, dim, alpha, conv_dim, conv_alpha,
+                                                  resolution, batch_size, learning_rate, bucket_min_side,
+                                                  bucket_max_side])
         refresh_ckpt.click(lambda: gr.update(choices=host.checkpoint_titles()), [], [ckpt])
         save_btn.click(save_preset, [preset_name, *form], [message, saved])
         load_btn.click(load_preset, [saved], [message, *form])
