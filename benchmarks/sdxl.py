@@ -1,0 +1,153 @@
+"""SDXL figures without a GPU: FLOPs and a memory estimate of one training step at 1024 px, batch 1.
+
+    .venv/bin/python benchmarks/sdxl.py [--preset highest] [--no-checkpointing]
+
+Prints one `name: value` per line. Everything runs on the meta device (shapes only: no weights, no memory,
+seconds), on a full-size SDXL base UNet (`lohatrain.demo_sdxl.FULL_SDXL`, 2,567,463,684 parameters, as
+sd_xl_base.yaml builds it) with the preset's LoHa attached as the trainer attaches it.
+
+- FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions, forward and backward).
+- Memory, in fp16 as trained on a GPU: the UNet's weights (exact: parameters x 2 bytes), the LoHa's training
+  state (exact: fp32 parameters, gradients and AdamW's two moments, 16 bytes per parameter), and the peak of
+  the tensors a step creates (activations, saved tensors, ΔW, gradients), tracked with a dispatch mode that
+  adds each new tensor's bytes and subtracts them when it is freed. The step runs with ldm's attention, which
+  materialises the attention scores; the WebUI's default SDPA attention on a GPU does not, so the activation
+  figure is an upper bound. The VAE and both text encoders are off the GPU while the UNet trains (cached
+  latents and captions), so they do not count. CUDA's own context (~0.3-0.5 GB) and allocator slack do not
+  show here: this is an estimate, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import weakref
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries only figures
+    import lohatrain.demo  # noqa: F401  (first: sets up ldm's imports)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lohatrain import trainer  # noqa: E402
+from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet  # noqa: E402
+from lohatrain.families.sdxl import SDXL  # noqa: E402
+from lohatrain.network import LohaNetwork, count_parameters, plan_unet  # noqa: E402
+from lohatrain.settings import SDXL_PRESETS  # noqa: E402
+
+GB = 1e9
+
+
+def emit(name: str, value) -> None:
+    print(f"{name}: {value}", flush=True)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created inside it that are still alive, and their peak. A view or an in-place
+    result shares its input's storage and is not counted again."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
+                size = t.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def sdxl_unet_on_meta(dtype: torch.dtype = torch.float16) -> SDXLUNet:
+    import ldm.modules.attention
+
+    ldm.modules.attention._ATTN_PRECISION = "fp16"  # its fp32 path relies on CUDA autocast, absent on meta
+    f = FULL_SDXL
+    with torch.device("meta"):
+        unet = SDXLUNet(f["model_channels"], f["channel_mult"], f["transformer_depth"],
+                        f["clip_l"]["hidden_size"] + f["bigg"]["width"], f["bigg"]["width"] + 6 * f["size_dim"],
+                        f["num_head_channels"])
+    unet.to(dtype).requires_grad_(False)
+    for m in unet.modules():  # as ModelGuard.disable_ldm_checkpointing
+        for flag in ("checkpoint", "use_checkpoint"):
+            if isinstance(m.__dict__.get(flag), bool):
+                setattr(m, flag, False)
+    return unet
+
+
+def step_inputs(batch: int, resolution: int, dtype: torch.dtype):
+    latent = resolution // 8
+    return (torch.empty(batch, 4, latent, latent, device="meta", dtype=dtype),
+            torch.zeros(batch, dtype=torch.long, device="meta"),
+            torch.empty(batch, 77, 2048, device="meta", dtype=dtype),
+            torch.empty(batch, 2816, device="meta", dtype=dtype))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="highest", choices=list(SDXL_PRESETS))
+    parser.add_argument("--no-checkpointing", action="store_true", help="without gradient checkpointing")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    preset = SDXL_PRESETS[args.preset]
+    checkpointing = not args.no_checkpointing
+    emit("mode", f"full-size SDXL base UNet on meta, {args.resolution} px, batch {args.batch}, fp16, "
+                 f"preset {args.preset}, gradient checkpointing {'on' if checkpointing else 'off'}")
+    unet = sdxl_unet_on_meta()
+    weights = sum(p.numel() for p in unet.parameters())
+    plans = plan_unet(SDXL, unet, preset.dim, preset.alpha, preset.conv_dim, preset.conv_alpha)
+    loha = count_parameters(plans)
+    emit("unet_parameters", weights)
+    emit("loha_layers", len(plans))
+    emit("loha_parameters", loha)
+    emit("loha_fp16_file_mb", round(loha * 2 / 1e6, 1))
+    x, t, context, y = step_inputs(args.batch, args.resolution, torch.float16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, t, context=context, y=y)
+    forward = counter.get_total_flops()
+    emit("forward_tflops", round(forward / 1e12, 2))
+
+    # lycoris calls .item() while building a conv LoHa, which meta refuses: build on the CPU, then move.
+    network = LohaNetwork(plans, seed=0).to("meta")
+    network.attach()
+    if checkpointing:
+        trainer._checkpoint_blocks(unet)
+
+    def step():
+        out = unet(x, t, context=context, y=y)
+        F.mse_loss(out.float(), torch.empty_like(out, dtype=torch.float32)).backward()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    emit("training_step_tflops", round(counter.get_total_flops() / 1e12, 2))
+    emit("training_step_over_forward", round(counter.get_total_flops() / forward, 2))
+    for p in network.parameters():
+        p.grad = None
+    with LiveBytes() as tracker:
+        step()
+    network.detach()
+    weights_gb, state_gb, activations_gb = weights * 2 / GB, loha * 16 / GB, tracker.peak / GB
+    emit("unet_fp16_weights_gb", round(weights_gb, 2))
+    emit("loha_training_state_gb", round(state_gb, 2))
+    emit("step_tensors_peak_gb_upper_bound", round(activations_gb, 2))
+    emit("estimated_peak_gb", round(weights_gb + state_gb + activations_gb, 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
