@@ -2,6 +2,7 @@
 
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
+    python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
 """
 from __future__ import annotations
 
@@ -41,12 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--output-dir", type=Path, help="where the .safetensors goes (overrides the config)")
     t.add_argument("--seed", type=int)
     t.add_argument("--steps", type=int)
+    t.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1", help="which tiny model (default sd1)")
     args = parser.parse_args(argv)
 
     if not args.demo:
         parser.error("training on a checkpoint file outside the WebUI is not available yet: "
                      "add --demo, or train from the WebUI's LoHa tab")
-    from .demo import build_tiny_sd1, make_sample_dataset
+    from .demo import build_tiny_sd1, build_tiny_sd2, make_sample_dataset
+
+    def build_model():
+        if args.family == "sdxl":
+            from .demo_sdxl import build_tiny_sdxl
+            return build_tiny_sdxl()
+        return build_tiny_sd2() if args.family == "sd2" else build_tiny_sd1()
 
     try:
         with tempfile.TemporaryDirectory(prefix="lohatrain-demo-") as tmp:
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.output_dir:
                 overrides["output_dir"] = str(args.output_dir)
             settings = TrainSettings.from_dict({**settings.to_dict(), **overrides})
-            result = train(build_tiny_sd1(), settings, model_name="lohatrain-tiny-demo", on_progress=_print_progress)
+            result = train(build_model(), settings, model_name=f"lohatrain-tiny-{args.family}-demo",
+                           on_progress=_print_progress)
     except LohatrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -311,3 +311,13 @@ def test_model_is_left_exactly_as_found(sdxl_model, sample_dataset, tmp_path, en
             train(sdxl_model, s, on_step=on_step)
     assert model_state(sdxl_model) == before
     assert [e.is_trainable for e in sdxl_model.conditioner.embedders] == trainable
+
+
+def test_command_line_demo_trains_the_tiny_sdxl_model(tmp_path, capsys):
+    from lohatrain.__main__ import main
+
+    assert main(["train", "--demo", "--family", "sdxl", "--output-dir", str(tmp_path), "--steps", "3"]) == 0
+    assert "done: 3 steps" in capsys.readouterr().out
+    with safe_open(tmp_path / "demo-loha.safetensors", "pt") as f:
+        assert f.metadata()["ss_base_model_version"].startswith("sdxl_")
+        assert f.metadata()["ss_sd_model_name"] == "lohatrain-tiny-sdxl-demo"
