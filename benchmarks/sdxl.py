@@ -10,11 +10,12 @@ sd_xl_base.yaml builds it) with the preset's LoHa attached as the trainer attach
 - Memory, in fp16 as trained on a GPU: the UNet's weights (exact: parameters x 2 bytes), the LoHa's training
   state (exact: fp32 parameters, gradients and AdamW's two moments, 16 bytes per parameter), and the peak of
   the tensors a step creates (activations, saved tensors, ΔW, gradients), tracked with a dispatch mode that
-  adds each new tensor's bytes and subtracts them when it is freed. The step runs with ldm's attention, which
-  materialises the attention scores; the WebUI's default SDPA attention on a GPU does not, so the activation
-  figure is an upper bound. The VAE and both text encoders are off the GPU while the UNet trains (cached
-  latents and captions), so they do not count. CUDA's own context (~0.3-0.5 GB) and allocator slack do not
-  show here: this is an estimate, not a measurement.
+  adds each new tensor's bytes and subtracts them when it is freed. Attention is counted two ways: ldm's own
+  (it stores the scores: an upper bound), and fused, as the WebUI runs it on a GPU (SDPA or xformers keep
+  only the output and a log-sum-exp per query; on the meta device torch's SDPA takes its unfused path, so the
+  fused kernel's allocations are written out by hand). The VAE and both text encoders are off the GPU while the
+  UNet trains (cached latents and captions), so they do not count. CUDA's own context (~0.3-0.5 GB) and
+  allocator slack do not show here: this is an estimate, not a measurement.
 """
 from __future__ import annotations
 
@@ -70,6 +71,32 @@ class LiveBytes(TorchDispatchMode):
 
     def _free(self, size: int) -> None:
         self.live -= size
+
+
+class _FusedAttentionMemory(torch.autograd.Function):
+    """What a fused attention kernel (flash / memory-efficient SDPA) allocates, without its arithmetic: the
+    output and a float32 log-sum-exp per query, saved for backward; q, k, v gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def fused_attention_forward(self, x, context=None, mask=None):
+    """ldm's CrossAttention with fused attention, as the WebUI's SDPA optimisation replaces its forward."""
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+    out = _FusedAttentionMemory.apply(q, k, v)
+    return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 def sdxl_unet_on_meta(dtype: torch.dtype = torch.float16) -> SDXLUNet:
@@ -136,16 +163,28 @@ def main(argv=None) -> int:
         step()
     emit("training_step_tflops", round(counter.get_total_flops() / 1e12, 2))
     emit("training_step_over_forward", round(counter.get_total_flops() / forward, 2))
-    for p in network.parameters():
-        p.grad = None
-    with LiveBytes() as tracker:
-        step()
+    import ldm.modules.attention
+
+    peaks = {}
+    for attention in ("ldm", "fused"):
+        for p in network.parameters():
+            p.grad = None
+        with contextlib.ExitStack() as stack:
+            if attention == "fused":
+                cls = ldm.modules.attention.CrossAttention
+                stack.callback(setattr, cls, "forward", cls.forward)
+                cls.forward = fused_attention_forward
+            with LiveBytes() as tracker:
+                step()
+        peaks[attention] = tracker.peak / GB
     network.detach()
-    weights_gb, state_gb, activations_gb = weights * 2 / GB, loha * 16 / GB, tracker.peak / GB
+    weights_gb, state_gb = weights * 2 / GB, loha * 16 / GB
     emit("unet_fp16_weights_gb", round(weights_gb, 2))
     emit("loha_training_state_gb", round(state_gb, 2))
-    emit("step_tensors_peak_gb_upper_bound", round(activations_gb, 2))
-    emit("estimated_peak_gb", round(weights_gb + state_gb + activations_gb, 2))
+    emit("step_tensors_peak_gb_ldm_attention", round(peaks["ldm"], 2))
+    emit("step_tensors_peak_gb_fused_attention", round(peaks["fused"], 2))
+    emit("estimated_peak_gb_ldm_attention", round(weights_gb + state_gb + peaks["ldm"], 2))
+    emit("estimated_peak_gb", round(weights_gb + state_gb + peaks["fused"], 2))
     return 0
 
 
