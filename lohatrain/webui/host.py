@@ -189,8 +189,11 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
         if not every or (step % every and step != settings.steps):
             return
         saved = (shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps)
-        vae, vae_device = sd_model.first_stage_model, next(sd_model.first_stage_model.parameters()).device
-        vae.to(next(sd_model.model.parameters()).device)
+        # The trainer moved the VAE and (with cached captions) the text encoders off the GPU; txt2img needs them.
+        parts = [sd_model.first_stage_model, detect(sd_model).text_encoder(sd_model)]
+        part_devices = [next(part.parameters()).device for part in parts]
+        for part in parts:
+            part.to(next(sd_model.model.parameters()).device)
         try:
             # The checkpoint is pinned: a new choice in the quick settings must not load into this model.
             p = processing.StableDiffusionProcessingTxt2Img(
@@ -201,7 +204,8 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
             p.disable_extra_networks = True
             images = processing.process_images(p).images
         finally:
-            vae.to(vae_device)
+            for part, device in zip(parts, part_devices):
+                part.to(device)
             shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps = saved
         if not images:  # interrupted while sampling: the run stops after this step anyway
             return
