@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from . import dataset as ds
@@ -157,9 +158,10 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             report(Progress("Encoding captions"))
             with torch.no_grad(), autocast():
                 for caption in sorted({s.item.caption for s in samples}):
-                    cached_cond[caption] = _float(encode_prompts([caption]))
-                if len({_tokens(c) for c in cached_cond.values()}) > 1 and "" not in cached_cond:
-                    cached_cond[""] = _float(encode_prompts([""]))
+                    cached_cond[caption] = tree_map(lambda t: t.float(), encode_prompts([caption]))
+                shapes = {tuple(t.shape for t in tree_leaves(c)) for c in cached_cond.values()}
+                if len(shapes) > 1 and "" not in cached_cond:  # captions past 75 tokens: pad with the empty one
+                    cached_cond[""] = tree_map(lambda t: t.float(), encode_prompts([""]))
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -215,7 +217,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 with torch.set_grad_enabled(train_text), autocast():
                     cond = encode_prompts(captions)
             else:
-                cond = _stack_conditioning([cached_cond[c] for c in captions], cached_cond)
+                cond = family.stack_conditioning([cached_cond[c] for c in captions], cached_cond.get(""))
             cond = family.condition_on_images(model, cond, sizes)
 
             noise = torch.randn(latents.shape, generator=noise_gen).to(device)
@@ -295,30 +297,6 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     return sqrt_ab ** 2
-
-
-def _stack_conditioning(conds: list, cached: dict):
-    """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
-    are padded with the empty prompt's chunk (cached under ""), as the host pads cond and uncond. SDXL's
-    dict conditioning: its token part ("crossattn") is padded so, its per-prompt "vector" only stacked."""
-    if isinstance(conds[0], dict):
-        stacked = _stack_conditioning([c["crossattn"] for c in conds], {"": cached.get("", {}).get("crossattn")})
-        return {"crossattn": stacked, "vector": torch.cat([c["vector"] for c in conds])}
-    longest = max(c.shape[1] for c in conds)
-    if all(c.shape[1] == longest for c in conds):
-        return torch.cat(conds)
-    empty = cached[""]
-    return torch.cat([torch.cat([c, empty.repeat(1, (longest - c.shape[1]) // empty.shape[1], 1)], dim=1)
-                      for c in conds])
-
-
-def _float(cond):
-    """Cached conditioning in float32 (a tensor, or SDXL's dict of them)."""
-    return {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
-
-
-def _tokens(cond) -> int:
-    return (cond["crossattn"] if isinstance(cond, dict) else cond).shape[1]
 
 
 def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:

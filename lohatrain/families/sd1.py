@@ -115,6 +115,16 @@ class SD1:
         return model.get_learned_conditioning
 
     @staticmethod
+    def stack_conditioning(conds: list[torch.Tensor], empty: torch.Tensor | None) -> torch.Tensor:
+        """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
+        are padded with the empty caption's chunk (cached whenever lengths differ), as the host pads cond and
+        uncond to the same length."""
+        longest = max(c.shape[1] for c in conds)
+        return torch.cat([c if c.shape[1] == longest else
+                          torch.cat([c, empty.repeat(1, (longest - c.shape[1]) // empty.shape[1], 1)], dim=1)
+                          for c in conds])
+
+    @staticmethod
     def condition_on_images(model, cond, sizes: list[tuple[int, ...]]):
         """Add what each image contributes to the conditioning (SDXL: its sizes and crop); nothing here."""
         return cond

@@ -92,6 +92,12 @@ class SDXL(SD1):
         return encode
 
     @staticmethod
+    def stack_conditioning(conds: list[dict], empty: dict | None) -> dict:
+        """Token parts padded to the longest caption as SD1's; the per-prompt vectors only stacked."""
+        crossattn = SD1.stack_conditioning([c["crossattn"] for c in conds], empty and empty["crossattn"])
+        return {"crossattn": crossattn, "vector": torch.cat([c["vector"] for c in conds])}
+
+    @staticmethod
     def condition_on_images(model, cond: dict, sizes: list[tuple[int, ...]]) -> dict:
         """Each image's (original h, w, crop top, left, target h, w), embedded by the conditioner's own size
         embedders, replaces the size part at the end of the vector."""
