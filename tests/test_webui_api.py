@@ -168,6 +168,18 @@ def test_low_memory_modes_are_refused_with_the_reason(webui_server, monkeypatch,
     assert not (webui_server.lora_dir / "lowmem.safetensors").exists()
 
 
+def test_medvram_sdxl_is_refused_only_while_an_sdxl_model_is_loaded(webui_server, monkeypatch):
+    from lohatrain.demo_sdxl import build_tiny_sdxl
+    from lohatrain.errors import LohatrainError
+    from lohatrain.webui import host
+
+    monkeypatch.setattr(shared.cmd_opts, "medvram_sdxl", True)
+    host.check_memory_mode()  # an SD1 model: the host does not swap it under --medvram-sdxl
+    monkeypatch.setattr(shared, "sd_model", build_tiny_sdxl(0))
+    with pytest.raises(LohatrainError, match="--medvram-sdxl with an SDXL model loaded"):
+        host.check_memory_mode()
+
+
 def test_network_exposed_webui_keeps_datasets_inside_its_folder(webui_server, monkeypatch, tmp_path):
     monkeypatch.setattr(shared.cmd_opts, "listen", True)
     monkeypatch.setattr(shared.cmd_opts, "gradio_auth", None)

@@ -153,18 +153,58 @@ def test_base_model_dropdown_loads_another_checkpoint_through_the_host(page, web
     ckpt_dir = Path(shared.cmd_opts.ckpt_dir)
     save_file(lohatrain.demo.build_tiny_sd1(1).state_dict(), str(ckpt_dir / "other-sd1.safetensors"))
     try:
-        option = page.locator("ul.options li", has_text="other-sd1").first
-        for _ in range(20):  # the refreshed choices arrive asynchronously: refresh and reopen until they are in
-            page.locator("#lohatrain_refresh_checkpoints").click()
-            page.locator("#lohatrain_checkpoint input").click()
-            try:
-                option.wait_for(state="visible", timeout=1500)
-                break
-            except PlaywrightTimeout:
-                page.keyboard.press("Escape")
-        option.click()
-        page.locator("#lohatrain_load_checkpoint").click()
+        load_checkpoint_from_the_tab(page, "other-sd1")
         expect(page.locator("div.prose#lohatrain_model")).to_contain_text("other-sd1", timeout=TIMEOUT)
         assert shared.sd_model.sd_checkpoint_info.name == "other-sd1.safetensors"
+        expect(page.locator("#lohatrain_resolution input[type=number]")).to_have_value("512")  # same family
+    finally:
+        sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
+
+
+def load_checkpoint_from_the_tab(page, name: str) -> None:
+    option = page.locator("ul.options li", has_text=name).first
+    for _ in range(20):  # the refreshed choices arrive asynchronously: refresh and reopen until they are in
+        page.locator("#lohatrain_refresh_checkpoints").click()
+        page.locator("#lohatrain_checkpoint input").click()
+        try:
+            option.wait_for(state="visible", timeout=1500)
+            break
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    option.click()
+    page.locator("#lohatrain_load_checkpoint").click()
+
+
+def test_with_an_sdxl_checkpoint_loaded_the_tab_switches_defaults_and_trains_it(page, webui_server):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lohatrain.demo_sdxl import build_tiny_sdxl
+    from modules import sd_models
+
+    ui = webui_server
+    save_file(build_tiny_sdxl(0).state_dict(), str(Path(shared.cmd_opts.ckpt_dir) / "tiny-sdxl.safetensors"))
+    try:
+        load_checkpoint_from_the_tab(page, "tiny-sdxl")
+        expect(page.locator("div.prose#lohatrain_model")).to_contain_text("SDXL", timeout=TIMEOUT)
+        expect(page.locator("div.prose#lohatrain_message")).to_contain_text("SDXL's defaults")
+        expect(page.locator("#lohatrain_resolution input[type=number]")).to_have_value("1024")
+        expect(page.locator("#lohatrain_preset input")).to_have_value(re.compile(r"Highest.*MB on SDXL"))
+        assert shared.sd_model.is_sdxl
+        before = model_state(shared.sd_model)
+
+        fill_small_run(page, ui, "browser-xl", steps=4)
+        open_accordion(page, "Previews")
+        fill(page, "lohatrain_preview_every", 4)
+        fill(page, "lohatrain_preview_prompt", "blue circle")
+        page.locator("#lohatrain_train").click()
+        expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done",
+                                                                                   timeout=TIMEOUT)
+        expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 4/4")
+        expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()
+        with safe_open(str(ui.lora_dir / "browser-xl.safetensors"), "pt") as f:
+            assert f.metadata()["ss_base_model_version"].startswith("sdxl_")
+            assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in f.keys())
+        assert model_state(shared.sd_model) == before
     finally:
         sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import lohatrain.demo  # noqa: F401  (before anything that imports ldm)
 
@@ -37,6 +37,7 @@ def webui(tmp_path):
     """A fresh host: empty checkpoint and Lora folders, no model loaded, default options."""
     o = shared.cmd_opts
     saved = (o.ckpt_dir, o.lora_dir, o.lyco_dir_backcompat, sd_models.model_factory)
+    saved_model = (sd_models.model_data, shared.opts.data.get("sd_model_checkpoint"))  # a session page's model
     o.ckpt_dir, o.lora_dir, o.lyco_dir_backcompat = (str(tmp_path / d) for d in ("ckpt", "Lora", "LyCORIS"))
     for d in ("ckpt", "Lora"):
         (tmp_path / d).mkdir()
@@ -48,6 +49,8 @@ def webui(tmp_path):
     sd_models.list_models()
     yield tmp_path
     o.ckpt_dir, o.lora_dir, o.lyco_dir_backcompat, sd_models.model_factory = saved
+    sd_models.model_data, shared.opts.data["sd_model_checkpoint"] = saved_model
+    sd_models.list_models()
     networks.loaded_networks.clear()
     shared.state.interrupted = shared.state.skipped = False
 
@@ -296,3 +299,246 @@ def test_interrupt_stops_sampling_and_still_returns_an_image(webui):
         handle.remove()
         shared.state.end()
         shared.state.interrupted = False
+
+
+# --- SDXL -------------------------------------------------------------------------------------------------------
+
+CLIP_L_WIDTH, BIGG_WIDTH, SIZE_DIM = 32, 48, 16  # the tiny SDXL's text widths and size-embedding width
+
+
+def placeholder_checkpoint(folder: Path, name: str) -> Path:
+    """A checkpoint file that holds no state dict: the stand-in's factory builds the model ("xl" in the name:
+    the tiny SDXL) and its weights stay."""
+    path = folder / "ckpt" / f"{name}.ckpt"
+    path.write_bytes(b"placeholder, not a state dict")
+    return path
+
+
+def loaded_sdxl(folder: Path, name: str = "tiny-XL"):
+    placeholder_checkpoint(folder, name)
+    sd_models.list_models()
+    sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match(name))
+    return shared.sd_model
+
+
+def size_part(model, h: int, w: int, top: int = 0, left: int = 0) -> torch.Tensor:
+    """The end of the vector as sgm's size embedders make it for one image: original (h, w), crop, target (h, w)."""
+    values = {"original_size_as_tuple": (h, w), "crop_coords_top_left": (top, left), "target_size_as_tuple": (h, w)}
+    embedders = [e for e in model.conditioner.embedders if e.input_key in values]
+    return torch.cat([e(torch.tensor([values[e.input_key]], dtype=torch.float32)) for e in embedders], dim=1)[0]
+
+
+def test_sdxl_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_a_new_model(webui):
+    import zlib
+
+    from lohatrain.demo_sdxl import TinyOpenCLIPEmbedder2, TinySDXLCLIPEmbedder, build_tiny_sdxl
+    from modules import sd_hijack, sd_hijack_clip, sd_hijack_open_clip
+
+    sd1 = loaded(webui)
+    path = placeholder_checkpoint(webui, "tiny-XL")
+    sd_models.list_models()
+    xl = sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-XL"))
+    assert xl is shared.sd_model and xl is not sd1 and next(sd1.parameters()).device.type == "meta"
+    assert xl.is_sdxl and not (xl.is_sd1 or xl.is_sd2 or xl.is_ssd or xl.is_sdxl_inpaint)
+    assert xl.model_type == sd_models.ModelType.SDXL and xl.sd_checkpoint_info.filename == str(path)
+    assert xl.used_config != sd1.used_config
+
+    # sd_models_xl: the host's methods and fields
+    assert xl.parameterization == "eps" and xl.cond_stage_key == "txt" and xl.model.conditioning_key == "crossattn"
+    assert xl.alphas_cumprod.dtype == torch.float32 and xl.alphas_cumprod.shape == (1000,)
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2  # sgm's LegacyDDPMDiscretization
+    torch.testing.assert_close(xl.alphas_cumprod, torch.from_numpy(np.cumprod(1.0 - betas)).float())
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(xl.get_first_stage_encoding(x), x)
+    assert type(xl.conditioner.wrapped) is torch.nn.Module and not list(xl.conditioner.wrapped.parameters())
+    assert isinstance(xl.cond_stage_model_empty_prompt, torch.Tensor)  # the host keeps "crossattn" only
+
+    # the hijack: both text embedders wrapped in place, the size embedders untouched, cond_stage_model = conditioner
+    e = xl.conditioner.embedders
+    assert type(e[0]) is sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords
+    assert type(e[1]) is sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords
+    assert isinstance(e[0].wrapped, TinySDXLCLIPEmbedder) and isinstance(e[1].wrapped, TinyOpenCLIPEmbedder2)
+    assert (e[1].return_pooled, e[0].return_pooled, e[1].input_key, e[1].is_trainable) == (True, False, "txt", False)
+    assert e[1].legacy_ucg_val is None and e[1].id_pad == 0 and e[0].id_pad == e[0].id_end
+    assert [type(m).__name__ for m in e[2:]] == ["ConcatTimestepEmbedderND"] * 3
+    assert xl.cond_stage_model is xl.conditioner
+    sd_hijack.model_hijack.undo_hijack(xl)
+    assert isinstance(xl.conditioner.embedders[0], TinySDXLCLIPEmbedder) and xl.cond_stage_model is xl.conditioner
+    sd_hijack.model_hijack.hijack(xl)
+
+    # the factory's weights (placeholder file), seeded from the file name
+    reference = build_tiny_sdxl(zlib.crc32(b"tiny-XL") % 1000).model.state_dict()
+    torch.testing.assert_close(xl.model.state_dict(), reference, rtol=0, atol=0)
+
+    back = sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("base"))
+    assert back is shared.sd_model and back is not xl and back.is_sd1 and not back.is_sdxl
+    assert type(back.cond_stage_model).__name__ == "FrozenCLIPEmbedderWithCustomWords"
+
+
+def test_sdxl_get_learned_conditioning_follows_the_host(webui):
+    """crossattn = CLIP-L's penultimate hidden state (no final norm) beside bigG's penultimate one, 77 tokens per
+    75-token chunk; vector = bigG's pooled (first chunk) + the sizes: the prompt list's width/height (1024 for a
+    plain list), crop from the options; an empty negative prompt gives zero text embeddings."""
+    from modules import prompt_parser
+
+    model = loaded_sdxl(webui)
+    clip_l, bigg = (e.wrapped for e in model.conditioner.embedders[:2])
+    prompts = prompt_parser.SdConditioning(["red circle", "blue square on green"], width=64, height=96)
+    with torch.no_grad():
+        c = model.get_learned_conditioning(prompts)
+        assert c["crossattn"].shape == (2, 77, CLIP_L_WIDTH + BIGG_WIDTH)
+        assert c["vector"].shape == (2, BIGG_WIDTH + 6 * SIZE_DIM)
+        # short prompts: what sgm's own embedders give for them (the wrappers' chunking changes nothing)
+        bigg_hidden, pooled = bigg(list(prompts))
+        torch.testing.assert_close(c["crossattn"][..., :CLIP_L_WIDTH], clip_l(list(prompts)))
+        torch.testing.assert_close(c["crossattn"][..., CLIP_L_WIDTH:], bigg_hidden)
+        torch.testing.assert_close(c["vector"][:, :BIGG_WIDTH], pooled)
+        for row in c["vector"]:
+            torch.testing.assert_close(row[BIGG_WIDTH:], size_part(model, 96, 64))
+
+        plain = model.get_learned_conditioning(["red circle"])
+        torch.testing.assert_close(plain["vector"][0, BIGG_WIDTH:], size_part(model, 1024, 1024))
+        shared.opts.sdxl_crop_top, shared.opts.sdxl_crop_left = 8, 16
+        try:
+            cropped = model.get_learned_conditioning(["red circle"])
+        finally:
+            shared.opts.sdxl_crop_top = shared.opts.sdxl_crop_left = 0
+        torch.testing.assert_close(cropped["vector"][0, BIGG_WIDTH:], size_part(model, 1024, 1024, 8, 16))
+
+        long = model.get_learned_conditioning(["red circle", " ".join(["dot"] * 100)])
+        assert long["crossattn"].shape == (2, 154, CLIP_L_WIDTH + BIGG_WIDTH)
+        torch.testing.assert_close(long["crossattn"][:1, :77], plain["crossattn"])  # chunk 1 of the short prompt
+        torch.testing.assert_close(long["vector"][:1], plain["vector"])
+        first_chunk = model.get_learned_conditioning([" ".join(["dot"] * 75)])
+        torch.testing.assert_close(long["vector"][1], first_chunk["vector"][0])  # pooled from the first chunk
+
+        negative = model.get_learned_conditioning(prompt_parser.SdConditioning(["", ""], is_negative_prompt=True))
+        assert not negative["crossattn"].any() and not negative["vector"][:, :BIGG_WIDTH].any()
+        assert negative["vector"][:, BIGG_WIDTH:].any()
+
+        # CLIP skip reaches CLIP-L only with the host's sdxl_clip_l_skip option (then without the final norm)
+        shared.opts.CLIP_stop_at_last_layers = 3
+        try:
+            ignored = model.get_learned_conditioning(["red circle"])
+            shared.opts.sdxl_clip_l_skip = True
+            skipped = model.get_learned_conditioning(["red circle"])
+        finally:
+            shared.opts.CLIP_stop_at_last_layers, shared.opts.sdxl_clip_l_skip = 1, False
+        assert torch.equal(ignored["crossattn"], plain["crossattn"])
+        tokens = clip_l.tokenizer(["red circle"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        torch.testing.assert_close(skipped["crossattn"][..., :CLIP_L_WIDTH],
+                                   clip_l.transformer(input_ids=tokens, output_hidden_states=True).hidden_states[-3])
+        assert torch.equal(skipped["crossattn"][..., CLIP_L_WIDTH:], plain["crossattn"][..., CLIP_L_WIDTH:])
+
+
+def test_txt2img_on_sdxl_conditions_on_the_generation_size(webui):
+    model = loaded_sdxl(webui)
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="red circle", seed=5, steps=STEPS, width=64, height=64,
+                                                    do_not_save_grid=True, do_not_save_samples=True)
+    first = processing.process_images(p)
+    assert first.images[0].size == (64, 64) and "Seed: 5" in first.info
+    assert set(p.c) == {"crossattn", "vector"} and p.c["vector"].shape == (1, BIGG_WIDTH + 6 * SIZE_DIM)
+    torch.testing.assert_close(p.c["vector"][0, BIGG_WIDTH:], size_part(model, 64, 64))
+    assert not p.uc["crossattn"].any()  # the empty negative prompt
+    assert np.array_equal(pixels(first), pixels(generate("red circle", seed=5)))
+    assert not np.array_equal(pixels(first), pixels(generate("blue square", seed=5)))
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_loha_trained_on_sdxl_applies_through_the_hosts_sdxl_rules(webui, sample_dataset):
+    """A file lohatrain trains on the loaded SDXL model (UNet with conv layers, both text encoders): every key
+    lands (lora_unet_ ldm names, lora_te1_ on CLIP-L, lora_te2_ on bigG with the fused attention), the image
+    changes, the weights carry what an independent reading of the host's rules adds, and come back exactly."""
+    from test_engine import settings_for
+
+    from lohatrain.trainer import train
+
+    model = loaded_sdxl(webui)
+    pure = _weights(model)
+    plain = generate("red circle")
+    settings = settings_for(sample_dataset, webui / "Lora", name="xl_loha", steps=2, learning_rate=1e-2,
+                            text_encoder_lr=1e-2, conv_dim=2, conv_alpha=1)
+    result = train(model, settings)
+    assert _weights(model).keys() == pure.keys() and all(torch.equal(v, pure[k]) for k, v in _weights(model).items())
+    tensors = load_file(result.file)
+    prefixes = {k.split("_")[1] for k in tensors}
+    assert prefixes == {"unet", "te1", "te2"}, prefixes
+
+    networks.list_available_networks()
+    with_loha = generate("red circle <lora:xl_loha:1>")
+    assert networks.last_unmatched_keys == [] and [n.name for n in networks.loaded_networks] == ["xl_loha"]
+    assert not networks.extra_network_lora.errors
+    assert not np.array_equal(pixels(plain), pixels(with_loha))
+
+    expected = copy.deepcopy(model)
+    expected.load_state_dict(pure)
+    assert host_rules.apply_file(expected, tensors) == []
+    applied, wanted = _weights(model), _weights(expected)
+    changed = [k for k in pure if not torch.equal(applied[k], pure[k])]
+    assert any(".attn.in_proj_weight" in k for k in changed) and any(".attn.out_proj.weight" in k for k in changed)
+    assert any(k.startswith("conditioner.embedders.0.") for k in changed)
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.0.") for k in changed)  # a conv ResBlock
+    for key in pure:
+        torch.testing.assert_close(applied[key], wanted[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    again = generate("red circle")
+    assert np.array_equal(pixels(again), pixels(plain))
+    assert all(torch.equal(v, pure[k]) for k, v in _weights(model).items()), "weights must be restored bit-exactly"
+
+
+def test_fused_attention_takes_a_loha_only_with_all_four_parts(webui):
+    """bigG's attention is one nn.MultiheadAttention: q/k/v/out keys change it only as a complete set (layer 1
+    here); layer 0's q/k/v without out is ignored without an error, as in the host."""
+    model = loaded_sdxl(webui)
+    bigg = model.conditioner.embedders[1].wrapped.model
+    g = torch.Generator().manual_seed(0)
+    tensors, width = {}, bigg.transformer.width
+    for layer, parts in ((0, "qkv"), (1, ("q", "k", "v", "out"))):
+        for part in parts:
+            key = f"lora_te2_text_model_encoder_layers_{layer}_self_attn_{part}_proj"
+            for i in (1, 2):
+                tensors[f"{key}.hada_w{i}_a"] = torch.randn(width, 2, generator=g) * 0.3
+                tensors[f"{key}.hada_w{i}_b"] = torch.randn(2, width, generator=g) * 0.3
+            tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(webui / "Lora" / "attn.safetensors"))
+    networks.list_available_networks()
+    expected = copy.deepcopy(model)
+    assert host_rules.apply_file(expected, tensors) == []
+    blocks = bigg.transformer.resblocks
+    before = [(b.attn.in_proj_weight.detach().clone(), b.attn.out_proj.weight.detach().clone()) for b in blocks[:2]]
+
+    generate("red circle <lora:attn:1>")
+    assert networks.last_unmatched_keys == [] and not networks.extra_network_lora.errors
+    assert torch.equal(blocks[0].attn.in_proj_weight, before[0][0])
+    assert torch.equal(blocks[0].attn.out_proj.weight, before[0][1])
+    wanted = expected.conditioner.embedders[1].wrapped.model.transformer.resblocks[1].attn
+    torch.testing.assert_close(blocks[1].attn.in_proj_weight, wanted.in_proj_weight)
+    torch.testing.assert_close(blocks[1].attn.out_proj.weight, wanted.out_proj.weight)
+    assert not torch.equal(blocks[1].attn.in_proj_weight, before[1][0])
+
+
+def test_run_training_on_the_loaded_sdxl_model_leaves_it_exactly_as_found(webui, sample_dataset):
+    """The adapter's whole job on an SDXL checkpoint in the host: the conditioning through the host's wrappers,
+    a preview through the host's txt2img, the file in the Lora folder and listed, the model untouched."""
+    from test_engine import model_state, settings_for
+
+    from lohatrain.jobs import Job
+    from lohatrain.webui import host
+
+    model = loaded_sdxl(webui)
+    before = model_state(model)
+    wrappers = list(model.conditioner.embedders)
+    settings = settings_for(sample_dataset, webui / "unused", name="xl_job", steps=2, text_encoder_lr=1e-3,
+                            conv_dim=2, conv_alpha=1, preview_every_steps=2)
+    job = Job("xl", settings)
+    result = host.run_training(settings, job)
+    assert result.status == "done" and result.steps_done == 2 and len(job.losses) == 2
+    assert result.file == webui / "Lora" / "xl_job.safetensors" and "xl_job" in networks.available_networks
+    assert networks.available_networks["xl_job"].sd_version == networks.SdVersion.SDXL
+    assert job.preview and Path(job.preview).is_file()
+    assert shared.sd_model is model and list(model.conditioner.embedders) == wrappers
+    assert model_state(model) == before
+    assert not any(e.is_trainable for e in model.conditioner.embedders)

@@ -110,9 +110,12 @@ def check_paths(settings: TrainSettings) -> None:
 
 def check_memory_mode() -> None:
     o = shared.cmd_opts
-    if getattr(o, "lowvram", False) or getattr(o, "medvram", False):
+    # --medvram-sdxl is --medvram for SDXL models only (the host's lowvram.is_needed: a model with a conditioner)
+    sdxl_medvram = getattr(o, "medvram_sdxl", False) and hasattr(shared.sd_model, "conditioner")
+    if getattr(o, "lowvram", False) or getattr(o, "medvram", False) or sdxl_medvram:
         raise LohatrainError(
-            "lohatrain cannot train while the WebUI runs with --lowvram or --medvram: those modes move parts "
+            "lohatrain cannot train while the WebUI runs with --lowvram or --medvram (or --medvram-sdxl with an "
+            "SDXL model loaded): those modes move parts "
             "of the model between CPU and GPU inside every forward pass, which a training step's backward pass "
             "cannot follow. Start the WebUI without them; with gradient checkpointing, SD1 trains in 8 GB.")
 

@@ -1,4 +1,4 @@
-"""The built-in Lora extension's `networks` module (extensions-builtin/Lora), for LoHa files on SD1.
+"""The built-in Lora extension's `networks` module (extensions-builtin/Lora), for LoHa files on SD1, SD2 and SDXL.
 
 How the host applies networks, kept: `load_networks(names, ...)` only decides WHICH networks are loaded
 (`loaded_networks`); the weights change later, lazily, when a layer runs. The host patches the forward of every
@@ -18,39 +18,39 @@ Consequences an adapter must respect (host and stand-in alike):
 - The wanted set does not include the file: a network re-written under the same name and loaded with the same
   multipliers is re-read (newer mtime) but layers that already carry the old one are not re-applied.
 
-Key matching follows the host's load_network, using the rules in tests/host_rules.py (diffusers → compvis,
-then the `lora_unet` → `diffusion_model` fallback; text encoder `transformer_text_model_…`), plus the host's
-conv_in / conv_out / time_embedding names, the `_[qkv]_proj` retry and the `lora_te1_text_model` fallback.
-Only LoHa (`hada_*`) modules are understood; SD2/SDXL mappings, MultiheadAttention layers, bundled
-embeddings and `lora_functional` are left out. Unmatched keys are logged at DEBUG (as the host) and kept in
-`last_unmatched_keys`.
+Layer names (`network_layer_mapping`), as the host: the text encoder's modules (`cond_stage_model.wrapped`,
+e.g. `transformer_text_model_encoder_layers_0_self_attn_q_proj`) and `model.model`'s (`diffusion_model_…`),
+dots as underscores. SDXL (`is_sdxl`): instead of the text encoder, each conditioner embedder that has a
+`.wrapped` (the hijacked text encoders), prefixed by its index: `0_transformer_text_model_…` (CLIP-L),
+`1_model_transformer_resblocks_N_…` (bigG).
+Key matching follows the host's load_network, written from its source here: `convert_diffusers_name_to_compvis`
+(diffusers UNet names → ldm for SD1's layout, conv_in / conv_out / time_embedding, `lora_te_` → SD1's
+CLIP or, when the map has `model_transformer_resblocks` (SD2), OpenCLIP's names, `lora_te2_` → `1_model_
+transformer_resblocks_N_` with self_attn → attn, mlp_fc1/fc2 → mlp_c_fc/c_proj), then the `_[qkv]_proj` retry on
+the rest of the name (a fused attention), then the `lora_unet` → `diffusion_model` fallback (SDXL's ldm-named
+UNet keys) or the `lora_te1_text_model` → `0_transformer_text_model` (then `transformer_text_model`) fallback.
+A fused `nn.MultiheadAttention` (SD2's and bigG's) changes only when the network has all four of its
+`<name>_q_proj`, `_k_proj`, `_v_proj`, `_out_proj`: q/k/v add into the thirds of `in_proj_weight`, out into
+`out_proj.weight`; a partial set is silently ignored, and the `out_proj` Linear never applies anything on its
+own (its forward never runs). ΔW of a LoHa as network_hada.py / lyco_helpers.py: (w1a·w1b) ⊙ (w2a·w2b) (Tucker
+with hada_t1/t2), · alpha/dim (or `scale`), · the te multiplier for a layer whose name has "transformer" in
+its first 20 characters, else the unet one, in the file's dtype.
+Only LoHa (`hada_*`) modules are understood; other module types, DoRA, dyn_dim, bundled embeddings, the
+diffusers weight map (SD3) and `lora_functional` are left out. Unmatched keys are logged at DEBUG (as the
+host) and kept in `last_unmatched_keys`.
 """
 from __future__ import annotations
 
 import enum
-import importlib.util
 import logging
 import os
 import re
-import sys
 from collections import namedtuple
-from pathlib import Path
 
 import torch
 
 from modules import devices, errors, extra_networks, hashes, script_callbacks, sd_hijack, sd_models, shared
 
-
-def _host_rules():
-    if "host_rules" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("host_rules", Path(__file__).resolve().parent.parent / "host_rules.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["host_rules"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["host_rules"]
-
-
-host_rules = _host_rules()
 
 NetworkWeights = namedtuple('NetworkWeights', ['network_key', 'sd_key', 'w', 'sd_module'])
 metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10, "ss_tag_frequency": 20}
@@ -120,53 +120,121 @@ class Network:
         self.mentioned_name = None
 
 
+def make_weight_cp(t, wa, wb):
+    temp = torch.einsum('i j k l, j r -> i r k l', t, wb)
+    return torch.einsum('i j k l, i r -> r j k l', temp, wa)
+
+
+def rebuild_conventional(up, down, shape):
+    up = up.reshape(up.size(0), -1)
+    down = down.reshape(down.size(0), -1)
+    return (up @ down).reshape(shape)
+
+
 class NetworkModuleHada:
-    """One layer's LoHa. ΔW = (w1a·w1b) ⊙ (w2a·w2b) (Tucker: via hada_t1/t2) · alpha/dim (1 without alpha)
-    · multiplier (te for layers whose key starts with `transformer…`, else unet), in the file's dtype."""
+    """One layer's LoHa (network.NetworkModule + network_hada.NetworkModuleHada, LoHa parts only)."""
 
     def __init__(self, net, weights):
         self.network = net
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = weights.sd_module.weight.shape if hasattr(weights.sd_module, "weight") else None
-        self.w = weights.w
-        self.dim = weights.w["hada_w1_b"].shape[0]
+        if hasattr(self.sd_module, 'weight'):
+            self.shape = self.sd_module.weight.shape
+        elif isinstance(self.sd_module, torch.nn.MultiheadAttention):
+            self.shape = self.sd_module.out_proj.weight.shape
+        else:
+            self.shape = None
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
+        self.scale = weights.w["scale"].item() if "scale" in weights.w else None
+        self.w1a, self.w1b = weights.w["hada_w1_a"], weights.w["hada_w1_b"]
+        self.w2a, self.w2b = weights.w["hada_w2_a"], weights.w["hada_w2_b"]
+        self.dim = self.w1b.shape[0]
+        self.t1, self.t2 = weights.w.get("hada_t1"), weights.w.get("hada_t2")
 
     def multiplier(self):
         return self.network.te_multiplier if 'transformer' in self.sd_key[:20] else self.network.unet_multiplier
 
+    def calc_scale(self):
+        if self.scale is not None:
+            return self.scale
+        if self.dim is not None and self.alpha is not None:
+            return self.alpha / self.dim
+        return 1.0
+
     def calc_updown(self, orig_weight):
-        w = {k: v.to(orig_weight.device) for k, v in self.w.items()}
-        dtype = w["hada_w1_a"].dtype
-        if "hada_t1" in w or "hada_t2" in w:
-            def tucker(t, wa, wb):
-                return torch.einsum('i j k l, j r, i p -> p r k l', t.double(), wb.double(), wa.double())
-            up1 = tucker(w["hada_t1"], w["hada_w1_a"], w["hada_w1_b"])
-            up2 = tucker(w["hada_t2"], w["hada_w2_a"], w["hada_w2_b"])
-            scale = self.alpha / self.dim if self.alpha is not None else 1.0
-            updown = up1 * up2 * scale
+        w1a, w1b, w2a, w2b = (w.to(orig_weight.device) for w in (self.w1a, self.w1b, self.w2a, self.w2b))
+        output_shape = [w1a.size(0), w1b.size(1)]
+        if self.t1 is not None:
+            output_shape = [w1a.size(1), w1b.size(1)]
+            t1 = self.t1.to(orig_weight.device)
+            updown1 = make_weight_cp(t1, w1a, w1b)
+            output_shape += t1.shape[2:]
         else:
-            flat = {k: w[k].reshape(w[k].shape[0], -1) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-            if self.alpha is not None:
-                flat["alpha"] = w["alpha"]
-            rows, cols = flat["hada_w1_a"].shape[0], flat["hada_w1_b"].shape[1]
-            updown = host_rules.loha_delta(flat, torch.Size((rows, cols)))
-        if updown.numel() != orig_weight.numel():
-            raise RuntimeError(f"shape {tuple(updown.shape)} does not fit weight {tuple(orig_weight.shape)}")
-        updown = updown.reshape(orig_weight.shape).to(dtype)
+            if len(w1b.shape) == 4:
+                output_shape += w1b.shape[2:]
+            updown1 = rebuild_conventional(w1a, w1b, output_shape)
+        if self.t2 is not None:
+            updown2 = make_weight_cp(self.t2.to(orig_weight.device), w2a, w2b)
+        else:
+            updown2 = rebuild_conventional(w2a, w2b, output_shape)
+        return self.finalize_updown(updown1 * updown2, orig_weight, output_shape)
+
+    def finalize_updown(self, updown, orig_weight, output_shape):
+        if len(output_shape) == 4:
+            updown = updown.reshape(output_shape)
+        if orig_weight.size().numel() == updown.size().numel():
+            updown = updown.reshape(orig_weight.shape)
+        updown = updown * self.calc_scale()
         return updown * self.multiplier(), None
 
 
-def _to_compvis(key):
-    if m := re.fullmatch(r"lora_unet_conv_in(.*)", key):
-        return f"diffusion_model_input_blocks_0_0{m[1]}"
-    if m := re.fullmatch(r"lora_unet_conv_out(.*)", key):
-        return f"diffusion_model_out_2{m[1]}"
-    if m := re.fullmatch(r"lora_unet_time_embedding_linear_(\d+)(.*)", key):
-        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
-    return host_rules.diffusers_to_compvis(key)
+suffix_conversion = {
+    "attentions": {},
+    "resnets": {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"},
+}
+
+
+def convert_diffusers_name_to_compvis(key, is_sd2):
+    def match(regex):
+        r = re.match(regex, key)
+        return [int(x) if x.isdigit() else x for x in r.groups()] if r else None
+
+    if m := match(r"lora_unet_conv_in(.*)"):
+        return f'diffusion_model_input_blocks_0_0{m[0]}'
+    if m := match(r"lora_unet_conv_out(.*)"):
+        return f'diffusion_model_out_2{m[0]}'
+    if m := match(r"lora_unet_time_embedding_linear_(\d+)(.*)"):
+        return f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"
+    if m := match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
+        return f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
+    if m := match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[0], {}).get(m[2], m[2])
+        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"
+    if m := match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
+        suffix = suffix_conversion.get(m[1], {}).get(m[3], m[3])
+        return f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_{suffix}"
+    if m := match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
+        return f"diffusion_model_input_blocks_{3 + m[0] * 3}_0_op"
+    if m := match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
+        return f"diffusion_model_output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv"
+    if m := match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
+        if is_sd2:
+            return f"model_transformer_resblocks_{m[0]}_{_openclip_suffix(m[1])}"
+        return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
+    if m := match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)"):
+        return f"1_model_transformer_resblocks_{m[0]}_{_openclip_suffix(m[1])}"
+    return key
+
+
+def _openclip_suffix(rest):
+    if 'mlp_fc1' in rest:
+        return rest.replace('mlp_fc1', 'mlp_c_fc')
+    if 'mlp_fc2' in rest:
+        return rest.replace('mlp_fc2', 'mlp_c_proj')
+    return rest.replace('self_attn', 'attn')
 
 
 re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
@@ -195,10 +263,19 @@ def _install_hooks(model):
 def assign_network_names_to_compvis_modules(sd_model):
     mapping = {}
     model = shared.sd_model
-    stage = getattr(model.cond_stage_model, 'wrapped', model.cond_stage_model)
-    for name, module in stage.named_modules():
-        mapping[name.replace(".", "_")] = module
-        module.network_layer_name = name.replace(".", "_")
+    if model.is_sdxl:
+        for i, embedder in enumerate(model.conditioner.embedders):
+            if not hasattr(embedder, 'wrapped'):
+                continue
+            for name, module in embedder.wrapped.named_modules():
+                network_name = f'{i}_{name.replace(".", "_")}'
+                mapping[network_name] = module
+                module.network_layer_name = network_name
+    else:
+        stage = getattr(model.cond_stage_model, 'wrapped', model.cond_stage_model)
+        for name, module in stage.named_modules():
+            mapping[name.replace(".", "_")] = module
+            module.network_layer_name = name.replace(".", "_")
     for name, module in model.model.named_modules():
         mapping[name.replace(".", "_")] = module
         module.network_layer_name = name.replace(".", "_")
@@ -214,11 +291,12 @@ def load_network(name, network_on_disk):
     if not hasattr(shared.sd_model, 'network_layer_mapping'):
         assign_network_names_to_compvis_modules(shared.sd_model)
     mapping = shared.sd_model.network_layer_mapping
+    is_sd2 = 'model_transformer_resblocks' in mapping
 
     failed, matched = {}, {}
     for key_network, weight in sd.items():
         layer, _, part = key_network.partition(".")
-        key = _to_compvis(layer)
+        key = convert_diffusers_name_to_compvis(layer, is_sd2)
         module = mapping.get(key)
         if module is None and (m := re_x_proj.match(key)):
             module = mapping.get(m.group(1))
@@ -372,19 +450,38 @@ def network_apply_weights(self):
         network_restore_weights_from_backup(self)
         for net in loaded_networks:
             module = net.modules.get(layer_name)
+            if module is not None and hasattr(self, 'weight'):
+                try:
+                    with torch.no_grad():
+                        updown, ex_bias = module.calc_updown(self.weight)
+                        self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+                except RuntimeError as e:
+                    logging.debug(f"Network {net.name} layer {layer_name}: {e}")
+                    extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                continue
+
+            module_q = net.modules.get(layer_name + "_q_proj")
+            module_k = net.modules.get(layer_name + "_k_proj")
+            module_v = net.modules.get(layer_name + "_v_proj")
+            module_out = net.modules.get(layer_name + "_out_proj")
+            if isinstance(self, torch.nn.MultiheadAttention) and module_q and module_k and module_v and module_out:
+                try:
+                    with torch.no_grad():
+                        qw, kw, vw = self.in_proj_weight.chunk(3, 0)
+                        updown_qkv = torch.vstack([module_q.calc_updown(qw)[0], module_k.calc_updown(kw)[0],
+                                                   module_v.calc_updown(vw)[0]])
+                        updown_out, ex_bias = module_out.calc_updown(self.out_proj.weight)
+                        self.in_proj_weight += updown_qkv
+                        self.out_proj.weight += updown_out
+                except RuntimeError as e:
+                    logging.debug(f"Network {net.name} layer {layer_name}: {e}")
+                    extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                continue
+
             if module is None:
                 continue
-            if not hasattr(self, 'weight') or isinstance(self, torch.nn.MultiheadAttention):
-                logging.debug(f"Network {net.name} layer {layer_name}: couldn't find supported operation")
-                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
-                continue
-            try:
-                with torch.no_grad():
-                    updown, ex_bias = module.calc_updown(self.weight)
-                    self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
-            except RuntimeError as e:
-                logging.debug(f"Network {net.name} layer {layer_name}: {e}")
-                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+            logging.debug(f"Network {net.name} layer {layer_name}: couldn't find supported operation")
+            extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
         self.network_current_names = wanted
 
 

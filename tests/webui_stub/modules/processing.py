@@ -11,8 +11,16 @@ which re-seeds torch's GLOBAL generator, as the host does. Interrupt or Skip dur
 last denoised estimate, which is still decoded and returned. With 2+ images and not do_not_save_grid,
 images[0] is a grid.
 
+Conditioning, as the host's setup_conds: the batch's prompts and negative prompts go to the model's
+`get_learned_conditioning` as `prompt_parser.SdConditioning` lists carrying the generation's width/height (the
+negative one flagged `is_negative_prompt`), so an SDXL model's "vector" holds the generation size and an empty
+negative prompt is all zeros. Conditioning is whatever the model returns: a tensor (SD1) or SDXL's dict
+{"crossattn", "vector"}; the sampler hands it to `apply_model` unchanged. Left out: prompt editing schedules,
+the cond caches.
+
 The stand-in's sampler: DDIM (eta 0, uniform timesteps) with classifier-free guidance, whatever
-`sampler_name` says. Nothing is written to disk (the host saves samples unless do_not_save_samples).
+`sampler_name` says; the conditional and unconditional predictions are two `apply_model` calls (the host
+batches them). Nothing is written to disk (the host saves samples unless do_not_save_samples).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import devices, extra_networks, sd_hijack, sd_models, shared
+from modules import devices, extra_networks, prompt_parser, sd_hijack, sd_models, shared
 from modules.shared import opts, state
 
 opt_C = 4
@@ -144,9 +152,12 @@ class StableDiffusionProcessing:
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
 
     def setup_conds(self):
+        prompts = prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height)
+        negative_prompts = prompt_parser.SdConditioning(self.negative_prompts, width=self.width, height=self.height,
+                                                        is_negative_prompt=True)
         model = self.sd_model
-        self.uc = model.get_learned_conditioning(self.negative_prompts)
-        self.c = model.get_learned_conditioning(self.prompts)
+        self.uc = model.get_learned_conditioning(negative_prompts)
+        self.c = model.get_learned_conditioning(prompts)
 
     def save_samples(self) -> bool:
         return False  # the stand-in writes no files

@@ -1,9 +1,11 @@
 """Checkpoints: the list, their names and hashes, and loading one into `shared.sd_model`.
 
 Stand-in for building a model from a checkpoint's config: `model_factory(checkpoint_info)` (tests may replace
-it; default: `lohatrain.demo.build_tiny_sd1` with a seed from the checkpoint's name). Then, as the host, the
-file's state dict is loaded into it (strict=False); a file that is not a safetensors/torch state dict (e.g. a
-few placeholder bytes) loads nothing and the factory's weights stay. Models stay float32 on the CPU (the host
+it; default: a tiny SDXL, `lohatrain.demo_sdxl.build_tiny_sdxl`, when the file name contains "xl" in any case,
+else a tiny SD1, `lohatrain.demo.build_tiny_sd1`, with a seed from the checkpoint's name). The config the host
+would find for the file (`find_checkpoint_config`) follows the same name rule. Then, as the host, the file's
+state dict is loaded into it (strict=False); a file that is not a safetensors/torch state dict (e.g. a few
+placeholder bytes) loads nothing and the factory's weights stay. Models stay float32 on the CPU (the host
 halves them unless --no-half).
 
 As the host:
@@ -13,9 +15,16 @@ As the host:
   (unless forced_reload). A state dict that fits the current model is loaded INTO THE SAME model object
   (the host's same-config path; it then returns None); otherwise a new model is built, the old one is sent to
   the "meta" device (unusable afterwards), and the new one is returned. Both paths call model_loaded callbacks
-  and write opts.data["sd_model_checkpoint"] = title.
+  and write opts.data["sd_model_checkpoint"] = title. A checkpoint of another config (SD1 <-> SDXL) always
+  gets a new model.
+- Loading sets the model type (`is_sd1/is_sd2/is_sdxl/is_ssd/is_sd3`, `model_type`); for SDXL it runs
+  sd_models_xl.extend_sdxl (fields, and the get_learned_conditioning / apply_model / get_first_stage_encoding
+  methods) and sets `is_sdxl_inpaint`. The host takes an SDXL state dict without the middle block's first
+  attention for SSD-1B; the stand-in only looks when the file holds a state dict (a placeholder stands for
+  the factory's complete model), and leaves out the SSD conversion itself.
 """
 import collections
+import enum
 import os
 import re
 import sys
@@ -36,9 +45,30 @@ checkpoint_alisases = checkpoint_aliases  # the host's old misspelled name
 checkpoints_loaded = collections.OrderedDict()
 
 
+class ModelType(enum.Enum):
+    SD1 = 1
+    SD2 = 2
+    SDXL = 3
+    SSD = 4
+    SD3 = 5
+
+
+def _is_sdxl_file(checkpoint_info):
+    return "xl" in os.path.basename(checkpoint_info.filename).lower()
+
+
+def find_checkpoint_config(state_dict, info):
+    """The name of the config the stand-in builds for this checkpoint (see the module docstring)."""
+    return "sd_xl_base.yaml" if _is_sdxl_file(info) else "v1-inference.yaml"
+
+
 def _default_model_factory(checkpoint_info):
+    seed = zlib.crc32(checkpoint_info.name_for_extra.encode("utf-8")) % 1000
+    if _is_sdxl_file(checkpoint_info):
+        from lohatrain.demo_sdxl import build_tiny_sdxl
+        return build_tiny_sdxl(seed)
     from lohatrain.demo import build_tiny_sd1
-    return build_tiny_sd1(zlib.crc32(checkpoint_info.name_for_extra.encode("utf-8")) % 1000)
+    return build_tiny_sd1(seed)
 
 
 model_factory = _default_model_factory
@@ -258,12 +288,23 @@ class SkipWritingToConfig:
 
 def set_model_type(model, state_dict):
     model.is_sd1 = model.is_sd2 = model.is_sdxl = model.is_ssd = model.is_sd3 = False
-    if hasattr(model, 'conditioner'):
+    if "model.diffusion_model.x_embedder.proj.weight" in state_dict:
+        model.is_sd3 = True
+        model.model_type = ModelType.SD3
+    elif hasattr(model, 'conditioner'):
         model.is_sdxl = True
+        first_attention = 'model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight'
+        if state_dict and first_attention not in state_dict:
+            model.is_ssd = True
+            model.model_type = ModelType.SSD
+        else:
+            model.model_type = ModelType.SDXL
     elif hasattr(model.cond_stage_model, 'model'):
         model.is_sd2 = True
+        model.model_type = ModelType.SD2
     else:
         model.is_sd1 = True
+        model.model_type = ModelType.SD1
 
 
 def set_model_fields(model):
@@ -279,8 +320,13 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
         state_dict = get_checkpoint_state_dict(checkpoint_info, timer)
     set_model_type(model, state_dict)
     set_model_fields(model)
+    if model.is_sdxl:
+        from modules import sd_models_xl
+        sd_models_xl.extend_sdxl(model)
     if state_dict:
         model.load_state_dict(state_dict, strict=False)
+    diffusion_model_input = model.model.state_dict().get('diffusion_model.input_blocks.0.0.weight')
+    model.is_sdxl_inpaint = model.is_sdxl and diffusion_model_input is not None and diffusion_model_input.shape[1] == 9
     model.alphas_cumprod_original = model.alphas_cumprod
     model.sd_model_hash = sd_model_hash
     model.sd_model_checkpoint = checkpoint_info.filename
@@ -324,11 +370,14 @@ def send_model_to_trash(m):
 
 def get_empty_cond(sd_model):
     """As the host: activating extra networks with none in the prompt (the Lora extension then calls
-    networks.load_networks([])), then the conditioning of the empty prompt."""
+    networks.load_networks([])), then the conditioning of the empty prompt (SDXL: its "crossattn")."""
     networks = sys.modules.get("networks")
     if networks is not None:
         networks.load_networks([])
-    return sd_model.get_learned_conditioning([""])
+    d = sd_model.get_learned_conditioning([""])
+    if isinstance(d, dict):
+        d = d['crossattn']
+    return d
 
 
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
@@ -339,6 +388,7 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):
         model_data.sd_model = None
     state_dict = already_loaded_state_dict if already_loaded_state_dict is not None else get_checkpoint_state_dict(checkpoint_info)
     sd_model = model_factory(checkpoint_info)
+    sd_model.used_config = find_checkpoint_config(state_dict, checkpoint_info)
     load_model_weights(sd_model, checkpoint_info, state_dict)
     sd_model.to(devices.device)
     sd_hijack.model_hijack.hijack(sd_model)
@@ -378,7 +428,8 @@ def reload_model_weights(sd_model=None, info=None, forced_reload=False):
             return sd_model
 
     state_dict = get_checkpoint_state_dict(checkpoint_info)
-    if sd_model is None or not _fits(sd_model, state_dict):
+    checkpoint_config = find_checkpoint_config(state_dict, checkpoint_info)
+    if sd_model is None or checkpoint_config != sd_model.used_config or not _fits(sd_model, state_dict):
         if sd_model is not None:
             send_model_to_trash(sd_model)
             model_data.sd_model = None

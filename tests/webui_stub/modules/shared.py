@@ -31,7 +31,14 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "sd_checkpoint_cache": OptionInfo(0, "Checkpoints to cache in RAM"),
     "emphasis": OptionInfo("Original", "Emphasis mode", infotext="Emphasis"),
     "comma_padding_backtrack": OptionInfo(20, "Prompt word wrap length limit"),
+    "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip", infotext="Clip skip"),
+}))
+options_templates.update(options_section(("sdxl", "Stable Diffusion XL", "sd"), {
+    "sdxl_crop_top": OptionInfo(0, "crop top coordinate"),
+    "sdxl_crop_left": OptionInfo(0, "crop left coordinate"),
+    "sdxl_refiner_low_aesthetic_score": OptionInfo(2.5, "SDXL low aesthetic score"),
+    "sdxl_refiner_high_aesthetic_score": OptionInfo(6.0, "SDXL high aesthetic score"),
 }))
 options_templates.update(options_section(("system", "System", "system"), {
     "list_hidden_files": OptionInfo(True, "Load models/files in hidden directories"),
