@@ -180,6 +180,15 @@ def test_medvram_sdxl_is_refused_only_while_an_sdxl_model_is_loaded(webui_server
         host.check_memory_mode()
 
 
+def test_a_checkpoint_that_cannot_be_trained_is_refused_before_a_job_starts(webui_server, monkeypatch):
+    before = httpx.get(f"{webui_server.url}/lohatrain/v1/status").json()
+    monkeypatch.setattr(shared.sd_model.model.diffusion_model, "in_channels", 9)  # as an inpainting checkpoint
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "inpaint"))
+    assert r.status_code == 422 and "it is an inpainting checkpoint" in r.json()["detail"][0]
+    assert httpx.get(f"{webui_server.url}/lohatrain/v1/status").json() == before
+    assert not (webui_server.lora_dir / "inpaint.safetensors").exists()
+
+
 def test_network_exposed_webui_keeps_datasets_inside_its_folder(webui_server, monkeypatch, tmp_path):
     monkeypatch.setattr(shared.cmd_opts, "listen", True)
     monkeypatch.setattr(shared.cmd_opts, "gradio_auth", None)

@@ -32,6 +32,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
                                                family=host.loaded_family())
             host.check_paths(settings)
             host.check_memory_mode()
+            host.check_model()
             job_id = runner.start(settings)
         except SettingsError as e:
             return JSONResponse({"detail": e.problems}, status_code=422)

@@ -108,6 +108,11 @@ def check_paths(settings: TrainSettings) -> None:
             f"{root} (an administrator can allow other folders in Settings → LoHa training)")
 
 
+def check_model() -> None:
+    """Refuse, before a job starts, a loaded model that cannot be trained (SD3, inpainting, refiner…)."""
+    detect(shared.sd_model)
+
+
 def check_memory_mode() -> None:
     o = shared.cmd_opts
     # --medvram-sdxl is --medvram for SDXL models only (the host's lowvram.is_needed: a model with a conditioner)

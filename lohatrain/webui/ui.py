@@ -104,6 +104,7 @@ def start_training(runner: JobRunner, *values) -> str:
         settings = settings_from_form(list(values))
         host.check_paths(settings)
         host.check_memory_mode()
+        host.check_model()
         runner.start(settings)
     except LohatrainError as e:
         return _message(str(e), "error")
