@@ -44,6 +44,7 @@ class Job:
     preview_step: int = 0
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    ended: float | None = None  # when it finished, failed or was interrupted: the elapsed time stops there
     stop_requested: threading.Event = field(default_factory=threading.Event)
 
     def report(self, progress: Progress) -> None:
@@ -99,6 +100,8 @@ class JobRunner:
         except Exception as e:  # anything else is our bug or the host's: say so, keep the WebUI running
             log.error("lohatrain: training failed\n%s", traceback.format_exc())
             job.state, job.message = "error", f"Training failed with an unexpected error: {type(e).__name__}: {e}"
+        finally:
+            job.ended = time.time()
 
     def interrupt(self) -> bool:
         job = self.job
@@ -117,7 +120,7 @@ class JobRunner:
             "step": p.step, "total": p.total or job.settings.steps, "loss": p.loss, "smooth_loss": p.smooth_loss,
             "lr": p.lr, "it_per_s": p.it_per_s, "eta_s": p.eta_s, "message": job.message, "file": job.file,
             "preview": job.preview, "preview_step": job.preview_step, "warnings": job.warnings,
-            "losses": _downsample(job.losses, MAX_CHART_POINTS), "elapsed_s": time.time() - job.started,
+            "losses": _downsample(job.losses, MAX_CHART_POINTS), "elapsed_s": (job.ended or time.time()) - job.started,
         }
 
 
