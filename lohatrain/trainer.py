@@ -326,14 +326,14 @@ def _encode(model, family, pixels, device, seed: int) -> torch.Tensor:
     the image is encoded again with the VAE in float32 (ModelGuard puts its dtype back after the run).
     """
     vae = family.vae(model)
-    for attempt in ("as loaded", "float32"):
-        if attempt == "float32":
+    for in_float32 in (False, True):
+        if in_float32:
             vae.float()
+        # autocast stays as the caller set it the first time, and is off for the float32 retry
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                torch.autocast(device.type, enabled=attempt == "as loaded" and torch.is_autocast_enabled(device.type)):
+                torch.autocast(device.type, enabled=not in_float32 and torch.is_autocast_enabled(device.type)):
             torch.manual_seed(seed)
-            dtype = next(vae.parameters()).dtype
-            latent = family.encode_images(model, pixels.to(device, dtype)).float()
+            latent = family.encode_images(model, pixels.to(device, next(vae.parameters()).dtype)).float()
         if torch.isfinite(latent).all():
             return latent
     raise LohatrainError("the VAE gives NaN or infinite latents for an image even in float32: the checkpoint's "

@@ -3,11 +3,13 @@ wrong stops the run with a clear message, nothing written and the model untouche
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lohatrain.errors import LohatrainError
@@ -152,3 +154,17 @@ def test_full_disk_leaves_nothing_half_written(tiny_model, sample_dataset, small
         train(tiny_model, settings_for(sample_dataset, small_disk, steps=1).with_preset("highest"))
     assert list(small_disk.iterdir()) == []
     assert model_state(tiny_model) == before
+
+
+def test_a_vae_that_overflows_in_fp16_encodes_again_in_float32(tiny_model, sample_dataset, tmp_path):
+    """SDXL's own VAE gives NaN in fp16 (why the WebUI has --no-half-vae): the run goes on with float32
+    latents, and the half-precision VAE is half precision again afterwards."""
+    vae = tiny_model.first_stage_model
+    with torch.no_grad():
+        vae.encoder.conv_in.bias += 6e4  # fits fp16, but the group norm after it overflows
+        vae.half()
+        assert not torch.isfinite(tiny_model.encode_first_stage(torch.zeros(1, 3, 64, 64).half()).mean).all()
+    before = model_state(tiny_model)
+    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=2, train_dtype="fp16"))
+    assert result.status == "done" and all(math.isfinite(loss) for loss in result.losses)
+    assert model_state(tiny_model) == before and next(vae.parameters()).dtype == torch.float16
