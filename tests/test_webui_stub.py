@@ -363,7 +363,7 @@ def test_sdxl_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_
     assert [type(m).__name__ for m in e[2:]] == ["ConcatTimestepEmbedderND"] * 3
     assert xl.cond_stage_model is xl.conditioner
     sd_hijack.model_hijack.undo_hijack(xl)
-    assert isinstance(xl.conditioner.embedders[0], TinySDXLCLIPEmbedder) and xl.cond_stage_model is xl.conditioner
+    assert isinstance(xl.conditioner.embedders[0], TinySDXLCLIPEmbedder) and not hasattr(xl, "cond_stage_model")
     sd_hijack.model_hijack.hijack(xl)
 
     # the factory's weights (placeholder file), seeded from the file name
@@ -542,3 +542,236 @@ def test_run_training_on_the_loaded_sdxl_model_leaves_it_exactly_as_found(webui,
     assert shared.sd_model is model and list(model.conditioner.embedders) == wrappers
     assert model_state(model) == before
     assert not any(e.is_trainable for e in model.conditioner.embedders)
+
+
+# --- SD2 --------------------------------------------------------------------------------------------------------
+
+SD2_WIDTH = lohatrain.demo.SD2_TEXT_WIDTH  # the tiny SD2's OpenCLIP width (UNet context_dim)
+
+
+def loaded_sd2(folder: Path, name: str = "tiny-SD2"):
+    placeholder_checkpoint(folder, name)  # "sd2" in the name: the stand-in builds the tiny SD2 (768-v)
+    sd_models.list_models()
+    sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match(name))
+    return shared.sd_model
+
+
+def test_sd2_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_a_new_model(webui):
+    import zlib
+
+    from lohatrain.demo import TinyOpenCLIPEmbedder, build_tiny_sd2
+    from modules import sd_hijack, sd_hijack_open_clip
+
+    # the stand-in's config rule: "xl" first, then "sd2" / "v2" in any case, else SD1
+    configs = {name: sd_models.find_checkpoint_config({}, sd_models.CheckpointInfo(str(webui / "ckpt" / name)))
+               for name in ("a-SD2.ckpt", "sd21-base.ckpt", "x-V2-768.ckpt", "sdxl-v2.ckpt", "base.ckpt")}
+    assert configs == {"a-SD2.ckpt": "v2-inference-v.yaml", "sd21-base.ckpt": "v2-inference-v.yaml",
+                       "x-V2-768.ckpt": "v2-inference-v.yaml", "sdxl-v2.ckpt": "sd_xl_base.yaml",
+                       "base.ckpt": "v1-inference.yaml"}
+
+    sd1 = loaded(webui)
+    path = placeholder_checkpoint(webui, "tiny-SD2")
+    sd_models.list_models()
+    sd2 = sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-SD2"))
+    assert sd2 is shared.sd_model and sd2 is not sd1 and next(sd1.parameters()).device.type == "meta"
+    assert sd2.is_sd2 and not (sd2.is_sd1 or sd2.is_sdxl or sd2.is_ssd or sd2.is_sd3)
+    assert sd2.model_type == sd_models.ModelType.SD2 and sd2.sd_checkpoint_info.filename == str(path)
+    assert sd2.used_config == "v2-inference-v.yaml" != sd1.used_config
+    assert sd2.parameterization == "v" and sd2.alphas_cumprod.dtype == torch.float32
+    assert sd2.alphas_cumprod.shape == (1000,)
+
+    # the hijack: ldm's OpenCLIP embedder inside the host's wrapper, open_clip's ids, padded with 0
+    stage = sd2.cond_stage_model
+    assert type(stage) is sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords
+    assert isinstance(stage.wrapped, TinyOpenCLIPEmbedder) and (stage.wrapped.layer, stage.wrapped.layer_idx) == (
+        "penultimate", 1)
+    assert (stage.id_start, stage.id_end, stage.id_pad, stage.return_pooled) == (49406, 49407, 0, False)
+    assert stage.comma_token == 267 and stage.legacy_ucg_val is None and not stage.is_trainable
+    assert sd2.cond_stage_model_empty_prompt.shape == (1, 77, SD2_WIDTH)
+    networks.assign_network_names_to_compvis_modules(sd2)  # (also a model_loaded callback, until one clears them)
+    assert "model_transformer_resblocks" in sd2.network_layer_mapping  # how the Lora extension tells SD2
+    sd_hijack.model_hijack.undo_hijack(sd2)
+    assert sd2.cond_stage_model is stage.wrapped
+    sd_models.set_model_type(sd2, {})  # the host decides SD2 on the bare embedder (it has .model)
+    assert sd2.is_sd2 and not sd2.is_sd1
+    sd_hijack.model_hijack.hijack(sd2)
+    assert type(sd2.cond_stage_model) is sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords
+    assert sd2.cond_stage_model.wrapped is stage.wrapped
+
+    # the factory's weights (placeholder file), seeded from the file name
+    reference = build_tiny_sd2(zlib.crc32(b"tiny-SD2") % 1000).state_dict()
+    sd_hijack.model_hijack.undo_hijack(sd2)
+    try:
+        torch.testing.assert_close(sd2.state_dict(), reference, rtol=0, atol=0)
+    finally:
+        sd_hijack.model_hijack.hijack(sd2)
+
+    # an SD2 file that holds a state dict (keys cond_stage_model.model.…, as real SD2 checkpoints) fits the
+    # loaded SD2: it goes into the same object, the hijack undone around it and redone
+    save_file(build_tiny_sd2(1).state_dict(), str(webui / "ckpt" / "other-v2.safetensors"))
+    sd_models.list_models()
+    assert sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("other-v2")) is None
+    assert shared.sd_model is sd2 and sd2.is_sd2 and sd2.sd_checkpoint_info.name == "other-v2.safetensors"
+    assert type(sd2.cond_stage_model) is sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords
+    torch.testing.assert_close(sd2.model.state_dict(), build_tiny_sd2(1).model.state_dict(), rtol=0, atol=0)
+
+    back = sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("base"))
+    assert back is shared.sd_model and back is not sd2 and back.is_sd1 and not back.is_sd2
+    assert type(back.cond_stage_model).__name__ == "FrozenCLIPEmbedderWithCustomWords"
+
+
+def test_sd2_get_learned_conditioning_follows_the_host(webui):
+    """The wrapper gives what ldm's embedder gives for a short prompt (<start> … <end> then 0s, the configured
+    penultimate layer through ln_final), encodes longer prompts as 75-token chunks side by side, pads a batch
+    with empty chunks, and ignores CLIP skip (as the host does on SD2)."""
+    model = loaded_sd2(webui)
+    bare = model.cond_stage_model.wrapped
+    prompts = ["red circle", "blue square on green"]
+    seen = []  # the token batches the wrapper hands to ldm's encode_with_transformer
+    encode = bare.encode_with_transformer
+    bare.encode_with_transformer = lambda tokens: (seen.append(tokens.clone()), encode(tokens))[1]
+    try:
+        with torch.no_grad():
+            c = model.get_learned_conditioning(prompts)
+            assert c.shape == (2, 77, SD2_WIDTH) and len(seen) == 1
+            assert torch.equal(seen[0], bare.tokenize(prompts))  # open_clip's tokens, 0-padded
+            torch.testing.assert_close(c, bare(prompts), rtol=0, atol=0)
+
+            plain = model.get_learned_conditioning(["red circle"])
+            empty = model.get_learned_conditioning([""])
+            seen.clear()
+            long = model.get_learned_conditioning(["red circle", " ".join(["dot"] * 100)])
+            assert long.shape == (2, 154, SD2_WIDTH) and len(seen) == 2  # one call per chunk
+            second = seen[1]  # row 0: the short prompt's empty chunk; row 1: <start>, 25 dots, <end>, then 0s
+            assert second[0, :2].tolist() == [49406, 49407] and not second[0, 2:].any()
+            assert second[1, 0] == 49406 and second[1, 26] == 49407 and not second[1, 27:].any()
+            torch.testing.assert_close(long[:1, :77], plain, rtol=0, atol=0)
+            torch.testing.assert_close(long[:1, 77:], empty, rtol=0, atol=0)
+            torch.testing.assert_close(long[1:, :77], model.get_learned_conditioning([" ".join(["dot"] * 75)]),
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(long[1:, 77:], model.get_learned_conditioning([" ".join(["dot"] * 25)]),
+                                       rtol=0, atol=0)
+
+            shared.opts.CLIP_stop_at_last_layers = 2
+            try:
+                skipped = model.get_learned_conditioning(["red circle"])
+            finally:
+                shared.opts.CLIP_stop_at_last_layers = 1
+            assert torch.equal(skipped, plain)
+    finally:
+        del bare.encode_with_transformer
+
+
+def test_txt2img_on_sd2_is_deterministic_per_seed(webui):
+    loaded_sd2(webui)
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="red circle", seed=5, steps=STEPS, width=64, height=64,
+                                                    do_not_save_grid=True, do_not_save_samples=True)
+    first = processing.process_images(p)
+    assert first.images[0].size == (64, 64) and "Seed: 5" in first.info
+    assert p.c.shape == (1, 77, SD2_WIDTH) and p.uc.shape == (1, 77, SD2_WIDTH)
+    assert np.array_equal(pixels(first), pixels(generate("red circle", seed=5)))
+    assert not np.array_equal(pixels(first), pixels(generate("red circle", seed=6)))
+    assert not np.array_equal(pixels(first), pixels(generate("blue square", seed=5)))
+
+
+@pytest.mark.parametrize("v_prediction", [True, False])
+def test_txt2img_turns_the_models_prediction_into_noise_as_the_hosts_sampler(webui, v_prediction):
+    """A model that knows the clean latent x0 predicts, at every step, ldm's own target for it: v = get_v(x0, ε, t)
+    (768-v) or ε (512 base), with ε the noise in x_t. The sampler must then denoise to exactly that x0 whatever
+    the guidance scale; a v read as noise would not."""
+    from lohatrain.demo import build_tiny_sd2
+
+    sd_models.model_factory = lambda info: build_tiny_sd2(3, v_prediction=v_prediction)
+    model = loaded_sd2(webui)
+    assert model.parameterization == ("v" if v_prediction else "eps")
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []  # the sampler's denoised estimate so far, at each prediction
+
+    def oracle(x_t, t, cond):
+        seen.append(shared.state.current_latent)
+        a = model.alphas_cumprod.double()[t][:, None, None, None]
+        eps = ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).float()
+        return model.get_v(x0, eps, t) if v_prediction else eps
+
+    model.apply_model = oracle
+    try:
+        shared.state.current_latent = None
+        result = generate("red circle", seed=5, cfg_scale=7.0)
+    finally:
+        del model.apply_model
+    assert result.images[0].size == (64, 64) and len(seen) == 2 * STEPS  # cond and uncond at each step
+    denoised = seen[2::2] + [shared.state.current_latent]  # what each step ended with
+    assert len(denoised) == STEPS
+    for latent in denoised:
+        torch.testing.assert_close(latent, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_loha_trained_on_sd2_applies_through_the_hosts_sd2_rules(webui, sample_dataset):
+    """A file lohatrain trains on the loaded SD2 model (UNet with conv layers, the OpenCLIP text encoder): every
+    key lands (diffusers-named lora_unet_, lora_te_ mapped onto OpenCLIP's resblocks with the fused attention),
+    the image changes, the weights carry what an independent reading of the host's rules adds, the file is
+    listed as SD2, and the weights come back exactly."""
+    from test_engine import settings_for
+
+    from lohatrain.trainer import train
+
+    model = loaded_sd2(webui)
+    pure = _weights(model)
+    plain = generate("red circle")
+    settings = settings_for(sample_dataset, webui / "Lora", name="sd2_loha", steps=2, learning_rate=1e-2,
+                            text_encoder_lr=1e-2, conv_dim=2, conv_alpha=1)
+    result = train(model, settings)
+    assert all(torch.equal(v, pure[k]) for k, v in _weights(model).items())
+    tensors = load_file(result.file)
+    assert {k.split("_")[1] for k in tensors} == {"unet", "te"}
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in tensors)
+
+    networks.list_available_networks()
+    assert networks.available_networks["sd2_loha"].sd_version == networks.SdVersion.SD2
+    with_loha = generate("red circle <lora:sd2_loha:1>")
+    assert networks.last_unmatched_keys == [] and [n.name for n in networks.loaded_networks] == ["sd2_loha"]
+    assert not networks.extra_network_lora.errors
+    assert not np.array_equal(pixels(plain), pixels(with_loha))
+
+    expected = copy.deepcopy(model)
+    expected.load_state_dict(pure)
+    assert host_rules.apply_file(expected, tensors) == []
+    applied, wanted = _weights(model), _weights(expected)
+    changed = [k for k in pure if not torch.equal(applied[k], pure[k])]
+    text = "cond_stage_model.wrapped.model.transformer.resblocks."
+    assert any(k.startswith(text) and k.endswith(".attn.in_proj_weight") for k in changed)
+    assert any(k.startswith(text) and k.endswith(".attn.out_proj.weight") for k in changed)
+    assert any(k.startswith(text) and ".mlp.c_fc." in k for k in changed)
+    assert any(k.startswith(text) and ".mlp.c_proj." in k for k in changed)
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.0.") for k in changed)  # a conv ResBlock
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.proj_in.") for k in changed)  # linear proj
+    for key in pure:
+        torch.testing.assert_close(applied[key], wanted[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    again = generate("red circle")
+    assert np.array_equal(pixels(again), pixels(plain))
+    assert all(torch.equal(v, pure[k]) for k, v in _weights(model).items()), "weights must be restored bit-exactly"
+
+
+def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, sample_dataset):
+    """The adapter's whole job on an SD2 checkpoint in the host: the conditioning through the host's OpenCLIP
+    wrapper, a preview through the host's txt2img (v-prediction), the file in the Lora folder and listed as SD2,
+    the model untouched."""
+    from test_engine import model_state, settings_for
+
+    from lohatrain.jobs import Job
+    from lohatrain.webui import host
+
+    model = loaded_sd2(webui)
+    before = model_state(model)
+    wrapper = model.cond_stage_model
+    settings = settings_for(sample_dataset, webui / "unused", name="sd2_job", steps=2, text_encoder_lr=1e-3,
+                            conv_dim=2, conv_alpha=1, preview_every_steps=2)
+    job = Job("sd2", settings)
+    result = host.run_training(settings, job)
+    assert result.status == "done" and result.steps_done == 2 and len(job.losses) == 2
+    assert result.file == webui / "Lora" / "sd2_job.safetensors" and "sd2_job" in networks.available_networks
+    assert networks.available_networks["sd2_job"].sd_version == networks.SdVersion.SD2
+    assert job.preview and Path(job.preview).is_file()
+    assert shared.sd_model is model and model.cond_stage_model is wrapper and not wrapper.is_trainable
+    assert model_state(model) == before

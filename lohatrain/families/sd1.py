@@ -75,8 +75,6 @@ class SD1:
     name = "sd1"
     label = "SD 1.x"
     card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
-    base_model_version = "sd_v1"
-    default_resolution = 512
     applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
 
     @staticmethod

@@ -53,8 +53,6 @@ class SD2(SD1):
     name = "sd2"
     label = "SD 2.x"
     card_version = "SD2"
-    base_model_version = "sd_v2"
-    default_resolution = 768  # the 768-v models; the 512 base (eps) is trained at 512
     applies_clip_skip = False
 
     @staticmethod

@@ -48,8 +48,6 @@ class SDXL(SD1):
     name = "sdxl"
     label = "SDXL"
     card_version = "SDXL"
-    base_model_version = "sdxl_base_v1-0"
-    default_resolution = 1024
     applies_clip_skip = False
 
     @staticmethod

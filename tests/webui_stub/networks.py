@@ -19,8 +19,8 @@ Consequences an adapter must respect (host and stand-in alike):
   multipliers is re-read (newer mtime) but layers that already carry the old one are not re-applied.
 
 Layer names (`network_layer_mapping`), as the host: the text encoder's modules (`cond_stage_model.wrapped`,
-e.g. `transformer_text_model_encoder_layers_0_self_attn_q_proj`) and `model.model`'s (`diffusion_model_…`),
-dots as underscores. SDXL (`is_sdxl`): instead of the text encoder, each conditioner embedder that has a
+e.g. SD1's `transformer_text_model_encoder_layers_0_self_attn_q_proj`, SD2's OpenCLIP
+`model_transformer_resblocks_0_attn`) and `model.model`'s (`diffusion_model_…`), dots as underscores. SDXL (`is_sdxl`): instead of the text encoder, each conditioner embedder that has a
 `.wrapped` (the hijacked text encoders), prefixed by its index: `0_transformer_text_model_…` (CLIP-L),
 `1_model_transformer_resblocks_N_…` (bigG).
 Key matching follows the host's load_network, written from its source here: `convert_diffusers_name_to_compvis`

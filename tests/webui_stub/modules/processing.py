@@ -20,7 +20,9 @@ the cond caches.
 
 The stand-in's sampler: DDIM (eta 0, uniform timesteps) with classifier-free guidance, whatever
 `sampler_name` says; the conditional and unconditional predictions are two `apply_model` calls (the host
-batches them). Nothing is written to disk (the host saves samples unless do_not_save_samples).
+batches them). As the host's timestep samplers, each prediction is first turned into noise (a v-prediction
+model's "v" by ε = √ᾱ·v + √(1−ᾱ)·x_t, `predict_eps`), guidance mixes the two noises, and the denoised
+estimate is x0 = (x_t − √(1−ᾱ)·ε) / √ᾱ. Nothing is written to disk (the host saves samples unless do_not_save_samples).
 """
 from __future__ import annotations
 
@@ -191,6 +193,20 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return _ddim(self.sd_model, x, conditioning, unconditional_conditioning, self.steps, self.cfg_scale)
 
 
+def predict_eps(model, x, t, cond, alphas, v_pred):
+    """The noise the model predicts in x (= x_t) at timesteps t, as the host's sampler wrappers
+    (sd_samplers_timesteps: CompVisTimestepsDenoiser; CompVisTimestepsVDenoiser when parameterization is "v").
+
+    With ᾱ = alphas[t], x_t = √ᾱ·x0 + √(1−ᾱ)·ε and v = √ᾱ·ε − √(1−ᾱ)·x0 (ldm's get_v), so
+    ε = √ᾱ·v + √(1−ᾱ)·x_t and x0 = √ᾱ·x_t − √(1−ᾱ)·v (ldm's predict_eps_from_z_and_v / predict_start_from_z_and_v).
+    """
+    out = model.apply_model(x, t, cond)
+    if not v_pred:
+        return out
+    a_t = alphas[t.to(torch.long)][:, None, None, None]
+    return a_t.sqrt() * out + (1 - a_t).sqrt() * x
+
+
 def _ddim(model, x, cond, uncond, steps, cfg_scale):
     alphas = model.alphas_cumprod.to(device=x.device, dtype=torch.float32)
     n = len(alphas)
@@ -206,17 +222,12 @@ def _ddim(model, x, cond, uncond, steps, cfg_scale):
         if state.interrupted or state.skipped:
             return last_latent
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out_c = model.apply_model(x, t_batch, cond)
-        out_u = model.apply_model(x, t_batch, uncond)
-        out = out_u + cfg_scale * (out_c - out_u)
+        eps_c = predict_eps(model, x, t_batch, cond, alphas, v_pred)
+        eps_u = predict_eps(model, x, t_batch, uncond, alphas, v_pred)
+        eps = eps_u + cfg_scale * (eps_c - eps_u)
         a_t = alphas[t]
         a_prev = alphas[timesteps[i + 1]] if i + 1 < len(timesteps) else alphas[0]
-        if v_pred:
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-            eps = (1 - a_t).sqrt() * x + a_t.sqrt() * out
-        else:
-            eps = out
-            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
         last_latent = x0
         state.sampling_step = i  # the index of the step just done, as the host's sampler callback

@@ -3,12 +3,14 @@ before loading other weights into the same model object.
 
 - SD1: `cond_stage_model` (ldm's FrozenCLIPEmbedder) becomes `FrozenCLIPEmbedderWithCustomWords(it)`; undo puts
   the embedder back.
+- SD2: `cond_stage_model` (ldm's FrozenOpenCLIPEmbedder) becomes `sd_hijack_open_clip.
+  FrozenOpenCLIPEmbedderWithCustomWords(it)`; undo puts the embedder back.
 - SDXL (a model with a `conditioner`): each text embedder of `conditioner.embedders` is replaced IN THE LIST by
   its wrapper (CLIP-L: `FrozenCLIPEmbedderForSDXLWithCustomWords`, bigG: `FrozenOpenCLIPEmbedder2WithCustomWords`),
   the size embedders stay; `m.cond_stage_model = conditioner` (with two or more text embedders, as SDXL base).
-  Undo puts the embedders back in the list and leaves `cond_stage_model` as it is, as the host does.
+  Undo puts the embedders back in the list and deletes `cond_stage_model`, as the host does.
 Left out: the `EmbeddingsWithFixes` wrapper around token embeddings (textual inversion), cross-attention
-optimizations, SD2/SD3/XLM-R wrappers, the flattened `layers` list.
+optimizations, SD3/XLM-R wrappers, the flattened `layers` list.
 """
 
 
@@ -19,10 +21,9 @@ class StableDiffusionModelHijack:
         self.fixes = None
 
     def hijack(self, m):
-        from modules import sd_hijack_clip
+        from modules import sd_hijack_clip, sd_hijack_open_clip
         conditioner = getattr(m, 'conditioner', None)
         if conditioner:
-            from modules import sd_hijack_open_clip
             text_cond_models = []
             for i, embedder in enumerate(conditioner.embedders):
                 if sd_hijack_clip.is_sd1_clip(embedder):
@@ -37,15 +38,21 @@ class StableDiffusionModelHijack:
         stage = getattr(m, "cond_stage_model", None)
         if stage is not None and sd_hijack_clip.is_sd1_clip(stage):
             m.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(stage, self)
+        elif stage is not None and sd_hijack_open_clip.is_open_clip(stage):
+            m.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(stage, self)
 
     def undo_hijack(self, m):
-        from modules import sd_hijack_clip
+        from modules import sd_hijack_clip, sd_hijack_open_clip
         conditioner = getattr(m, 'conditioner', None)
         if conditioner:
             for i, embedder in enumerate(conditioner.embedders):
                 if isinstance(embedder, sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase):
                     conditioner.embedders[i] = embedder.wrapped
+            if hasattr(m, 'cond_stage_model'):  # as the host: the SDXL model has none until the next hijack
+                delattr(m, 'cond_stage_model')
         elif isinstance(getattr(m, "cond_stage_model", None), sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords):
+            m.cond_stage_model = m.cond_stage_model.wrapped
+        elif type(getattr(m, "cond_stage_model", None)) is sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords:
             m.cond_stage_model = m.cond_stage_model.wrapped
 
     def clear_comments(self):

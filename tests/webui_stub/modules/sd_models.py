@@ -1,12 +1,13 @@
 """Checkpoints: the list, their names and hashes, and loading one into `shared.sd_model`.
 
 Stand-in for building a model from a checkpoint's config: `model_factory(checkpoint_info)` (tests may replace
-it; default: a tiny SDXL, `lohatrain.demo_sdxl.build_tiny_sdxl`, when the file name contains "xl" in any case,
-else a tiny SD1, `lohatrain.demo.build_tiny_sd1`, with a seed from the checkpoint's name). The config the host
-would find for the file (`find_checkpoint_config`) follows the same name rule. Then, as the host, the file's
-state dict is loaded into it (strict=False); a file that is not a safetensors/torch state dict (e.g. a few
-placeholder bytes) loads nothing and the factory's weights stay. Models stay float32 on the CPU (the host
-halves them unless --no-half).
+it; default, by the file name in any case: a tiny SDXL, `lohatrain.demo_sdxl.build_tiny_sdxl`, when it contains
+"xl"; else a tiny SD2 768-v (v-prediction), `lohatrain.demo.build_tiny_sd2`, when it contains "sd2" or "v2";
+else a tiny SD1, `lohatrain.demo.build_tiny_sd1`; the seed comes from the checkpoint's name). The config the
+host would find for the file (`find_checkpoint_config`: sd_xl_base.yaml, v2-inference-v.yaml or
+v1-inference.yaml) follows the same name rule. Then, as the host, the file's state dict is loaded into it
+(strict=False); a file that is not a safetensors/torch state dict (e.g. a few placeholder bytes) loads nothing
+and the factory's weights stay. Models stay float32 on the CPU (the host halves them unless --no-half).
 
 As the host:
 - A `CheckpointInfo`'s sha256/shorthash come from the hash cache only (None for a file never hashed, so its
@@ -15,9 +16,11 @@ As the host:
   (unless forced_reload). A state dict that fits the current model is loaded INTO THE SAME model object
   (the host's same-config path; it then returns None); otherwise a new model is built, the old one is sent to
   the "meta" device (unusable afterwards), and the new one is returned. Both paths call model_loaded callbacks
-  and write opts.data["sd_model_checkpoint"] = title. A checkpoint of another config (SD1 <-> SDXL) always
+  and write opts.data["sd_model_checkpoint"] = title. A checkpoint of another config (SD1 / SD2 / SDXL) always
   gets a new model.
-- Loading sets the model type (`is_sd1/is_sd2/is_sdxl/is_ssd/is_sd3`, `model_type`); for SDXL it runs
+- Loading sets the model type (`is_sd1/is_sd2/is_sdxl/is_ssd/is_sd3`, `model_type`; SD2 is a model without a
+  conditioner whose bare `cond_stage_model` has a `.model`, i.e. ldm's FrozenOpenCLIPEmbedder; its
+  `parameterization` is the config's, "v" for the 768-v models); for SDXL it runs
   sd_models_xl.extend_sdxl (fields, and the get_learned_conditioning / apply_model / get_first_stage_encoding
   methods) and sets `is_sdxl_inpaint`. The host takes an SDXL state dict without the middle block's first
   attention for SSD-1B; the stand-in only looks when the file holds a state dict (a placeholder stands for
@@ -53,20 +56,33 @@ class ModelType(enum.Enum):
     SD3 = 5
 
 
-def _is_sdxl_file(checkpoint_info):
-    return "xl" in os.path.basename(checkpoint_info.filename).lower()
+def _family_of_file(checkpoint_info):
+    """The family the stand-in builds for a file: "sdxl", "sd2" or "sd1", by its name ("xl" is looked for first)."""
+    name = os.path.basename(checkpoint_info.filename).lower()
+    if "xl" in name:
+        return "sdxl"
+    if "sd2" in name or "v2" in name:
+        return "sd2"
+    return "sd1"
+
+
+_CONFIGS = {"sdxl": "sd_xl_base.yaml", "sd2": "v2-inference-v.yaml", "sd1": "v1-inference.yaml"}
 
 
 def find_checkpoint_config(state_dict, info):
     """The name of the config the stand-in builds for this checkpoint (see the module docstring)."""
-    return "sd_xl_base.yaml" if _is_sdxl_file(info) else "v1-inference.yaml"
+    return _CONFIGS[_family_of_file(info)]
 
 
 def _default_model_factory(checkpoint_info):
     seed = zlib.crc32(checkpoint_info.name_for_extra.encode("utf-8")) % 1000
-    if _is_sdxl_file(checkpoint_info):
+    family = _family_of_file(checkpoint_info)
+    if family == "sdxl":
         from lohatrain.demo_sdxl import build_tiny_sdxl
         return build_tiny_sdxl(seed)
+    if family == "sd2":
+        from lohatrain.demo import build_tiny_sd2
+        return build_tiny_sd2(seed)
     from lohatrain.demo import build_tiny_sd1
     return build_tiny_sd1(seed)
 
