@@ -390,12 +390,8 @@ def training_step_flops(preset, two_op: bool, checkpointing: bool, batch: int = 
     network, how = _meta_network(preset_plans(unet, preset), two_op)
     if delta_as_leaf:
         for lora in network.loras:
-            # the leaf becomes the LoHa's only trainable tensor, so the merged layer's backward hands its
-            # gradient to the leaf itself instead of to the factors
-            for p in lora.parameters():
-                p.requires_grad_(False)
-            lora.delta_leaf = torch.nn.Parameter(torch.empty(lora.shape, device="meta"))
-            lora.get_weight = lambda shape, _leaf=lora.delta_leaf: _leaf
+            leaf = torch.empty(lora.shape, device="meta", requires_grad=True)
+            lora.get_weight = lambda shape, _leaf=leaf: _leaf
     network.attach()
     if checkpointing:
         trainer._checkpoint_blocks(unet)

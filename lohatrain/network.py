@@ -12,8 +12,8 @@ merged weights (torch's own `multi_head_attention_forward`), as the WebUI applie
 How a layer runs while training: lycoris-lora's own LohaModule.forward runs the base op and then a second
 full-size op with ΔW, 1.5x the FLOPs of a step (counted in benchmarks/engine.py). We take only its maths
 (`get_weight`: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/dim) and do one op with W + ΔW, which is also exactly how
-the WebUI applies the file at inference. For backward it keeps the layer's input and the LoHa factors, not
-the full-size W + ΔW, and rebuilds that there (`_MergedLayer`). Where merging into a low-precision weight
+the WebUI applies the file at inference. For backward it keeps the layer's input, not the full-size W + ΔW,
+and rebuilds that there (`_MergedLayer`). Where merging into a low-precision weight
 loses too much of a small ΔW, `two_op=True` keeps lycoris' two ops (see README: when it is used).
 """
 from __future__ import annotations
@@ -171,42 +171,39 @@ class LohaNetwork(nn.Module):
 
 
 def _merged_forward(module: nn.Module, lora: LohaModule):
-    factors = [p for p in lora.parameters() if p.requires_grad]
-
     def forward(x):
-        return _MergedLayer.apply(x, module, lora, *factors)
+        return _MergedLayer.apply(x, lora.get_weight(lora.shape), module, lora)
 
     return forward
 
 
 class _MergedLayer(torch.autograd.Function):
-    """`op(x, W + ΔW)` for a Linear or Conv2d, keeping x and the LoHa factors for backward instead of the
-    full-size W + ΔW, which autograd would hold for every adapted layer from forward to backward (SDXL's
-    deepest block alone: ~0.7 GB in fp16, benchmarks/sdxl.py). Backward rebuilds W + ΔW (one more ΔW: two
-    rank-r matmuls per layer) and hands ∂loss/∂ΔW to lycoris' own ΔW graph for the factors' gradients.
+    """`op(x, W + ΔW)` for a Linear or Conv2d that keeps only x for backward, not the full-size W + ΔW, which
+    autograd would hold for every adapted layer from forward to backward (SDXL's deepest block alone: ~0.7 GB
+    in fp16, benchmarks/sdxl.py). Backward rebuilds W + ΔW from the LoHa (one more ΔW: two rank-r matmuls per
+    layer) and returns ∂loss/∂ΔW, which lycoris' own ΔW graph (it keeps only the factors) takes to them.
 
     Autocast is honoured by hand (custom functions are not autocast): the op runs in the autocast dtype, as
     autocast runs linear and conv, and the gradient of x comes back in x's own dtype."""
 
     @staticmethod
-    def forward(ctx, x, module, lora, *factors):
+    def forward(ctx, x, delta, module, lora):
         device = x.device.type
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        merged = module.weight + lora.get_weight(lora.shape).to(module.weight.dtype)
+        merged = (module.weight + delta.to(module.weight.dtype)).to(dtype)
         bias = module.bias.to(dtype) if module.bias is not None else None
-        ctx.module, ctx.lora, ctx.dtype, ctx.x_dtype = module, lora, dtype, x.dtype
-        ctx.save_for_backward(x, *factors)
+        ctx.module, ctx.lora, ctx.dtype, ctx.x_dtype, ctx.delta_dtype = module, lora, dtype, x.dtype, delta.dtype
+        ctx.save_for_backward(x)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            return lora.op(x.to(dtype), merged.to(dtype), bias, **lora.kw_dict)
+            return lora.op(x.to(dtype), merged, bias, **lora.kw_dict)
 
     @staticmethod
     def backward(ctx, grad):
-        x, *factors = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         module, lora = ctx.module, ctx.lora
-        with torch.enable_grad():
-            delta = lora.get_weight(lora.shape)
-        merged = (module.weight + delta.detach().to(module.weight.dtype)).to(ctx.dtype)
+        with torch.no_grad():
+            merged = (module.weight + lora.get_weight(lora.shape).to(module.weight.dtype)).to(ctx.dtype)
         x, grad = x.to(ctx.dtype), grad.to(ctx.dtype)
         if isinstance(module, nn.Linear):
             grad_x = grad @ merged if ctx.needs_input_grad[0] else None
@@ -216,8 +213,8 @@ class _MergedLayer(torch.autograd.Function):
             grad_x, grad_merged, _ = torch.ops.aten.convolution_backward(
                 grad, x, merged, None, _pair(kw["stride"]), _pair(kw["padding"]), _pair(kw["dilation"]), False,
                 [0, 0], kw["groups"], [ctx.needs_input_grad[0], True, False])
-        grad_factors = torch.autograd.grad(delta, factors, grad_merged.to(delta.dtype))
-        return (grad_x.to(ctx.x_dtype) if grad_x is not None else None, None, None, *grad_factors)
+        grad_x = grad_x.to(ctx.x_dtype) if grad_x is not None else None
+        return grad_x, grad_merged.to(ctx.delta_dtype), None, None
 
 
 def _pair(value) -> list[int]:
