@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lohatrain import trainer  # noqa: E402
-from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet  # noqa: E402
+from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.families.sdxl import SDXL  # noqa: E402
 from lohatrain.network import LohaNetwork, count_parameters, plan_unet  # noqa: E402
 from lohatrain.settings import SDXL_PRESETS  # noqa: E402
@@ -103,11 +103,8 @@ def sdxl_unet_on_meta(dtype: torch.dtype = torch.float16) -> SDXLUNet:
     import ldm.modules.attention
 
     ldm.modules.attention._ATTN_PRECISION = "fp16"  # its fp32 path relies on CUDA autocast, absent on meta
-    f = FULL_SDXL
     with torch.device("meta"):
-        unet = SDXLUNet(f["model_channels"], f["channel_mult"], f["transformer_depth"],
-                        f["clip_l"]["hidden_size"] + f["bigg"]["width"], f["bigg"]["width"] + 6 * f["size_dim"],
-                        f["num_head_channels"])
+        unet = build_unet(FULL_SDXL)
     unet.to(dtype).requires_grad_(False)
     for m in unet.modules():  # as ModelGuard.disable_ldm_checkpointing
         for flag in ("checkpoint", "use_checkpoint"):
@@ -118,10 +115,11 @@ def sdxl_unet_on_meta(dtype: torch.dtype = torch.float16) -> SDXLUNet:
 
 def step_inputs(batch: int, resolution: int, dtype: torch.dtype):
     latent = resolution // 8
+    crossattn, vector = conditioning_widths(FULL_SDXL)
     return (torch.empty(batch, 4, latent, latent, device="meta", dtype=dtype),
             torch.zeros(batch, dtype=torch.long, device="meta"),
-            torch.empty(batch, 77, 2048, device="meta", dtype=dtype),
-            torch.empty(batch, 2816, device="meta", dtype=dtype))
+            torch.empty(batch, 77, crossattn, device="meta", dtype=dtype),
+            torch.empty(batch, vector, device="meta", dtype=dtype))
 
 
 def main(argv=None) -> int:

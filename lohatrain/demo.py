@@ -240,7 +240,8 @@ TINY_SD1_CONFIG = {
 _LATENT_GAIN = 20.0
 
 
-def _reinit_degenerate_layers(model: LatentDiffusion) -> None:
+def _reinit_degenerate_layers(unet: nn.Module, text_encoders: nn.Module, vae: nn.Module,
+                              latent_gain: float = _LATENT_GAIN) -> None:
     """Undo initialisations that make a random model useless for testing training.
 
     - ldm zero-initialises output layers (SpatialTransformer `proj_out`, ResBlock
@@ -251,19 +252,18 @@ def _reinit_degenerate_layers(model: LatentDiffusion) -> None:
       once multiplied by SD1's scale_factor, tiny (std ~0.05). A real SD VAE's
       posterior is nearly deterministic and its scaled latents have std ~1.
     """
-    for module in model.model.diffusion_model.modules():
+    for module in unet.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.any():
             nn.init.normal_(module.weight, std=0.02)
-    for module in model.cond_stage_model.modules():
+    for module in text_encoders.modules():
         if isinstance(module, nn.LayerNorm):
             nn.init.normal_(module.weight, mean=1.0, std=0.2)
             nn.init.normal_(module.bias, mean=0.1, std=0.2)
-    vae = model.first_stage_model
     with torch.no_grad():
-        vae.quant_conv.weight[: vae.embed_dim] *= _LATENT_GAIN  # mean half
-        vae.quant_conv.bias[: vae.embed_dim] *= _LATENT_GAIN
+        vae.quant_conv.weight[: vae.embed_dim] *= latent_gain  # mean half
+        vae.quant_conv.bias[: vae.embed_dim] *= latent_gain
         vae.quant_conv.bias[vae.embed_dim :] = -10.0  # logvar half: posterior std ~0.007
-        vae.post_quant_conv.weight /= _LATENT_GAIN
+        vae.post_quant_conv.weight /= latent_gain
 
 
 def build_tiny_sd1(seed: int = 0) -> LatentDiffusion:
@@ -281,7 +281,7 @@ def _build(config: dict, seed: int, family: str) -> LatentDiffusion:
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
         torch.manual_seed(seed)
         model = instantiate_from_config(OmegaConf.create({"target": _LATENT_DIFFUSION, "params": config}))
-        _reinit_degenerate_layers(model)
+        _reinit_degenerate_layers(model.model.diffusion_model, model.cond_stage_model, model.first_stage_model)
     model.eval()
     model.is_sd1 = family == "sd1"
     model.is_sd2 = family == "sd2"

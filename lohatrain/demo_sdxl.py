@@ -30,7 +30,8 @@ import io
 import torch
 from torch import nn
 
-from .demo import _LATENT_GAIN, TINY_SD1_CONFIG, TinyCLIPEmbedder, TinyOpenCLIPEmbedder  # first: sets up ldm
+from .demo import (_LATENT_GAIN, TINY_SD1_CONFIG, TinyCLIPEmbedder, TinyOpenCLIPEmbedder,
+                   _reinit_degenerate_layers)  # first: sets up ldm
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.modules.attention import SpatialTransformer as LdmSpatialTransformer  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, TimestepEmbedSequential,  # noqa: E402
@@ -262,46 +263,36 @@ def _vae(ch: int, ch_mult: tuple[int, ...], res_blocks: int) -> AutoencoderKL:
         return AutoencoderKL(ddconfig, {"target": "torch.nn.Identity"}, embed_dim=4)
 
 
+def conditioning_widths(sizes: dict) -> tuple[int, int]:
+    """(crossattn, vector) widths: CLIP-L's and bigG's hidden states side by side; bigG's pooled embedding and
+    six size numbers."""
+    return sizes["clip_l"]["hidden_size"] + sizes["bigg"]["width"], sizes["bigg"]["width"] + 6 * sizes["size_dim"]
+
+
+def build_unet(sizes: dict, use_checkpoint: bool = True) -> SDXLUNet:
+    """The UNet of `build_sdxl` alone (on the current default device), e.g. on the meta device for counting."""
+    return SDXLUNet(sizes["model_channels"], sizes["channel_mult"], sizes["transformer_depth"],
+                    *conditioning_widths(sizes), sizes["num_head_channels"], use_checkpoint=use_checkpoint)
+
+
 def build_sdxl(sizes: dict = TINY_SDXL, seed: int = 0, device: str | torch.device = "cpu") -> SDXLEngine:
     """An SDXL-shaped `SDXLEngine` with random weights: `TINY_SDXL` (tests, demo) or `FULL_SDXL` (benchmarks:
     speed and memory do not depend on weight values). Deterministic for `seed`; the global RNG is untouched."""
     clip_l, bigg = sizes["clip_l"], sizes["bigg"]
-    context_dim = clip_l["hidden_size"] + bigg["width"]
-    adm_in = bigg["width"] + 6 * sizes["size_dim"]
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = SDXLUNet(sizes["model_channels"], sizes["channel_mult"], sizes["transformer_depth"], context_dim,
-                        adm_in, sizes["num_head_channels"])
+        unet = build_unet(sizes)
         embedders = [TinySDXLCLIPEmbedder(**clip_l, layer="hidden", layer_idx=clip_l["num_layers"] - 1),
                      TinyOpenCLIPEmbedder2(**bigg, layer="penultimate")]
         embedders += [ConcatTimestepEmbedderND(sizes["size_dim"], key) for key in SIZE_KEYS]
         model = SDXLEngine(unet, GeneralConditioner(embedders),
                            _vae(sizes["vae_ch"], sizes["vae_ch_mult"], sizes["vae_res_blocks"]))
-        if sizes is TINY_SDXL:
-            _make_trainable_when_tiny(model)
+        if sizes is TINY_SDXL:  # as the tiny SD1; the gain brings SDXL's smaller scale factor to the same std
+            _reinit_degenerate_layers(unet, model.conditioner, model.first_stage_model,
+                                      _LATENT_GAIN * 0.18215 / model.scale_factor)
     return model.eval().requires_grad_(True)
 
 
 def build_tiny_sdxl(seed: int = 0) -> SDXLEngine:
     """The tiny SDXL-shaped model of the tests (about 10M parameters, CPU, float32, eval mode)."""
     return build_sdxl(TINY_SDXL, seed)
-
-
-def _make_trainable_when_tiny(model: SDXLEngine) -> None:
-    """As `demo._reinit_degenerate_layers` for SD1: no zero output layers, non-trivial layer norms, and a
-    VAE whose scaled latents have a std near 1 and an almost deterministic posterior."""
-    for module in model.model.diffusion_model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and not module.weight.any():
-            nn.init.normal_(module.weight, std=0.02)
-    for module in model.conditioner.modules():
-        if isinstance(module, nn.LayerNorm):
-            nn.init.normal_(module.weight, mean=1.0, std=0.2)
-            nn.init.normal_(module.bias, mean=0.1, std=0.2)
-    vae = model.first_stage_model
-    gain = _LATENT_GAIN * 0.18215 / model.scale_factor
-    with torch.no_grad():
-        vae.quant_conv.weight[: vae.embed_dim] *= gain
-        vae.quant_conv.bias[: vae.embed_dim] *= gain
-        vae.quant_conv.bias[vae.embed_dim:] = -10.0
-        vae.post_quant_conv.weight /= gain
-

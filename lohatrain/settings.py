@@ -46,8 +46,7 @@ SDXL_PRESETS: dict[str, Preset] = {
     "high": Preset("High: characters with details, styles", 8, 4, 4, 2, 92.7),
     "highest": Preset("Highest quality: styles and complex concepts", 16, 8, 8, 4, 185.4),
 }
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}  # lohatrain.families' names
-PRESETS_BY_FAMILY = {"sd1": PRESETS, "sd2": PRESETS, "sdxl": SDXL_PRESETS}
+PRESETS_BY_FAMILY = {"sd1": PRESETS, "sd2": PRESETS, "sdxl": SDXL_PRESETS}  # keyed by lohatrain.families' names
 # What else differs by family: its native resolution (and buckets around it), a batch that fits 8 GB with
 # gradient checkpointing, and SDXL's lower learning rate (its batch of 1 makes each step noisier).
 FAMILY_DEFAULTS = {

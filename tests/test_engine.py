@@ -96,9 +96,9 @@ def test_applying_the_file_reproduces_the_trained_models_output(tiny_model, samp
     torch.testing.assert_close(file_out, seen["trained"], atol=2e-5, rtol=1e-4)
 
 
-def _expected_targets(model, conv: bool, text: bool) -> set[int]:
-    """Modules a LoHa must cover, enumerated independently of lohatrain's planner."""
-    unet = model.model.diffusion_model
+def expected_unet_targets(unet, conv: bool) -> set[int]:
+    """UNet modules a LoHa must cover, enumerated independently of lohatrain's planner: the attention blocks'
+    Linears and 1x1 convs, and with `conv` the layers of ResBlocks and down/up-samplers."""
     expected = set()
     for block in unet.modules():
         kind = type(block).__name__
@@ -107,6 +107,31 @@ def _expected_targets(model, conv: bool, text: bool) -> set[int]:
                 if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and (
                         conv or m.kernel_size == (1, 1))):
                     expected.add(id(m))
+    return expected
+
+
+def modules_the_host_loads(model, tensors: dict) -> tuple[set[int], dict[int, set[str]]]:
+    """Each LoHa of a file as the host loads it: all five tensors, a module found by the host's rules and
+    factor shapes that fit it. Returns the ids of the modules hit and, per fused attention, which of q, k, v
+    landed on it (out lands on its out_proj)."""
+    covered, attention_parts = set(), {}
+    for layer, w in group_keys(tensors).items():
+        assert set(w) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}, layer
+        module = find_module(model, layer)
+        assert module is not None, f"{layer} matches no module in the host"
+        if isinstance(module, torch.nn.MultiheadAttention):  # q/k/v: a third of the fused in_proj_weight
+            attention_parts.setdefault(id(module), set()).add(layer.rsplit("_", 2)[-2])
+            out_dim, fan_in = module.embed_dim, module.in_proj_weight.shape[1]
+        else:
+            out_dim, fan_in = module.weight.shape[0], module.weight[0].numel()
+        assert w["hada_w1_a"].shape == (out_dim, w["hada_w1_b"].shape[0]) and w["hada_w1_b"].dim() == 2
+        assert w["hada_w1_b"].shape[1] == fan_in and w["hada_w2_b"].shape[1] == fan_in
+        covered.add(id(module))
+    return covered, attention_parts
+
+
+def _expected_targets(model, conv: bool, text: bool) -> set[int]:
+    expected = expected_unet_targets(model.model.diffusion_model, conv)
     if text:
         for name, m in model.cond_stage_model.transformer.named_modules():
             if isinstance(m, torch.nn.Linear) and ".layers." in name:
@@ -120,15 +145,7 @@ def test_every_key_matches_a_module_under_the_hosts_rules(tiny_model, sample_dat
                      text_encoder_lr=1e-4 if text else 0.0)
     result = train(tiny_model, s)
     tensors = load_file(result.file)
-    covered = set()
-    for layer, w in group_keys(tensors).items():
-        assert set(w) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}, layer
-        module = find_module(tiny_model, layer)
-        assert module is not None, f"{layer} matches no module in the host"
-        out_dim, fan_in = module.weight.shape[0], module.weight[0].numel()
-        assert w["hada_w1_a"].shape == (out_dim, w["hada_w1_b"].shape[0]) and w["hada_w1_b"].dim() == 2
-        assert w["hada_w1_b"].shape[1] == fan_in and w["hada_w2_b"].shape[1] == fan_in
-        covered.add(id(module))
+    covered, _ = modules_the_host_loads(tiny_model, tensors)
     assert covered == _expected_targets(tiny_model, conv, text)
     # SD1 files use the diffusers naming of kohya's tools, including ComfyUI's required `to_out_0`.
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.")

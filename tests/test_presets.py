@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lohatrain.demo  # noqa: F401  (before ldm: installs the torchvision stand-in)
-from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet
+from lohatrain.demo_sdxl import FULL_SDXL, build_unet
 from lohatrain.families.sd1 import SD1
 from lohatrain.families.sdxl import SDXL
 from lohatrain.network import LohaNetwork, count_parameters, plan_unet
@@ -35,11 +35,8 @@ def sd15_unet():
 
 @pytest.fixture(scope="module")
 def sdxl_unet():
-    f = FULL_SDXL
     with torch.device("meta"):
-        unet = SDXLUNet(f["model_channels"], f["channel_mult"], f["transformer_depth"],
-                        f["clip_l"]["hidden_size"] + f["bigg"]["width"], f["bigg"]["width"] + 6 * f["size_dim"],
-                        f["num_head_channels"])
+        unet = build_unet(FULL_SDXL)
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # SDXL base's UNet
     return unet
 

@@ -21,10 +21,9 @@ from lohatrain.network import LohaNetwork, plan_fused_attention
 from lohatrain.settings import TrainSettings
 from lohatrain.trainer import rescale_zero_terminal_snr, train
 
-from host_rules import apply_file, find_module, group_keys
-from test_engine import denoising_loss, model_state, settings_for
+from host_rules import apply_file
+from test_engine import denoising_loss, expected_unet_targets, model_state, modules_the_host_loads, settings_for
 
-PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +105,7 @@ def test_applying_the_file_reproduces_the_trained_models_output(sd2_model, sampl
 def _expected_targets(model, conv: bool, text: bool) -> set[int]:
     """Modules a LoHa must change, enumerated independently of lohatrain's planner (for the text encoder:
     each fused attention and its out_proj, and both MLP Linears of every residual block)."""
-    expected = set()
-    for block in model.model.diffusion_model.modules():
-        kind = type(block).__name__
-        if kind == "SpatialTransformer" or (conv and kind in ("ResBlock", "Downsample", "Upsample")):
-            for m in block.modules():
-                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and (conv or m.kernel_size == (1, 1))):
-                    expected.add(id(m))
+    expected = expected_unet_targets(model.model.diffusion_model, conv)
     if text:
         for m in model.cond_stage_model.model.modules():
             if isinstance(m, nn.MultiheadAttention):
@@ -127,19 +120,7 @@ def test_every_key_matches_a_module_under_the_hosts_sd2_rules(sd2_model, sample_
     s = settings_for(sample_dataset, tmp_path, steps=1, conv_dim=4 if conv else 0, conv_alpha=2,
                      text_encoder_lr=1e-4 if text else 0.0)
     tensors = load_file(train(sd2_model, s).file)
-    covered, attention_parts = set(), {}
-    for layer, w in group_keys(tensors).items():
-        assert set(w) == set(PARTS), layer
-        module = find_module(sd2_model, layer)
-        assert module is not None, f"{layer} matches no module in the host"
-        if isinstance(module, nn.MultiheadAttention):  # q/k/v: a third of the fused in_proj_weight
-            attention_parts.setdefault(id(module), set()).add(layer.rsplit("_", 2)[-2])
-            out_dim, fan_in = module.embed_dim, module.in_proj_weight.shape[1]
-        else:
-            out_dim, fan_in = module.weight.shape[0], module.weight[0].numel()
-        assert w["hada_w1_a"].shape == (out_dim, w["hada_w1_b"].shape[0]) and w["hada_w1_b"].dim() == 2
-        assert w["hada_w1_b"].shape[1] == fan_in and w["hada_w2_b"].shape[1] == fan_in
-        covered.add(id(module))
+    covered, attention_parts = modules_the_host_loads(sd2_model, tensors)
     assert covered == _expected_targets(sd2_model, conv, text)
     # The host applies a fused attention's LoHa only when q, k, v (and out) are all there.
     assert all(parts == {"q", "k", "v"} for parts in attention_parts.values())

@@ -26,10 +26,9 @@ from lohatrain.families import detect
 from lohatrain.families.sdxl import SDXL
 from lohatrain.trainer import train
 
-from host_rules import apply_file, find_module, group_keys
-from test_engine import model_state, settings_for
+from host_rules import apply_file
+from test_engine import expected_unet_targets, model_state, modules_the_host_loads, settings_for
 
-PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
 CLIP_L_WIDTH, BIGG_WIDTH = 32, 48  # the tiny text encoders' widths (SDXL: 768 and 1280)
 
 
@@ -228,13 +227,7 @@ def _expected_targets(model, conv: bool, text: bool) -> set[int]:
     """Modules a LoHa must change, enumerated independently of lohatrain's planner: the UNet's attention
     Linears (and with conv, its ResBlock/Down/Upsample layers), CLIP-L's attention and MLP Linears, and each
     bigG block's fused attention (with its out_proj) and MLP Linears."""
-    expected = set()
-    for block in model.model.diffusion_model.modules():
-        kind = type(block).__name__
-        if kind == "SpatialTransformer" or (conv and kind in ("ResBlock", "Downsample", "Upsample")):
-            for m in block.modules():
-                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and (conv or m.kernel_size == (1, 1))):
-                    expected.add(id(m))
+    expected = expected_unet_targets(model.model.diffusion_model, conv)
     if text:
         clip_l, bigg = model.conditioner.embedders[0], model.conditioner.embedders[1]
         for layer in clip_l.transformer.text_model.encoder.layers:
@@ -249,19 +242,7 @@ def test_every_key_matches_a_module_under_the_hosts_sdxl_rules(sdxl_model, sampl
     s = settings_for(sample_dataset, tmp_path, steps=1, conv_dim=4 if conv else 0, conv_alpha=2,
                      text_encoder_lr=1e-4 if text else 0.0)
     tensors = load_file(train(sdxl_model, s).file)
-    covered, attention_parts = set(), {}
-    for layer, w in group_keys(tensors).items():
-        assert set(w) == set(PARTS), layer
-        module = find_module(sdxl_model, layer)
-        assert module is not None, f"{layer} matches no module in the host"
-        if isinstance(module, nn.MultiheadAttention):
-            attention_parts.setdefault(id(module), set()).add(layer.rsplit("_", 2)[-2])
-            out_dim, fan_in = module.embed_dim, module.in_proj_weight.shape[1]
-        else:
-            out_dim, fan_in = module.weight.shape[0], module.weight[0].numel()
-        assert w["hada_w1_a"].shape == (out_dim, w["hada_w1_b"].shape[0]) and w["hada_w1_b"].dim() == 2
-        assert w["hada_w1_b"].shape[1] == fan_in and w["hada_w2_b"].shape[1] == fan_in
-        covered.add(id(module))
+    covered, attention_parts = modules_the_host_loads(sdxl_model, tensors)
     assert covered == _expected_targets(sdxl_model, conv, text)
     assert all(parts == {"q", "k", "v"} for parts in attention_parts.values())  # complete sets only
     assert len(attention_parts) == (len(sdxl_model.conditioner.embedders[1].model.transformer.resblocks)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import lohatrain.demo  # noqa: E402,F401  (first: sets up ldm's imports)
 import torch  # noqa: E402
 
-from lohatrain.demo_sdxl import FULL_SDXL, TINY_SDXL, SDXLUNet  # noqa: E402
+from lohatrain.demo_sdxl import FULL_SDXL, TINY_SDXL, build_unet, conditioning_widths  # noqa: E402
 
 
 def sgm_unet_class(checkout: Path):
@@ -36,8 +36,7 @@ def sgm_unet_class(checkout: Path):
 
 
 def build_pair(sgm_unet, sizes: dict):
-    context = sizes["clip_l"]["hidden_size"] + sizes["bigg"]["width"]
-    adm = sizes["bigg"]["width"] + 6 * sizes["size_dim"]
+    context, adm = conditioning_widths(sizes)
     with contextlib.redirect_stdout(io.StringIO()):
         real = sgm_unet(adm_in_channels=adm, num_classes="sequential", use_checkpoint=False, in_channels=4,
                         out_channels=4, model_channels=sizes["model_channels"], attention_resolutions=[4, 2],
@@ -45,8 +44,7 @@ def build_pair(sgm_unet, sizes: dict):
                         num_head_channels=sizes["num_head_channels"], use_spatial_transformer=True,
                         use_linear_in_transformer=True, transformer_depth=list(sizes["transformer_depth"]),
                         context_dim=context, spatial_transformer_attn_type="softmax", legacy=False)
-    ours = SDXLUNet(sizes["model_channels"], sizes["channel_mult"], sizes["transformer_depth"], context, adm,
-                    sizes["num_head_channels"], use_checkpoint=False)
+    ours = build_unet(sizes, use_checkpoint=False)
     return real, ours
 
 

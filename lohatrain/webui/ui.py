@@ -12,9 +12,9 @@ import gradio as gr
 
 from .. import dataset as ds
 from ..errors import LohatrainError
+from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
-from ..settings import (CUSTOM_PRESET, DTYPES, FAMILY_LABELS, PRESETS_BY_FAMILY, SCHEDULERS, TrainSettings,
-                        check_file_name)
+from ..settings import CUSTOM_PRESET, DTYPES, PRESETS_BY_FAMILY, SCHEDULERS, TrainSettings, check_file_name
 from . import host
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
@@ -73,7 +73,7 @@ def _key_for(labels: dict, label):
 
 def preset_labels(family: str) -> dict[str, str]:
     """Preset key → dropdown label, with the file size on the family's full-size model."""
-    labels = {key: f"{p.label} (~{p.file_mb:g} MB on {FAMILY_LABELS[family]})"
+    labels = {key: f"{p.label} (~{p.file_mb:g} MB on {FAMILIES[family].label})"
               for key, p in PRESETS_BY_FAMILY[family].items()}
     return {**labels, CUSTOM_PRESET: CUSTOM_LABEL}
 
@@ -190,8 +190,8 @@ def load_checkpoint(title):
     if after == before:
         return [_model_markdown(), _message(f"Loaded {title}.")] + [gr.update()] * len(FAMILY_FIELDS)
     return [_model_markdown(), _message(
-        f"Loaded {title}. It is an {FAMILY_LABELS[after]} model: network size, resolution, batch size and "
-        f"learning rate are now {FAMILY_LABELS[after]}'s defaults.")] + family_values(after)
+        f"Loaded {title}. It is an {FAMILIES[after].label} model: network size, resolution, batch size and "
+        f"learning rate are now {FAMILIES[after].label}'s defaults.")] + family_values(after)
 
 
 def build_tab(runner: JobRunner) -> gr.Blocks:

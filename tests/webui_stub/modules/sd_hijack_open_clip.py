@@ -50,16 +50,9 @@ class FrozenOpenCLIPEmbedderWithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWit
         return z
 
 
-class FrozenOpenCLIPEmbedder2WithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase):
-    def __init__(self, wrapped, hijack):
-        super().__init__(wrapped, hijack)
-        self.comma_token = tokenizer.encoder.get(',</w>')
-        self.id_start = tokenizer.encoder["<start_of_text>"]
-        self.id_end = tokenizer.encoder["<end_of_text>"]
-        self.id_pad = 0
-
-    def tokenize(self, texts):
-        return [tokenizer.encode(text) for text in texts]
+class FrozenOpenCLIPEmbedder2WithCustomWords(FrozenOpenCLIPEmbedderWithCustomWords):
+    """The host repeats SD2's wrapper here; only the encoding differs (the stand-in's type checks use `type()
+    is`, so sharing the rest by subclassing changes no decision)."""
 
     def encode_with_transformers(self, tokens):
         d = self.wrapped.encode_with_transformer(tokens)
