@@ -15,9 +15,12 @@ import subprocess
 import sys
 
 LYCORIS = "lycoris-lora"
-LYCORIS_VERSION = "4.1.3"  # the version lohatrain is tested with
+# The newest lycoris-lora that imports with the torch found, each tested with lohatrain: 4.x calls
+# torch.library.custom_op at import (torch 2.4+); 3.4.0 imports on the stock WebUI's torch 2.1.2.
+LYCORIS_FOR_TORCH = [((2, 4), "4.1.3"), ((2, 1), "3.4.0")]
+MIN_LYCORIS = (3, 2)  # the LohaModule API lohatrain uses (get_weight, op, kw_dict, custom_state_dict)
 
-# lycoris-lora 4.1.3 requires einops, numpy, safetensors, toml, torch and tqdm; lohatrain itself
+# lycoris-lora 3.4 and 4.1 require einops, numpy, safetensors, toml, torch and tqdm; lohatrain itself
 # also uses Pillow. torch and numpy are left out on purpose: the WebUI installs them (pinned)
 # before it runs extension installers, and only the WebUI should choose their versions.
 # None of these has a required dependency of its own, hence `--no-deps` is safe
@@ -33,19 +36,45 @@ def installed_version(name):
         return None
 
 
-def missing_requirements():
-    """Requirement strings to install, e.g. ["lycoris-lora==4.1.3", "toml"]; [] when all is there.
+def version_tuple(version):
+    """(2, 1) from "2.1.2+cu121": major and minor only."""
+    parts = (version.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
 
-    A lycoris-lora of another version is left alone (the user, or another extension, chose it):
-    it is reported in one line, not replaced.
+
+def lycoris_for(torch_version):
+    """The lycoris-lora version to install beside this torch ("2.1.2+cu121"), or None if torch is too old."""
+    found = version_tuple(torch_version) if torch_version else (99, 0)
+    return next((lycoris for minimum, lycoris in LYCORIS_FOR_TORCH if found >= minimum), None)
+
+
+def lycoris_works(lycoris_version, torch_version):
+    """Whether an installed lycoris-lora can be imported and used by lohatrain beside this torch."""
+    found = version_tuple(lycoris_version)
+    return found >= MIN_LYCORIS and (found < (4, 0) or lycoris_for(torch_version) == LYCORIS_FOR_TORCH[0][1])
+
+
+def missing_requirements():
+    """Requirement strings to install, e.g. ["lycoris-lora==3.4.0", "toml"]; [] when all is there.
+
+    A lycoris-lora that works with the torch found is left alone (the user, or another extension, chose
+    it). One that cannot (4.x beside torch < 2.4 fails at import; 2.x lacks the API) is replaced by the one
+    that can, with one line saying so. torch is never installed or changed: the WebUI chooses it.
     """
+    torch_version = installed_version("torch")
+    wanted = lycoris_for(torch_version)
+    if wanted is None:
+        print(f"[lohatrain] torch {torch_version} is older than lohatrain supports (2.1): update the WebUI "
+              "(v1.10 installs torch 2.1.2); the LoHa training tab will say the same", flush=True)
+        return []
     missing = []
     lycoris = installed_version(LYCORIS)
     if lycoris is None:
-        missing.append(f"{LYCORIS}=={LYCORIS_VERSION}")
-    elif lycoris != LYCORIS_VERSION:
-        print(f"[lohatrain] found {LYCORIS} {lycoris}; lohatrain is tested with {LYCORIS_VERSION} "
-              f"(left as is)")
+        missing.append(f"{LYCORIS}=={wanted}")
+    elif not lycoris_works(lycoris, torch_version):
+        print(f"[lohatrain] {LYCORIS} {lycoris} does not work with torch {torch_version}: installing "
+              f"{LYCORIS} {wanted}, which does", flush=True)
+        missing.append(f"{LYCORIS}=={wanted}")
     missing += [name for name in LIGHT_DEPENDENCIES if installed_version(name) is None]
     return missing
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from lycoris.modules.loha import LohaModule
 from torch import nn
 
+from . import compat
 from .families.sd1 import ATTENTION_BLOCKS, CONV_BLOCKS
+from .precision import merge
 
 
 # The projections of a fused attention, in the order of `in_proj_weight`'s rows (then out_proj).
@@ -189,9 +191,9 @@ class _MergedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, module, lora):
         device = x.device.type
-        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        merged = (module.weight + delta.to(module.weight.dtype)).to(dtype)
+        autocast = compat.autocast_dtype(device)
+        dtype = autocast or x.dtype
+        merged = merge(module.weight, delta, dtype)
         bias = module.bias.to(dtype) if module.bias is not None else None
         ctx.module, ctx.lora, ctx.dtype, ctx.x_dtype, ctx.delta_dtype = module, lora, dtype, x.dtype, delta.dtype
         ctx.save_for_backward(x)
@@ -203,7 +205,7 @@ class _MergedLayer(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         module, lora = ctx.module, ctx.lora
         with torch.no_grad():
-            merged = (module.weight + lora.get_weight(lora.shape).to(module.weight.dtype)).to(ctx.dtype)
+            merged = merge(module.weight, lora.get_weight(lora.shape), ctx.dtype)
         x, grad = x.to(ctx.dtype), grad.to(ctx.dtype)
         if isinstance(module, nn.Linear):
             grad_x = grad @ merged if ctx.needs_input_grad[0] else None
@@ -238,10 +240,10 @@ def _merged_attention_forward(attention: nn.MultiheadAttention, loras: dict[str,
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
+        dtype = compat.autocast_dtype(query.device.type) or query.dtype
         delta_in = torch.cat([q.get_weight(q.shape), k.get_weight(k.shape), v.get_weight(v.shape)])
-        in_merged = in_weight + delta_in.to(in_weight.dtype)
-        out_merged = out_weight + out.get_weight(out.shape).to(out_weight.dtype)
+        in_merged = merge(attention.in_proj_weight, delta_in, dtype)
+        out_merged = merge(attention.out_proj.weight, out.get_weight(out.shape), dtype)
         transpose = attention.batch_first and query.dim() == 3
         if transpose:  # keep `query is key is value` (self-attention's packed projection), as torch does
             if key is value:

@@ -11,7 +11,7 @@ import os
 import random
 import secrets
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,14 +19,15 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
+from . import compat
 from . import dataset as ds
 from .errors import LohatrainError
 from .families import detect
 from .model_guard import ModelGuard
 from .network import LohaNetwork, plan_text_encoder, plan_unet
+from .precision import check_precision, route_low_precision_layers
 from .output import (SAVE_DTYPES, build_metadata, plan_output, save_network, timestamp, write_sidecars)
 from .settings import TrainSettings
 
@@ -89,7 +90,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
                       should_stop, on_step, offload_device)
-    except torch.OutOfMemoryError:
+    except compat.OutOfMemoryError:
         raise LohatrainError(
             "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
             "checkpointing, or choose a smaller network preset. The model was left as it was.") from None
@@ -109,6 +110,12 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
             "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
             "learn from. Turn zero_terminal_snr off for this checkpoint.")
+    unet = family.unet(model)
+    vae = family.vae(model)
+    text_encoder = family.text_encoder(model)
+    device = next(unet.parameters()).device
+    compute_dtype = COMPUTE_DTYPES[settings.train_dtype]
+    check_precision(unet, device, compute_dtype)
     seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**32)
     plan = plan_output(settings, output_dir or settings.output_dir or ".")
 
@@ -118,16 +125,6 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     bucket_of = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
                                   settings.bucket_max_side)
     warnings = ds.upscale_warnings(items, bucket_of)
-
-    unet = family.unet(model)
-    vae = family.vae(model)
-    text_encoder = family.text_encoder(model)
-    device = next(unet.parameters()).device
-    base_dtype = next(unet.parameters()).dtype
-    compute_dtype = COMPUTE_DTYPES[settings.train_dtype]
-    if base_dtype != torch.float32 and compute_dtype == torch.float32:
-        raise LohatrainError("the loaded model is in half precision, so it cannot train in fp32: choose "
-                             "fp16 or bf16, or start the WebUI with --no-half")
     train_text = settings.text_encoder_lr > 0
     clip_skip = settings.effective_clip_skip if family.applies_clip_skip else None
 
@@ -137,13 +134,15 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         guard.disable_ldm_checkpointing()
         for p in model.parameters():
             p.requires_grad_(False)
+        route_low_precision_layers([unet, text_encoder, vae], compute_dtype)
         if encode_prompts is None:
             stack.enter_context(family.clip_skip(model, clip_skip))
             encode_prompts = family.prompt_encoder(model)
         if train_text:
             stack.enter_context(family.text_training(model))
-        autocast = partial(torch.autocast, device.type, dtype=compute_dtype,
-                           enabled=compute_dtype != torch.float32)
+        # torch 2.1 rejects a CPU autocast dtype other than bf16 even when disabled: no autocast at all for fp32
+        autocast = (partial(torch.autocast, device.type, dtype=compute_dtype) if compute_dtype != torch.float32
+                    else nullcontext)
 
         report(Progress("Encoding images"))
         samples = _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed)
@@ -158,10 +157,10 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             report(Progress("Encoding captions"))
             with torch.no_grad(), autocast():
                 for caption in sorted({s.item.caption for s in samples}):
-                    cached_cond[caption] = tree_map(lambda t: t.float(), encode_prompts([caption]))
-                shapes = {tuple(t.shape for t in tree_leaves(c)) for c in cached_cond.values()}
+                    cached_cond[caption] = _to_float(encode_prompts([caption]))
+                shapes = {tuple(t.shape for t in _tensors(c)) for c in cached_cond.values()}
                 if len(shapes) > 1 and "" not in cached_cond:  # captions past 75 tokens: pad with the empty one
-                    cached_cond[""] = tree_map(lambda t: t.float(), encode_prompts([""]))
+                    cached_cond[""] = _to_float(encode_prompts([""]))
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -176,9 +175,9 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         if train_text:
             groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
         # The fused kernel updates all LoHa tensors at once: the per-tensor loop was ~8% of a step.
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=device.type in ("cuda", "cpu"))
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
-        scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+        scaler = compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16)
 
         batch_sampler = ds.BucketBatchSampler([s.bucket for s in samples], settings.batch_size,
                                               torch.Generator().manual_seed(seed))
@@ -275,6 +274,15 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
 
 
+def _tensors(cond) -> list[torch.Tensor]:
+    """The tensors of a conditioning: one tensor (SD1, SD2) or a dict of them (SDXL)."""
+    return list(cond.values()) if isinstance(cond, dict) else [cond]
+
+
+def _to_float(cond):
+    return {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
+
+
 def training_alphas_cumprod(model, zero_terminal_snr: bool = False) -> torch.Tensor:
     """The checkpoint's noise schedule (float32), optionally rescaled to zero terminal SNR; the model's
     buffer is never changed.
@@ -331,7 +339,7 @@ def _encode(model, family, pixels, device, seed: int) -> torch.Tensor:
             vae.float()
         # autocast stays as the caller set it the first time, and is off for the float32 retry
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                torch.autocast(device.type, enabled=not in_float32 and torch.is_autocast_enabled(device.type)):
+                (torch.autocast(device.type, enabled=False) if in_float32 else nullcontext()):
             torch.manual_seed(seed)
             latent = family.encode_images(model, pixels.to(device, next(vae.parameters()).dtype)).float()
         if torch.isfinite(latent).all():

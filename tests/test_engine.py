@@ -239,7 +239,7 @@ def test_model_is_left_exactly_as_found(tiny_model, sample_dataset, tmp_path, en
         if step == 2 and ending == "error":
             raise RuntimeError("boom")
         if step == 2 and ending == "out of memory":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     steps_seen = []
     stop = lambda: ending == "interrupted" and len(steps_seen) >= 2  # noqa: E731

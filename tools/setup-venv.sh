@@ -9,3 +9,5 @@ $pip install -c tools/constraints.txt -r tools/requirements-dev.txt
 # ldm (the WebUI's copy of Stability-AI's code) and open-clip-torch (only for its CLIP BPE vocabulary file):
 # their declared dependencies would replace the pins above, so they come without them.
 $pip install --no-deps stable-diffusion-sdkit==2.1.5 open-clip-torch==3.3.0
+# lycoris-lora as the WebUI gets it: the extension's own installer picks the version for this torch.
+.venv/bin/python install.py
