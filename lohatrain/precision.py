@@ -4,9 +4,9 @@ float8 Linear/Conv2d weights with its FP8 weight option (Settings → Optimizati
 The weights are never changed. What a training step needs from such a model:
 - each adapted layer adds W + ΔW in float32 and rounds once to the op's dtype (`merge`);
 - a float8 Linear or Conv2d runs with its weights cast per call, as the WebUI's autocast does at inference;
-- a GroupNorm or LayerNorm whose weights are not the input's dtype runs with them cast to it (CUDA's autocast
-  does this for norms by itself; CPU autocast and devices without autocast do not: the WebUI's own
-  `devices.manual_cast` casts them the same way there).
+- a GroupNorm or LayerNorm held in fp16/bf16 runs in float32 under autocast, as CUDA's autocast runs norms
+  by itself (CPU autocast does not, and CPU torch 2.1 has no fp16 norm kernels); without autocast its weights
+  are cast to the input's dtype, as the WebUI's own `devices.manual_cast` does on devices without autocast.
 These routes are instance forwards that ModelGuard removes after the run; a float32 model gets none.
 """
 from __future__ import annotations
@@ -66,9 +66,13 @@ def _cast_weight_forward(module: nn.Module, compute_dtype: torch.dtype):
 
 def _cast_norm_forward(module: nn.Module):
     def forward(x):
-        weight, bias = module.weight.to(x.dtype), module.bias.to(x.dtype) if module.bias is not None else None
+        # Under autocast a norm runs in float32, as CUDA's autocast runs every norm (its fp32 op list); CPU
+        # torch 2.1 has no fp16 norm kernels at all. Without autocast, the weights meet the input's dtype.
+        dtype = torch.float32 if compat.autocast_dtype(x.device.type) else x.dtype
+        weight = module.weight.to(dtype)
+        bias = module.bias.to(dtype) if module.bias is not None else None
         if isinstance(module, nn.GroupNorm):
-            return F.group_norm(x, module.num_groups, weight, bias, module.eps)
-        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+            return F.group_norm(x.to(dtype), module.num_groups, weight, bias, module.eps)
+        return F.layer_norm(x.to(dtype), module.normalized_shape, weight, bias, module.eps)
 
     return forward

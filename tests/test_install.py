@@ -144,8 +144,9 @@ def run_install(python, root):
     return process, calls
 
 
-ALL_PRESENT = dict(lycoris_lora="4.1.3", einops="0.4.1", safetensors="0.4.2", toml="0.10.2",
+ALL_PRESENT = dict(torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", safetensors="0.4.2", toml="0.10.2",
                    tqdm="4.66.1", Pillow="9.5.0")
+STOCK_TORCH = "2.1.2+cu121"  # what a stock WebUI v1.10.1 installs (modules/launch_utils.py)
 
 
 def test_all_present_does_nothing(tmp_path):
@@ -158,19 +159,54 @@ def test_all_present_does_nothing(tmp_path):
     assert (process.stdout, process.stderr, calls) == ("", "", [])
 
 
-def test_other_lycoris_version_is_left_alone(tmp_path):
+@pytest.mark.parametrize("torch_version,lycoris", [(STOCK_TORCH, "3.4.0"), ("2.3.1", "3.4.0"),
+                                                   ("2.4.0", "4.1.3"), ("2.7.1+cu128", "4.1.3")])
+def test_picks_the_newest_lycoris_that_imports_with_the_torch_found(tmp_path, torch_version, lycoris):
     python = make_venv(tmp_path / "venv", with_pip=False)
-    fake_installed(python, **{**ALL_PRESENT, "lycoris_lora": "3.1.0"})
+    fake_installed(python, **{k: v for k, v in ALL_PRESENT.items() if k not in ("lycoris_lora", "torch")},
+                   torch=torch_version)
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    assert process.returncode == 0
+    assert [call["command"] for call in calls] == [f"install --no-deps lycoris-lora=={lycoris}"]
+
+
+@pytest.mark.parametrize("torch_version,found", [(STOCK_TORCH, "3.2.0"), ("2.13.0", "3.4.0"),
+                                                 ("2.13.0", "4.1.0")])
+def test_a_lycoris_that_works_with_this_torch_is_left_alone(tmp_path, torch_version, found):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "torch": torch_version, "lycoris_lora": found})
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    assert (process.returncode, process.stdout, process.stderr, calls) == (0, "", "", [])
+
+
+@pytest.mark.parametrize("torch_version,found,wanted", [(STOCK_TORCH, "4.1.3", "3.4.0"),
+                                                        ("2.13.0", "2.2.0", "4.1.3")])
+def test_a_lycoris_that_cannot_work_is_replaced_with_one_line(tmp_path, torch_version, found, wanted):
+    """4.x fails at import on torch < 2.4 (torch.library.custom_op); 2.x lacks the module API lohatrain uses."""
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "torch": torch_version, "lycoris_lora": found})
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
+    assert process.returncode == 0 and process.stderr == ""
+    assert [call["command"] for call in calls] == [f"install --no-deps lycoris-lora=={wanted}"]
+    assert process.stdout.splitlines()[0] == (
+        f"[lohatrain] lycoris-lora {found} does not work with torch {torch_version}: installing "
+        f"lycoris-lora {wanted}, which does")
+
+
+def test_a_torch_too_old_is_one_line_and_installs_nothing(tmp_path):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "torch": "1.13.1+cu117"})
     process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
     assert process.returncode == 0 and process.stderr == "" and calls == []
     assert process.stdout.splitlines() == [
-        "[lohatrain] found lycoris-lora 3.1.0; lohatrain is tested with 4.1.3 (left as is)"]
+        "[lohatrain] torch 1.13.1+cu117 is older than lohatrain supports (2.1): update the WebUI (v1.10 installs "
+        "torch 2.1.2); the LoHa training tab will say the same"]
 
 
 def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
     """Only the missing packages are asked for; pip failing (no pip in this venv) is one line."""
     python = make_venv(tmp_path / "venv", with_pip=False)
-    fake_installed(python, lycoris_lora="4.1.3", einops="0.4.1", Pillow="9.5.0")
+    fake_installed(python, torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", Pillow="9.5.0")
     process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
     assert process.returncode == 0
     assert [call["command"] for call in calls] == ["install --no-deps safetensors toml tqdm"]

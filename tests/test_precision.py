@@ -92,7 +92,7 @@ def test_merged_weight_is_rounded_once(held):
     network.attach()
     try:
         with torch.no_grad():
-            used = layer(torch.eye(16, dtype=torch.bfloat16)).T  # identity input: the output is the weight
+            used = layer(torch.eye(16).to(torch.bfloat16)).T  # identity input: the output is the weight
     finally:
         network.detach()
     assert torch.equal(used, once)
