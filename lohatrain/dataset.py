@@ -151,10 +151,16 @@ def _read_captions(image_paths: list[Path], files: dict[str, Path], caption_ext:
     return captions, problems
 
 
+def resolve_folder(folder: str | Path) -> Path:
+    """The folder a user-given path names, as the reader opens it: `~` expanded, relative to the working
+    directory (the WebUI's folder), symlinks followed. Path rules check this same path."""
+    return Path(folder).expanduser().resolve()
+
+
 def _existing_folder(folder: str | Path) -> Path:
     if not str(folder).strip():
         raise DatasetError("No dataset folder is set. Enter the folder that holds your training images.")
-    path = Path(folder).expanduser()
+    path = resolve_folder(folder)
     if not path.exists():
         raise DatasetError(f"The dataset folder {path} does not exist. Check the path (copy it from your file "
                            "manager's address bar).")

@@ -46,6 +46,8 @@ class Job:
     started: float = field(default_factory=time.time)
     ended: float | None = None  # when it finished, failed or was interrupted: the elapsed time stops there
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    # Guards the fields a poller reads together: the final state never shows without its message and file.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def report(self, progress: Progress) -> None:
         if progress.stage == "Training" and progress.loss is not None:
@@ -84,24 +86,29 @@ class JobRunner:
             return self.job.id
 
     def _work(self, job: Job) -> None:
+        outcome = {}
         try:
             result = self._run(job.settings, job)
-            job.file = str(result.file) if result.file else None
-            job.warnings = result.warnings
-            job.state = result.status
-            job.progress = dataclasses.replace(job.progress, stage=result.status.capitalize())
+            outcome = dict(file=str(result.file) if result.file else None, warnings=result.warnings,
+                           state=result.status,
+                           progress=dataclasses.replace(job.progress, stage=result.status.capitalize()))
             if result.status == "interrupted":
-                job.message = (f"Interrupted after {result.steps_done} steps; saved {Path(job.file).name}."
-                               if job.file else "Interrupted before the first step; nothing was saved.")
+                outcome["message"] = (f"Interrupted after {result.steps_done} steps; saved {result.file.name}."
+                                      if result.file else "Interrupted before the first step; nothing was saved.")
             else:
-                job.message = f"Done: {result.steps_done} steps in {result.seconds:.0f}s, seed {result.seed}."
+                outcome["message"] = f"Done: {result.steps_done} steps in {result.seconds:.0f}s, seed {result.seed}."
         except LohatrainError as e:
-            job.state, job.message = "error", str(e)
+            outcome = dict(state="error", message=str(e))
         except Exception as e:  # anything else is our bug or the host's: say so, keep the WebUI running
             log.error("lohatrain: training failed\n%s", traceback.format_exc())
-            job.state, job.message = "error", f"Training failed with an unexpected error: {type(e).__name__}: {e}"
+            outcome = dict(state="error", message=f"Training failed with an unexpected error: {type(e).__name__}: {e}")
         finally:
-            job.ended = time.time()
+            with job.lock:  # the state last: a reader without the lock still never sees it before its message
+                state = outcome.pop("state", "error")
+                for name, value in outcome.items():
+                    setattr(job, name, value)
+                job.ended = time.time()
+                job.state = state
 
     def interrupt(self) -> bool:
         job = self.job
@@ -114,6 +121,11 @@ class JobRunner:
         job = self.job
         if job is None:
             return {"state": "idle"}
+        with job.lock:
+            return self._snapshot(job)
+
+    @staticmethod
+    def _snapshot(job: Job) -> dict:
         p = job.progress
         return {
             "state": job.state, "job_id": job.id, "name": job.settings.name, "stage": p.stage,

@@ -29,6 +29,7 @@ from torch import nn
 from . import compat
 from .families.sd1 import ATTENTION_BLOCKS, CONV_BLOCKS
 from .precision import merge
+from .rng import seeded_global_rng
 
 
 # The projections of a fused attention, in the order of `in_proj_weight`'s rows (then out_proj).
@@ -118,10 +119,8 @@ class LohaNetwork(nn.Module):
         self.plans = plans
         self.two_op = two_op
         self.loras = nn.ModuleList()
-        # lycoris draws its initial values from torch's global RNG: fork it so the caller's state is
-        # untouched and the same seed always gives the same start.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # lycoris draws its initial values from torch's global RNG: the same seed always gives the same start.
+        with seeded_global_rng(seed):
             for plan in plans:
                 self.loras.append(LohaModule(plan.key, plan.module, multiplier=1.0,
                                              lora_dim=plan.dim, alpha=plan.alpha))

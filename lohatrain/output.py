@@ -5,8 +5,8 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,11 +148,11 @@ def write_atomically(path: Path, content: bytes, overwrite: bool) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
     if path.exists() and not overwrite:
         raise LohatrainError(f"{path.name} already exists in {path.parent}; nothing was overwritten")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # Mode 0o666 filtered by the process umask by the OS itself, the permissions any new file gets (mkstemp's
+    # are owner-only); the process-wide umask is never changed, so other threads' files are not affected.
     try:
-        umask = os.umask(0)  # mkstemp makes the file owner-only; give it the permissions a new file gets
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()

@@ -28,6 +28,7 @@ from .families import detect
 from .model_guard import ModelGuard
 from .network import LohaNetwork, plan_text_encoder, plan_unet
 from .precision import check_precision, route_low_precision_layers
+from .rng import seeded_global_rng
 from .output import (SAVE_DTYPES, build_metadata, plan_output, save_network, timestamp, write_sidecars)
 from .settings import TrainSettings
 
@@ -338,9 +339,7 @@ def _encode(model, family, pixels, device, seed: int) -> torch.Tensor:
         if in_float32:
             vae.float()
         # autocast stays as the caller set it the first time, and is off for the float32 retry
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
-                (torch.autocast(device.type, enabled=False) if in_float32 else nullcontext()):
-            torch.manual_seed(seed)
+        with seeded_global_rng(seed), (torch.autocast(device.type, enabled=False) if in_float32 else nullcontext()):
             latent = family.encode_images(model, pixels.to(device, next(vae.parameters()).dtype)).float()
         if torch.isfinite(latent).all():
             return latent
@@ -397,11 +396,13 @@ def _activation_text(settings: TrainSettings, items) -> str:
 
 @contextmanager
 def _determinism(enabled: bool):
-    """torch's deterministic algorithms on the GPU for the run only (CPU runs are deterministic anyway)."""
+    """torch's deterministic algorithms on the GPU for the run only (CPU runs are deterministic anyway); the
+    cuBLAS workspace variable they need is put back as it was afterwards."""
     if not enabled:
         yield
         return
     saved = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    saved_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
@@ -410,3 +411,5 @@ def _determinism(enabled: bool):
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark = saved[1]
+        if saved_env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import threading
 import time
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
@@ -12,6 +14,9 @@ from safetensors import safe_open
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 import networks
 from modules import call_queue, processing, shared
+
+import lohatrain.demo
+from lohatrain.webui import ui
 
 from test_engine import model_state
 
@@ -240,3 +245,36 @@ def test_files_go_into_the_configured_lora_sub_folder(webui_server, monkeypatch)
     monkeypatch.setitem(shared.opts.data, "lohatrain_lora_subfolder", "../outside")
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "escaped", steps=1))
     assert r.status_code == 422 and "plain relative folder" in r.json()["detail"][0]
+
+
+@pytest.fixture
+def exposed(webui_server, monkeypatch, tmp_path):
+    """--listen without a password; the WebUI runs in its own folder; a home folder outside it with images."""
+    monkeypatch.setattr(shared.cmd_opts, "listen", True)
+    monkeypatch.setattr(shared.cmd_opts, "gradio_auth", None)
+    monkeypatch.chdir(shared.data_path)
+    home = tmp_path / "home"
+    lohatrain.demo.make_sample_dataset(home / "images")
+    monkeypatch.setenv("HOME", str(home))
+    link = Path(shared.data_path) / "linked-images"
+    link.symlink_to(home / "images", target_is_directory=True)
+    yield home
+    link.unlink()
+
+
+@pytest.mark.parametrize("folder", ["~/images", "linked-images", "models/../../home/images"])
+def test_exposed_webui_refuses_folders_outside_it_however_they_are_spelled(webui_server, exposed, folder):
+    before = sorted(p.name for p in webui_server.lora_dir.iterdir())
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "outside",
+                                                                           dataset_dir=folder))
+    assert r.status_code == 422 and "without a password" in r.json()["detail"][0]
+    assert str(exposed) not in r.text and shared.data_path not in r.text  # no server paths in the answer
+    report, thumbnails = ui.check_dataset(folder, ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128)
+    assert "without a password" in report and thumbnails == []
+    assert sorted(p.name for p in webui_server.lora_dir.iterdir()) == before
+
+
+def test_exposed_webui_still_checks_folders_inside_it(webui_server, exposed):
+    lohatrain.demo.make_sample_dataset(Path(shared.data_path) / "inside")
+    report, thumbnails = ui.check_dataset("inside", ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128)
+    assert "<b>8</b> images" in report and len(thumbnails) == 8

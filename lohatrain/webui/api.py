@@ -30,7 +30,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         try:
             settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
                                                family=host.loaded_family())
-            host.check_paths(settings)
+            host.check_dataset_path(settings.dataset_dir)
             host.check_memory_mode()
             host.check_model()
             job_id = runner.start(settings)

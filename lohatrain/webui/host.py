@@ -17,6 +17,7 @@ from torch import nn
 
 from modules import call_queue, processing, sd_models, shared
 
+from .. import dataset as ds
 from ..errors import LohatrainError
 from ..families import detect
 from ..jobs import Job
@@ -97,15 +98,17 @@ def is_exposed() -> bool:
     return public and not (getattr(o, "gradio_auth", None) or getattr(o, "api_auth", None))
 
 
-def check_paths(settings: TrainSettings) -> None:
+def check_dataset_path(folder: str) -> None:
+    """The path rule for every entry that reads a user-given folder (train, Check dataset): the folder is
+    resolved exactly as the reader opens it (`~`, relative paths and symlinks included) before it is compared."""
     if not is_exposed() or getattr(shared.opts, "lohatrain_allow_any_path", False):
         return
     root = Path(getattr(shared, "data_path", None) or EXTENSION_DIR.parents[1]).resolve()
-    dataset = Path(settings.dataset_dir).resolve()
+    dataset = ds.resolve_folder(folder)
     if root not in (dataset, *dataset.parents):
         raise LohatrainError(
             f"the WebUI is reachable from the network without a password, so the dataset folder must be inside "
-            f"{root} (an administrator can allow other folders in Settings → LoHa training)")
+            f"the WebUI's folder (an administrator can allow other folders in Settings → LoHa training)")
 
 
 def check_model() -> None:
@@ -230,7 +233,7 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
 
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:
     """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
-    check_paths(settings)
+    check_dataset_path(settings.dataset_dir)
     check_memory_mode()
     if settings.clip_skip is None:  # record the host's current setting, so the file says what was used
         settings = dataclasses.replace(settings, clip_skip=host_clip_skip())

@@ -102,7 +102,7 @@ def _model_markdown() -> str:
 def start_training(runner: JobRunner, *values) -> str:
     try:
         settings = settings_from_form(list(values))
-        host.check_paths(settings)
+        host.check_dataset_path(settings.dataset_dir)
         host.check_memory_mode()
         host.check_model()
         runner.start(settings)
@@ -121,6 +121,7 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     """Count, buckets, captions and a few thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     try:
+        host.check_dataset_path(dataset_dir)
         items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
