@@ -1,9 +1,14 @@
-// lohatrain: what Gradio cannot do — the live training panel (progress, loss chart, preview) polled from
-// GET /lohatrain/v1/status, and "Send to txt2img".
+// lohatrain: what Gradio cannot do — the live training panel (progress, loss chart, preview), and "Send to
+// txt2img". The status comes through the tab's own hidden Gradio event (#lohatrain_poll writes the JSON of
+// GET /lohatrain/v1/status into #lohatrain_status_json), so it passes --gradio-auth like the rest of the tab.
 (function () {
-    const STATUS_URL = "/lohatrain/v1/status";
     let timer = null;
     let last = null;
+    let lastText = "";
+    let preview = null;          // the latest preview image (a data URL), sent once per preview step
+    let awaited = null;          // the id of the job this page started: the panel follows it to its end
+    let messageBefore = null;    // the message before Train was pressed: a new one carries the job's id
+    let waitTicks = 0;
 
     function app() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -49,8 +54,8 @@
               ` · ${s.it_per_s ? s.it_per_s.toFixed(2) : "–"} it/s · ETA ${fmtTime(s.eta_s)}` +
               (stage ? ` · ${stage}` : "")
             : stage;
-        const preview = s.preview_url
-            ? `<figure><img class="lohatrain-preview" src="${s.preview_url}&t=${Date.now()}" alt="preview">` +
+        const figure = s.preview_url && preview
+            ? `<figure><img class="lohatrain-preview" src="${preview}" alt="preview">` +
               `<figcaption>preview at step ${s.preview_step}</figcaption></figure>` : "";
         const done = s.state !== "running"
             ? `<div class="lohatrain-message lohatrain-${s.state === "error" ? "error" : "info"}" id="lohatrain_result">` +
@@ -60,20 +65,45 @@
             `<div class="lohatrain-state" data-state="${escapeHtml(s.state)}">${escapeHtml(s.state)}</div>` +
             `<div class="lohatrain-progress"><div class="lohatrain-bar" style="width:${pct}%">` +
             `${Math.round(pct)}%</div></div>` +
-            `<div class="lohatrain-numbers">${numbers}</div>` + lossChart(s.losses) + preview + done +
+            `<div class="lohatrain-numbers">${numbers}</div>` + lossChart(s.losses) + figure + done +
             (s.warnings && s.warnings.length ? `<ul class="lohatrain-warnings">${s.warnings.map(
                 w => `<li>${escapeHtml(w)}</li>`).join("")}</ul>` : "");
     }
 
-    async function poll() {
-        try {
-            const response = await fetch(STATUS_URL, {cache: "no-store"});
-            const s = await response.json();
-            render(s);
-            if (s.state !== "running") stop();
-        } catch (e) {
-            stop();
+    function message() {
+        return app().querySelector("#lohatrain_message");
+    }
+
+    // Whether this status is the end of what the panel follows: the started job's end, or, while no job was
+    // started from this page, any job's.
+    function settled(s) {
+        const box = message();
+        if (messageBefore !== null) {
+            const now = box ? box.innerHTML : "";
+            if (now === messageBefore && ++waitTicks < 60) return false;  // Train's answer has not come yet
+            messageBefore = null;
+            const started = box && box.querySelector("[data-lohatrain-job]");
+            awaited = started ? started.dataset.lohatrainJob : null;
         }
+        if (awaited !== null) return s.job_id === awaited && s.state !== "running";
+        return s.state !== "running";
+    }
+
+    function poll() {
+        const box = app().querySelector("#lohatrain_status_json textarea");
+        const button = app().querySelector("#lohatrain_poll");
+        if (!box || !button) return;
+        if (box.value && box.value !== lastText) {
+            lastText = box.value;
+            const s = JSON.parse(box.value);
+            if (s.preview_data) preview = s.preview_data;
+            render(s);
+            if (settled(s)) {
+                stop();
+                return;
+            }
+        }
+        button.click();
     }
 
     function start() {
@@ -110,8 +140,14 @@
         const train = app().querySelector("#lohatrain_train");
         if (!train || train.dataset.lohatrainHooked) return false;
         train.dataset.lohatrainHooked = "1";
-        train.addEventListener("click", () => setTimeout(start, 300));
-        poll();  // a job may already run (started through the REST API)
+        train.addEventListener("click", () => {
+            const box = message();
+            messageBefore = box ? box.innerHTML : "";
+            waitTicks = 0;
+            awaited = null;
+            start();
+        });
+        start();  // a job may already run (started through the REST API, or before a reload)
         return true;
     }
 

@@ -90,12 +90,12 @@ def scan_dataset(
     if caption_mode == "phrase" and not phrase:
         raise DatasetError("Captions is set to Single Phrase but the phrase is empty. Type a phrase, or choose "
                            "No Caption or TXT Captions.")
-    folder = _existing_folder(folder)
+    given, folder = folder, _existing_folder(folder)
     files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
     image_paths = sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
     if not image_paths:
         raise DatasetError(
-            f"No images found in {folder} (sub-folders are not searched). Supported file types: "
+            f"No images found in {given} (sub-folders are not searched). Supported file types: "
             f"{', '.join(IMAGE_EXTENSIONS)}. Put your training images directly in this folder, or choose the "
             "folder that holds them."
         )
@@ -118,7 +118,7 @@ def scan_dataset(
         problems.append(f"{len(broken)} image(s) cannot be read (damaged, incomplete, or not really an image): "
                         f"{_name_list(broken)}. Re-save them as PNG or JPEG, or remove them from the dataset folder.")
     if problems:
-        raise DatasetError(f"The dataset folder {folder} needs fixing:\n" + "\n".join(problems))
+        raise DatasetError(f"The dataset folder {given} needs fixing:\n" + "\n".join(problems))
     return items
 
 
@@ -162,10 +162,10 @@ def _existing_folder(folder: str | Path) -> Path:
         raise DatasetError("No dataset folder is set. Enter the folder that holds your training images.")
     path = resolve_folder(folder)
     if not path.exists():
-        raise DatasetError(f"The dataset folder {path} does not exist. Check the path (copy it from your file "
+        raise DatasetError(f"The dataset folder {folder} does not exist. Check the path (copy it from your file "
                            "manager's address bar).")
     if not path.is_dir():
-        raise DatasetError(f"{path} is a file, not a folder. Enter the folder that holds your training images.")
+        raise DatasetError(f"{folder} is a file, not a folder. Enter the folder that holds your training images.")
     return path
 
 

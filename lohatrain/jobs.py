@@ -35,6 +35,7 @@ class Job:
 
     id: str
     settings: TrainSettings
+    via: str = "tab"  # "tab" or "api": which password protects the caller (the path rule differs)
     state: str = "running"
     progress: Progress = field(default_factory=lambda: Progress("Waiting for the GPU"))
     losses: list[float] = field(default_factory=list)
@@ -73,14 +74,14 @@ class JobRunner:
         self.job: Job | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, settings: TrainSettings) -> str:
+    def start(self, settings: TrainSettings, via: str = "tab") -> str:
         """Start training in the background; raises Busy while another one runs."""
         settings.validate()
         with self._lock:
             if self.job is not None and self.job.state == "running":
                 raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
                            "or interrupt it")
-            self.job = Job(uuid.uuid4().hex[:12], settings)
+            self.job = Job(uuid.uuid4().hex[:12], settings, via)
             self._thread = threading.Thread(target=self._work, args=(self.job,), name="lohatrain", daemon=True)
             self._thread.start()
             return self.job.id

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import LohatrainError
+
 # ldm's blocks checkpoint through their own autograd function, which only differentiates the block's own
 # parameters: the LoHa weights would silently get no gradient. These flags are turned off while training.
 _LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
@@ -35,19 +37,44 @@ class ModelGuard:
                     setattr(m, flag, False)
 
     def __exit__(self, *exc) -> None:
+        """Put back every part, carrying on past a part that fails (say, out of memory while moving the VAE
+        back to the GPU), then name exactly what could not be put back."""
+        failed: list[str] = []
+        names = {id(m): name for r in self.roots for name, m in r.named_modules()}
+
+        def attempt(what: str, module: nn.Module, restore) -> None:
+            try:
+                restore()
+            except Exception as e:  # noqa: BLE001 — reported below, with every other part that failed
+                failed.append(f"{what} of {names.get(id(module)) or type(module).__name__} ({type(e).__name__}: {e})")
+
         for m, training, forward, flags in zip(self.modules, self.training, self.forwards, self.flags):
-            m.training = training
-            if forward is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = forward
+            attempt("the train/eval mode", m, lambda m=m, training=training: setattr(m, "training", training))
+            attempt("the forward", m, lambda m=m, forward=forward: _put_forward(m, forward))
             m.__dict__.update(flags)
         for m, kind, name, device, dtype, requires_grad in self.tensors:
-            tensor = getattr(m, kind)[name]
-            if tensor.device != device or tensor.dtype != dtype:
-                if kind == "_parameters":
-                    tensor.data = tensor.data.to(device, dtype)
-                else:
-                    m._buffers[name] = tensor.to(device, dtype)
-            if kind == "_parameters":
-                tensor.requires_grad_(requires_grad)
+            attempt(name, m, lambda m=m, kind=kind, name=name, device=device, dtype=dtype, rg=requires_grad:
+                    _put_tensor(m, kind, name, device, dtype, rg))
+        if failed:
+            shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
+            raise LohatrainError(
+                f"training ended, but {len(failed)} part(s) of the loaded model could not be put back as they were: "
+                f"{shown}. Reload the checkpoint (choose it again in the checkpoint list) before generating.")
+
+
+def _put_forward(module: nn.Module, forward) -> None:
+    if forward is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = forward
+
+
+def _put_tensor(module: nn.Module, kind: str, name: str, device, dtype, requires_grad: bool) -> None:
+    tensor = getattr(module, kind)[name]
+    if tensor.device != device or tensor.dtype != dtype:
+        if kind == "_parameters":
+            tensor.data = tensor.data.to(device, dtype)
+        else:
+            module._buffers[name] = tensor.to(device, dtype)
+    if kind == "_parameters":
+        tensor.requires_grad_(requires_grad)

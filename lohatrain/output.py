@@ -51,13 +51,13 @@ def plan_output(settings: TrainSettings, folder: str | Path) -> OutputPlan:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LohatrainError(f"cannot create the output folder {folder}: {e.strerror}") from None
+        raise LohatrainError(f"cannot create the output folder {folder.name!r}: {e.strerror}") from None
     if not os.access(folder, os.W_OK):
-        raise LohatrainError(f"the output folder {folder} is not writable")
+        raise LohatrainError(f"the output folder {folder.name!r} is not writable")
     plan = OutputPlan(folder, settings.name)
     if plan.final.exists() and not settings.overwrite:
-        raise LohatrainError(f"{plan.final.name} already exists in {folder}: choose another name, "
-                             "or turn on 'overwrite' to replace it")
+        raise LohatrainError(f"{plan.final.name} already exists in the output folder ({folder.name}): choose "
+                             "another name, or turn on 'overwrite' to replace it")
     return plan
 
 

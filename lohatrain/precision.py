@@ -19,6 +19,7 @@ from . import compat
 from .errors import LohatrainError
 
 NORMS = (nn.GroupNorm, nn.LayerNorm)
+COMPUTE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def check_precision(unet: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> None:

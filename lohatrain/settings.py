@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,13 +131,17 @@ class TrainSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SettingsError([f"unknown setting {k!r}" for k in unknown])
+        type_problems = _type_problems(data)
+        if type_problems:  # before anything below reads a value of the wrong type
+            raise SettingsError(type_problems)
         data = {**FAMILY_DEFAULTS[family], **data}
-        preset = PRESETS_BY_FAMILY[family].get(data.get("network_preset", DEFAULT_PRESET))
-        if preset is not None:
-            for key in ("dim", "alpha", "conv_dim", "conv_alpha"):
-                data.setdefault(key, getattr(preset, key))
-            if any(data[k] != getattr(preset, k) for k in ("dim", "alpha", "conv_dim", "conv_alpha")):
-                data["network_preset"] = CUSTOM_PRESET
+        presets = PRESETS_BY_FAMILY[family]
+        preset = presets.get(data.get("network_preset", DEFAULT_PRESET))
+        # "custom" fills the sizes it leaves out from the family's default preset, not from SD1's defaults
+        for key in ("dim", "alpha", "conv_dim", "conv_alpha"):
+            data.setdefault(key, getattr(preset or presets[DEFAULT_PRESET], key))
+        if preset is not None and any(data[k] != getattr(preset, k) for k in ("dim", "alpha", "conv_dim", "conv_alpha")):
+            data["network_preset"] = CUSTOM_PRESET
         settings = cls(**data)
         settings.validate()
         return settings
@@ -170,7 +176,9 @@ class TrainSettings:
 
     def problems(self) -> list[str]:
         """Every invalid value, one plain-language message each (empty when all is well)."""
-        p: list[str] = []
+        p = _type_problems(self.to_dict())
+        if p:  # the range checks below assume each value has its declared type
+            return p
         name_problem = check_file_name(self.name)
         if name_problem:
             p.append(name_problem)
@@ -229,6 +237,43 @@ class TrainSettings:
         problems = self.problems()
         if problems:
             raise SettingsError(problems)
+
+
+def _type_problems(data: dict) -> list[str]:
+    """The schema: each given value against its field's declared type (`int | None` allows null; a float field
+    takes a whole number too; true/false is never a number), one message per field."""
+    hints = typing.get_type_hints(TrainSettings)
+    problems = []
+    for key, value in data.items():
+        expected = hints.get(key)
+        if expected is None:
+            continue
+        options = typing.get_args(expected) if typing.get_origin(expected) in (typing.Union, types.UnionType) else (expected,)
+        if not any(_has_type(value, t) for t in options):
+            problems.append(f"{key} must be {' or '.join(_TYPE_WORDS.get(t, 'a list of texts') for t in options)}, "
+                            f"not {json.dumps(value) if _jsonable(value) else type(value).__name__}")
+    return problems
+
+
+_TYPE_WORDS = {str: "a text", int: "a whole number", float: "a number", bool: "true or false", type(None): "null"}
+
+
+def _has_type(value, expected) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return _is_int(value)
+    if typing.get_origin(expected) is list:
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return isinstance(value, expected)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_file_name(name) -> str | None:

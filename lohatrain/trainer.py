@@ -24,15 +24,14 @@ from torch.utils.checkpoint import checkpoint
 from . import compat
 from . import dataset as ds
 from .errors import LohatrainError
-from .families import detect
 from .model_guard import ModelGuard
 from .network import LohaNetwork, plan_text_encoder, plan_unet
-from .precision import check_precision, route_low_precision_layers
+from .precision import COMPUTE_DTYPES, route_low_precision_layers
+from .preflight import preflight
 from .rng import seeded_global_rng
-from .output import (SAVE_DTYPES, build_metadata, plan_output, save_network, timestamp, write_sidecars)
+from .output import SAVE_DTYPES, build_metadata, save_network, timestamp, write_sidecars
 from .settings import TrainSettings
 
-COMPUTE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -99,30 +98,20 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
 def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
            on_step, offload_device) -> TrainResult:
-    settings.validate()
+    checked = preflight(model, settings, output_dir or settings.output_dir or ".")
+    family, plan, items = checked.family, checked.plan, checked.items
     started = time.perf_counter()
     started_at = timestamp()
     report = on_progress or (lambda p: None)
     stop = should_stop or (lambda: False)
-    family = detect(model)
     v_prediction = getattr(model, "parameterization", "eps") == "v"
-    if settings.zero_terminal_snr and not v_prediction:
-        raise LohatrainError(
-            "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
-            "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
-            "learn from. Turn zero_terminal_snr off for this checkpoint.")
     unet = family.unet(model)
     vae = family.vae(model)
     text_encoder = family.text_encoder(model)
     device = next(unet.parameters()).device
     compute_dtype = COMPUTE_DTYPES[settings.train_dtype]
-    check_precision(unet, device, compute_dtype)
     seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**32)
-    plan = plan_output(settings, output_dir or settings.output_dir or ".")
 
-    report(Progress("Checking the dataset"))
-    items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
-                            settings.caption_ext)
     bucket_of = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
                                   settings.bucket_max_side)
     warnings = ds.upscale_warnings(items, bucket_of)

@@ -93,3 +93,32 @@ def test_a_job_never_shows_its_final_state_without_its_message(tmp_path, monkeyp
     if ending == "done":
         assert all(s["file"] == str(tmp_path / "x.safetensors") for s in final)
     assert runner.status()["state"] == ending
+
+
+def test_the_restore_carries_on_past_a_failing_part_and_names_it():
+    """Say putting one part back fails (out of memory moving it to the GPU): every other part is still put
+    back, and the message names the part that is not as it was."""
+    from torch import nn
+
+    from lohatrain.errors import LohatrainError
+    from lohatrain.model_guard import ModelGuard
+
+    class Stubborn(nn.Linear):
+        refuse = False
+
+        def __setattr__(self, name, value):
+            if name == "training" and Stubborn.refuse:
+                raise RuntimeError("CUDA out of memory")
+            super().__setattr__(name, value)
+
+    model = nn.Sequential(Stubborn(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(LohatrainError, match=r"1 part\(s\).*the train/eval mode of 0 \(RuntimeError: CUDA out"):
+        with ModelGuard(model):
+            model.eval()
+            Stubborn.refuse = True
+            model[1].double()
+            model[2].weight.requires_grad_(False)
+    Stubborn.refuse = False
+    assert model[1].weight.dtype == torch.float32 and model[1].training  # after the failing part
+    assert model[2].weight.requires_grad and model[2].training
+    assert not model[0].training  # the one part that could not be put back, as the message says

@@ -1,18 +1,26 @@
 """REST routes on the WebUI's FastAPI app; they call the same JobRunner as the tab.
 
 POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves out: the loaded model family's
-                              defaults) → {"job_id"}; 409 busy; 422 every bad value
-GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message, preview
+                              defaults) → {"job_id"}; 409 busy; 422 every bad value, each naming its field
+GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
+                              file_name, preview_url (never a server path)
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}
 GET  /lohatrain/v1/presets    the network presets for the loaded model's family (sizes, fp16 file MB)
 GET  /lohatrain/v1/preview    the latest preview image (PNG)
+
+Who may call them: the routes are added the way the WebUI's own `Api.add_api_route` adds /sdapi/v1/* (v1.10.1
+modules/api/api.py): with `--api-auth` every call needs those HTTP Basic credentials. Unlike the WebUI's own
+routes they also refuse everyone else while the WebUI is reachable from the network without `--api-auth`,
+except the tab's own page when it is behind `--gradio-auth` (its login cookie) or when an administrator
+allows it in Settings → LoHa training.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import Body, FastAPI
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
@@ -22,18 +30,41 @@ from . import host
 PREFIX = "/lohatrain/v1"
 
 
+def caller_guard(app: FastAPI):
+    """The dependency every route carries (see the module's doc for the rule)."""
+    basic = HTTPBasic(auto_error=False)
+
+    def guard(request: Request, credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        refusal = host.api_refusal(credentials and (credentials.username, credentials.password),
+                                   logged_in_to_tab=_logged_in(app, request))
+        if refusal is not None:
+            status, message = refusal
+            headers = {"WWW-Authenticate": "Basic"} if status == 401 else None
+            raise HTTPException(status_code=status, detail=[message], headers=headers)
+
+    return guard
+
+
+def _logged_in(app, request: Request) -> bool:
+    """A request from the WebUI page of a user logged in through --gradio-auth (Gradio's own session cookie)."""
+    tokens = getattr(app, "tokens", None)
+    if not getattr(app, "auth", None) or not tokens:
+        return False
+    token = request.cookies.get("access-token") or request.cookies.get("access-token-unsecure")
+    return token is not None and token in tokens
+
+
 def register(app: FastAPI, runner: JobRunner) -> None:
-    @app.post(f"{PREFIX}/train")
-    def start(body: dict = Body(...)):
+    route = dict(dependencies=[Depends(caller_guard(app))])
+
+    def start(body=Body(...)):
         if not isinstance(body, dict):
             return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
         try:
             settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
                                                family=host.loaded_family())
-            host.check_dataset_path(settings.dataset_dir)
-            host.check_memory_mode()
-            host.check_model()
-            job_id = runner.start(settings)
+            host.preflight(settings, via="api")
+            job_id = runner.start(settings, via="api")
         except SettingsError as e:
             return JSONResponse({"detail": e.problems}, status_code=422)
         except Busy as e:
@@ -42,29 +73,35 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
         return {"job_id": job_id, "state": "running"}
 
-    @app.get(f"{PREFIX}/status")
     def status():
-        data = runner.status()
-        if data.get("preview"):
-            data["preview_url"] = f"{PREFIX}/preview?step={data['preview_step']}"
-        if data.get("file"):
-            data["file_name"] = Path(data["file"]).name
-        return data
+        return public_status(runner.status())
 
-    @app.post(f"{PREFIX}/interrupt")
     def interrupt():
         return {"interrupted": runner.interrupt()}
 
-    @app.get(f"{PREFIX}/presets")
     def presets():
         family = host.loaded_family()
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
                       "conv_alpha": p.conv_alpha, "file_mb": p.file_mb, "family": family}
                 for key, p in PRESETS_BY_FAMILY[family].items()}
 
-    @app.get(f"{PREFIX}/preview")
     def preview():
         job = runner.job
         if job is None or not job.preview or not Path(job.preview).is_file():
             return JSONResponse({"detail": ["no preview yet"]}, status_code=404)
         return FileResponse(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    app.add_api_route(f"{PREFIX}/train", start, methods=["POST"], **route)
+    app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
+    app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **route)
+    app.add_api_route(f"{PREFIX}/presets", presets, methods=["GET"], **route)
+    app.add_api_route(f"{PREFIX}/preview", preview, methods=["GET"], **route)
+
+
+def public_status(data: dict) -> dict:
+    """The job's status without server paths: the file by its name, the preview by its URL."""
+    data = dict(data)
+    file, preview = data.pop("file", None), data.pop("preview", None)
+    data["file_name"] = Path(file).name if file else None
+    data["preview_url"] = f"{PREFIX}/preview?step={data['preview_step']}" if preview else None
+    return data

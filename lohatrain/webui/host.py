@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
+from hmac import compare_digest
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from modules import call_queue, processing, sd_models, shared
 
 from .. import dataset as ds
 from ..errors import LohatrainError
+from ..preflight import preflight as engine_preflight
 from ..families import detect
 from ..jobs import Job
 from ..settings import TrainSettings
@@ -35,9 +38,14 @@ def register_settings() -> None:
         section=SETTINGS_SECTION))
     shared.opts.add_option("lohatrain_previews", shared.OptionInfo(
         True, "Make preview images while training (when 'preview every N steps' is set)", section=SETTINGS_SECTION))
+    # restrict_api: the WebUI's /sdapi/v1/options cannot change these two (the host's own rule for options
+    # that would open the machine to the network).
     shared.opts.add_option("lohatrain_allow_any_path", shared.OptionInfo(
         False, "Allow dataset folders outside the WebUI folder even when the WebUI listens on the network "
-        "without a password", section=SETTINGS_SECTION))
+        "without a password", section=SETTINGS_SECTION, restrict_api=True))
+    shared.opts.add_option("lohatrain_allow_unauthenticated_api", shared.OptionInfo(
+        False, "Answer lohatrain's REST API (/lohatrain/v1/*) when the WebUI listens on the network without "
+        "--api-auth", section=SETTINGS_SECTION, restrict_api=True))
 
 
 def model_summary() -> dict:
@@ -90,18 +98,44 @@ def lora_dir() -> Path:
     return base
 
 
-def is_exposed() -> bool:
-    """Listening beyond this computer without a password: anyone could make us read any folder."""
+def listens_beyond_this_computer() -> bool:
     o = shared.cmd_opts
-    public = bool(getattr(o, "listen", False) or getattr(o, "share", False) or getattr(o, "ngrok", None)
-                  or getattr(o, "server_name", None))
-    return public and not (getattr(o, "gradio_auth", None) or getattr(o, "api_auth", None))
+    return bool(getattr(o, "listen", False) or getattr(o, "share", False) or getattr(o, "ngrok", None)
+                or getattr(o, "server_name", None))
 
 
-def check_dataset_path(folder: str) -> None:
+def is_exposed(via: str) -> bool:
+    """Reachable from the network without a password for this entry: the tab is protected by --gradio-auth,
+    the REST routes only by --api-auth (the WebUI's --gradio-auth covers Gradio's own routes alone)."""
+    password = getattr(shared.cmd_opts, "gradio_auth" if via == "tab" else "api_auth", None)
+    return listens_beyond_this_computer() and not password
+
+
+def api_refusal(credentials: tuple[str, str] | None, logged_in_to_tab: bool) -> tuple[int, str] | None:
+    """Why a REST call is refused, as (HTTP status, message), or None to answer it.
+
+    With --api-auth: the WebUI's own rule (modules/api/api.py, Api.auth): HTTP Basic, any of its
+    `user:password` pairs, compared in constant time. Without it, on a WebUI reachable from the network: refused
+    unless an administrator allowed it in Settings. The tab's own page behind --gradio-auth passes by its login.
+    """
+    api_auth = getattr(shared.cmd_opts, "api_auth", None)
+    if logged_in_to_tab:
+        return None
+    if api_auth:
+        pairs = dict(pair.split(":", 1) for pair in api_auth.split(",") if ":" in pair)
+        if credentials is not None and credentials[0] in pairs and compare_digest(credentials[1], pairs[credentials[0]]):
+            return None
+        return 401, "Incorrect username or password"
+    if listens_beyond_this_computer() and not getattr(shared.opts, "lohatrain_allow_unauthenticated_api", False):
+        return 403, ("the WebUI is reachable from the network without --api-auth, so lohatrain's REST API is off: "
+                     "restart the WebUI with --api-auth user:password (or allow it in Settings → LoHa training)")
+    return None
+
+
+def check_dataset_path(folder: str, via: str) -> None:
     """The path rule for every entry that reads a user-given folder (train, Check dataset): the folder is
     resolved exactly as the reader opens it (`~`, relative paths and symlinks included) before it is compared."""
-    if not is_exposed() or getattr(shared.opts, "lohatrain_allow_any_path", False):
+    if not is_exposed(via) or getattr(shared.opts, "lohatrain_allow_any_path", False):
         return
     root = Path(getattr(shared, "data_path", None) or EXTENSION_DIR.parents[1]).resolve()
     dataset = ds.resolve_folder(folder)
@@ -111,9 +145,12 @@ def check_dataset_path(folder: str) -> None:
             f"the WebUI's folder (an administrator can allow other folders in Settings → LoHa training)")
 
 
-def check_model() -> None:
-    """Refuse, before a job starts, a loaded model that cannot be trained (SD3, inpainting, refiner…)."""
-    detect(shared.sd_model)
+def preflight(settings: TrainSettings, via: str) -> None:
+    """Everything that can refuse a run before it starts (tab, REST, and the job itself): the path rule, the
+    memory flags, then the engine's own preflight on the loaded model (family, precision, torch, output)."""
+    check_dataset_path(settings.dataset_dir, via)
+    check_memory_mode()
+    engine_preflight(shared.sd_model, settings, lora_dir())
 
 
 def check_memory_mode() -> None:
@@ -152,14 +189,40 @@ def refresh_loras() -> None:
         networks.list_available_networks()
 
 
+_this_thread = threading.local()
+
+
 @contextmanager
-def _options(**values):
-    saved = {k: getattr(shared.opts, k) for k in values}
-    shared.opts.data.update(values)
+def _options_for_this_thread(**values):
+    """Option values the host's text path reads (`opts.X`, through Options.__getattr__) for this thread only.
+
+    The training thread needs its CLIP skip and emphasis "None" while it encodes captions; writing them into
+    `opts.data` would show them to every request running meanwhile, and a Settings save could persist them.
+    So `shared.opts` gets (once) a subclass whose attribute reads look at this thread's values first; every
+    other read, `opts.data` and what Settings saves are unchanged.
+    """
+    options = shared.opts
+    if not getattr(type(options), "lohatrain_thread_overlay", False):
+        options.__class__ = _thread_overlay(type(options))
+    previous = getattr(_this_thread, "options", None)
+    _this_thread.options = {**(previous or {}), **values}
     try:
         yield
     finally:
-        shared.opts.data.update(saved)
+        _this_thread.options = previous
+
+
+def _thread_overlay(base: type) -> type:
+    class ThreadOverlayOptions(base):
+        lohatrain_thread_overlay = True
+
+        def __getattr__(self, item):
+            values = getattr(_this_thread, "options", None)
+            if values and item in values:
+                return values[item]
+            return super().__getattr__(item)
+
+    return ThreadOverlayOptions
 
 
 def prompt_encoder(sd_model, clip_skip: int | None):
@@ -171,7 +234,7 @@ def prompt_encoder(sd_model, clip_skip: int | None):
     skip = clip_skip if clip_skip is not None else host_clip_skip()
 
     def encode(prompts: list[str]):
-        with _options(CLIP_stop_at_last_layers=skip, emphasis="None"):
+        with _options_for_this_thread(CLIP_stop_at_last_layers=skip, emphasis="None"):
             return sd_model.get_learned_conditioning(prompts)
 
     return encode
@@ -233,8 +296,7 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
 
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:
     """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
-    check_dataset_path(settings.dataset_dir)
-    check_memory_mode()
+    preflight(settings, via=job.via)
     if settings.clip_skip is None:  # record the host's current setting, so the file says what was used
         settings = dataclasses.replace(settings, clip_skip=host_clip_skip())
     out_dir = lora_dir()
@@ -255,10 +317,10 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
                 should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
                 on_step=_preview_maker(settings, job, sd_model, out_dir))
+            refresh_loras()  # under the GPU lock: the Lora list is not rebuilt while a generation reads it
         finally:
             state.end()
             state.interrupted = state.skipped = False  # as the host's own jobs leave it
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    refresh_loras()
     return result

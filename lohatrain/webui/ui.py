@@ -1,12 +1,16 @@
 """The "LoHa training" tab, built with the host's Gradio (3.41), laid out like the original product.
 
 The form maps one-to-one onto TrainSettings; Train starts a job in the shared JobRunner and returns at once.
-The live panel (progress bar, loss chart, preview) is drawn by javascript/lohatrain.js from
-`GET /lohatrain/v1/status`, the same data the REST API gives.
+The live panel (progress bar, loss chart, preview) is drawn by javascript/lohatrain.js from the job's status,
+the data `GET /lohatrain/v1/status` gives, which it fetches through a hidden Gradio event of this tab: so
+the panel is protected by --gradio-auth like the rest of the tab and needs none of the REST API's credentials.
 """
 from __future__ import annotations
 
+import base64
 import html
+import json
+from pathlib import Path
 
 import gradio as gr
 
@@ -16,6 +20,7 @@ from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
 from ..settings import CUSTOM_PRESET, DTYPES, PRESETS_BY_FAMILY, SCHEDULERS, TrainSettings, check_file_name
 from . import host
+from .api import public_status
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
 CUSTOM_LABEL = "Custom (set the sizes below)"
@@ -102,13 +107,28 @@ def _model_markdown() -> str:
 def start_training(runner: JobRunner, *values) -> str:
     try:
         settings = settings_from_form(list(values))
-        host.check_dataset_path(settings.dataset_dir)
-        host.check_memory_mode()
-        host.check_model()
-        runner.start(settings)
+        host.preflight(settings, via="tab")
+        job_id = runner.start(settings, via="tab")
     except LohatrainError as e:
         return _message(str(e), "error")
-    return _message(f"Training {settings.name} started: progress below.", "info")
+    # the live panel follows this job by its id (javascript/lohatrain.js)
+    return _message(f"Training {settings.name} started: progress below.", "info").replace(
+        "<div ", f'<div data-lohatrain-job="{job_id}" ', 1)
+
+
+def poll_status(runner: JobRunner, sent_preview):
+    """The panel's status (no server paths), with the preview image inline when this page has not had it yet;
+    the second value names the preview this page has now (a per-page gr.State)."""
+    data = public_status(runner.status())
+    job = runner.job
+    current = f"{data.get('job_id')}:{data.get('preview_step')}"
+    if data.get("preview_url") and current != sent_preview and job and job.preview:
+        try:
+            data["preview_data"] = "data:image/png;base64," + base64.b64encode(Path(job.preview).read_bytes()).decode()
+            sent_preview = current
+        except OSError:  # deleted meanwhile: the next poll tries the next preview
+            pass
+    return json.dumps(data), sent_preview
 
 
 def interrupt(runner: JobRunner) -> str:
@@ -121,7 +141,7 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     """Count, buckets, captions and a few thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     try:
-        host.check_dataset_path(dataset_dir)
+        host.check_dataset_path(dataset_dir, via="tab")
         items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
@@ -290,6 +310,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                     interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
                 message = gr.HTML("", elem_id="lohatrain_message")
                 gr.HTML('<div id="lohatrain_live"></div>')
+                status_json = gr.Textbox("", show_label=False, interactive=False, elem_id="lohatrain_status_json",
+                                         elem_classes=["lohatrain-hidden"])
+                poll_btn = gr.Button("status", elem_id="lohatrain_poll", elem_classes=["lohatrain-hidden"])
+                sent_preview = gr.State(None)
                 send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
                 report = gr.HTML("", elem_id="lohatrain_report")
                 thumbs = gr.Gallery(label="Dataset", columns=4, height="auto", elem_id="lohatrain_thumbs")
@@ -303,6 +327,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         preset.change(preset_sizes, [preset], [dim, alpha, conv_dim, conv_alpha])
         train_btn.click(lambda *v: start_training(runner, *v), form, [message])
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
+        poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
+                       queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
                                         bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
         load_ckpt.click(load_checkpoint, [ckpt], [model_md, message, preset, dim, alpha, conv_dim, conv_alpha,
