@@ -74,33 +74,44 @@
         return app().querySelector("#lohatrain_message");
     }
 
-    // Whether this status is the end of what the panel follows: the started job's end, or, while no job was
-    // started from this page, any job's.
-    function settled(s) {
+    // After Train: wait for its answer in the message; it carries the new job's id, or says why none started.
+    // Returns false while the answer has not come yet.
+    function trainAnswered() {
+        if (messageBefore === null) return true;
         const box = message();
-        if (messageBefore !== null) {
-            const now = box ? box.innerHTML : "";
-            if (now === messageBefore && ++waitTicks < 60) return false;  // Train's answer has not come yet
-            messageBefore = null;
-            const started = box && box.querySelector("[data-lohatrain-job]");
-            awaited = started ? started.dataset.lohatrainJob : null;
-        }
-        if (awaited !== null) return s.job_id === awaited && s.state !== "running";
-        return s.state !== "running";
+        const now = box ? box.innerHTML : "";
+        if (now === messageBefore && ++waitTicks < 120) return false;
+        messageBefore = null;
+        const started = box && box.querySelector("[data-lohatrain-job]");
+        awaited = started ? started.dataset.lohatrainJob : null;
+        if (!started) render({state: "idle"});  // refused: the message says why
+        return true;
     }
 
     function poll() {
         const box = app().querySelector("#lohatrain_status_json textarea");
         const button = app().querySelector("#lohatrain_poll");
         if (!box || !button) return;
+        const wasPending = messageBefore !== null;
+        if (!trainAnswered()) {
+            button.click();
+            return;
+        }
+        if (wasPending && awaited === null) {  // Train was refused: nothing to follow
+            stop();
+            return;
+        }
         if (box.value && box.value !== lastText) {
             lastText = box.value;
             const s = JSON.parse(box.value);
             if (s.preview_data) preview = s.preview_data;
-            render(s);
-            if (settled(s)) {
-                stop();
-                return;
+            // the panel follows the job this page started (by id) to its end; else whatever job there is
+            if (awaited === null || s.job_id === awaited) {
+                render(s);
+                if (s.state !== "running") {
+                    stop();
+                    return;
+                }
             }
         }
         button.click();
@@ -145,6 +156,7 @@
             messageBefore = box ? box.innerHTML : "";
             waitTicks = 0;
             awaited = null;
+            render({state: "running", stage: "Starting", step: 0, total: 0, losses: []});
             start();
         });
         start();  // a job may already run (started through the REST API, or before a reload)

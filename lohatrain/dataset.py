@@ -136,6 +136,9 @@ def _read_captions(image_paths: list[Path], files: dict[str, Path], caption_ext:
             continue
         try:
             captions.append(_one_line(caption_path.read_bytes().decode("utf-8-sig")))
+        except FileNotFoundError:  # removed since the folder was listed
+            missing.append(caption_name)
+            captions.append("")
         except UnicodeDecodeError:
             not_utf8.append(caption_path.name)
             captions.append("")

@@ -218,7 +218,7 @@ def test_zero_terminal_snr_is_refused_on_eps_models(build, sample_dataset, tmp_p
 
 def test_zero_terminal_snr_must_be_a_bool(sample_dataset):
     problems = TrainSettings(dataset_dir=str(sample_dataset), zero_terminal_snr="yes").problems()
-    assert problems == ["zero_terminal_snr must be true or false"]
+    assert problems == ['zero_terminal_snr must be true or false, not "yes"']
 
 
 @pytest.mark.parametrize("batch_first", [False, True])

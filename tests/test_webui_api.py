@@ -14,6 +14,8 @@ import networks
 from modules import call_queue, processing, shared
 
 
+import lohatrain.demo
+
 from test_engine import model_state
 
 
@@ -84,13 +86,28 @@ def test_every_bad_value_is_listed_with_422(webui_server):
     assert not list(ui.root.rglob("escape*"))
 
 
-def test_dataset_problem_ends_the_job_with_its_message(webui_server, tmp_path):
+def test_a_dataset_problem_is_refused_before_a_job_starts(webui_server, tmp_path):
     ui = webui_server
+    before = httpx.get(f"{ui.url}/lohatrain/v1/status").json()
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "no-images", dataset_dir=str(tmp_path)))
-    assert r.status_code == 200
-    status = wait_until(ui, finished)
-    assert status["state"] == "error" and "No images found" in status["message"]
+    assert r.status_code == 422 and "No images found" in r.json()["detail"][0]
+    assert httpx.get(f"{ui.url}/lohatrain/v1/status").json()["job_id"] == before["job_id"]
     assert not (ui.lora_dir / "no-images.safetensors").exists()
+
+
+def test_a_dataset_that_breaks_after_the_start_ends_the_job_with_its_message(webui_server, tmp_path):
+    """Checked at the start, then the job waits for the GPU: what changed meanwhile is found by the job."""
+    ui = webui_server
+    lohatrain.demo.make_sample_dataset(tmp_path / "images")
+    with call_queue.queue_lock:  # a generation is running: the job waits
+        r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "broken-later",
+                                                                    dataset_dir=str(tmp_path / "images")))
+        assert r.status_code == 200
+        for caption in (tmp_path / "images").glob("*.txt"):
+            caption.unlink()
+    status = wait_until(ui, finished)
+    assert status["state"] == "error" and "caption file(s) are missing" in status["message"]
+    assert not (ui.lora_dir / "broken-later.safetensors").exists()
 
 
 def test_interrupt_route_stops_within_a_step_and_keeps_what_was_trained(webui_server):
@@ -244,3 +261,19 @@ def test_files_go_into_the_configured_lora_sub_folder(webui_server, monkeypatch)
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "escaped", steps=1))
     assert r.status_code == 422 and "plain relative folder" in r.json()["detail"][0]
 
+
+
+def test_the_lora_list_is_refreshed_under_the_gpu_lock(webui_server, monkeypatch):
+    """The host rebuilds its Lora list in place: a generation reading it meanwhile would see it half-built."""
+    seen = []
+    real = networks.list_available_networks
+
+    def recording():
+        seen.append(call_queue.queue_lock.locked())
+        return real()
+
+    monkeypatch.setattr(networks, "list_available_networks", recording)
+    httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "listed", steps=1))
+    assert wait_until(webui_server, finished)["state"] == "done"
+    assert seen == [True]
+    assert "listed" in networks.available_networks

@@ -121,10 +121,10 @@ def test_bad_input_gets_a_clear_message(page, webui_server, tmp_path, case, mess
             shutil.copy(image, tmp_path / image.name)
         fill(page, "lohatrain_dataset", tmp_path)
     page.locator("#lohatrain_train").click()
-    if case == "missing captions":  # found by the job, shown in the live panel
-        expect(page.locator("#lohatrain_result")).to_contain_text(message, timeout=TIMEOUT)
-    else:  # refused before a job starts
-        expect(page.locator("div.prose#lohatrain_message")).to_contain_text(message)
+    # every case is refused before a job starts (the dataset too: the preflight reads it), and the panel says
+    # nothing of an earlier job
+    expect(page.locator("div.prose#lohatrain_message")).to_contain_text(message)
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_count(0)
     assert not (webui_server.lora_dir / "bad-input.safetensors").exists()
     assert not Path(webui_server.root / "outside.safetensors").exists()
 
@@ -208,3 +208,35 @@ def test_with_an_sdxl_checkpoint_loaded_the_tab_switches_defaults_and_trains_it(
         assert model_state(shared.sd_model) == before
     finally:
         sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
+
+
+def test_the_panel_follows_the_job_it_started_not_the_last_one(page, webui_server, monkeypatch):
+    """An earlier job (here through the REST API) has ended; Train's own checks take a while before the new
+    job exists. The panel must not stop on the earlier job's end: it follows the job Train started, by id."""
+    import threading
+
+    import httpx
+
+    from lohatrain.webui import ui as tab
+
+    from test_webui_api import finished, run_body, wait_until
+
+    httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "earlier", steps=1))
+    assert wait_until(webui_server, finished)["state"] == "done"
+    release = threading.Event()
+    real_preflight = tab.host.preflight
+
+    def slow_preflight(settings, via):
+        assert release.wait(120)
+        return real_preflight(settings, via)
+
+    monkeypatch.setattr(tab.host, "preflight", slow_preflight)
+    fill_small_run(page, webui_server, "followed", steps=3)
+    page.locator("#lohatrain_train").click()
+    # while the new job is still being checked, the panel waits for it, not showing the earlier job's end
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("Starting", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "running")
+    release.set()
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 3/3", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    assert (webui_server.lora_dir / "followed.safetensors").is_file()
