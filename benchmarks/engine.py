@@ -56,8 +56,9 @@ from lohatrain import trainer  # noqa: E402
 from lohatrain.__main__ import demo_settings  # noqa: E402
 from lohatrain.demo import build_tiny_sd1, make_sample_dataset  # noqa: E402
 from lohatrain.families.sd1 import SD1  # noqa: E402
-from lohatrain.network import LohaNetwork, count_parameters, plan_unet  # noqa: E402
-from lohatrain.settings import PRESETS, TrainSettings  # noqa: E402
+from lohatrain import network as network_module  # noqa: E402
+from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
+from lohatrain.settings import PRESETS, TRAINING_METHODS, TrainSettings, presets_for  # noqa: E402
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -120,8 +121,8 @@ class UNetTimer:
 
 
 def timing_settings(dataset: Path, out: Path, steps: int, preset: str, checkpointing: bool, dtype: str = "fp32",
-                    learning_rate: float | None = None):
-    s = demo_settings(dataset, out).with_preset(preset)
+                    learning_rate: float | None = None, method: str = "loha"):
+    s = dataclasses.replace(demo_settings(dataset, out), training_method=method).with_preset(preset)
     return dataclasses.replace(s, steps=steps, train_dtype=dtype, gradient_checkpointing=checkpointing,
                                learning_rate=learning_rate or s.learning_rate)
 
@@ -178,7 +179,8 @@ def cmd_timing(args, device: torch.device) -> None:
     with tempfile.TemporaryDirectory(prefix="lohatrain-bench-") as tmp:
         dataset = make_sample_dataset(Path(tmp) / "images")
         model = build_tiny_sd1().to(device)
-        settings = timing_settings(dataset, Path(tmp) / "out", steps, args.preset, args.gradient_checkpointing)
+        settings = timing_settings(dataset, Path(tmp) / "out", steps, args.preset, args.gradient_checkpointing,
+                                   method=args.method)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -217,14 +219,25 @@ def describe_device(device: torch.device) -> str:
 
 @contextlib.contextmanager
 def forward_style(two_op: bool):
-    """Benchmark only: `trainer.train` has no two_op argument, so the trainer's LohaNetwork name is swapped for
-    one that passes `two_op` for the duration of the run (lohatrain's own code is not changed)."""
-    original = trainer.LohaNetwork
-    trainer.LohaNetwork = functools.partial(original, two_op=two_op)
+    """Benchmark only: with `two_op`, each adapted layer runs as lycoris-lora's own modules run it (LoConModule,
+    LohaModule, LokrModule.forward: the base op, then a second full-size op with the type's ΔW, added), instead
+    of lohatrain's one merged op. lohatrain's own code is not changed: its forward factory is swapped for the run."""
+    original = network_module._merged_forward
+
+    def lycoris_style(module, network, index):
+        def forward(x):
+            base = network_module._op(module, x, module.weight, module.bias)
+            delta = network.merged_delta(index, module.weight).to(base.dtype)
+            return base + network_module._op(module, x.to(base.dtype), delta, None)
+
+        return forward
+
+    if two_op:
+        network_module._merged_forward = lycoris_style
     try:
         yield
     finally:
-        trainer.LohaNetwork = original
+        network_module._merged_forward = original
 
 
 @torch.no_grad()
@@ -267,9 +280,9 @@ def merge_rounding(network) -> dict[str, float]:
     """How much of the trained ΔW survives being merged into W in bf16 / fp16: per layer, the relative error
     ||(W+ΔW)_low - W_low - ΔW|| / ||ΔW|| (median over layers), and ||ΔW|| / ||W||."""
     ratios, errors = [], {"bf16": [], "fp16": []}
-    for plan, lora in zip(network.plans, network.loras):
+    for plan, adapter in zip(network.plans, network.adapters):
         w = plan.module.weight.float()
-        delta = lora.get_weight(lora.shape).float().reshape(w.shape)
+        delta = adapter.delta().float().reshape(w.shape)
         ratios.append((delta.norm() / w.norm()).item())
         for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             kept = (w + delta).to(dtype).float() - w.to(dtype).float()
@@ -308,8 +321,7 @@ def cmd_compare_forward(args, device: torch.device) -> None:
                                            args.learning_rate)
                 final = {}
 
-                def on_step(step, network, _final=final, _two_op=two_op, _model=model):
-                    assert network.two_op == _two_op  # the patched forward style really is in use
+                def on_step(step, network, _final=final, _model=model):
                     if step == steps:
                         _final["loss"] = denoising_loss(_model, dataset)
                         _final["rounding"] = merge_rounding(network)
@@ -343,20 +355,10 @@ def preset_plans(unet, preset):
     return plan_unet(SD1, unet, preset.dim, preset.alpha, preset.conv_dim, preset.conv_alpha)
 
 
-def preset_file_mb(unet, preset) -> tuple[int, float]:
-    """(LoHa parameters incl. alpha scalars, fp16 file size in MB = params x 2 bytes / 1e6) on this UNet."""
-    params = count_parameters(preset_plans(unet, preset))
+def preset_file_mb(unet, preset, method: str = "loha") -> tuple[int, float]:
+    """(numbers in the file incl. alpha scalars, fp16 file size in MB = numbers x 2 bytes / 1e6) on this UNet."""
+    params = count_parameters(preset_plans(unet, preset), method, preset.factor)
     return params, params * 2 / 1e6
-
-
-def _meta_network(plans, two_op: bool) -> tuple[LohaNetwork, str]:
-    """A LohaNetwork with its parameters on meta. lycoris' LohaModule calls `.item()` while it is built
-    (the conv kernel size), which meta tensors refuse; then it is built on the CPU and moved."""
-    try:
-        with torch.device("meta"):
-            return LohaNetwork(plans, seed=0, two_op=two_op), "built on meta"
-    except RuntimeError as e:
-        return LohaNetwork(plans, seed=0, two_op=two_op).to("meta"), f"built on cpu, moved to meta ({e})"
 
 
 def _count(fn) -> int:
@@ -375,11 +377,12 @@ def _inputs(batch: int):
 
 
 def training_step_flops(preset, two_op: bool, checkpointing: bool, batch: int = 1,
-                        delta_as_leaf: bool = False) -> tuple[int, str]:
-    """(FLOPs, how the network was built) of one forward+backward of the UNet with the "highest"-style LoHa
-    attached as lohatrain attaches it. `delta_as_leaf`: each layer's ΔW is a ready-made tensor that takes a
-    gradient instead of being built from the LoHa factors, to tell the cost of building ΔW (forward, backward
-    and, with checkpointing, its recomputation) from the cost of applying it."""
+                        delta_as_leaf: bool = False, method: str = "loha") -> int:
+    """FLOPs of one forward+backward of the UNet with a network of `method` at `preset` attached as lohatrain
+    attaches it (or, `two_op`, run as lycoris-lora's own modules run it). `delta_as_leaf`: each layer's ΔW is
+    a ready-made tensor that takes a gradient instead of being built from the type's factors, to tell the cost
+    of building ΔW (forward, backward and, with checkpointing, its recomputation) from the cost of applying it:
+    the merged floor."""
     unet = sd15_unet_on_meta()
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -387,12 +390,14 @@ def training_step_flops(preset, two_op: bool, checkpointing: bool, batch: int = 
         for flag in ("checkpoint", "use_checkpoint"):
             if isinstance(m.__dict__.get(flag), bool):
                 setattr(m, flag, False)
-    network, how = _meta_network(preset_plans(unet, preset), two_op)
+    with torch.device("meta"):
+        network = Network(preset_plans(unet, preset), seed=0, method=method, factor=preset.factor)
     if delta_as_leaf:
-        for lora in network.loras:
-            leaf = torch.empty(lora.shape, device="meta", requires_grad=True)
-            lora.get_weight = lambda shape, _leaf=leaf: _leaf
-    network.attach()
+        for adapter in network.adapters:
+            leaf = torch.empty(adapter.shape, device="meta", requires_grad=True)
+            adapter.delta = lambda _leaf=leaf: _leaf
+    with forward_style(two_op):
+        network.attach()
     if checkpointing:
         trainer._checkpoint_blocks(unet)
     x, t, context = _inputs(batch)
@@ -405,9 +410,9 @@ def training_step_flops(preset, two_op: bool, checkpointing: bool, batch: int = 
     if not delta_as_leaf:
         missing = sum(p.grad is None for p in network.parameters())
         if missing:
-            raise RuntimeError(f"{missing} LoHa parameters got no gradient")
+            raise RuntimeError(f"{missing} network parameters got no gradient")
     network.detach()
-    return total, how
+    return total
 
 
 def cmd_flops(args) -> None:
@@ -435,26 +440,31 @@ def cmd_flops(args) -> None:
     }
     ratios = {}
     for name, (two_op, checkpointing) in cases.items():
-        total, how = training_step_flops(preset, two_op, checkpointing)
-        applying, _ = training_step_flops(preset, two_op, checkpointing, delta_as_leaf=True)
-        if name == "merged":
-            emit("loha_network", how.split(" (")[0])
+        total = training_step_flops(preset, two_op, checkpointing)
+        applying = training_step_flops(preset, two_op, checkpointing, delta_as_leaf=True)
         ratios[name] = total / forward
         emit(f"step_{name}_gflops", total / 1e9)
         emit(f"step_{name}_building_delta_weight_gflops", (total - applying) / 1e9)
         emit(f"step_{name}_over_forward_without_building_delta_weight", round(applying / forward, 3))
         emit(f"step_{name}_over_forward", round(total / forward, 3))
-    # ΔW is built once per step whatever the batch, so its share shrinks as the batch grows; the headline
-    # figure is a step at the default batch size over a forward of that batch.
+    # Every type at its own "highest" preset, at the default batch size (ΔW is built once per step whatever
+    # the batch, so its share shrinks as the batch grows): ours, lycoris-lora's own two-op forward, and the
+    # merged floor (ΔW given, only applied) that ours should stay within 5% of.
     batch = TrainSettings().batch_size
-    batched = {}
-    for name, two_op in (("merged", False), ("two_op", True)):
-        total, _ = training_step_flops(preset, two_op, False, batch=batch)
-        batched[name] = total / (forward * batch)
-        emit(f"step_{name}_batch{batch}_over_batch{batch}_forward", round(batched[name], 3))
+    emit("per_type_batch", batch)
+    for method in TRAINING_METHODS:
+        typed = presets_for(method, "sd1")["highest"]
+        emit(f"{method}_highest_fp16_file_mb", round(preset_file_mb(unet, typed, method)[1], 2))
+        ours = training_step_flops(typed, False, False, batch=batch, method=method)
+        lycoris = training_step_flops(typed, True, False, batch=batch, method=method)
+        floor = training_step_flops(typed, False, False, batch=batch, method=method, delta_as_leaf=True)
+        emit(f"{method}_step_over_forward", round(ours / (forward * batch), 3))
+        emit(f"{method}_lycoris_forward_step_over_forward", round(lycoris / (forward * batch), 3))
+        emit(f"{method}_step_over_merged_floor", round(ours / floor, 4))
+    ours = training_step_flops(preset, False, False, batch=batch)
     emit("two_op_over_merged", round(ratios["two_op"] / ratios["merged"], 3))
     emit("step_flops_over_forward_batch", batch)
-    emit("step_flops_over_forward", f"{batched['merged']:.2f}")
+    emit("step_flops_over_forward", f"{ours / (forward * batch):.2f}")
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -465,6 +475,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-forward", action="store_true", help="merged vs two-op forward, per dtype")
     parser.add_argument("--steps", type=int, help="training steps (default 30; 60 with --compare-forward)")
     parser.add_argument("--preset", default="small", choices=list(PRESETS), help="network size (default: demo's)")
+    parser.add_argument("--method", default="loha", choices=TRAINING_METHODS, help="timing mode: network type")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="timing mode: checkpoint UNet blocks")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="--compare-forward (default 3e-3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lohatrain import trainer  # noqa: E402
 from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.families.sdxl import SDXL  # noqa: E402
-from lohatrain.network import LohaNetwork, count_parameters, plan_unet  # noqa: E402
+from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
 from lohatrain.settings import SDXL_PRESETS  # noqa: E402
 
 GB = 1e9
@@ -147,8 +147,8 @@ def main(argv=None) -> int:
     forward = counter.get_total_flops()
     emit("forward_tflops", round(forward / 1e12, 2))
 
-    # lycoris calls .item() while building a conv LoHa, which meta refuses: build on the CPU, then move.
-    network = LohaNetwork(plans, seed=0).to("meta")
+    with torch.device("meta"):
+        network = Network(plans, seed=0)
     network.attach()
     if checkpointing:
         trainer._checkpoint_blocks(unet)

@@ -1,20 +1,20 @@
-"""The LoHa network: lycoris-lora's LohaModule on each chosen layer, applied the way the WebUI applies it.
+"""The network: one adapter per chosen layer (its type from lohatrain.methods), applied the way the WebUI
+applies the file.
 
-Which layers: Linear and 1x1 convs inside the UNet's attention blocks; with `conv_dim > 0` also the
-layers of ResBlocks and down/up-samplers (3x3 convs get conv_dim/conv_alpha, the rest dim/alpha); with a
-text-encoder learning rate, the CLIP attention and MLP Linears.
+Which layers: Linear and 1x1 convs inside the UNet's attention blocks; with `conv_dim > 0` (LoCon, LoHa, LoKr)
+also the layers of ResBlocks and down/up-samplers (3x3 convs get conv_dim/conv_alpha, the rest dim/alpha);
+with a text-encoder learning rate, the CLIP attention and MLP Linears.
 
-A fused `nn.MultiheadAttention` (OpenCLIP: SD2's text encoder, SDXL's second) gets four LoHa, one per
+A fused `nn.MultiheadAttention` (OpenCLIP: SD2's text encoder, SDXL's second) gets four adapters, one per
 projection, keyed `<prefix>_q_proj`, `_k_proj`, `_v_proj`, `_out_proj` as the WebUI expects them: q, k and v
 change the thirds of `in_proj_weight`, out changes `out_proj.weight`, and the attention runs once with the
 merged weights (torch's own `multi_head_attention_forward`), as the WebUI applies the file.
 
-How a layer runs while training: lycoris-lora's own LohaModule.forward runs the base op and then a second
-full-size op with ΔW, 1.5x the FLOPs of a step (counted in benchmarks/engine.py). We take only its maths
-(`get_weight`: ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha/dim) and do one op with W + ΔW, which is also exactly how
-the WebUI applies the file at inference. For backward it keeps the layer's input, not the full-size W + ΔW,
-and rebuilds that there (`_MergedLayer`). Where merging into a low-precision weight
-loses too much of a small ΔW, `two_op=True` keeps lycoris' two ops (see README: when it is used).
+How a layer runs while training: lycoris-lora's own modules run the base op and then a second full-size op
+with ΔW, 1.5x the FLOPs of a step (counted in benchmarks/engine.py). We take only the maths (each type's ΔW,
+and DoRA's rescaling from `lycoris.functional`) and do one op with the merged weight, which is also exactly
+how the WebUI applies the file at inference. For backward a layer keeps its input, not the full-size merged
+weight, and rebuilds that there (`_MergedLayer`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lycoris.modules.loha import LohaModule
+from lycoris.functional.general import apply_dora_scale
 from torch import nn
 
 from . import compat
 from .families.sd1 import ATTENTION_BLOCKS, CONV_BLOCKS
+from .methods import METHODS, Adapter
 from .precision import merge
 from .rng import seeded_global_rng
 
@@ -101,52 +102,68 @@ def plan_fused_attention(key: str, attention: nn.MultiheadAttention, dim: int, a
                       text_encoder, fused=attention, part=part) for part in FUSED_PARTS]
 
 
-def count_parameters(plans: list[LayerPlan]) -> int:
-    """LoHa parameters for these layers: two (out×r, r×in·k·k) pairs each, plus one alpha scalar."""
-    total = 0
-    for p in plans:
-        w = p.module.weight
-        out_dim, fan_in = w.shape[0], w[0].numel()
-        total += 2 * p.dim * (out_dim + fan_in) + 1
-    return total
+def count_parameters(plans: list[LayerPlan], method: str = "loha", factor: int = -1, dora: bool = False) -> int:
+    """The numbers a file of these layers holds (alpha and DoRA's scales included), counted on the meta device."""
+    with torch.device("meta"):
+        return Network(plans, seed=0, method=method, factor=factor, dora=dora).tensor_count()
 
 
-class LohaNetwork(nn.Module):
-    """The trainable LoHa modules, kept apart from the model: attach() hooks them in, detach() undoes it."""
+class Network(nn.Module):
+    """The trainable adapters, kept apart from the model: attach() hooks them in, detach() undoes it.
 
-    def __init__(self, plans: list[LayerPlan], seed: int, two_op: bool = False):
+    With `dora`, each Linear/Conv layer also gets DoRA's `dora_scale`, one magnitude per input channel (shape
+    (1, in, 1…), the axis the WebUI's network.py normalises over; ComfyUI reads both axes), starting at the
+    base weight's own column norms. A fused attention's projections take no DoRA: the WebUI cannot apply it
+    there (it would normalise the whole in_proj_weight), so they are written without it.
+    """
+
+    def __init__(self, plans: list[LayerPlan], seed: int, method: str = "loha", factor: int = -1,
+                 dora: bool = False):
         super().__init__()
         self.plans = plans
-        self.two_op = two_op
-        self.loras = nn.ModuleList()
-        # lycoris draws its initial values from torch's global RNG: the same seed always gives the same start.
-        with seeded_global_rng(seed):
-            for plan in plans:
-                self.loras.append(LohaModule(plan.key, plan.module, multiplier=1.0,
-                                             lora_dim=plan.dim, alpha=plan.alpha))
-        self.loras.float()
+        self.method = method
+        self.adapters = nn.ModuleList()
+        self.dora_scales = nn.ParameterDict()
+        with seeded_global_rng(seed):  # the same seed always gives the same start
+            for index, plan in enumerate(plans):
+                shape = tuple(plan.module.weight.shape)
+                self.adapters.append(METHODS[method](shape, plan.dim, plan.alpha, factor))
+                if dora and plan.fused is None:
+                    self.dora_scales[str(index)] = nn.Parameter(_column_norms(plan.module.weight))
+        self.float()
         self._attached: list[tuple[nn.Module, object]] = []
 
     def parameters_of(self, text_encoder: bool) -> list[nn.Parameter]:
-        return [p for plan, lora in zip(self.plans, self.loras) if plan.text_encoder == text_encoder
-                for p in lora.parameters() if p.requires_grad]
+        return [p for index, plan in enumerate(self.plans) if plan.text_encoder == text_encoder
+                for p in self._parameters_of(index)]
+
+    def _parameters_of(self, index: int) -> list[nn.Parameter]:
+        scale = self.dora_scales.get(str(index))
+        return [*self.adapters[index].parameters(), *([scale] if scale is not None else [])]
+
+    def merged_delta(self, index: int, weight: torch.Tensor) -> torch.Tensor:
+        """What the layer's weight changes by, in float32: ΔW, or with DoRA, DoRA(W + ΔW) − W."""
+        delta = self.adapters[index].delta()
+        scale = self.dora_scales.get(str(index))
+        if scale is None:
+            return delta
+        base = weight.float()
+        return apply_dora_scale(base, delta, scale, 1.0) - base
 
     def attach(self) -> None:
-        """Route each adapted layer's forward through its LoHa (an instance attribute, removed by detach).
+        """Route each adapted layer's forward through its adapter (an instance attribute, removed by detach).
 
-        A fused attention always runs merged (its output is not linear in its weights, so there is no
-        second op to add), and only with all four projections, the only way the WebUI applies it.
+        A fused attention runs merged with all four projections, the only way the WebUI applies it.
         """
-        fused: dict[int, tuple[nn.MultiheadAttention, dict[str, LohaModule]]] = {}
-        for plan, lora in zip(self.plans, self.loras):
+        fused: dict[int, tuple[nn.MultiheadAttention, dict[str, Adapter]]] = {}
+        for index, (plan, adapter) in enumerate(zip(self.plans, self.adapters)):
             if plan.fused is not None:
-                fused.setdefault(id(plan.fused), (plan.fused, {}))[1][plan.part] = lora
+                fused.setdefault(id(plan.fused), (plan.fused, {}))[1][plan.part] = adapter
                 continue
-            module = plan.module
-            self._route(module, _two_op_forward(module, lora) if self.two_op else _merged_forward(module, lora))
+            self._route(plan.module, _merged_forward(plan.module, self, index))
         for attention, parts in fused.values():
             if sorted(parts) != sorted(FUSED_PARTS):
-                raise ValueError(f"a fused attention needs LoHa on all of {FUSED_PARTS}, not {sorted(parts)}: "
+                raise ValueError(f"a fused attention needs adapters on all of {FUSED_PARTS}, not {sorted(parts)}: "
                                  "the WebUI ignores a partial set")
             self._route(attention, _merged_attention_forward(attention, parts))
 
@@ -163,17 +180,31 @@ class LohaNetwork(nn.Module):
         self._attached.clear()
 
     def file_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """`<key>.hada_w1_a` … `<key>.alpha`, contiguous on the CPU in the save dtype (alpha too, as kohya)."""
+        """`<key>.<suffix>` for every adapter (its type's keys, `dora_scale` with DoRA), contiguous on the CPU in
+        the save dtype (alpha too, as kohya)."""
         tensors = {}
-        for plan, lora in zip(self.plans, self.loras):
-            for name, value in lora.custom_state_dict().items():
+        for index, (plan, adapter) in enumerate(zip(self.plans, self.adapters)):
+            named = dict(adapter.file_tensors())
+            if str(index) in self.dora_scales:
+                named["dora_scale"] = self.dora_scales[str(index)]
+            for name, value in named.items():
                 tensors[f"{plan.key}.{name}"] = value.detach().to("cpu", dtype).contiguous()
         return tensors
 
+    def tensor_count(self) -> int:
+        return sum(t.numel() for a in self.adapters for t in a.file_tensors().values()) + sum(
+            p.numel() for p in self.dora_scales.values())
 
-def _merged_forward(module: nn.Module, lora: LohaModule):
+
+def _column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖ over every axis but the input channel: shape (1, in, 1…), as the WebUI applies `dora_scale`."""
+    w = weight.detach().float()
+    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, w.shape[1], *[1] * (w.dim() - 2))
+
+
+def _merged_forward(module: nn.Module, network: Network, index: int):
     def forward(x):
-        return _MergedLayer.apply(x, lora.get_weight(lora.shape), module, lora)
+        return _MergedLayer.apply(x, network.merged_delta(index, module.weight), module, network, index)
 
     return forward
 
@@ -188,61 +219,56 @@ class _MergedLayer(torch.autograd.Function):
     autocast runs linear and conv, and the gradient of x comes back in x's own dtype."""
 
     @staticmethod
-    def forward(ctx, x, delta, module, lora):
+    def forward(ctx, x, delta, module, network, index):
         device = x.device.type
         autocast = compat.autocast_dtype(device)
         dtype = autocast or x.dtype
         merged = merge(module.weight, delta, dtype)
         bias = module.bias.to(dtype) if module.bias is not None else None
-        ctx.module, ctx.lora, ctx.dtype, ctx.x_dtype, ctx.delta_dtype = module, lora, dtype, x.dtype, delta.dtype
+        ctx.module, ctx.network, ctx.index = module, network, index
+        ctx.dtype, ctx.x_dtype, ctx.delta_dtype = dtype, x.dtype, delta.dtype
         ctx.save_for_backward(x)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            return lora.op(x.to(dtype), merged, bias, **lora.kw_dict)
+            return _op(module, x.to(dtype), merged, bias)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        module, lora = ctx.module, ctx.lora
+        module = ctx.module
         with torch.no_grad():
-            merged = merge(module.weight, lora.get_weight(lora.shape), ctx.dtype)
+            merged = merge(module.weight, ctx.network.merged_delta(ctx.index, module.weight), ctx.dtype)
         x, grad = x.to(ctx.dtype), grad.to(ctx.dtype)
         if isinstance(module, nn.Linear):
             grad_x = grad @ merged if ctx.needs_input_grad[0] else None
             grad_merged = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         else:
-            kw = lora.kw_dict
             grad_x, grad_merged, _ = torch.ops.aten.convolution_backward(
-                grad, x, merged, None, _pair(kw["stride"]), _pair(kw["padding"]), _pair(kw["dilation"]), False,
-                [0, 0], kw["groups"], [ctx.needs_input_grad[0], True, False])
+                grad, x, merged, None, _pair(module.stride), _pair(module.padding), _pair(module.dilation), False,
+                [0, 0], module.groups, [ctx.needs_input_grad[0], True, False])
         grad_x = grad_x.to(ctx.x_dtype) if grad_x is not None else None
-        return grad_x, grad_merged.to(ctx.delta_dtype), None, None
+        return grad_x, grad_merged.to(ctx.delta_dtype), None, None, None
 
 
 def _pair(value) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
-def _two_op_forward(module: nn.Module, lora: LohaModule):
-    op, kw, shape = lora.op, lora.kw_dict, lora.shape
-
-    def forward(x):
-        base = op(x, module.weight, module.bias, **kw)
-        return base + op(x, lora.get_weight(shape).to(x.dtype), None, **kw)
-
-    return forward
+def _op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 
 
-def _merged_attention_forward(attention: nn.MultiheadAttention, loras: dict[str, LohaModule]):
+def _merged_attention_forward(attention: nn.MultiheadAttention, adapters: dict[str, Adapter]):
     """nn.MultiheadAttention's forward (its general path) with in_proj_weight + cat(ΔWq, ΔWk, ΔWv) and
     out_proj.weight + ΔWout: the weights the WebUI's Lora extension writes into the attention."""
-    q, k, v, out = (loras[part] for part in FUSED_PARTS)
+    q, k, v, out = (adapters[part] for part in FUSED_PARTS)
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         dtype = compat.autocast_dtype(query.device.type) or query.dtype
-        delta_in = torch.cat([q.get_weight(q.shape), k.get_weight(k.shape), v.get_weight(v.shape)])
-        in_merged = merge(attention.in_proj_weight, delta_in, dtype)
-        out_merged = merge(attention.out_proj.weight, out.get_weight(out.shape), dtype)
+        in_merged = merge(attention.in_proj_weight, torch.cat([q.delta(), k.delta(), v.delta()]), dtype)
+        out_merged = merge(attention.out_proj.weight, out.delta(), dtype)
         transpose = attention.batch_first and query.dim() == 3
         if transpose:  # keep `query is key is value` (self-attention's packed projection), as torch does
             if key is value:

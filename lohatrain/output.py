@@ -72,9 +72,9 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
                    steps_done: int, started_at: int, batches_per_epoch: int, seed: int) -> dict[str, str]:
     """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings."""
     dataset = Path(settings.dataset_dir).name or "dataset"
-    args = {"algo": "loha", "conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)}
+    module, args = network_module_and_args(settings)
     meta = {
-        "ss_network_module": "lycoris.kohya",
+        "ss_network_module": module,
         "ss_network_args": json.dumps(args, sort_keys=True),
         "ss_network_dim": str(settings.dim),
         "ss_network_alpha": str(settings.alpha),
@@ -118,6 +118,21 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
     }
     meta.update(family_metadata)
     return meta
+
+
+def network_module_and_args(settings: TrainSettings) -> tuple[str, dict[str, str]]:
+    """What kohya's tools and the WebUI's Lora tab read about the type: a plain LoRA is kohya's own
+    `networks.lora`; LyCORIS' types are `lycoris.kohya` with their `algo` (LoCon is LyCORIS' "locon")."""
+    method = settings.training_method
+    args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)} if settings.conv_dim else {}
+    if settings.dora:
+        args["dora_wd"] = "True"
+    if method == "lora":
+        return "networks.lora", args
+    args["algo"] = method
+    if method == "lokr":
+        args["factor"] = str(settings.lokr_factor)
+    return "lycoris.kohya", args
 
 
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:

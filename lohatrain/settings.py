@@ -20,9 +20,12 @@ DTYPES = ("fp16", "bf16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
 
 
+TRAINING_METHODS = ("lora", "locon", "loha", "lokr")  # lohatrain.methods.METHODS, which imports torch
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A network size: LoHa rank and alpha for linear layers and (when conv_dim > 0) 3x3 convs."""
+    """A network size: rank and alpha for linear layers and (when conv_dim > 0) 3x3 convs; LoKr's factor."""
 
     label: str
     dim: int
@@ -30,6 +33,7 @@ class Preset:
     conv_dim: int
     conv_alpha: float
     file_mb: float  # fp16 file size (MB) on the family's full-size UNet; checked in tests/test_presets.py
+    factor: int = -1
 
 
 # Smallest and fastest first. "highest" is the seed's recommendation and the default. SD 1.x and 2.x share
@@ -49,17 +53,78 @@ SDXL_PRESETS: dict[str, Preset] = {
     "highest": Preset("Highest quality: styles and complex concepts", 16, 8, 8, 4, 185.4),
 }
 PRESETS_BY_FAMILY = {"sd1": PRESETS, "sd2": PRESETS, "sdxl": SDXL_PRESETS}  # keyed by lohatrain.families' names
-# What else differs by family: its native resolution (and buckets around it), a batch that fits 8 GB with
-# gradient checkpointing, and SDXL's lower learning rate (its batch of 1 makes each step noisier).
-FAMILY_DEFAULTS = {
-    "sd1": {"resolution": 512, "bucket_min_side": 256, "bucket_max_side": 1024, "batch_size": 4,
-            "learning_rate": 1e-3},
-    "sd2": {"resolution": 768, "bucket_min_side": 384, "bucket_max_side": 1536, "batch_size": 2,
-            "learning_rate": 1e-3},
-    "sdxl": {"resolution": 1024, "bucket_min_side": 512, "bucket_max_side": 2048, "batch_size": 1,
-             "learning_rate": 5e-4},
+
+
+def _by_family(sd1: dict[str, Preset], sdxl: dict[str, Preset]) -> dict[str, dict[str, Preset]]:
+    return {"sd1": sd1, "sd2": sd1, "sdxl": sdxl}
+
+
+# The other types' sizes, smallest first, each checked on the full-size UNets like LoHa's. LoRA is rank
+# 8-64 on SD1 (kohya's usual range; a LoRA needs twice LoHa's rank for the same expressiveness, LyCORIS'
+# guidelines compare them at equal file size), half on SDXL; LoCon adds half that rank on the 3x3 convs. LoKr's
+# size is set by its factor (LyCORIS' guidelines: full dimension, factor 4-8 for fidelity, higher for small
+# files); dim 10000 keeps every w2 whole, and its conv_dim only switches the convolutions on.
+PRESETS_BY_METHOD: dict[str, dict[str, dict[str, Preset]]] = {
+    "lora": _by_family({
+        "small": Preset("Small: fast, faces and simple objects", 8, 4, 0, 0, 6.8),
+        "medium": Preset("Medium: characters", 16, 8, 0, 0, 13.6),
+        "high": Preset("High: characters with details, styles", 32, 16, 0, 0, 27.1),
+        "highest": Preset("Highest quality: styles and complex concepts", 64, 32, 0, 0, 54.3),
+    }, {
+        "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 21.3),
+        "medium": Preset("Medium: characters", 8, 4, 0, 0, 42.6),
+        "high": Preset("High: characters with details, styles", 16, 8, 0, 0, 85.1),
+        "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 0, 0, 170.2),
+    }),
+    "locon": _by_family({
+        "small": Preset("Small: fast, faces and simple objects", 8, 4, 4, 2, 12.5),
+        "medium": Preset("Medium: characters", 16, 8, 8, 4, 24.9),
+        "high": Preset("High: characters with details, styles", 32, 16, 16, 8, 49.8),
+        "highest": Preset("Highest quality: styles and complex concepts", 64, 32, 32, 16, 99.7),
+    }, {
+        "small": Preset("Small: fast, faces and simple objects", 4, 2, 2, 1, 23.2),
+        "medium": Preset("Medium: characters", 8, 4, 4, 2, 46.3),
+        "high": Preset("High: characters with details, styles", 16, 8, 8, 4, 92.7),
+        "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 16, 8, 185.4),
+    }),
+    "loha": PRESETS_BY_FAMILY,
+    "lokr": _by_family({
+        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 2.2, 16),
+        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 8.4, 8),
+        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 26.8, 8),
+        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 33.4, 4),
+    }, {
+        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 17.6, 16),
+        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 69.1, 8),
+        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 80.1, 8),
+        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 276.0, 4),
+    }),
 }
+
+
+def presets_for(method: str, family: str) -> dict[str, Preset]:
+    """The presets of a training method on a model family (LoHa's for a method that does not exist)."""
+    return PRESETS_BY_METHOD.get(method, PRESETS_BY_METHOD["loha"])[family]
+
+
+# Learning rates: LoRA's and LoCon's 1e-4 is kohya sd-scripts' usual LoRA rate; LoHa keeps the original
+# product's 1e-3, and LoKr takes LoHa's (LyCORIS' own types train at about ten times LoRA's rate).
+# SDXL halves each (its batch of 1 makes each step noisier).
+METHOD_LEARNING_RATE = {"lora": 1e-4, "locon": 1e-4, "loha": 1e-3, "lokr": 1e-3}
+
+# What else differs by family: its native resolution (and buckets around it), a batch that fits 8 GB with
+# gradient checkpointing.
+FAMILY_DEFAULTS = {
+    "sd1": {"resolution": 512, "bucket_min_side": 256, "bucket_max_side": 1024, "batch_size": 4},
+    "sd2": {"resolution": 768, "bucket_min_side": 384, "bucket_max_side": 1536, "batch_size": 2},
+    "sdxl": {"resolution": 1024, "bucket_min_side": 512, "bucket_max_side": 2048, "batch_size": 1},
+}
+
+
+def default_learning_rate(method: str, family: str) -> float:
+    return METHOD_LEARNING_RATE.get(method, 1e-3) * (0.5 if family == "sdxl" else 1.0)
 DEFAULT_PRESET = "highest"
+_SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
@@ -81,7 +146,9 @@ class TrainSettings:
     name: str = "my-loha"
     dataset_dir: str = ""
     output_dir: str = ""  # the WebUI fills in its Lora folder; the command line requires it
-    training_method: str = "loha"
+    training_method: str = "loha"  # lora, locon, loha or lokr (lohatrain.methods)
+    dora: bool = False  # DoRA's weight decomposition on top of lora, locon or loha
+    lokr_factor: int = -1  # LoKr: the Kronecker factor, -1 = as square as possible (LyCORIS' default)
     caption_mode: str = "txt"
     caption_phrase: str = ""
     caption_ext: str = ".txt"
@@ -119,9 +186,11 @@ class TrainSettings:
     preview_prompts: list[str] = field(default_factory=list)
 
     @classmethod
-    def defaults_for(cls, family: str) -> "TrainSettings":
-        """The defaults for a model family ("sd1", "sd2", "sdxl"): its resolution, batch, rate and presets."""
-        return dataclasses.replace(cls(), **FAMILY_DEFAULTS[family]).with_preset(DEFAULT_PRESET, family)
+    def defaults_for(cls, family: str, method: str = "loha") -> "TrainSettings":
+        """The defaults for a model family ("sd1", "sd2", "sdxl") and training method: resolution, batch,
+        learning rate and presets."""
+        return dataclasses.replace(cls(), training_method=method, learning_rate=default_learning_rate(method, family),
+                                   **FAMILY_DEFAULTS[family]).with_preset(DEFAULT_PRESET, family)
 
     @classmethod
     def from_dict(cls, data: dict, family: str = "sd1") -> "TrainSettings":
@@ -134,23 +203,26 @@ class TrainSettings:
         type_problems = _type_problems(data)
         if type_problems:  # before anything below reads a value of the wrong type
             raise SettingsError(type_problems)
-        data = {**FAMILY_DEFAULTS[family], **data}
-        presets = PRESETS_BY_FAMILY[family]
+        method = data.get("training_method", "loha")
+        data = {**FAMILY_DEFAULTS[family], "learning_rate": default_learning_rate(method, family), **data}
+        presets = presets_for(method, family)
         preset = presets.get(data.get("network_preset", DEFAULT_PRESET))
-        # "custom" fills the sizes it leaves out from the family's default preset, not from SD1's defaults
-        for key in ("dim", "alpha", "conv_dim", "conv_alpha"):
+        # "custom" fills the sizes it leaves out from the default preset of the family and method
+        data.setdefault("lokr_factor", (preset or presets[DEFAULT_PRESET]).factor)
+        for key in _SIZE_KEYS:
             data.setdefault(key, getattr(preset or presets[DEFAULT_PRESET], key))
-        if preset is not None and any(data[k] != getattr(preset, k) for k in ("dim", "alpha", "conv_dim", "conv_alpha")):
+        if preset is not None and any(data[k] != getattr(preset, k) for k in _SIZE_KEYS) or (
+                preset is not None and data["lokr_factor"] != preset.factor and method == "lokr"):
             data["network_preset"] = CUSTOM_PRESET
         settings = cls(**data)
         settings.validate()
         return settings
 
     def with_preset(self, preset_name: str, family: str = "sd1") -> "TrainSettings":
-        """A copy with the (family's) preset's sizes applied."""
-        preset = PRESETS_BY_FAMILY[family][preset_name]
+        """A copy with the preset's sizes applied (the preset of this method, on the family)."""
+        preset = presets_for(self.training_method, family)[preset_name]
         return dataclasses.replace(self, network_preset=preset_name, dim=preset.dim, alpha=preset.alpha,
-                                   conv_dim=preset.conv_dim, conv_alpha=preset.conv_alpha)
+                                   conv_dim=preset.conv_dim, conv_alpha=preset.conv_alpha, lokr_factor=preset.factor)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -184,8 +256,14 @@ class TrainSettings:
             p.append(name_problem)
         if not str(self.dataset_dir).strip():
             p.append("dataset_dir: choose the folder that holds your training images")
-        if self.training_method != "loha":
-            p.append(f"training_method: only 'loha' is available, not {self.training_method!r}")
+        if self.training_method not in TRAINING_METHODS:
+            p.append(f"training_method must be one of {', '.join(TRAINING_METHODS)}, not {self.training_method!r}")
+        if self.dora and self.training_method == "lokr":
+            p.append("dora: DoRA applies to lora, locon and loha here, not lokr")
+        if self.training_method == "lora" and _is_int(self.conv_dim) and self.conv_dim > 0:
+            p.append("conv_dim: plain LoRA adapts no 3x3 convolutions; choose locon to train them, or set conv_dim to 0")
+        if not _is_int(self.lokr_factor) or not (self.lokr_factor == -1 or 2 <= self.lokr_factor <= 1024):
+            p.append(f"lokr_factor must be -1 (automatic) or a whole number from 2 to 1024, not {self.lokr_factor!r}")
         if self.caption_mode not in CAPTION_MODES:
             p.append(f"caption_mode must be one of {', '.join(CAPTION_MODES)}, not {self.caption_mode!r}")
         if self.caption_mode == "phrase" and not self.caption_phrase.strip():
@@ -202,9 +280,9 @@ class TrainSettings:
         _float_range(p, "text_encoder_lr", self.text_encoder_lr, 0, 1)
         _int_range(p, "steps", self.steps, 1, 1_000_000)
         _int_range(p, "batch_size", self.batch_size, 1, 256)
-        if self.network_preset not in PRESETS and self.network_preset != CUSTOM_PRESET:
+        if self.network_preset not in PRESETS and self.network_preset != CUSTOM_PRESET:  # every method's names
             p.append(f"network_preset must be one of {', '.join([*PRESETS, CUSTOM_PRESET])}")
-        _int_range(p, "dim", self.dim, 1, 256)
+        _int_range(p, "dim", self.dim, 1, 100_000 if self.training_method == "lokr" else 1024)
         _float_range(p, "alpha", self.alpha, 0, 1024, low_open=True)
         _int_range(p, "conv_dim", self.conv_dim, 0, 256)
         if self.conv_dim:
@@ -225,7 +303,7 @@ class TrainSettings:
         _float_range(p, "noise_offset", self.noise_offset, 0, 1)
         _float_range(p, "min_snr_gamma", self.min_snr_gamma, 0, 100)
         _int_range(p, "preview_every_steps", self.preview_every_steps, 0, 1_000_000)
-        for key in ("bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
+        for key in ("dora", "bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
                     "color_aug", "overwrite", "zero_terminal_snr"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")

@@ -1,7 +1,7 @@
 """The training loop: one function, `train`, that the tab, the REST API, the command line and tests call.
 
 Flow: settings → dataset (images, captions, buckets) → cache (latents through the VAE, conditioning through
-the model's own text path) → VAE / text encoder off the GPU → LoHa attached → loop → LoHa detached → model
+the model's own text path) → VAE / text encoder off the GPU → network attached → loop → network detached → model
 restored exactly (ModelGuard) → file written atomically.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from . import compat
 from . import dataset as ds
 from .errors import LohatrainError
 from .model_guard import ModelGuard
-from .network import LohaNetwork, plan_text_encoder, plan_unet
+from .network import Network, plan_text_encoder, plan_unet
 from .precision import COMPUTE_DTYPES, route_low_precision_layers
 from .preflight import preflight
 from .rng import seeded_global_rng
@@ -78,14 +78,14 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
           encode_prompts: Callable[[list[str]], object] | None = None, model_name: str = "unknown",
           model_hash: str = "", on_progress: Callable[[Progress], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
-          on_step: Callable[[int, LohaNetwork], None] | None = None,
+          on_step: Callable[[int, Network], None] | None = None,
           offload_device: str | torch.device = "cpu") -> TrainResult:
-    """Train a LoHa on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
+    """Train a LoRA-type network (settings.training_method) on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
 
     `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
     its CLIP-skip option and without prompt-emphasis parsing). `should_stop` is polled every step: when it
     turns true the run stops within one step and saves what it has. `on_step(step, network)` runs after each
-    step with the LoHa attached (previews). The model is left exactly as found, whatever happens.
+    step with the network attached (previews). The model is left exactly as found, whatever happens.
     """
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
@@ -155,7 +155,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
         text_plans = plan_text_encoder(family, text_encoder, settings.dim, settings.alpha) if train_text else []
-        network = LohaNetwork(unet_plans + text_plans, seed).to(device)
+        network = Network(unet_plans + text_plans, seed, settings.training_method, settings.lokr_factor,
+                          settings.dora).to(device)
         network.attach()
         stack.callback(network.detach)
         if settings.gradient_checkpointing:
@@ -164,7 +165,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
         if train_text:
             groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
-        # The fused kernel updates all LoHa tensors at once: the per-tensor loop was ~8% of a step.
+        # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
         optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
         scaler = compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16)

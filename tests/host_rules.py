@@ -1,5 +1,7 @@
 """An independent reading of how the WebUI's Lora extension (v1.10.1, extensions-builtin/Lora/networks.py)
-finds the module for a key and applies a LoHa, used to check our files from the loader's side.
+finds the module for a key and applies a LoRA/LoCon, LoHa or LoKr, with or without DoRA, used to check our
+files from the loader's side. The ΔW formulas are the published ones (LoRA, LoHa/FedPara, LoKr's Kronecker
+product, DoRA's W' = m · (W + ΔW) / ‖W + ΔW‖ with the norm per input channel, the axis the WebUI uses).
 
 Written from the host's rules, not from lohatrain's code: diffusers names are converted to ldm names
 (assuming SD1's 2 res blocks per level), then looked up among `model.model` and the text encoder's modules
@@ -115,12 +117,37 @@ def group_keys(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return dict(groups)
 
 
-def loha_delta(w: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """ΔW = (w1a·w1b) ⊙ (w2a·w2b) · alpha / r, r = rows of w1_b, in the layer's weight shape."""
-    w1a, w1b, w2a, w2b = (w[k].double() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
-    r = w1b.shape[0]
-    alpha = w["alpha"].double().item() if "alpha" in w else r
-    return ((w1a @ w1b) * (w2a @ w2b) * alpha / r).reshape(shape)
+def delta(w: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """What the layer's weight changes by at multiplier 1, from the file's tensors for that layer."""
+    shape = weight.shape
+    if "lora_down.weight" in w:  # LoRA / LoCon: up · down · alpha / r
+        down, up = w["lora_down.weight"].double(), w["lora_up.weight"].double()
+        r = down.shape[0]
+        d = (up.reshape(up.shape[0], -1) @ down.reshape(r, -1)).reshape(shape) * _alpha(w, r) / r
+    elif "hada_w1_a" in w:  # LoHa: (w1a·w1b) ⊙ (w2a·w2b) · alpha / r
+        w1a, w1b, w2a, w2b = (w[k].double() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        r = w1b.shape[0]
+        d = ((w1a @ w1b) * (w2a @ w2b)).reshape(shape) * _alpha(w, r) / r
+    else:  # LoKr: w1 ⊗ w2, · alpha / r only when a factor is stored as a product of rank r
+        w1 = w["lokr_w1"].double() if "lokr_w1" in w else w["lokr_w1_a"].double() @ w["lokr_w1_b"].double()
+        w2 = w["lokr_w2"].double() if "lokr_w2" in w else w["lokr_w2_a"].double() @ w["lokr_w2_b"].double()
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        d = torch.kron(w1, w2).reshape(shape)
+        rank = next((w[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in w), None)
+        if rank is not None:
+            d = d * _alpha(w, rank) / rank
+    if "dora_scale" in w:
+        base = weight.double()
+        merged = base + d
+        norms = merged.transpose(0, 1).reshape(shape[1], -1).norm(dim=1)
+        norms = norms.reshape(1, shape[1], *[1] * (len(shape) - 2))
+        d = w["dora_scale"].double().reshape(norms.shape) * merged / norms - base
+    return d
+
+
+def _alpha(w: dict[str, torch.Tensor], rank: int) -> float:
+    return w["alpha"].double().item() if "alpha" in w else rank
 
 
 def _attention_out_projs(mapping: dict[str, nn.Module]) -> set[int]:
@@ -129,7 +156,8 @@ def _attention_out_projs(mapping: dict[str, nn.Module]) -> set[int]:
 
 @torch.no_grad()
 def apply_file(model, tensors: dict[str, torch.Tensor], multiplier: float = 1.0) -> list[str]:
-    """Add every LoHa in `tensors` to `model`'s weights in place, as the host does; returns unmatched keys."""
+    """Apply every network layer in `tensors` to `model`'s weights in place, as the host does; returns unmatched
+    keys."""
     mapping = module_map(model)
     loaded: dict[str, dict[str, torch.Tensor]] = {}  # the host's name → the LoHa's tensors
     unmatched = []
@@ -145,11 +173,12 @@ def apply_file(model, tensors: dict[str, torch.Tensor], multiplier: float = 1.0)
             parts = [loaded.get(f"{name}_{p}_proj") for p in ("q", "k", "v", "out")]
             if all(w is not None for w in parts):
                 e = module.embed_dim
-                delta_in = torch.cat([loha_delta(w, (e, module.in_proj_weight.shape[1])) for w in parts[:3]])
+                thirds = module.in_proj_weight.split(e)
+                delta_in = torch.cat([delta(w, third) for w, third in zip(parts[:3], thirds)])
                 module.in_proj_weight += (delta_in * multiplier).to(module.in_proj_weight.dtype)
-                delta_out = loha_delta(parts[3], module.out_proj.weight.shape) * multiplier
+                delta_out = delta(parts[3], module.out_proj.weight) * multiplier
                 module.out_proj.weight += delta_out.to(module.out_proj.weight.dtype)
         elif name in loaded and hasattr(module, "weight") and id(module) not in inert:
-            delta = loha_delta(loaded[name], module.weight.shape) * multiplier
-            module.weight += delta.to(module.weight.dtype)
+            change = delta(loaded[name], module.weight) * multiplier
+            module.weight += change.to(module.weight.dtype)
     return unmatched

@@ -18,7 +18,7 @@ from torch import nn
 
 from lohatrain import compat
 from lohatrain.errors import LohatrainError
-from lohatrain.network import LohaNetwork, LayerPlan
+from lohatrain.network import LayerPlan, Network
 from lohatrain.trainer import train
 
 from test_engine import model_state, settings_for
@@ -81,11 +81,11 @@ def test_merged_weight_is_rounded_once(held):
     torch.manual_seed(0)
     layer = nn.Linear(16, 16, bias=False)
     layer.weight.data = (torch.randn(16, 16) * 4).to(held)
-    network = LohaNetwork([LayerPlan("lora_unet_test", layer, dim=2, alpha=2.0)], seed=3)
+    network = Network([LayerPlan("lora_unet_test", layer, dim=2, alpha=2.0)], seed=3)
     with torch.no_grad():
-        for p in network.loras[0].parameters():
+        for p in network.adapters[0].parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    delta = network.loras[0].get_weight(network.loras[0].shape).detach()
+    delta = network.adapters[0].delta().detach()
     once = (layer.weight.float() + delta).to(torch.bfloat16)
     if held == torch.float16:  # ΔW rounded to W's dtype, added there, rounded again (float8 cannot even add)
         assert not torch.equal(once, (layer.weight + delta.to(held)).to(torch.bfloat16))
@@ -138,12 +138,12 @@ def test_fused_attention_merges_a_half_weight_in_float32():
     attention = nn.MultiheadAttention(8, 2, batch_first=True).to(torch.bfloat16)
     from lohatrain.network import plan_fused_attention
 
-    network = LohaNetwork(plan_fused_attention("lora_te2_layer", attention, dim=2, alpha=2.0), seed=1)
+    network = Network(plan_fused_attention("lora_te2_layer", attention, dim=2, alpha=2.0), seed=1)
     with torch.no_grad():
         for p in network.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
     x = torch.randn(1, 3, 8, dtype=torch.bfloat16)
-    deltas = [lora.get_weight(lora.shape).detach() for lora in network.loras]
+    deltas = [adapter.delta().detach() for adapter in network.adapters]
     in_w = (attention.in_proj_weight.float() + torch.cat(deltas[:3])).to(torch.bfloat16)
     out_w = (attention.out_proj.weight.float() + deltas[3]).to(torch.bfloat16)
     xt = x.transpose(0, 1)

@@ -12,8 +12,8 @@ import lohatrain.demo  # noqa: F401  (before ldm: installs the torchvision stand
 from lohatrain.demo_sdxl import FULL_SDXL, build_unet
 from lohatrain.families.sd1 import SD1
 from lohatrain.families.sdxl import SDXL
-from lohatrain.network import LohaNetwork, count_parameters, plan_unet
-from lohatrain.settings import FAMILY_DEFAULTS, PRESETS, PRESETS_BY_FAMILY, SDXL_PRESETS, TrainSettings
+from lohatrain.network import Network, count_parameters, plan_unet
+from lohatrain.settings import FAMILY_DEFAULTS, PRESETS_BY_FAMILY, TRAINING_METHODS, TrainSettings, presets_for
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -46,9 +46,9 @@ def plans_for(unet, preset, family=SD1):
     return plan_unet(family, unet, preset.dim, preset.alpha, preset.conv_dim, preset.conv_alpha)
 
 
-def fp16_file_mb(unet, preset, family=SD1) -> float:
-    """LoHa parameters (alpha scalars included) x 2 bytes: the tensor data of an fp16 file."""
-    return count_parameters(plans_for(unet, preset, family)) * 2 / MB
+def fp16_file_mb(unet, preset, family=SD1, method="loha") -> float:
+    """The file's numbers (alpha scalars included) x 2 bytes: the tensor data of an fp16 file."""
+    return count_parameters(plans_for(unet, preset, family), method, preset.factor) * 2 / MB
 
 
 @pytest.fixture
@@ -56,22 +56,25 @@ def full_unet(request):
     return request.getfixturevalue(request.param)
 
 
-CASES = [("sd15_unet", PRESETS, SD1), ("sdxl_unet", SDXL_PRESETS, SDXL)]
+CASES = [("sd15_unet", "sd1", SD1), ("sdxl_unet", "sdxl", SDXL)]
 
 
-@pytest.mark.parametrize("full_unet,presets,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("full_unet,family_name,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("method", TRAINING_METHODS)
 @pytest.mark.parametrize("name", ORDER)
-def test_advertised_file_size_matches_a_full_size_unet(full_unet, presets, family, name):
-    preset = presets[name]
-    actual = fp16_file_mb(full_unet, preset, family)
+def test_advertised_file_size_matches_a_full_size_unet(full_unet, family_name, family, method, name):
+    preset = presets_for(method, family_name)[name]
+    actual = fp16_file_mb(full_unet, preset, family, method)
     assert preset.file_mb == pytest.approx(actual, rel=0.05), (
-        f"{name}: settings say {preset.file_mb} MB, a full-size fp16 file holds {actual:.1f} MB")
+        f"{method} {name}: settings say {preset.file_mb} MB, a full-size fp16 file holds {actual:.1f} MB")
 
 
-@pytest.mark.parametrize("full_unet,presets,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
-def test_presets_grow_strictly_from_small_to_highest(full_unet, presets, family):
+@pytest.mark.parametrize("full_unet,family_name,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
+@pytest.mark.parametrize("method", TRAINING_METHODS)
+def test_presets_grow_strictly_from_small_to_highest(full_unet, family_name, family, method):
+    presets = presets_for(method, family_name)
     assert list(presets) == ORDER
-    computed = [fp16_file_mb(full_unet, presets[n], family) for n in ORDER]
+    computed = [fp16_file_mb(full_unet, presets[n], family, method) for n in ORDER]
     advertised = [presets[n].file_mb for n in ORDER]
     assert all(a < b for a, b in zip(computed, computed[1:])), computed
     assert all(a < b for a, b in zip(advertised, advertised[1:])), advertised
@@ -88,10 +91,21 @@ def test_family_defaults_and_presets_fill_what_the_user_leaves_out(tmp_path):
     assert TrainSettings.from_dict(given).dim == PRESETS_BY_FAMILY["sd1"]["high"].dim == 16
 
 
-def test_parameter_count_is_what_the_network_saves(sd15_unet):
-    """count_parameters agrees with the tensors a LohaNetwork writes (hada_w1_a … alpha) for a conv preset.
-    lycoris cannot build on meta (it calls .item()), so the network is built on the CPU, then moved."""
-    plans = plans_for(sd15_unet, PRESETS["high"])
-    network = LohaNetwork(plans, seed=0).to("meta")
-    saved = sum(t.numel() for lora in network.loras for t in lora.custom_state_dict().values())
-    assert saved == count_parameters(plans)
+@pytest.mark.parametrize("method", TRAINING_METHODS)
+def test_parameter_count_is_what_the_network_saves(method):
+    """count_parameters agrees with the tensors a network writes, for every type, DoRA's scales included."""
+    model = lohatrain.demo.build_tiny_sd1(0)
+    plans = plan_unet(SD1, model.model.diffusion_model, 4, 2, 0 if method == "lora" else 2, 1)
+    dora = method != "lokr"
+    saved = Network(plans, seed=0, method=method, factor=4, dora=dora).file_tensors(torch.float16)
+    assert sum(t.numel() for t in saved.values()) == count_parameters(plans, method, 4, dora)
+
+
+def test_each_method_starts_from_its_own_defaults(tmp_path):
+    lora = TrainSettings.from_dict({"dataset_dir": str(tmp_path), "training_method": "lora"})
+    assert (lora.learning_rate, lora.dim, lora.conv_dim) == (1e-4, 64, 0)
+    lokr = TrainSettings.from_dict({"dataset_dir": str(tmp_path), "training_method": "lokr",
+                                    "network_preset": "small"}, family="sdxl")
+    assert (lokr.learning_rate, lokr.lokr_factor, lokr.network_preset) == (5e-4, 16, "small")
+    custom = TrainSettings.from_dict({"dataset_dir": str(tmp_path), "training_method": "lokr", "lokr_factor": 6})
+    assert custom.network_preset == "custom"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lohatrain.jobs import Job, JobRunner
-from lohatrain.network import LayerPlan, LohaNetwork
+from lohatrain.network import LayerPlan, Network
 from lohatrain.output import write_atomically
 from lohatrain.trainer import TrainResult, _determinism, train
 
@@ -44,7 +44,7 @@ def test_building_the_network_keeps_the_callers_random_stream():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    LohaNetwork([LayerPlan("lora_unet_x", layer, 2, 2.0)], seed=99)
+    Network([LayerPlan("lora_unet_x", layer, 2, 2.0)], seed=99)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -17,7 +17,7 @@ from lohatrain.errors import LohatrainError
 from lohatrain.families import detect
 from lohatrain.families.sd1 import SD1
 from lohatrain.families.sd2 import SD2
-from lohatrain.network import LohaNetwork, plan_fused_attention
+from lohatrain.network import Network, plan_fused_attention
 from lohatrain.settings import TrainSettings
 from lohatrain.trainer import rescale_zero_terminal_snr, train
 
@@ -230,13 +230,13 @@ def test_fused_attention_runs_with_its_weights_plus_each_projections_delta(batch
     plans = plan_fused_attention("lora_te_x_self_attn", attention, dim=4, alpha=2)
     assert [p.key for p in plans] == [f"lora_te_x_self_attn_{p}_proj" for p in ("q", "k", "v", "out")]
     assert all(p.module.weight.device.type == "meta" and p.module.weight.shape == (16, 16) for p in plans)
-    network = LohaNetwork(plans, seed=3)
+    network = Network(plans, seed=3)
     with torch.no_grad():
-        for lora in network.loras:
+        for lora in network.adapters:
             lora.hada_w2_a.normal_(std=0.1)  # lycoris starts with ΔW = 0
     expected = copy.deepcopy(attention)
     with torch.no_grad():
-        deltas = [lora.get_weight(lora.shape) for lora in network.loras]
+        deltas = [lora.delta() for lora in network.adapters]
         expected.in_proj_weight += torch.cat(deltas[:3])
         expected.out_proj.weight += deltas[3]
     x = torch.randn(5, 2, 16) if not batch_first else torch.randn(2, 5, 16)
@@ -251,4 +251,4 @@ def test_fused_attention_runs_with_its_weights_plus_each_projections_delta(batch
     with torch.no_grad():
         want = expected(x, x, x, need_weights=False, attn_mask=mask)[0]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    assert all(lora.hada_w1_a.grad is not None and lora.hada_w1_a.grad.any() for lora in network.loras)
+    assert all(lora.hada_w1_a.grad is not None and lora.hada_w1_a.grad.any() for lora in network.adapters)

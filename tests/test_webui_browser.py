@@ -240,3 +240,25 @@ def test_the_panel_follows_the_job_it_started_not_the_last_one(page, webui_serve
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 3/3", timeout=TIMEOUT)
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
     assert (webui_server.lora_dir / "followed.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method,label,key_suffix", [("lora", "LoRA", "lora_up.weight"),
+                                                    ("lokr", "LoKr", "lokr_w1")])
+def test_another_training_method_from_the_tab(page, webui_server, method, label, key_suffix):
+    """Choosing the type switches the presets (and their sizes) and the learning rate; the file is that type."""
+    from safetensors.torch import load_file
+
+    fill_small_run(page, webui_server, f"tab-{method}", steps=3)
+    page.locator("#lohatrain_method input").click()
+    page.locator("ul.options li", has_text=label).first.click()
+    expect(page.locator("#lohatrain_lr input")).to_have_value("0.0001" if method == "lora" else "0.001")
+    page.locator("#lohatrain_preset input").click()
+    page.locator("ul.options li", has_text="Small").first.click()
+    if method == "lokr":
+        expect(page.locator("#lohatrain_lokr_factor input")).to_have_value("16")
+        expect(page.locator("#lohatrain_dora input")).to_be_disabled()
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_result")).to_contain_text(f"tab-{method}.safetensors")
+    tensors = load_file(webui_server.lora_dir / f"tab-{method}.safetensors")
+    assert any(k.endswith(key_suffix) for k in tensors) and not any("hada_" in k for k in tensors)

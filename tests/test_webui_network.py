@@ -192,7 +192,7 @@ BAD_VALUES = [
     ({"overwrite": 1}, "overwrite must be true or false"),
     ({"batch_size": 0}, "batch_size must be between"),
     ({"dim": 0}, "dim must be between"),
-    ({"dim": 1000}, "dim must be between"),
+    ({"dim": 2000}, "dim must be between"),
     ({"alpha": 0}, "alpha must be above 0"),
     ({"conv_dim": -1}, "conv_dim must be between"),
     ({"train_dtype": "fp8"}, "train_dtype must be one of"),

@@ -448,19 +448,21 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _trained_file_through_the_host(model, webui, sample_dataset, name: str) -> tuple[dict, list[str]]:
-    """Train a small LoHa (UNet with conv layers, and the text encoders) on the loaded model and generate with
-    it as the host does. Checked here for every family: training leaves the weights as they were, every key
-    lands, the image changes, the weights carry what an independent reading of the host's rules adds, and come
-    back exactly afterwards. Returns the file's tensors and the names of the weights the file changed."""
+def _trained_file_through_the_host(model, webui, sample_dataset, name: str, **settings) -> tuple[dict, list[str]]:
+    """Train a small network (LoHa unless `settings` say otherwise; UNet with conv layers, and the text encoders)
+    on the loaded model and generate with it as the host does. Checked here for every family and type: training
+    leaves the weights as they were, every key lands, the image changes, the weights carry what an independent
+    reading of the host's rules adds, and come back exactly afterwards. Returns the file's tensors and the names
+    of the weights the file changed."""
     from test_engine import settings_for
 
     from lohatrain.trainer import train
 
     pure = _weights(model)
     plain = generate("red circle")
-    settings = settings_for(sample_dataset, webui / "Lora", name=name, steps=2, learning_rate=1e-2,
-                            text_encoder_lr=1e-2, conv_dim=2, conv_alpha=1)
+    settings = settings_for(sample_dataset, webui / "Lora", **{
+        "name": name, "steps": 2, "learning_rate": 1e-2, "text_encoder_lr": 1e-2, "conv_dim": 2, "conv_alpha": 1,
+        **settings})
     result = train(model, settings)
     assert _weights(model).keys() == pure.keys() and all(torch.equal(v, pure[k]) for k, v in _weights(model).items())
     tensors = load_file(result.file)
@@ -754,3 +756,27 @@ def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, 
     assert job.preview and Path(job.preview).is_file()
     assert shared.sd_model is model and model.cond_stage_model is wrapper and not wrapper.is_trainable
     assert model_state(model) == before
+
+
+TYPES = [("lora", False), ("locon", False), ("lokr", False), ("lora", True), ("loha", True)]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("method,dora", TYPES, ids=[f"{m}{'+dora' if d else ''}" for m, d in TYPES])
+def test_every_type_applies_through_the_hosts_loader(webui, sample_dataset, family, method, dora):
+    """LoRA, LoCon, LoKr and DoRA files on each family through the stand-in of the host's own module types
+    (network_lora.py, network_lokr.py, network.py's DoRA): every key matched, the image changes, the weights are
+    what the published formulas give, and come back exactly."""
+    model = {"sd1": lambda: loaded(webui), "sd2": lambda: loaded_sd2(webui), "sdxl": lambda: loaded_sdxl(webui)}[family]()
+    tensors, changed = _trained_file_through_the_host(
+        model, webui, sample_dataset, f"{family}_{method}{'_dora' if dora else ''}", training_method=method,
+        dora=dora, lokr_factor=4, conv_dim=0 if method == "lora" else 2)
+    suffixes = {k.split(".", 1)[1] for k in tensors}
+    expected = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"}, "locon": {"lora_down.weight", "lora_up.weight",
+                "alpha"}, "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}}.get(method)
+    if expected is not None:
+        assert suffixes == expected | ({"dora_scale"} if dora else set())
+    else:
+        assert {"lokr_w1", "alpha"} <= suffixes and suffixes <= {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
+    conv_changed = any(k.endswith("in_layers.2.weight") for k in changed)
+    assert conv_changed == (method != "lora")

@@ -5,7 +5,8 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
                               file_name, preview_url (never a server path)
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}
-GET  /lohatrain/v1/presets    the network presets for the loaded model's family (sizes, fp16 file MB)
+GET  /lohatrain/v1/presets    ?method=lora|locon|loha|lokr: that type's presets for the loaded model's family
+                              (sizes, fp16 file MB)
 GET  /lohatrain/v1/preview    the latest preview image (PNG)
 
 Who may call them: the routes are added the way the WebUI's own `Api.add_api_route` adds /sdapi/v1/* (v1.10.1
@@ -24,7 +25,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
-from ..settings import PRESETS_BY_FAMILY, SettingsError, TrainSettings
+from ..settings import PRESETS_BY_METHOD, SettingsError, TrainSettings
 from . import host
 
 PREFIX = "/lohatrain/v1"
@@ -79,11 +80,15 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     def interrupt():
         return {"interrupted": runner.interrupt()}
 
-    def presets():
+    def presets(method: str = "loha"):
         family = host.loaded_family()
+        if method not in PRESETS_BY_METHOD:
+            return JSONResponse({"detail": [f"method must be one of {', '.join(PRESETS_BY_METHOD)}"]},
+                                status_code=422)
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
-                      "conv_alpha": p.conv_alpha, "file_mb": p.file_mb, "family": family}
-                for key, p in PRESETS_BY_FAMILY[family].items()}
+                      "conv_alpha": p.conv_alpha, "lokr_factor": p.factor, "file_mb": p.file_mb, "family": family,
+                      "training_method": method}
+                for key, p in PRESETS_BY_METHOD[method][family].items()}
 
     def preview():
         job = runner.job

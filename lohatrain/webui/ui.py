@@ -18,31 +18,35 @@ from .. import dataset as ds
 from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
-from ..settings import CUSTOM_PRESET, DTYPES, PRESETS_BY_FAMILY, SCHEDULERS, TrainSettings, check_file_name
+from ..methods import DORA_METHODS, LABELS as METHOD_LABELS
+from ..settings import (CUSTOM_PRESET, DTYPES, PRESETS_BY_METHOD, SCHEDULERS, TrainSettings, check_file_name,
+                        presets_for)
 from . import host
 from .api import public_status
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
 CUSTOM_LABEL = "Custom (set the sizes below)"
-# Fields whose default depends on the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
-FAMILY_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "resolution", "batch_size",
-                 "learning_rate", "bucket_min_side", "bucket_max_side"]
+# Fields whose default depends on the training method (its presets and rate), and those that also depend on
+# the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
+METHOD_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "lokr_factor", "learning_rate"]
+FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = host.EXTENSION_DIR / "presets"
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
-FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
+FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
           "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing", "learning_rate", "steps",
           "batch_size", "train_dtype", "save_dtype", "gradient_checkpointing", "seed", "deterministic",
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
           "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts"]
-INT_FIELDS = {"dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
+INT_FIELDS = {"lokr_factor", "dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
               "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps"}
 
 
 def settings_from_form(values: list) -> TrainSettings:
     """Form values → validated settings (raises SettingsError listing every bad value)."""
     data = dict(zip(FIELDS, values))
+    data["training_method"] = _key_for(METHOD_LABELS, data["training_method"])
     data["network_preset"] = _preset_key(data["network_preset"])
     data["caption_mode"] = _key_for(CAPTION_LABELS, data["caption_mode"])
     for key in INT_FIELDS:
@@ -61,7 +65,9 @@ def form_values(settings: TrainSettings) -> list:
     for key in FIELDS:
         value = getattr(settings, key)
         if key == "network_preset":
-            value = preset_labels(host.loaded_family())[value]
+            value = preset_labels(host.loaded_family(), settings.training_method)[value]
+        elif key == "training_method":
+            value = METHOD_LABELS[value]
         elif key == "caption_mode":
             value = CAPTION_LABELS[value]
         elif key == "preview_prompts":
@@ -76,18 +82,19 @@ def _key_for(labels: dict, label):
     return next((k for k, v in labels.items() if v == label), label)
 
 
-def preset_labels(family: str) -> dict[str, str]:
+def preset_labels(family: str, method: str = "loha") -> dict[str, str]:
     """Preset key → dropdown label, with the file size on the family's full-size model."""
     labels = {key: f"{p.label} (~{p.file_mb:g} MB on {FAMILIES[family].label})"
-              for key, p in PRESETS_BY_FAMILY[family].items()}
+              for key, p in presets_for(method, family).items()}
     return {**labels, CUSTOM_PRESET: CUSTOM_LABEL}
 
 
 def _preset_key(label):
-    for family in PRESETS_BY_FAMILY:
-        key = _key_for(preset_labels(family), label)
-        if key != label:
-            return key
+    for method in PRESETS_BY_METHOD:
+        for family in FAMILIES:
+            key = _key_for(preset_labels(family, method), label)
+            if key != label:
+                return key
     return label
 
 
@@ -156,11 +163,11 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     return report, thumbs
 
 
-def preset_sizes(label):
-    p = PRESETS_BY_FAMILY[host.loaded_family()].get(_preset_key(label))
+def preset_sizes(label, method_label):
+    p = presets_for(_key_for(METHOD_LABELS, method_label), host.loaded_family()).get(_preset_key(label))
     if p is None:
-        return [gr.update()] * 4
-    return [p.dim, p.alpha, p.conv_dim, p.conv_alpha]
+        return [gr.update()] * 5
+    return [p.dim, p.alpha, p.conv_dim, p.conv_alpha, p.factor]
 
 
 def saved_preset_names() -> list[str]:
@@ -191,15 +198,22 @@ def load_preset(preset_name):
     return [_message(f"Loaded {preset_name}.")] + form_values(settings)
 
 
-def family_values(family: str) -> list:
-    """FAMILY_FIELDS' values for a family's defaults (the preset dropdown with that family's labels)."""
-    d = TrainSettings.defaults_for(family)
-    labels = preset_labels(family)
+def default_values(family: str, method: str, fields: list[str]) -> list:
+    """`fields`' values for the defaults of a family and method (the preset dropdown with their labels)."""
+    d = TrainSettings.defaults_for(family, method)
+    labels = preset_labels(family, method)
     return [gr.update(choices=list(labels.values()), value=labels[d.network_preset])] + [
-        getattr(d, key) for key in FAMILY_FIELDS[1:]]
+        getattr(d, key) for key in fields[1:]]
 
 
-def load_checkpoint(title):
+def method_changed(method_label):
+    """Another training method: its presets, sizes and learning rate; DoRA only where it applies."""
+    method = _key_for(METHOD_LABELS, method_label)
+    dora = gr.update(interactive=True) if method in DORA_METHODS else gr.update(interactive=False, value=False)
+    return [dora] + default_values(host.loaded_family(), method, METHOD_FIELDS)
+
+
+def load_checkpoint(title, method_label):
     """Load through the host; when the family changes (say SD1 → SDXL), the family's defaults replace the
     sizes, resolution, batch and rate, and the message says so."""
     before = host.loaded_family()
@@ -212,7 +226,8 @@ def load_checkpoint(title):
         return [_model_markdown(), _message(f"Loaded {title}.")] + [gr.update()] * len(FAMILY_FIELDS)
     return [_model_markdown(), _message(
         f"Loaded {title}. It is an {FAMILIES[after].label} model: network size, resolution, batch size and "
-        f"learning rate are now {FAMILIES[after].label}'s defaults.")] + family_values(after)
+        f"learning rate are now {FAMILIES[after].label}'s defaults.")] + default_values(
+            after, _key_for(METHOD_LABELS, method_label), FAMILY_FIELDS)
 
 
 def build_tab(runner: JobRunner) -> gr.Blocks:
@@ -222,8 +237,12 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id="lohatrain_tab"):
             with gr.Column(scale=3, elem_id="lohatrain_form"):
-                gr.Dropdown(["LoHa"], value="LoHa", label="Training method", interactive=False,
-                            elem_id="lohatrain_method")
+                with gr.Row():
+                    training_method = gr.Dropdown(list(METHOD_LABELS.values()), value=METHOD_LABELS[d.training_method],
+                                                  label="Training method", elem_id="lohatrain_method")
+                    dora = gr.Checkbox(d.dora, label="DoRA (weight decomposition)", elem_id="lohatrain_dora")
+                    lokr_factor = gr.Number(d.lokr_factor, label="LoKr factor (-1 = automatic)", precision=0,
+                                            elem_id="lohatrain_lokr_factor")
                 with gr.Row():
                     model_md = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
                 with gr.Row():
@@ -318,22 +337,24 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 report = gr.HTML("", elem_id="lohatrain_report")
                 thumbs = gr.Gallery(label="Dataset", columns=4, height="auto", elem_id="lohatrain_thumbs")
 
-        form = [preset, dim, alpha, conv_dim, conv_alpha, clip_skip, name, dataset_dir, caption_mode,
+        form = [training_method, dora, lokr_factor, preset, dim, alpha, conv_dim, conv_alpha, clip_skip, name, dataset_dir, caption_mode,
                 caption_phrase, caption_ext, resolution, bucketing, learning_rate, steps, batch_size, train_dtype,
                 save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
                 color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
                 text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
                 preview_prompts]
-        preset.change(preset_sizes, [preset], [dim, alpha, conv_dim, conv_alpha])
+        preset.change(preset_sizes, [preset, training_method], [dim, alpha, conv_dim, conv_alpha, lokr_factor])
+        training_method.change(method_changed, [training_method],
+                               [dora, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate])
         train_btn.click(lambda *v: start_training(runner, *v), form, [message])
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
         poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
                        queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
                                         bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
-        load_ckpt.click(load_checkpoint, [ckpt], [model_md, message, preset, dim, alpha, conv_dim, conv_alpha,
-                                                  resolution, batch_size, learning_rate, bucket_min_side,
-                                                  bucket_max_side])
+        load_ckpt.click(load_checkpoint, [ckpt, training_method],
+                        [model_md, message, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate,
+                         resolution, batch_size, bucket_min_side, bucket_max_side])
         refresh_ckpt.click(lambda: gr.update(choices=host.checkpoint_titles()), [], [ckpt])
         save_btn.click(save_preset, [preset_name, *form], [message, saved])
         load_btn.click(load_preset, [saved], [message, *form])

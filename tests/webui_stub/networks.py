@@ -1,4 +1,7 @@
-"""The built-in Lora extension's `networks` module (extensions-builtin/Lora), for LoHa files on SD1, SD2 and SDXL.
+"""The built-in Lora extension's `networks` module (extensions-builtin/Lora), for LoRA/LoCon, LoHa and LoKr files
+(DoRA included) on SD1, SD2 and SDXL. Ported from the host at v1.10.1 (30c19445): networks.py, network.py
+(NetworkModule: calc_scale, finalize_updown, apply_weight_decompose), network_lora.py, network_hada.py,
+network_lokr.py and lyco_helpers.py.
 
 How the host applies networks, kept: `load_networks(names, ...)` only decides WHICH networks are loaded
 (`loaded_networks`); the weights change later, lazily, when a layer runs. The host patches the forward of every
@@ -32,11 +35,14 @@ UNet keys) or the `lora_te1_text_model` → `0_transformer_text_model` (then `tr
 A fused `nn.MultiheadAttention` (SD2's and bigG's) changes only when the network has all four of its
 `<name>_q_proj`, `_k_proj`, `_v_proj`, `_out_proj`: q/k/v add into the thirds of `in_proj_weight`, out into
 `out_proj.weight`; a partial set is silently ignored, and the `out_proj` Linear never applies anything on its
-own (its forward never runs). ΔW of a LoHa as network_hada.py / lyco_helpers.py: (w1a·w1b) ⊙ (w2a·w2b) (Tucker
-with hada_t1/t2), · alpha/dim (or `scale`), · the te multiplier for a layer whose name has "transformer" in
-its first 20 characters, else the unet one, in the file's dtype.
-Only LoHa (`hada_*`) modules are understood; other module types, DoRA, dyn_dim, bundled embeddings, the
-diffusers weight map (SD3) and `lora_functional` are left out. Unmatched keys are logged at DEBUG (as the
+own (its forward never runs). ΔW as the host computes it: LoRA up·down (a conv's down in the layer's kernel, up
+1x1; lora_A/lora_B renamed), LoHa (w1a·w1b) ⊙ (w2a·w2b) (Tucker with hada_t1/t2), LoKr w1 ⊗ w2 (each whole or
+a·b; lokr_t2 Tucker), then · alpha/dim (or `scale`; 1 when the type has no dim), then with `dora_scale`
+the host's weight decomposition (W + ΔW normalised per input channel, times dora_scale, minus W), then · the
+te multiplier for a layer whose name has "transformer" in its first 20 characters, else the unet one, in the
+file's dtype. Module types are tried in the host's order (LoRA, LoHa, LoKr).
+Left out: IA3, full, norm, GLoRA, OFT, LoRA's lora_mid (CP), dyn_dim, bundled embeddings, the diffusers weight
+map (SD3) and `lora_functional`. Unmatched keys are logged at DEBUG (as the
 host) and kept in `last_unmatched_keys`.
 """
 from __future__ import annotations
@@ -131,8 +137,8 @@ def rebuild_conventional(up, down, shape):
     return (up @ down).reshape(shape)
 
 
-class NetworkModuleHada:
-    """One layer's LoHa (network.NetworkModule + network_hada.NetworkModuleHada, LoHa parts only)."""
+class NetworkModule:
+    """network.NetworkModule: what every type shares (scale, multiplier, finalize_updown with DoRA)."""
 
     def __init__(self, net, weights):
         self.network = net
@@ -145,12 +151,11 @@ class NetworkModuleHada:
             self.shape = self.sd_module.out_proj.weight.shape
         else:
             self.shape = None
+        self.dim = None
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None
         self.scale = weights.w["scale"].item() if "scale" in weights.w else None
-        self.w1a, self.w1b = weights.w["hada_w1_a"], weights.w["hada_w1_b"]
-        self.w2a, self.w2b = weights.w["hada_w2_a"], weights.w["hada_w2_b"]
-        self.dim = self.w1b.shape[0]
-        self.t1, self.t2 = weights.w.get("hada_t1"), weights.w.get("hada_t2")
+        self.dora_scale = weights.w.get("dora_scale", None)
+        self.dora_norm_dims = len(self.shape) - 1
 
     def multiplier(self):
         return self.network.te_multiplier if 'transformer' in self.sd_key[:20] else self.network.unet_multiplier
@@ -161,6 +166,70 @@ class NetworkModuleHada:
         if self.dim is not None and self.alpha is not None:
             return self.alpha / self.dim
         return 1.0
+
+    def apply_weight_decompose(self, updown, orig_weight):
+        orig_weight = orig_weight.to(updown.dtype)
+        dora_scale = self.dora_scale.to(device=orig_weight.device, dtype=updown.dtype)
+        updown = updown.to(orig_weight.device)
+        merged_scale1 = updown + orig_weight
+        merged_scale1_norm = (
+            merged_scale1.transpose(0, 1)
+            .reshape(merged_scale1.shape[1], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(merged_scale1.shape[1], *[1] * self.dora_norm_dims)
+            .transpose(0, 1)
+        )
+        dora_merged = merged_scale1 * (dora_scale / merged_scale1_norm)
+        return dora_merged - orig_weight
+
+    def finalize_updown(self, updown, orig_weight, output_shape):
+        if len(output_shape) == 4:
+            updown = updown.reshape(output_shape)
+        if orig_weight.size().numel() == updown.size().numel():
+            updown = updown.reshape(orig_weight.shape)
+        updown = updown * self.calc_scale()
+        if self.dora_scale is not None:
+            updown = self.apply_weight_decompose(updown, orig_weight)
+        return updown * self.multiplier(), None
+
+
+class NetworkModuleLora(NetworkModule):
+    """network_lora.NetworkModuleLora (its create_module's reshapes; no lora_mid)."""
+
+    def __init__(self, net, weights):
+        super().__init__(net, weights)
+        is_linear = type(self.sd_module) in (torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear,
+                                             torch.nn.MultiheadAttention)
+        up, down = weights.w["lora_up.weight"], weights.w["lora_down.weight"]
+        if is_linear:
+            up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        elif isinstance(self.sd_module, torch.nn.Conv2d):
+            if len(down.shape) == 2:
+                down = down.reshape(down.shape[0], -1, 1, 1)
+            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+        else:
+            raise AssertionError(f'Lora layer {self.network_key} matched a layer with unsupported type: '
+                                 f'{type(self.sd_module).__name__}')
+        self.up, self.down = up, down
+        self.dim = down.shape[0]
+
+    def calc_updown(self, orig_weight):
+        up, down = self.up.to(orig_weight.device), self.down.to(orig_weight.device)
+        output_shape = [up.size(0), down.size(1)]
+        if len(down.shape) == 4:
+            output_shape += down.shape[2:]
+        return self.finalize_updown(rebuild_conventional(up, down, output_shape), orig_weight, output_shape)
+
+
+class NetworkModuleHada(NetworkModule):
+    """network_hada.NetworkModuleHada."""
+
+    def __init__(self, net, weights):
+        super().__init__(net, weights)
+        self.w1a, self.w1b = weights.w["hada_w1_a"], weights.w["hada_w1_b"]
+        self.w2a, self.w2b = weights.w["hada_w2_a"], weights.w["hada_w2_b"]
+        self.dim = self.w1b.shape[0]
+        self.t1, self.t2 = weights.w.get("hada_t1"), weights.w.get("hada_t2")
 
     def calc_updown(self, orig_weight):
         w1a, w1b, w2a, w2b = (w.to(orig_weight.device) for w in (self.w1a, self.w1b, self.w2a, self.w2b))
@@ -180,13 +249,59 @@ class NetworkModuleHada:
             updown2 = rebuild_conventional(w2a, w2b, output_shape)
         return self.finalize_updown(updown1 * updown2, orig_weight, output_shape)
 
-    def finalize_updown(self, updown, orig_weight, output_shape):
-        if len(output_shape) == 4:
-            updown = updown.reshape(output_shape)
-        if orig_weight.size().numel() == updown.size().numel():
-            updown = updown.reshape(orig_weight.shape)
-        updown = updown * self.calc_scale()
-        return updown * self.multiplier(), None
+
+def make_kron(orig_shape, w1, w2):
+    if len(w2.shape) == 4:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    w2 = w2.contiguous()
+    return torch.kron(w1, w2).reshape(orig_shape)
+
+
+class NetworkModuleLokr(NetworkModule):
+    """network_lokr.NetworkModuleLokr."""
+
+    def __init__(self, net, weights):
+        super().__init__(net, weights)
+        self.w1 = weights.w.get("lokr_w1")
+        self.w1a = weights.w.get("lokr_w1_a")
+        self.w1b = weights.w.get("lokr_w1_b")
+        self.dim = self.w1b.shape[0] if self.w1b is not None else self.dim
+        self.w2 = weights.w.get("lokr_w2")
+        self.w2a = weights.w.get("lokr_w2_a")
+        self.w2b = weights.w.get("lokr_w2_b")
+        self.dim = self.w2b.shape[0] if self.w2b is not None else self.dim
+        self.t2 = weights.w.get("lokr_t2")
+
+    def calc_updown(self, orig_weight):
+        device = orig_weight.device
+        w1 = self.w1.to(device) if self.w1 is not None else self.w1a.to(device) @ self.w1b.to(device)
+        if self.w2 is not None:
+            w2 = self.w2.to(device)
+        elif self.t2 is None:
+            w2 = self.w2a.to(device) @ self.w2b.to(device)
+        else:
+            w2 = make_weight_cp(self.t2.to(device), self.w2a.to(device), self.w2b.to(device))
+        output_shape = [w1.size(0) * w2.size(0), w1.size(1) * w2.size(1)]
+        if len(orig_weight.shape) == 4:
+            output_shape = orig_weight.shape
+        return self.finalize_updown(make_kron(output_shape, w1, w2), orig_weight, output_shape)
+
+
+def module_for(net, weights):
+    """The host's module types in its order (networks.module_types), the three the stand-in knows."""
+    w = weights.w
+    if all(x in w for x in ("lora_up.weight", "lora_down.weight")):
+        return NetworkModuleLora(net, weights)
+    if all(x in w for x in ("lora_A.weight", "lora_B.weight")):
+        w.update({"lora_up.weight": w.pop("lora_B.weight"), "lora_down.weight": w.pop("lora_A.weight")})
+        return NetworkModuleLora(net, weights)
+    if all(x in w for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+        return NetworkModuleHada(net, weights)
+    has_1 = "lokr_w1" in w or ("lokr_w1_a" in w and "lokr_w1_b" in w)
+    has_2 = "lokr_w2" in w or ("lokr_w2_a" in w and "lokr_w2_b" in w)
+    if has_1 and has_2:
+        return NetworkModuleLokr(net, weights)
+    return None
 
 
 suffix_conversion = {
@@ -317,9 +432,11 @@ def load_network(name, network_on_disk):
         matched[key].w[part] = weight
 
     for key, weights in matched.items():
-        if not all(x in weights.w for x in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
-            raise AssertionError(f"Could not find a module type (the stand-in knows only LoHa) that would accept those keys: {', '.join(weights.w)}")
-        net.modules[key] = NetworkModuleHada(net, weights)
+        module = module_for(net, weights)
+        if module is None:
+            raise AssertionError(f"Could not find a module type (or module type is not implemented) that would "
+                                 f"accept those keys: {', '.join(weights.w)}")
+        net.modules[key] = module
 
     last_unmatched_keys = list(failed)
     if failed:
