@@ -27,7 +27,6 @@ from lycoris.functional.general import apply_dora_scale
 from torch import nn
 
 from . import compat
-from .families.sd1 import ATTENTION_BLOCKS, CONV_BLOCKS
 from .methods import METHODS, Adapter
 from .precision import merge
 from .rng import seeded_global_rng
@@ -61,7 +60,7 @@ def _is_3x3(module: nn.Module) -> bool:
 
 def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, conv_alpha: float) -> list[LayerPlan]:
     """The UNet layers to adapt, in module order, named by the family's key rule."""
-    block_types = ATTENTION_BLOCKS + (CONV_BLOCKS if conv_dim > 0 else ())
+    block_types = family.attention_blocks + (family.conv_blocks if conv_dim > 0 else ())
     plans, seen = [], set()
     for block_path, block in unet.named_modules():
         if type(block).__name__ not in block_types:
@@ -72,7 +71,7 @@ def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, co
                 continue
             seen.add(path)
             if _is_3x3(module):
-                if type(block).__name__ in ATTENTION_BLOCKS or conv_dim <= 0:
+                if type(block).__name__ in family.attention_blocks or conv_dim <= 0:
                     continue
                 plans.append(LayerPlan(family.unet_key(unet, path), module, conv_dim, conv_alpha))
             else:

@@ -73,6 +73,9 @@ class SD1:
     """The SD1 family. Stateless: every method takes the model object."""
 
     name = "sd1"
+    # Which UNet blocks hold the layers a network adapts (ldm class names; SD2 and SDXL's UNets are ldm's too)
+    attention_blocks = ATTENTION_BLOCKS
+    conv_blocks = CONV_BLOCKS
     label = "SD 1.x"
     card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
     applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
