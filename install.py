@@ -16,9 +16,9 @@ import sys
 
 LYCORIS = "lycoris-lora"
 # The newest lycoris-lora that imports with the torch found, each tested with lohatrain: 4.x calls
-# torch.library.custom_op at import (torch 2.4+); 3.4.0 imports on the stock WebUI's torch 2.1.2.
+# torch's custom-op registration API at import (new in torch 2.4); 3.4.0 imports on the stock WebUI's torch 2.1.2.
 LYCORIS_FOR_TORCH = [((2, 4), "4.1.3"), ((2, 1), "3.4.0")]
-MIN_LYCORIS = (3, 2)  # the LohaModule API lohatrain uses (get_weight, op, kw_dict, custom_state_dict)
+MIN_LYCORIS = (3, 2)  # lycoris.functional as lohatrain uses it (diff_weight per type, factorization, DoRA)
 
 # lycoris-lora 3.4 and 4.1 require einops, numpy, safetensors, toml, torch and tqdm; lohatrain itself
 # also uses Pillow. torch and numpy are left out on purpose: the WebUI installs them (pinned)
