@@ -7,7 +7,7 @@
     let lastText = "";
     let preview = null;          // the latest preview image (a data URL), sent once per preview step
     let awaited = null;          // the id of the job this page started: the panel follows it to its end
-    let messageBefore = null;    // the message before Train was pressed: a new one carries the job's id
+    let answerBefore = null;     // the token of Train's last answer before this press; null: not waiting
     let waitTicks = 0;
 
     function app() {
@@ -74,17 +74,32 @@
         return app().querySelector("#lohatrain_message");
     }
 
-    // After Train: wait for its answer in the message; it carries the new job's id, or says why none started.
-    // Returns false while the answer has not come yet.
-    function trainAnswered() {
-        if (messageBefore === null) return true;
+    function answerToken() {
         const box = message();
-        const now = box ? box.innerHTML : "";
-        if (now === messageBefore && ++waitTicks < 120) return false;
-        messageBefore = null;
-        const started = box && box.querySelector("[data-lohatrain-job]");
+        const answer = box && box.querySelector("[data-lohatrain-answer]");
+        return answer ? answer.dataset.lohatrainAnswer : "";
+    }
+
+    // After Train: wait for its answer (a new token in the message; Gradio's pending marks change the message
+    // too, so only the token counts). It carries the new job's id, or says why none started.
+    // Returns false while the answer has not come yet; a very slow answer stops the wait, and the panel then
+    // shows whatever job there is.
+    function trainAnswered() {
+        if (answerBefore === null) return true;
+        if (answerToken() === answerBefore) {
+            if (++waitTicks < 600) return false;
+            answerBefore = null;
+            awaited = null;
+            return true;
+        }
+        answerBefore = null;
+        const started = message().querySelector("[data-lohatrain-job]");
         awaited = started ? started.dataset.lohatrainJob : null;
-        if (!started) render({state: "idle"});  // refused: the message says why
+        if (!started) {  // refused: the message says why
+            render({state: "idle"});
+            stop();
+            return false;
+        }
         return true;
     }
 
@@ -92,13 +107,8 @@
         const box = app().querySelector("#lohatrain_status_json textarea");
         const button = app().querySelector("#lohatrain_poll");
         if (!box || !button) return;
-        const wasPending = messageBefore !== null;
         if (!trainAnswered()) {
-            button.click();
-            return;
-        }
-        if (wasPending && awaited === null) {  // Train was refused: nothing to follow
-            stop();
+            if (timer !== null) button.click();
             return;
         }
         if (box.value && box.value !== lastText) {
@@ -152,8 +162,7 @@
         if (!train || train.dataset.lohatrainHooked) return false;
         train.dataset.lohatrainHooked = "1";
         train.addEventListener("click", () => {
-            const box = message();
-            messageBefore = box ? box.innerHTML : "";
+            answerBefore = answerToken();
             waitTicks = 0;
             awaited = null;
             render({state: "running", stage: "Starting", step: 0, total: 0, losses: []});

@@ -68,7 +68,7 @@ def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
 def test_training_lowers_the_loss_and_the_file_carries_it(tiny_model, sample_dataset, tmp_path):
     fresh = copy.deepcopy(tiny_model)
     before = denoising_loss(fresh, sample_dataset)
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=40, learning_rate=1e-2))
+    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2))
     assert result.status == "done" and result.file == tmp_path / "test-loha.safetensors"
     unmatched = apply_file(fresh, load_file(result.file))
     assert unmatched == []

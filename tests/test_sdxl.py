@@ -158,8 +158,8 @@ def test_training_lowers_the_loss_and_the_file_carries_it(sdxl_model, sample_dat
     fresh = copy.deepcopy(sdxl_model)
     before = denoising_loss(fresh, sample_dataset)
     # With conv layers, as the default preset: SDXL has no attention on its full-resolution level, and in a
-    # tiny random model 30 steps of attention-only LoHa barely move the loss.
-    result = train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=30, learning_rate=1e-2, conv_dim=4,
+    # tiny random model a few dozen steps of attention-only LoHa barely move the loss.
+    result = train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2, conv_dim=4,
                                             conv_alpha=2))
     assert apply_file(fresh, load_file(result.file)) == []
     after = denoising_loss(fresh, sample_dataset)

@@ -759,10 +759,12 @@ def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, 
 
 
 TYPES = [("lora", False), ("locon", False), ("lokr", False), ("lora", True), ("loha", True)]
+# Every type on SD1; on SD2 and SDXL (other text-encoder and block names) each kind of key once: LoRA's with
+# DoRA's scales and LoKr's (LoCon's are LoRA's on more layers; LoHa's: the per-family tests above).
+CASES = [("sd1", m, d) for m, d in TYPES] + [(f, m, d) for f in ("sd2", "sdxl") for m, d in (("lora", True), ("lokr", False))]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("method,dora", TYPES, ids=[f"{m}{'+dora' if d else ''}" for m, d in TYPES])
+@pytest.mark.parametrize("family,method,dora", CASES, ids=[f"{m}{'+dora' if d else ''}-{f}" for f, m, d in CASES])
 def test_every_type_applies_through_the_hosts_loader(webui, sample_dataset, family, method, dora):
     """LoRA, LoCon, LoKr and DoRA files on each family through the stand-in of the host's own module types
     (network_lora.py, network_lokr.py, network.py's DoRA): every key matched, the image changes, the weights are

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -112,15 +113,17 @@ def _model_markdown() -> str:
 
 
 def start_training(runner: JobRunner, *values) -> str:
+    # Each answer carries a fresh token, so the live panel (javascript/lohatrain.js) knows this answer from the
+    # one before and from Gradio's own pending marks; a started job's answer also carries the id it follows.
+    answer = f'<div data-lohatrain-answer="{uuid.uuid4().hex}" '
     try:
         settings = settings_from_form(list(values))
         host.preflight(settings, via="tab")
         job_id = runner.start(settings, via="tab")
     except LohatrainError as e:
-        return _message(str(e), "error")
-    # the live panel follows this job by its id (javascript/lohatrain.js)
+        return _message(str(e), "error").replace("<div ", answer, 1)
     return _message(f"Training {settings.name} started: progress below.", "info").replace(
-        "<div ", f'<div data-lohatrain-job="{job_id}" ', 1)
+        "<div ", answer + f'data-lohatrain-job="{job_id}" ', 1)
 
 
 def poll_status(runner: JobRunner, sent_preview):
