@@ -3,17 +3,24 @@
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
+    python -m lohatrain train --demo --resume out/demo-loha.lohatrain-state   (go on where a run stopped)
+
+The demo's sample images are written to `<output dir>/demo-images` (and written again, identically, when a
+saved demo run is repeated and they are gone).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import LohatrainError
+from .output import STATE_SUFFIX
+from .run_state import read_state
 from .settings import TrainSettings
 from .trainer import Progress, train
+
+DEMO_IMAGES = "demo-images"
 
 
 def _print_progress(p: Progress) -> None:
@@ -43,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int)
     t.add_argument("--steps", type=int)
     t.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1", help="which tiny model (default sd1)")
+    t.add_argument("--resume", type=Path, metavar="PATH",
+                   help="go on with a stopped run: its .lohatrain-state, or the .safetensors it was saved with "
+                        "(its settings come from the state; --output-dir and --steps may move or extend it)")
+    t.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the dataset or model changed (the result then differs from an "
+                        "uninterrupted run, and its metadata says so)")
     args = parser.parse_args(argv)
 
     if not args.demo:
@@ -56,23 +69,37 @@ def main(argv: list[str] | None = None) -> int:
             return build_tiny_sdxl()
         return build_tiny_sd2() if args.family == "sd2" else build_tiny_sd1()
 
+    settings = None
     try:
-        with tempfile.TemporaryDirectory(prefix="lohatrain-demo-") as tmp:
-            if args.config:
-                settings = TrainSettings.load(args.config)
-            else:
-                if not args.output_dir:
-                    parser.error("--demo needs --output-dir (or a --config that sets output_dir)")
-                settings = demo_settings(make_sample_dataset(Path(tmp) / "images"), args.output_dir)
-            overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
-            if args.output_dir:
-                overrides["output_dir"] = str(args.output_dir)
-            settings = TrainSettings.from_dict({**settings.to_dict(), **overrides})
-            result = train(build_model(), settings, model_name=f"lohatrain-tiny-{args.family}-demo",
-                           on_progress=_print_progress)
+        resume = read_state(args.resume) if args.resume else None
+        if resume:
+            settings = resume.record.settings
+            args.family = resume.record.family
+        elif args.config:
+            settings = TrainSettings.load(args.config)
+        else:
+            if not args.output_dir:
+                parser.error("--demo needs --output-dir (or a --config that sets output_dir)")
+            settings = demo_settings((args.output_dir / DEMO_IMAGES).resolve(), args.output_dir)
+        overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+        if args.output_dir:
+            overrides["output_dir"] = str(args.output_dir)
+        settings = TrainSettings(**{**settings.to_dict(), **overrides})
+        settings.validate()
+        if not Path(settings.dataset_dir).expanduser().exists():
+            # the demo's images are generated: a saved demo run gets them back, identical, where it had them
+            make_sample_dataset(Path(settings.dataset_dir).expanduser())
+            print(f"wrote the demo's sample images to {settings.dataset_dir}", flush=True)
+        result = train(build_model(), settings, model_name=f"lohatrain-tiny-{args.family}-demo",
+                       on_progress=_print_progress, resume=resume, resume_anyway=args.resume_anyway)
     except LohatrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        state = Path(settings.output_dir) / f"{settings.name}{STATE_SUFFIX}" if settings else None
+        print(f"interrupted; {f'resume with --resume {state}' if state and state.exists() else 'nothing was saved'}",
+              file=sys.stderr)
+        return 130
     for w in result.warnings:
         print(f"warning: {w}")
     train_s = result.seconds

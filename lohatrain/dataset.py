@@ -307,7 +307,9 @@ class BucketBatchSampler:
     """Endless batches of item indexes, each batch from one bucket (a batch tensor needs one image size).
 
     Every epoch shuffles the images within each bucket and then the order of all batches; a bucket's last batch
-    may be smaller than `batch_size`. All randomness comes from `generator`, so a seed repeats the run.
+    may be smaller than `batch_size`. All randomness comes from `generator`, so a seed repeats the run; the
+    generator's state and the epoch's batches still to come are the whole state (`state_dict`), so a resumed
+    run draws the same batches as one that never stopped.
     """
 
     def __init__(self, bucket_of_item: Sequence[Bucket], batch_size: int, generator: torch.Generator):
@@ -321,6 +323,7 @@ class BucketBatchSampler:
         self._groups = [groups[b] for b in sorted(groups)]
         self.batch_size = batch_size
         self.generator = generator
+        self._pending: list[list[int]] = []
 
     @property
     def batches_per_epoch(self) -> int:
@@ -334,9 +337,21 @@ class BucketBatchSampler:
             batches += [shuffled[i:i + self.batch_size] for i in range(0, len(shuffled), self.batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
 
+    def next_batch(self) -> list[int]:
+        if not self._pending:
+            self._pending = self._epoch()
+        return self._pending.pop(0)
+
     def __iter__(self) -> Iterator[list[int]]:
         while True:
-            yield from self._epoch()
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "pending": [list(b) for b in self._pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._pending = [list(b) for b in state["pending"]]
 
 
 def bucket_table(items: Sequence[ImageItem], bucket_of_item: Sequence[Bucket]) -> list[tuple[Bucket, int]]:

@@ -27,6 +27,7 @@ from lycoris.functional.general import apply_dora_scale
 from torch import nn
 
 from . import compat
+from .errors import LohatrainError
 from .methods import METHODS, Adapter
 from .precision import merge
 from .rng import seeded_global_rng
@@ -190,9 +191,55 @@ class Network(nn.Module):
                 tensors[f"{plan.key}.{name}"] = value.detach().to("cpu", dtype).contiguous()
         return tensors
 
+    def load_file_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Start from a file of this network's own type, layers and sizes (to train it further); another type,
+        rank or model family is refused, naming the mismatch."""
+        own = self.file_tensors(torch.float32)
+        problem = _file_mismatch(own, tensors)
+        if problem:
+            raise LohatrainError(f"{source} cannot be trained further with these settings: {problem}")
+        with torch.no_grad():
+            for index, (plan, adapter) in enumerate(zip(self.plans, self.adapters)):
+                named = dict(adapter.file_tensors())
+                if str(index) in self.dora_scales:
+                    named["dora_scale"] = self.dora_scales[str(index)]
+                for name, value in named.items():
+                    if name != "alpha":
+                        value.copy_(tensors[f"{plan.key}.{name}"])
+
     def tensor_count(self) -> int:
         return sum(t.numel() for a in self.adapters for t in a.file_tensors().values()) + sum(
             p.numel() for p in self.dora_scales.values())
+
+
+_TYPE_OF_SUFFIX = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_down.weight": "LoRA/LoCon"}
+
+
+def _file_mismatch(own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str | None:
+    def kind(tensors):
+        suffixes = {k.split(".", 1)[1] for k in tensors}
+        types = sorted({t for s, t in _TYPE_OF_SUFFIX.items() if s in suffixes})
+        return " + ".join(types) or "an unknown type", "dora_scale" in suffixes
+
+    (own_type, own_dora), (their_type, their_dora) = kind(own), kind(theirs)
+    if own_type != their_type:
+        return f"it is a {their_type} file, these settings train {own_type}"
+    if own_dora != their_dora:
+        return "it was trained with DoRA and these settings have it off" if their_dora else (
+            "it was trained without DoRA and these settings have it on")
+    own_layers, their_layers = {k.split(".", 1)[0] for k in own}, {k.split(".", 1)[0] for k in theirs}
+    if not own_layers & their_layers:
+        return "its layers belong to another model family than the loaded model's"
+    if own_layers != their_layers:
+        return (f"it adapts {len(their_layers)} layers, these settings {len(own_layers)} (the convolution size, "
+                "conv_dim, or the text-encoder learning rate differ)")
+    for key, value in own.items():
+        if theirs[key].shape != value.shape:
+            return (f"its sizes differ ({key} is {tuple(theirs[key].shape)}, these settings make "
+                    f"{tuple(value.shape)}): choose the preset or dim it was trained with")
+        if key.endswith(".alpha") and float(theirs[key]) != float(value):
+            return f"its alpha is {float(theirs[key]):g}, these settings have {float(value):g}"
+    return None
 
 
 def _column_norms(weight: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import struct
 import time
@@ -18,6 +19,7 @@ from .errors import LohatrainError
 from .settings import TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STATE_SUFFIX = ".lohatrain-state"  # a run's resumable state (lohatrain.run_state); not a Lora file
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class OutputPlan:
         return self.folder / f"{self.name}-{step}.safetensors"
 
     @property
+    def state_file(self) -> Path:
+        return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    @property
     def settings_file(self) -> Path:
         return self.folder / f"{self.name}.lohatrain.json"
 
@@ -42,8 +48,11 @@ class OutputPlan:
         return self.folder / f"{self.name}.json"
 
 
-def plan_output(settings: TrainSettings, folder: str | Path) -> OutputPlan:
-    """Check before training starts that the file can be written, so nobody waits an hour for an error."""
+def plan_output(settings: TrainSettings, folder: str | Path, resuming: bool = False) -> OutputPlan:
+    """Check before training starts that the file can be written, so nobody waits an hour for an error.
+
+    A resumed run replaces its own files. Temporary files a killed process left behind for this name (see
+    `write_atomically`) are removed."""
     problem = check_file_name(settings.name)
     if problem:
         raise LohatrainError(problem)
@@ -55,7 +64,12 @@ def plan_output(settings: TrainSettings, folder: str | Path) -> OutputPlan:
     if not os.access(folder, os.W_OK):
         raise LohatrainError(f"the output folder {folder.name!r} is not writable")
     plan = OutputPlan(folder, settings.name)
-    if plan.final.exists() and not settings.overwrite:
+    own_temporary = re.compile(rf"\.{re.escape(settings.name)}(-\d+)?\.(safetensors|lohatrain-state|lohatrain\.json|"
+                               rf"json)\.[0-9a-f]{{12}}\.tmp")
+    for leftover in folder.glob(".*.tmp"):
+        if own_temporary.fullmatch(leftover.name):
+            leftover.unlink(missing_ok=True)
+    if plan.final.exists() and not settings.overwrite and not resuming:
         raise LohatrainError(f"{plan.final.name} already exists in the output folder ({folder.name}): choose "
                              "another name, or turn on 'overwrite' to replace it")
     return plan
@@ -69,7 +83,8 @@ def timestamp() -> int:
 
 def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name: str, model_hash: str,
                    clip_skip: int | None, image_count: int, tag_frequency: dict, bucket_counts: dict,
-                   steps_done: int, started_at: int, batches_per_epoch: int, seed: int) -> dict[str, str]:
+                   steps_done: int, started_at: int, batches_per_epoch: int, seed: int,
+                   extra: dict[str, str] | None = None) -> dict[str, str]:
     """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings."""
     dataset = Path(settings.dataset_dir).name or "dataset"
     module, args = network_module_and_args(settings)
@@ -117,6 +132,7 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "lohatrain_settings": json.dumps(_shareable_settings(settings, seed), sort_keys=True),
     }
     meta.update(family_metadata)
+    meta.update(extra or {})
     return meta
 
 

@@ -30,7 +30,7 @@ class Checked:
     items: list[ds.ImageItem]
 
 
-def preflight(model, settings: TrainSettings, output_dir: str | Path) -> Checked:
+def preflight(model, settings: TrainSettings, output_dir: str | Path, resuming: bool = False) -> Checked:
     """Raise the first problem as a LohatrainError (settings and dataset errors list all of theirs)."""
     settings.validate()
     problem = torch_too_old()
@@ -44,7 +44,7 @@ def preflight(model, settings: TrainSettings, output_dir: str | Path) -> Checked
             "learn from. Turn zero_terminal_snr off for this checkpoint.")
     unet = family.unet(model)
     check_precision(unet, next(unet.parameters()).device, COMPUTE_DTYPES[settings.train_dtype])
-    plan = plan_output(settings, output_dir)
+    plan = plan_output(settings, output_dir, resuming)
     items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
                             settings.caption_ext)
     return Checked(family, plan, items)

@@ -182,6 +182,8 @@ class TrainSettings:
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     zero_terminal_snr: bool = False  # v-prediction models only: rescale the noise schedule to SNR 0 at the end
     overwrite: bool = False
+    keep_state: bool = False  # keep the finished run's state, to train it further later (lohatrain.run_state)
+    init_from: str = ""  # a file of the same type and size in the output folder to start from (e.g. to train on)
     preview_every_steps: int = 0
     preview_prompts: list[str] = field(default_factory=list)
 
@@ -304,9 +306,12 @@ class TrainSettings:
         _float_range(p, "min_snr_gamma", self.min_snr_gamma, 0, 100)
         _int_range(p, "preview_every_steps", self.preview_every_steps, 0, 1_000_000)
         for key in ("dora", "bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
-                    "color_aug", "overwrite", "zero_terminal_snr"):
+                    "color_aug", "overwrite", "zero_terminal_snr", "keep_state"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")
+        if self.init_from and (check_file_name(self.init_from) or not self.init_from.endswith(".safetensors")):
+            p.append(f"init_from must be the name of a .safetensors file in the output (Lora) folder, not "
+                     f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
         return p

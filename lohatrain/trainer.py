@@ -6,6 +6,8 @@ restored exactly (ModelGuard) → file written atomically.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import os
 import random
@@ -19,9 +21,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
-from . import compat
+from . import compat, run_state
 from . import dataset as ds
 from .errors import LohatrainError
 from .model_guard import ModelGuard
@@ -30,7 +33,10 @@ from .precision import COMPUTE_DTYPES, route_low_precision_layers
 from .preflight import preflight
 from .rng import seeded_global_rng
 from .output import SAVE_DTYPES, build_metadata, save_network, timestamp, write_sidecars
+from .run_state import LoopState, RunRecord, SavedRun
 from .settings import TrainSettings
+
+log = logging.getLogger("lohatrain")
 
 
 
@@ -79,17 +85,22 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
           model_hash: str = "", on_progress: Callable[[Progress], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Network], None] | None = None,
-          offload_device: str | torch.device = "cpu") -> TrainResult:
+          offload_device: str | torch.device = "cpu", resume: SavedRun | None = None,
+          resume_anyway: bool = False) -> TrainResult:
     """Train a LoRA-type network (settings.training_method) on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
 
     `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
     its CLIP-skip option and without prompt-emphasis parsing). `should_stop` is polled every step: when it
     turns true the run stops within one step and saves what it has. `on_step(step, network)` runs after each
     step with the network attached (previews). The model is left exactly as found, whatever happens.
+
+    `resume` (lohatrain.run_state.read_state) goes on from a saved state with the run's own settings (only
+    `output_dir`, `steps` and `keep_state` may differ): the same loop, from the saved step. A changed dataset or
+    model is refused unless `resume_anyway` (the file's metadata then says what changed).
     """
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
-                      should_stop, on_step, offload_device)
+                      should_stop, on_step, offload_device, resume, resume_anyway)
     except compat.OutOfMemoryError:
         raise LohatrainError(
             "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
@@ -97,11 +108,10 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
 
 def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
-           on_step, offload_device) -> TrainResult:
-    checked = preflight(model, settings, output_dir or settings.output_dir or ".")
+           on_step, offload_device, resume, resume_anyway) -> TrainResult:
+    checked = preflight(model, settings, output_dir or settings.output_dir or ".", resuming=resume is not None)
     family, plan, items = checked.family, checked.plan, checked.items
     started = time.perf_counter()
-    started_at = timestamp()
     report = on_progress or (lambda p: None)
     stop = should_stop or (lambda: False)
     v_prediction = getattr(model, "parameterization", "eps") == "v"
@@ -110,7 +120,13 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     text_encoder = family.text_encoder(model)
     device = next(unet.parameters()).device
     compute_dtype = COMPUTE_DTYPES[settings.train_dtype]
-    seed = settings.seed if settings.seed >= 0 else secrets.randbelow(2**32)
+    record = RunRecord(settings, family.name, settings.seed if settings.seed >= 0 else secrets.randbelow(2**32),
+                       timestamp(), model_name, run_state.model_id(model_hash, [unet, text_encoder, vae]),
+                       run_state.dataset_fingerprint(items))
+    changes = _check_resume(resume, settings, record, resume_anyway) if resume else []
+    if resume:
+        record = dataclasses.replace(record, seed=resume.record.seed, started_at=resume.record.started_at)
+    seed, started_at = record.seed, record.started_at
 
     bucket_of = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
                                   settings.bucket_max_side)
@@ -167,15 +183,16 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
         # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
         optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings))
-        scaler = compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16)
-
         batch_sampler = ds.BucketBatchSampler([s.bucket for s in samples], settings.batch_size,
                                               torch.Generator().manual_seed(seed))
-        sampler = iter(batch_sampler)
-        noise_gen = torch.Generator().manual_seed(seed + 1)
-        aug_gen = torch.Generator().manual_seed(seed + 2)
-        caption_rng = random.Random(seed + 3)
+        loop = LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings)),
+                         compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16), batch_sampler,
+                         torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
+                         random.Random(seed + 3))
+        if resume:
+            loop.restore(resume)
+        elif settings.init_from:
+            _start_from_file(network, plan.folder / settings.init_from)
         alphas_cumprod = training_alphas_cumprod(model, settings.zero_terminal_snr).to(device)
 
         save_dtype = SAVE_DTYPES[settings.save_dtype]
@@ -186,83 +203,146 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 settings, family_metadata=family.metadata(model), model_name=model_name, model_hash=model_hash,
                 clip_skip=clip_skip, image_count=len(items), tag_frequency=tag_frequency,
                 bucket_counts=bucket_counts, steps_done=steps_done, started_at=started_at,
-                batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed)
+                batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed, extra=extra_metadata)
 
-        losses: list[float] = []
+        extra_metadata = {"lohatrain_resumed_with_changes": "; ".join(changes)} if changes else {}
+        save_state = partial(run_state.write_state, plan.state_file, loop, record,
+                             extra={"resumed_with_changes": changes} if changes else None)
         files: list[Path] = []
-        smooth = None
+        first_step = loop.step
         loop_start = time.perf_counter()
-        step = 0
         status = "done"
-        while step < settings.steps:
-            if stop():
-                status = "interrupted"
-                break
-            batch = [samples[i] for i in next(sampler)]
-            latents, sizes = _batch_latents(model, family, batch, settings, aug_gen, device, autocast)
-            captions = [s.item.caption for s in batch]
-            if settings.shuffle_tags:
-                captions = [ds.shuffle_caption(c, caption_rng, settings.keep_tokens) for c in captions]
-            if per_step_text:
-                with torch.set_grad_enabled(train_text), autocast():
-                    cond = encode_prompts(captions)
-            else:
-                cond = family.stack_conditioning([cached_cond[c] for c in captions], cached_cond.get(""))
-            cond = family.condition_on_images(model, cond, sizes)
+        whole_step_streams = loop.streams()  # the streams as they were after the last whole step
+        try:
+            while loop.step < settings.steps:
+                if stop():
+                    status = "interrupted"
+                    break
+                _step(model, family, samples, settings, loop, encode_prompts, cached_cond, per_step_text, train_text,
+                      alphas_cumprod, v_prediction, device, autocast)
+                whole_step_streams = loop.streams()
+                step = loop.step
+                elapsed = time.perf_counter() - loop_start
+                rate = (step - first_step) / elapsed if elapsed > 0 else None
+                report(Progress("Training", step, settings.steps, loop.losses[-1], loop.smooth,
+                                loop.scheduler.get_last_lr()[0], rate, (settings.steps - step) / rate if rate else None))
+                if on_step:
+                    with torch.no_grad():
+                        on_step(step, network)
+                if settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps:
+                    files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
+                                              make_metadata(step), overwrite=settings.overwrite or resume is not None))
+                    save_state()
 
-            noise = torch.randn(latents.shape, generator=noise_gen).to(device)
-            if settings.noise_offset:
-                noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
-            timesteps = torch.randint(0, len(alphas_cumprod), (len(batch),), generator=noise_gen).to(device)
-            ac = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-            noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
-            target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
+            step = loop.step
+            final, metadata = None, {}
+            if step > 0:
+                report(Progress("Saving", step, settings.steps))
+                metadata = make_metadata(step)
+                final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
+                                     overwrite=settings.overwrite or resume is not None)
+                files.append(final)
+                write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),
+                               notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
+                               sd_version=family.card_version)
+                if status == "interrupted" or settings.keep_state:
+                    save_state()
+                else:
+                    plan.state_file.unlink(missing_ok=True)
+        except (Exception, KeyboardInterrupt) as failure:
+            # Keep what was trained up to the last whole step, resumable, unless the weights are the problem.
+            if loop.step > first_step and not isinstance(failure, _Diverged):
+                _save_after_failure(save_state, whole_step_streams)
+            raise
+    return TrainResult(status, final, step, seed, time.perf_counter() - started, loop.losses, files, warnings,
+                       metadata)
 
-            with autocast():
-                prediction = family.predict(model, noisy, timesteps, cond)
-            loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if settings.min_snr_gamma:
-                snr = ac.flatten() / (1 - ac.flatten())
-                weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if v_prediction else snr)
-                loss = loss * weight
-            loss = loss.mean()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
 
-            value = loss.item()
-            if not math.isfinite(value):
-                raise LohatrainError(f"training diverged at step {step} (loss is {value}): lower the learning "
-                                     "rate, or use bf16 or fp32 instead of fp16")
-            losses.append(value)
-            smooth = value if smooth is None else 0.9 * smooth + 0.1 * value
-            elapsed = time.perf_counter() - loop_start
-            rate = step / elapsed if elapsed > 0 else None
-            report(Progress("Training", step, settings.steps, value, smooth, scheduler.get_last_lr()[0], rate,
-                            (settings.steps - step) / rate if rate else None))
-            if on_step:
-                with torch.no_grad():
-                    on_step(step, network)
-            if settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps:
-                files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
-                                          make_metadata(step), overwrite=settings.overwrite))
+class _Diverged(LohatrainError):
+    """The loss is not finite: the weights are broken, so no state is saved from them."""
 
-        final = None
-        if step > 0:
-            report(Progress("Saving", step, settings.steps))
-            metadata = make_metadata(step)
-            final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
-                                 overwrite=settings.overwrite)
-            files.append(final)
-            write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),
-                           notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
-                           sd_version=family.card_version)
-        else:
-            metadata = {}
-    return TrainResult(status, final, step, seed, time.perf_counter() - started, losses, files, warnings, metadata)
+
+def _step(model, family, samples, settings, loop: LoopState, encode_prompts, cached_cond, per_step_text,
+          train_text, alphas_cumprod, v_prediction, device, autocast) -> None:
+    """One optimisation step: a batch, its noise and timesteps, the loss, the update; it advances `loop`."""
+    batch = [samples[i] for i in loop.sampler.next_batch()]
+    latents, sizes = _batch_latents(model, family, batch, settings, loop.aug_gen, device, autocast)
+    captions = [s.item.caption for s in batch]
+    if settings.shuffle_tags:
+        captions = [ds.shuffle_caption(c, loop.caption_rng, settings.keep_tokens) for c in captions]
+    if per_step_text:
+        with torch.set_grad_enabled(train_text), autocast():
+            cond = encode_prompts(captions)
+    else:
+        cond = family.stack_conditioning([cached_cond[c] for c in captions], cached_cond.get(""))
+    cond = family.condition_on_images(model, cond, sizes)
+
+    noise_gen = loop.noise_gen
+    noise = torch.randn(latents.shape, generator=noise_gen).to(device)
+    if settings.noise_offset:
+        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (len(batch),), generator=noise_gen).to(device)
+    ac = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
+    target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
+
+    with autocast():
+        prediction = family.predict(model, noisy, timesteps, cond)
+    loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if settings.min_snr_gamma:
+        snr = ac.flatten() / (1 - ac.flatten())
+        weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if v_prediction else snr)
+        loss = loss * weight
+    loss = loss.mean()
+    loop.scaler.scale(loss).backward()
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scheduler.step()
+    loop.step += 1
+
+    value = loss.item()
+    if not math.isfinite(value):
+        raise _Diverged(f"training diverged at step {loop.step} (loss is {value}): lower the learning rate, or "
+                        "use bf16 or fp32 instead of fp16")
+    loop.losses.append(value)
+    loop.smooth = value if loop.smooth is None else 0.9 * loop.smooth + 0.1 * value
+
+
+def _check_resume(resume: SavedRun, settings: TrainSettings, now: RunRecord, anyway: bool) -> list[str]:
+    """Refuse a resume whose settings differ from the run's own, or (unless `anyway`) whose model or dataset
+    changed; return the changes that were accepted."""
+    free = {"output_dir", "steps", "keep_state"}
+    saved = resume.record.settings.to_dict()
+    differ = sorted(k for k, v in settings.to_dict().items() if k not in free and saved.get(k) != v)
+    if differ:
+        raise LohatrainError(f"a resumed run keeps its own settings; these differ from {resume.path.name}'s: "
+                             f"{', '.join(differ)}")
+    if settings.steps <= resume.step:
+        raise LohatrainError(f"{resume.path.name} is at step {resume.step}: give more steps than that to go on")
+    changes = resume.changes(now.model_id, now.dataset)
+    if changes and not anyway:
+        raise LohatrainError(f"cannot resume {settings.name} exactly: " + "; ".join(changes) + ". Put things back "
+                             "as they were, or resume anyway (the result then differs from an uninterrupted "
+                             "run, and its metadata says so).")
+    return changes
+
+
+def _start_from_file(network: Network, path: Path) -> None:
+    if not path.is_file():
+        raise LohatrainError(f"init_from: there is no {path.name} in the output folder")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise LohatrainError(f"init_from: {path.name} cannot be read ({e})") from None
+    network.load_file_tensors(tensors, path.name)
+
+
+def _save_after_failure(save_state, streams) -> None:
+    try:
+        save_state(streams=streams)
+    except Exception:  # the original error is what the user must see; a failed state save only means no resume
+        log.exception("lohatrain: could not save the run's state after an error")
 
 
 def _tensors(cond) -> list[torch.Tensor]:

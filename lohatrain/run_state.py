@@ -1,0 +1,243 @@
+"""A run's state: what a stopped training needs to go on exactly where it stopped.
+
+`LoopState` is what the loop changes from one step to the next: the step, the network's weights (float32), the
+optimizer, the schedule, the fp16 loss scaler and every random stream the loop draws from (batch order, noise
+and timesteps, augmentation, tag shuffling). Everything else a run uses is rebuilt the same way from the
+settings and the seed (the images' VAE latents are drawn under per-image seeds), so saving and loading this is
+all resume needs: a resumed run ends in the same file, byte for byte, as one that never stopped.
+
+The state file `<name>.lohatrain-state` lies beside the run's `.safetensors` (the WebUI's Lora list reads
+only `.safetensors`, `.pt` and `.ckpt`). It is a safetensors file (tensors and a JSON header, no pickle: a
+shared state file cannot run code) holding the loop state plus what the run was made from: its settings,
+seed, a fingerprint of the dataset (names, sizes, modification times, captions) and of the model, so a
+resume into changed circumstances is refused with what changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save as safetensors_bytes
+
+from . import dataset as ds
+from .errors import LohatrainError
+from .output import STATE_SUFFIX, write_atomically
+from .settings import TrainSettings
+
+FORMAT = 1
+HEADER_KEY = "lohatrain_state"
+
+
+class LoopState:
+    """The loop's moving parts, in one object: the loop reads and advances them, and this saves and restores
+    them."""
+
+    def __init__(self, network, optimizer, scheduler, scaler, sampler: ds.BucketBatchSampler,
+                 noise_gen: torch.Generator, aug_gen: torch.Generator, caption_rng: random.Random):
+        self.network, self.optimizer, self.scheduler, self.scaler = network, optimizer, scheduler, scaler
+        self.sampler, self.noise_gen, self.aug_gen, self.caption_rng = sampler, noise_gen, aug_gen, caption_rng
+        self.step = 0
+        self.losses: list[float] = []
+        self.smooth: float | None = None
+
+    def streams(self) -> dict:
+        """The random streams now (cheap: a few kB); a state saved after an error uses the streams from the
+        end of the last whole step."""
+        return {"sampler": self.sampler.state_dict(), "noise": self.noise_gen.get_state(),
+                "aug": self.aug_gen.get_state(), "caption": _jsonable_random_state(self.caption_rng.getstate())}
+
+    def to_tensors_and_info(self, streams: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+        streams = streams or self.streams()
+        tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in self.network.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, values in optimizer["state"].items():
+            for key, value in values.items():
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+        tensors["rng.sampler"] = streams["sampler"]["generator"]
+        tensors["rng.noise"] = streams["noise"]
+        tensors["rng.aug"] = streams["aug"]
+        info = {
+            "step": self.step, "losses": self.losses, "smooth": self.smooth,
+            "optimizer_groups": optimizer["param_groups"],
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "sampler_pending": streams["sampler"]["pending"],
+            "caption_rng": streams["caption"],
+        }
+        return tensors, info
+
+    def restore(self, saved: "SavedRun") -> None:
+        tensors, info = saved.tensors, saved.info
+        device = next(self.network.parameters()).device
+        own = self.network.state_dict()
+        theirs = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+        if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+            raise LohatrainError(f"{saved.path.name} does not match this run's network (type or size): it cannot be "
+                                 "resumed with these settings")
+        self.network.load_state_dict({k: v.to(device) for k, v in theirs.items()})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_groups"]})
+        self.scheduler.load_state_dict(info["scheduler"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(info["scaler"])
+        self.sampler.load_state_dict({"generator": tensors["rng.sampler"], "pending": info["sampler_pending"]})
+        self.noise_gen.set_state(tensors["rng.noise"])
+        self.aug_gen.set_state(tensors["rng.aug"])
+        version, internal, gauss = info["caption_rng"]
+        self.caption_rng.setstate((version, tuple(internal), gauss))
+        self.step, self.losses, self.smooth = info["step"], list(info["losses"]), info["smooth"]
+
+
+def _jsonable_random_state(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+@dataclass
+class RunRecord:
+    """What a state records about where the run came from, checked before it resumes."""
+
+    settings: TrainSettings
+    family: str
+    seed: int
+    started_at: int
+    model_name: str
+    model_id: str
+    dataset: list[list]  # [file name, size, mtime_ns, caption] per image
+
+
+@dataclass
+class SavedRun:
+    """A state file read back: its tensors and header, and the run it records."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    info: dict
+
+    @property
+    def step(self) -> int:
+        return self.info["step"]
+
+    @property
+    def record(self) -> RunRecord:
+        run = self.info["run"]
+        settings = TrainSettings(**run["settings"])  # exactly as saved (from_dict would re-apply presets)
+        settings.validate()
+        return RunRecord(settings, run["family"], run["seed"],
+                         run["started_at"], run["model_name"], run["model_id"], run["dataset"])
+
+    def changes(self, model_id: str, dataset: list[list]) -> list[str]:
+        """What differs now from when the state was saved, one phrase each (empty: resume exactly)."""
+        run = self.info["run"]
+        found = []
+        if run["model_id"] != model_id:
+            found.append(f"another checkpoint is loaded (the run was trained on {run['model_name']})")
+        then = {entry[0]: entry for entry in run["dataset"]}
+        now = {entry[0]: entry for entry in dataset}
+        for label, names in (("added", sorted(set(now) - set(then))), ("removed", sorted(set(then) - set(now))),
+                             ("edited", sorted(n for n in set(now) & set(then) if now[n][1:3] != then[n][1:3])),
+                             ("with another caption", sorted(n for n in set(now) & set(then)
+                                                             if now[n][3] != then[n][3]))):
+            if names:
+                shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                found.append(f"images {label}: {shown}")
+        return found
+
+
+def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
+    """Per image: its path inside the dataset folder, size, modification time and caption."""
+    entries = []
+    for item in items:
+        st = os.stat(item.path)
+        entries.append([Path(item.path).name, st.st_size, st.st_mtime_ns, item.caption])
+    return sorted(entries)
+
+
+def model_id(model_hash: str, modules) -> str:
+    """The checkpoint's hash when the host gives one; else a hash of every weight's shape and a strided sample
+    of its values (a few hundred thousand numbers even for SDXL), which any other checkpoint changes."""
+    if model_hash:
+        return f"hash:{model_hash}"
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, p in module.state_dict().items():
+            digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            sample = p.detach().flatten()[::4099].to("cpu", torch.float32)
+            digest.update(sample.numpy().tobytes())
+    return "weights:" + digest.hexdigest()[:32]
+
+
+def write_state(path: Path, loop: LoopState, record: RunRecord, streams: dict | None = None,
+                extra: dict | None = None) -> None:
+    """Atomically: a kill during the write leaves the previous state whole."""
+    tensors, info = loop.to_tensors_and_info(streams)
+    info["format"] = FORMAT
+    info["total"] = record.settings.steps
+    info["run"] = {"settings": record.settings.to_dict(), "family": record.family, "seed": record.seed,
+                   "started_at": record.started_at, "model_name": record.model_name, "model_id": record.model_id,
+                   "dataset": record.dataset, **(extra or {})}
+    header = {HEADER_KEY: json.dumps(info, sort_keys=True)}
+    write_atomically(path, safetensors_bytes(tensors, metadata=header), overwrite=True)
+
+
+def read_state(path: str | Path) -> SavedRun:
+    """A state file, or the `.safetensors` of a run whose state lies beside it (the state must be from the
+    same step as that file: only the latest save's state is kept)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        steps, name = _file_steps_and_name(path)
+        state_path = path.with_name(name + STATE_SUFFIX)
+        saved = read_state(state_path)
+        if saved.step != steps:
+            raise LohatrainError(f"{path.name} was saved at step {steps}, but the run's state "
+                                 f"({state_path.name}) is at step {saved.step}: only the latest save can be "
+                                 f"resumed; resume {state_path.name} instead")
+        return saved
+    if not path.is_file():
+        raise LohatrainError(f"there is no saved state {path.name} to resume")
+    try:
+        with safe_open(str(path), "pt") as f:
+            header = (f.metadata() or {}).get(HEADER_KEY)
+        tensors = load_file(str(path))
+        info = json.loads(header) if header else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LohatrainError(f"{path.name} is damaged and cannot be resumed ({e}); start the run again") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise LohatrainError(f"{path.name} is not a lohatrain state file this version can resume")
+    return SavedRun(path, tensors, info)
+
+
+def _file_steps_and_name(path: Path) -> tuple[int, str]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return int(meta["ss_steps"]), meta["ss_output_name"]
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise LohatrainError(f"{path.name} is not a file lohatrain wrote, so it has no state to resume") from None
+
+
+def list_resumable(folder: str | Path) -> list[dict]:
+    """The runs in `folder` that can be resumed (newest first), from the state files' headers only."""
+    runs = []
+    for path in sorted(Path(folder).glob(f"*{STATE_SUFFIX}")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                info = json.loads((f.metadata() or {})[HEADER_KEY])
+            run = info["run"]
+            runs.append({"name": path.name[:-len(STATE_SUFFIX)], "step": info["step"], "total": info["total"],
+                         "saved_at": path.stat().st_mtime, "model": run["model_name"],
+                         "method": run["settings"]["training_method"]})
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+            continue  # a damaged state is refused with its reason when someone tries to resume it
+    return sorted(runs, key=lambda r: -r["saved_at"])

@@ -1,0 +1,240 @@
+"""Resume: a run stopped at any step (interrupt, error, killed process) and resumed ends in the same bytes as one
+that never stopped; what cannot be resumed exactly is refused with what changed; `init_from` starts a new run
+from a file of the same type and size."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lohatrain.compat import autocast_supports
+from lohatrain.errors import LohatrainError
+from lohatrain.run_state import list_resumable, read_state
+from lohatrain.trainer import train
+
+from test_engine import settings_for
+
+REPO = Path(__file__).resolve().parent.parent
+EVERY_STREAM = dict(flip_aug=True, color_aug=True, shuffle_tags=True, text_encoder_lr=1e-3, lr_scheduler="cosine",
+                    lr_warmup_steps=1, noise_offset=0.05)
+
+
+@pytest.fixture(autouse=True)
+def fixed_clock(monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
+def stopping_at(step: int):
+    """should_stop and on_step that stop a run after `step` steps, as the Interrupt button does."""
+    done = []
+    return dict(on_step=lambda s, network: done.append(s), should_stop=lambda: len(done) >= step)
+
+
+def resume_run(model, folder: Path, name: str = "test-loha", **kwargs):
+    saved = read_state(folder / f"{name}.lohatrain-state")
+    return train(model, saved.record.settings, resume=saved, **kwargs)
+
+
+def lora_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(tiny_model, sample_dataset, tmp_path):
+    """Every random stream the loop draws from (batch order, noise, flips, colour, tag order, VAE posterior),
+    text-encoder training, a warm-up and cosine schedule and intermediate saves: first step, between two
+    saves, one before the last."""
+    kw = dict(steps=6, save_every_steps=2, **EVERY_STREAM)
+    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
+    for stop in (1, 3, 5):
+        out = tmp_path / f"stopped-{stop}"
+        first = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, out, **kw), **stopping_at(stop))
+        assert first.status == "interrupted" and first.steps_done == stop
+        assert [r["name"] for r in list_resumable(out)] == ["test-loha"]
+        assert list_resumable(out)[0]["step"] == stop and list_resumable(out)[0]["total"] == 6
+        result = resume_run(copy.deepcopy(tiny_model), out)
+        assert result.status == "done" and result.steps_done == 6
+        assert lora_files(out) == lora_files(tmp_path / "whole"), stop
+        assert not (out / "test-loha.lohatrain-state").exists()
+
+
+def test_an_error_keeps_the_last_whole_step_and_resumes_from_it(tiny_model, sample_dataset, tmp_path):
+    """An error in the middle of step 4 (here the text encoder fails) saves the state of step 3, not a step
+    whose random draws were half made."""
+    kw = dict(steps=5, **EVERY_STREAM)
+    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    model = copy.deepcopy(tiny_model)
+    calls = []
+    real_encode = model.get_learned_conditioning
+
+    def failing_encoder(prompts):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th step's captions: after that step's batch, flips and colours were drawn
+            raise RuntimeError("the text encoder failed")
+        return real_encode(prompts)
+
+    with pytest.raises(RuntimeError, match="text encoder failed"):
+        train(model, settings_for(sample_dataset, tmp_path / "failed", **kw), encode_prompts=failing_encoder)
+    assert read_state(tmp_path / "failed" / "test-loha.lohatrain-state").step == 3
+    result = resume_run(copy.deepcopy(tiny_model), tmp_path / "failed")
+    assert result.file.read_bytes() == reference.file.read_bytes()
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
+    from test_methods import _family_model
+
+    template = _family_model(family)
+    kw = dict(steps=4, text_encoder_lr=1e-3, flip_aug=True, conv_dim=2, conv_alpha=1)
+    reference = train(copy.deepcopy(template), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(copy.deepcopy(template), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(2))
+    result = resume_run(copy.deepcopy(template), tmp_path / "stopped")
+    assert result.file.read_bytes() == reference.file.read_bytes()
+
+
+@pytest.mark.skipif(not autocast_supports("cpu", torch.float16), reason="CPU fp16 autocast needs torch 2.3")
+def test_resume_is_exact_in_fp16_with_its_loss_scaler(tiny_model, sample_dataset, tmp_path):
+    kw = dict(steps=4, train_dtype="fp16", save_dtype="fp16")
+    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(2))
+    saved = read_state(tmp_path / "stopped" / "test-loha.lohatrain-state")
+    assert saved.info["scaler"]["scale"] > 0  # the scaler's state travels with the run
+    assert resume_run(copy.deepcopy(tiny_model), tmp_path / "stopped").file.read_bytes() == reference.file.read_bytes()
+
+
+def test_the_safetensors_of_the_latest_save_resumes_an_older_one_is_refused(tiny_model, sample_dataset, tmp_path):
+    kw = dict(steps=6, save_every_steps=2)
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, **kw), **stopping_at(4))
+    assert read_state(tmp_path / "test-loha-4.safetensors").step == 4
+    with pytest.raises(LohatrainError, match="only the latest save can be resumed"):
+        read_state(tmp_path / "test-loha-2.safetensors")
+
+
+def test_a_changed_dataset_is_refused_with_the_files_named_unless_resumed_anyway(tiny_model, sample_dataset,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, out, steps=4), **stopping_at(2))
+    caption = next(sample_dataset.glob("*.txt"))
+    caption.write_text("something else entirely")
+    shutil.copy(next(sample_dataset.glob("*.png")), sample_dataset / "zz-new.png")
+    (sample_dataset / "zz-new.txt").write_text("new image")
+    before = lora_files(out), (out / "test-loha.lohatrain-state").read_bytes()
+    with pytest.raises(LohatrainError) as refused:
+        resume_run(copy.deepcopy(tiny_model), out)
+    message = str(refused.value)
+    assert "images added: zz-new.png" in message
+    assert f"images with another caption: {caption.with_suffix('.png').name}" in message
+    assert (lora_files(out), (out / "test-loha.lohatrain-state").read_bytes()) == before  # nothing written
+
+    saved = read_state(out / "test-loha.lohatrain-state")
+    result = train(copy.deepcopy(tiny_model), saved.record.settings, resume=saved, resume_anyway=True)
+    assert result.status == "done" and result.steps_done == 4
+    with safe_open(result.file, "pt") as f:
+        assert "zz-new.png" in f.metadata()["lohatrain_resumed_with_changes"]
+
+
+def test_another_model_is_refused(tiny_model, sample_dataset, tmp_path):
+    from lohatrain.demo import build_tiny_sd1
+
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    with pytest.raises(LohatrainError, match="another checkpoint is loaded"):
+        resume_run(build_tiny_sd1(1), tmp_path)
+
+
+def test_a_resume_keeps_the_runs_settings_but_may_extend_it(tiny_model, sample_dataset, tmp_path):
+    import dataclasses
+
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    saved = read_state(tmp_path / "test-loha.lohatrain-state")
+    with pytest.raises(LohatrainError, match="learning_rate"):
+        train(copy.deepcopy(tiny_model), dataclasses.replace(saved.record.settings, learning_rate=0.1), resume=saved)
+    longer = train(copy.deepcopy(tiny_model), dataclasses.replace(saved.record.settings, steps=7), resume=saved)
+    assert longer.steps_done == 7 and len(longer.losses) == 7
+
+
+def test_a_damaged_state_is_refused(tiny_model, sample_dataset, tmp_path):
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    state = tmp_path / "test-loha.lohatrain-state"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(LohatrainError, match="damaged"):
+        read_state(state)
+    assert list_resumable(tmp_path) == []
+
+
+def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(tiny_model, sample_dataset,
+                                                                                 tmp_path):
+    first = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="yesterday", steps=3))
+    more = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="today", steps=1,
+                                                        init_from="yesterday.safetensors", learning_rate=1e-9))
+    old, new = load_file(first.file), load_file(more.file)
+    assert old.keys() == new.keys()
+    for key in old:
+        torch.testing.assert_close(new[key], old[key], atol=1e-6, rtol=0)
+
+    cases = [({"training_method": "lora", "conv_dim": 0}, "it is a LoHa file, these settings train LoRA/LoCon"),
+             ({"dim": 16, "alpha": 8}, "its sizes differ"),
+             ({"dora": True}, "without DoRA")]
+    for overrides, message in cases:
+        with pytest.raises(LohatrainError, match=message):
+            train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+                                                          init_from="yesterday.safetensors", **overrides))
+    from test_methods import _family_model
+    with pytest.raises(LohatrainError, match="another model family"):
+        train(_family_model("sdxl"), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+                                                  init_from="yesterday.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_killed_command_line_leaves_only_whole_files_and_resumes_to_the_same_file(tmp_path):
+    """SIGKILL while a file is being written (every write made slow); then --resume finishes the run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
+    base = [sys.executable, "-m", "lohatrain", "train", "--demo", "--steps", "8"]
+    whole = subprocess.run([*base, "--output-dir", str(tmp_path / "whole"), "--config", str(_demo_config(tmp_path))],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    slow_writes = ("import os, sys, time; fsync = os.fsync; "
+                   "os.fsync = lambda fd: (time.sleep(2), fsync(fd))[1]; "
+                   "from lohatrain.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", slow_writes, *base[3:], "--output-dir", str(out), "--config",
+                             str(_demo_config(tmp_path))], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(out.glob(".demo-loha-4.safetensors.*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the save at step 4 is in the middle of writing its file
+        assert any(out.glob(".demo-loha-4.safetensors.*.tmp")), "the run never reached its second save"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for path in out.glob("*.safetensors"):
+        load_file(path)  # whole: every .safetensors there opens
+    assert not (out / "demo-loha-4.safetensors").exists()
+    resumed = subprocess.run([*base, "--resume", str(out / "demo-loha-2.safetensors")], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "demo-loha.safetensors").read_bytes() == (tmp_path / "whole" / "demo-loha.safetensors").read_bytes()
+    assert not list(out.glob(".*.tmp"))  # what the killed writer left was cleared
+
+
+def _demo_config(tmp_path: Path) -> Path:
+    """The demo's settings with a save every 2 steps, images in one shared folder."""
+    import json
+
+    from lohatrain.__main__ import demo_settings
+
+    config = tmp_path / "demo.json"
+    if not config.exists():
+        settings = demo_settings(tmp_path / "images", tmp_path)
+        config.write_text(json.dumps({**settings.to_dict(), "save_every_steps": 2}))
+    return config
