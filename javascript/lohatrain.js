@@ -158,16 +158,18 @@
     };
 
     function hook() {
-        const train = app().querySelector("#lohatrain_train");
-        if (!train || train.dataset.lohatrainHooked) return false;
-        train.dataset.lohatrainHooked = "1";
-        train.addEventListener("click", () => {
-            answerBefore = answerToken();
-            waitTicks = 0;
-            awaited = null;
-            render({state: "running", stage: "Starting", step: 0, total: 0, losses: []});
-            start();
-        });
+        const buttons = ["#lohatrain_train", "#lohatrain_resume"].map(id => app().querySelector(id));
+        if (buttons.some(b => !b) || buttons[0].dataset.lohatrainHooked) return false;
+        for (const button of buttons) {  // Train and Resume both answer in the message with a job to follow
+            button.dataset.lohatrainHooked = "1";
+            button.addEventListener("click", () => {
+                answerBefore = answerToken();
+                waitTicks = 0;
+                awaited = null;
+                render({state: "running", stage: "Starting", step: 0, total: 0, losses: []});
+                start();
+            });
+        }
         start();  // a job may already run (started through the REST API, or before a reload)
         return true;
     }

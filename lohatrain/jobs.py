@@ -47,6 +47,8 @@ class Job:
     started: float = field(default_factory=time.time)
     ended: float | None = None  # when it finished, failed or was interrupted: the elapsed time stops there
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    resume: object = None  # a lohatrain.run_state.SavedRun to go on from
+    resume_anyway: bool = False
     # Guards the fields a poller reads together: the final state never shows without its message and file.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -74,14 +76,14 @@ class JobRunner:
         self.job: Job | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, settings: TrainSettings, via: str = "tab") -> str:
-        """Start training in the background; raises Busy while another one runs."""
+    def start(self, settings: TrainSettings, via: str = "tab", resume=None, resume_anyway: bool = False) -> str:
+        """Start training (or resume a stopped run) in the background; raises Busy while another one runs."""
         settings.validate()
         with self._lock:
             if self.job is not None and self.job.state == "running":
                 raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
                            "or interrupt it")
-            self.job = Job(uuid.uuid4().hex[:12], settings, via)
+            self.job = Job(uuid.uuid4().hex[:12], settings, via, resume=resume, resume_anyway=resume_anyway)
             self._thread = threading.Thread(target=self._work, args=(self.job,), name="lohatrain", daemon=True)
             self._thread.start()
             return self.job.id
@@ -94,7 +96,8 @@ class JobRunner:
                            state=result.status,
                            progress=dataclasses.replace(job.progress, stage=result.status.capitalize()))
             if result.status == "interrupted":
-                outcome["message"] = (f"Interrupted after {result.steps_done} steps; saved {result.file.name}."
+                outcome["message"] = (f"Interrupted after {result.steps_done} steps; saved {result.file.name}. "
+                                      "It can be resumed (Resume a stopped run)."
                                       if result.file else "Interrupted before the first step; nothing was saved.")
             else:
                 outcome["message"] = f"Done: {result.steps_done} steps in {result.seconds:.0f}s, seed {result.seed}."

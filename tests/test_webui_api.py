@@ -278,3 +278,44 @@ def test_the_lora_list_is_refreshed_under_the_gpu_lock(webui_server, monkeypatch
     assert wait_until(webui_server, finished)["state"] == "done"
     assert seen == [True]
     assert "listed" in networks.available_networks
+
+
+def test_a_stopped_run_is_listed_and_resumes_through_rest_to_the_uninterrupted_file(webui_server, monkeypatch):
+    """Interrupted whenever the Interrupt lands, then resumed: the same bytes as a run that never stopped."""
+    ui = webui_server
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    body = run_body(ui, "rest-resume", steps=12, flip_aug=True)
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=body)
+    assert wait_until(ui, finished)["state"] == "done"
+    whole = (ui.lora_dir / "rest-resume.safetensors").read_bytes()
+
+    httpx.post(f"{ui.url}/lohatrain/v1/train", json=body)
+    wait_until(ui, lambda s: s["step"] >= 1)
+    httpx.post(f"{ui.url}/lohatrain/v1/interrupt")
+    stopped = wait_until(ui, finished)
+    assert stopped["state"] == "interrupted" and "resumed" in stopped["message"]
+    runs = httpx.get(f"{ui.url}/lohatrain/v1/runs").json()["runs"]
+    listed = next(r for r in runs if r["name"] == "rest-resume")
+    assert listed["step"] == stopped["step"] and listed["total"] == 12 and listed["model"] == "tiny-sd1.safetensors"
+    assert "rest-resume" in networks.available_networks and not any(
+        "lohatrain-state" in n for n in networks.available_networks)  # the state is no Lora
+
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json={"resume": "rest-resume"})
+    assert r.status_code == 200, r.text
+    status = wait_until(ui, finished)
+    assert status["state"] == "done" and status["step"] == 12, status["message"]
+    assert (ui.lora_dir / "rest-resume.safetensors").read_bytes() == whole
+    assert "rest-resume" not in [r["name"] for r in httpx.get(f"{ui.url}/lohatrain/v1/runs").json()["runs"]]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"resume": "../../etc"}, "must be a plain file name"),
+    ({"resume": "never-trained"}, "no saved state never-trained.lohatrain-state"),
+    ({"resume": "x", "learning_rate": 1.0}, "'learning_rate' cannot be given with resume"),
+    ({"resume": "x", "steps": "many"}, "steps must be a whole number"),
+])
+def test_a_resume_that_cannot_start_is_refused_with_its_reason(webui_server, body, message):
+    before = httpx.get(f"{webui_server.url}/lohatrain/v1/status").json()
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=body)
+    assert r.status_code == 422 and message in " ".join(r.json()["detail"])
+    assert httpx.get(f"{webui_server.url}/lohatrain/v1/status").json().get("job_id") == before.get("job_id")

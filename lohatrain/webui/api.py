@@ -1,7 +1,10 @@
 """REST routes on the WebUI's FastAPI app; they call the same JobRunner as the tab.
 
 POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves out: the loaded model family's
-                              defaults) → {"job_id"}; 409 busy; 422 every bad value, each naming its field
+                              defaults) → {"job_id"}; 409 busy; 422 every bad value, each naming its field.
+                              Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
+                              stopped run from its state in the Lora folder (its own settings; steps may extend)
+GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
                               file_name, preview_url (never a server path)
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}
@@ -62,10 +65,13 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         if not isinstance(body, dict):
             return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
         try:
-            settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
-                                               family=host.loaded_family())
-            host.preflight(settings, via="api")
-            job_id = runner.start(settings, via="api")
+            if "resume" in body:
+                job_id = _resume(body)
+            else:
+                settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
+                                                   family=host.loaded_family())
+                host.preflight(settings, via="api")
+                job_id = runner.start(settings, via="api")
         except SettingsError as e:
             return JSONResponse({"detail": e.problems}, status_code=422)
         except Busy as e:
@@ -73,6 +79,23 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         except LohatrainError as e:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
         return {"job_id": job_id, "state": "running"}
+
+    def _resume(body: dict) -> str:
+        problems = [f"a resumed run keeps its own settings: {k!r} cannot be given with resume"
+                    for k in sorted(set(body) - {"resume", "resume_anyway", "steps"})]
+        if not isinstance(body.get("resume_anyway", False), bool):
+            problems.append("resume_anyway must be true or false")
+        steps = body.get("steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            problems.append("steps must be a whole number of at least 1")
+        if problems:
+            raise SettingsError(problems)
+        settings, saved = host.resume_settings(body["resume"], steps)
+        host.preflight(settings, via="api", resuming=True)
+        return runner.start(settings, via="api", resume=saved, resume_anyway=body.get("resume_anyway", False))
+
+    def runs():
+        return {"runs": host.resumable_runs()}
 
     def status():
         return public_status(runner.status())
@@ -98,6 +121,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
 
     app.add_api_route(f"{PREFIX}/train", start, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
+    app.add_api_route(f"{PREFIX}/runs", runs, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/presets", presets, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/preview", preview, methods=["GET"], **route)

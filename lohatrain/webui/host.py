@@ -24,7 +24,9 @@ from ..errors import LohatrainError
 from ..preflight import preflight as engine_preflight
 from ..families import detect
 from ..jobs import Job
-from ..settings import TrainSettings
+from ..output import STATE_SUFFIX
+from ..run_state import SavedRun, list_resumable, read_state
+from ..settings import TrainSettings, check_file_name
 from ..trainer import Progress, TrainResult, train
 
 EXTENSION_DIR = Path(__file__).resolve().parents[2]
@@ -145,12 +147,29 @@ def check_dataset_path(folder: str, via: str) -> None:
             f"the WebUI's folder (an administrator can allow other folders in Settings → LoHa training)")
 
 
-def preflight(settings: TrainSettings, via: str) -> None:
+def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> None:
     """Everything that can refuse a run before it starts (tab, REST, and the job itself): the path rule, the
     memory flags, then the engine's own preflight on the loaded model (family, precision, torch, output)."""
     check_dataset_path(settings.dataset_dir, via)
     check_memory_mode()
-    engine_preflight(shared.sd_model, settings, lora_dir())
+    engine_preflight(shared.sd_model, settings, lora_dir(), resuming)
+
+
+def resumable_runs() -> list[dict]:
+    """The stopped runs in the Lora folder, newest first (lohatrain.run_state.list_resumable)."""
+    return list_resumable(lora_dir())
+
+
+def resume_settings(name, steps: int | None = None) -> tuple[TrainSettings, SavedRun]:
+    """A stopped run's own settings (into today's Lora folder; `steps` may extend it) and its saved state."""
+    problem = check_file_name(name)
+    if problem:
+        raise LohatrainError(problem.replace("name", "resume: the run's name", 1))
+    saved = read_state(lora_dir() / f"{name}{STATE_SUFFIX}")
+    settings = dataclasses.replace(saved.record.settings, output_dir=str(lora_dir()),
+                                   **({"steps": steps} if steps else {}))
+    settings.validate()
+    return settings, saved
 
 
 def check_memory_mode() -> None:
@@ -296,7 +315,7 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
 
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:
     """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
-    preflight(settings, via=job.via)
+    preflight(settings, via=job.via, resuming=job.resume is not None)
     if settings.clip_skip is None:  # record the host's current setting, so the file says what was used
         settings = dataclasses.replace(settings, clip_skip=host_clip_skip())
     out_dir = lora_dir()
@@ -316,7 +335,8 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 on_progress=_progress_to_state(job),
                 # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
                 should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
-                on_step=_preview_maker(settings, job, sd_model, out_dir))
+                on_step=_preview_maker(settings, job, sd_model, out_dir), resume=job.resume,
+                resume_anyway=job.resume_anyway)
             refresh_loras()  # under the GPU lock: the Lora list is not rebuilt while a generation reads it
         finally:
             state.end()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -39,7 +40,8 @@ FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "al
           "batch_size", "train_dtype", "save_dtype", "gradient_checkpointing", "seed", "deterministic",
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
-          "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts"]
+          "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts", "keep_state",
+          "init_from"]
 INT_FIELDS = {"lokr_factor", "dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
               "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps"}
 
@@ -55,6 +57,7 @@ def settings_from_form(values: list) -> TrainSettings:
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
+    data["init_from"] = data["init_from"] or ""
     data["output_dir"] = str(host.lora_dir())
     # sizes that differ from the chosen preset make it "custom"
     return TrainSettings.from_dict(data, family=host.loaded_family())
@@ -124,6 +127,43 @@ def start_training(runner: JobRunner, *values) -> str:
         return _message(str(e), "error").replace("<div ", answer, 1)
     return _message(f"Training {settings.name} started: progress below.", "info").replace(
         "<div ", answer + f'data-lohatrain-job="{job_id}" ', 1)
+
+
+def _run_label(run: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["saved_at"]))
+    return (f"{run['name']} — step {run['step']}/{run['total']} — {METHOD_LABELS.get(run['method'], run['method'])}"
+            f" — {run['model']} — {when}")
+
+
+def resume_choices() -> list[str]:
+    try:
+        return [_run_label(r) for r in host.resumable_runs()]
+    except LohatrainError:
+        return []
+
+
+def lora_file_names() -> list[str]:
+    """The .safetensors files in the Lora folder a new run can start from (`init_from`)."""
+    try:
+        return [""] + sorted(p.name for p in host.lora_dir().glob("*.safetensors"))
+    except (LohatrainError, OSError):
+        return [""]
+
+
+def resume_training(runner: JobRunner, label, anyway) -> str:
+    """Resume the chosen stopped run with its own settings; the answer is marked as Train's (see start_training)."""
+    answer = f'<div data-lohatrain-answer="{uuid.uuid4().hex}" '
+    try:
+        run = next((r for r in host.resumable_runs() if _run_label(r) == label), None)
+        if run is None:
+            raise LohatrainError("Choose a stopped run to resume (🔄 lists them again).")
+        settings, saved = host.resume_settings(run["name"])
+        host.preflight(settings, via="tab", resuming=True)
+        job_id = runner.start(settings, via="tab", resume=saved, resume_anyway=bool(anyway))
+    except LohatrainError as e:
+        return _message(str(e), "error").replace("<div ", answer, 1)
+    return _message(f"Resuming {settings.name} at step {saved.step} of {settings.steps}: progress below.",
+                    "info").replace("<div ", answer + f'data-lohatrain-job="{job_id}" ', 1)
 
 
 def poll_status(runner: JobRunner, sent_preview):
@@ -320,6 +360,20 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                                     precision=0, elem_id="lohatrain_preview_every")
                     preview_prompts = gr.Textbox("", lines=2, label="Preview prompt (default: the phrase)",
                                                  elem_id="lohatrain_preview_prompt")
+                with gr.Accordion("Resume a stopped run, or train a file further", open=False,
+                                  elem_id="lohatrain_resume_box"):
+                    with gr.Row():
+                        resume_run = gr.Dropdown(resume_choices(), label="Stopped runs (name — step — type — "
+                                                 "model — saved)", elem_id="lohatrain_resume_run")
+                        refresh_runs = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_runs")
+                        resume_btn = gr.Button("Resume", scale=0, min_width=100, elem_id="lohatrain_resume")
+                    with gr.Row():
+                        resume_anyway = gr.Checkbox(False, label="Resume even if the images or the model changed",
+                                                    elem_id="lohatrain_resume_anyway")
+                        keep_state = gr.Checkbox(d.keep_state, label="Keep the run's state when it finishes",
+                                                 elem_id="lohatrain_keep_state")
+                    init_from = gr.Dropdown(lora_file_names(), value="", label="Start a new run from this file "
+                                            "(same type and size)", elem_id="lohatrain_init_from")
                 with gr.Row():
                     saved = gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved")
                     preset_name = gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name")
@@ -345,12 +399,16 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
                 color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
                 text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
-                preview_prompts]
+                preview_prompts, keep_state, init_from]
         preset.change(preset_sizes, [preset, training_method], [dim, alpha, conv_dim, conv_alpha, lokr_factor])
         training_method.change(method_changed, [training_method],
                                [dora, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate])
         train_btn.click(lambda *v: start_training(runner, *v), form, [message])
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
+        resume_btn.click(lambda label, anyway: resume_training(runner, label, anyway), [resume_run, resume_anyway],
+                         [message])
+        refresh_runs.click(lambda: [gr.update(choices=resume_choices()), gr.update(choices=lora_file_names())], [],
+                           [resume_run, init_from])
         poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
                        queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
