@@ -30,7 +30,7 @@ test-newest: $(VENV_STAMP)
 # torch 2.1.2, lycoris-lora 3.4 through install.py): the engine, every network type's maths, precision, the
 # entry script and the installer. Gradio, the web stack and ldm are at the same pins in both environments,
 # so the tab, the routes and the host stand-in run once, above.
-STOCK_TESTS := tests/test_engine.py tests/test_network.py tests/test_methods.py tests/test_precision.py \
+STOCK_TESTS := tests/test_engine.py tests/test_network.py tests/test_methods.py tests/test_precision.py tests/test_resume.py \
 	tests/test_entry.py tests/test_install.py tests/test_process_state.py tests/test_dataset.py tests/test_demo_model.py
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS)

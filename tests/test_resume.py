@@ -238,3 +238,16 @@ def _demo_config(tmp_path: Path) -> Path:
         settings = demo_settings(tmp_path / "images", tmp_path)
         config.write_text(json.dumps({**settings.to_dict(), "save_every_steps": 2}))
     return config
+
+
+def test_a_saved_demo_run_repeats_from_its_settings_file_even_without_its_images(tmp_path, capsys):
+    """The README's "a saved run, again": the demo's images are generated, so they come back identical."""
+    from lohatrain.__main__ import main
+
+    assert main(["train", "--demo", "--output-dir", str(tmp_path / "first"), "--steps", "3"]) == 0
+    shutil.rmtree(tmp_path / "first" / "demo-images")
+    config = tmp_path / "first" / "demo-loha.lohatrain.json"
+    assert main(["train", "--demo", "--config", str(config), "--output-dir", str(tmp_path / "again")]) == 0
+    assert "wrote the demo's sample images" in capsys.readouterr().out
+    assert ((tmp_path / "again" / "demo-loha.safetensors").read_bytes()
+            == (tmp_path / "first" / "demo-loha.safetensors").read_bytes())
