@@ -53,17 +53,17 @@ def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(ti
     """Every random stream the loop draws from (batch order, noise, flips, colour, tag order, VAE posterior),
     text-encoder training, a warm-up and cosine schedule and intermediate saves: first step, between two
     saves, one before the last."""
-    kw = dict(steps=6, save_every_steps=2, **EVERY_STREAM)
+    kw = dict(steps=5, save_every_steps=2, **EVERY_STREAM)
     reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
     assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
-    for stop in (1, 3, 5):
+    for stop in (1, 3, 4):
         out = tmp_path / f"stopped-{stop}"
         first = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, out, **kw), **stopping_at(stop))
         assert first.status == "interrupted" and first.steps_done == stop
         assert [r["name"] for r in list_resumable(out)] == ["test-loha"]
-        assert list_resumable(out)[0]["step"] == stop and list_resumable(out)[0]["total"] == 6
+        assert list_resumable(out)[0]["step"] == stop and list_resumable(out)[0]["total"] == 5
         result = resume_run(copy.deepcopy(tiny_model), out)
-        assert result.status == "done" and result.steps_done == 6
+        assert result.status == "done" and result.steps_done == 5
         assert lora_files(out) == lora_files(tmp_path / "whole"), stop
         assert not (out / "test-loha.lohatrain-state").exists()
 
@@ -104,9 +104,9 @@ def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
 
 @pytest.mark.skipif(not autocast_supports("cpu", torch.float16), reason="CPU fp16 autocast needs torch 2.3")
 def test_resume_is_exact_in_fp16_with_its_loss_scaler(tiny_model, sample_dataset, tmp_path):
-    kw = dict(steps=4, train_dtype="fp16", save_dtype="fp16")
+    kw = dict(steps=3, train_dtype="fp16", save_dtype="fp16")
     reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(2))
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(1))
     saved = read_state(tmp_path / "stopped" / "test-loha.lohatrain-state")
     assert saved.info["scaler"]["scale"] > 0  # the scaler's state travels with the run
     assert resume_run(copy.deepcopy(tiny_model), tmp_path / "stopped").file.read_bytes() == reference.file.read_bytes()
@@ -197,14 +197,14 @@ def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(
 
 def test_a_killed_command_line_leaves_only_whole_files_and_resumes_to_the_same_file(tmp_path):
     """SIGKILL while a file is being written (every write made slow); then --resume finishes the run."""
+    from lohatrain.__main__ import main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
     base = [sys.executable, "-m", "lohatrain", "train", "--demo", "--steps", "8"]
-    whole = subprocess.run([*base, "--output-dir", str(tmp_path / "whole"), "--config", str(_demo_config(tmp_path))],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr
+    assert main([*base[3:], "--output-dir", str(tmp_path / "whole"), "--config", str(_demo_config(tmp_path))]) == 0
     out = tmp_path / "killed"
     slow_writes = ("import os, sys, time; fsync = os.fsync; "
-                   "os.fsync = lambda fd: (time.sleep(2), fsync(fd))[1]; "
+                   "os.fsync = lambda fd: (time.sleep(0.5), fsync(fd))[1]; "
                    "from lohatrain.__main__ import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", slow_writes, *base[3:], "--output-dir", str(out), "--config",
                              str(_demo_config(tmp_path))], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
