@@ -95,21 +95,21 @@ def test_interrupt_button_stops_within_a_step(page, webui_server):
 
 
 def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page, webui_server):
-    fill_small_run(page, webui_server, "browser-resume", steps=40)
+    fill_small_run(page, webui_server, "browser-resume", steps=20)
     page.locator("#lohatrain_train").click()
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
-        re.compile(r"step ([2-9]|\d\d+)/40"), timeout=TIMEOUT)
+        re.compile(r"step ([2-9]|\d\d+)/20"), timeout=TIMEOUT)
     page.locator("#lohatrain_interrupt").click()
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
         "data-state", "interrupted", timeout=TIMEOUT)
     open_accordion(page, "Resume a stopped run, or train a file further")
     page.locator("#lohatrain_refresh_runs").click()
     page.locator("#lohatrain_resume_run input").click()
-    page.locator("ul.options li", has_text=re.compile(r"browser-resume — step \d+/40")).first.click()
+    page.locator("ul.options li", has_text=re.compile(r"browser-resume — step \d+/20")).first.click()
     page.locator("#lohatrain_resume").click()
     expect(page.locator("div.prose#lohatrain_message")).to_contain_text("Resuming browser-resume at step")
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
-    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 40/40")
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 20/20")
     assert not (webui_server.lora_dir / "browser-resume.lohatrain-state").exists()
 
 
