@@ -1,8 +1,9 @@
 """The training loop: one function, `train`, that the tab, the REST API, the command line and tests call.
 
-Flow: settings → dataset (images, captions, buckets) → cache (latents through the VAE, conditioning through
-the model's own text path) → VAE / text encoder off the GPU → network attached → loop → network detached → model
-restored exactly (ModelGuard) → file written atomically.
+Flow: settings → dataset (images, captions, buckets) → cache (`_Cache`: latents through the VAE, conditioning
+through the model's own text path) → VAE / text encoder off the GPU → network attached → loop (`_step` advances
+a `LoopState`: what is saved to resume, lohatrain/run_state.py) → network detached → model restored exactly
+(ModelGuard) → file written atomically. A resumed run restores the LoopState and runs the same loop.
 """
 from __future__ import annotations
 
@@ -78,6 +79,16 @@ class _Sample:
     latent_flipped: torch.Tensor | None
     sizes: tuple[int, ...]  # original (h, w), crop (top, left), target (h, w): SDXL's size conditioning
     sizes_flipped: tuple[int, ...]  # the same with the crop measured in the mirrored image
+
+
+@dataclass
+class _Cache:
+    """The dataset as the loop reads it: every image's latents, and every caption's conditioning unless the
+    text encoder runs each step (shuffled tags, or trained)."""
+
+    samples: list[_Sample]
+    conditioning: dict[str, object]
+    per_step_text: bool
 
 
 def train(model, settings: TrainSettings, *, output_dir: str | Path | None = None,
@@ -156,17 +167,10 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
         if not settings.color_aug:
             vae.to(offload_device)
-
-        cached_cond: dict[str, torch.Tensor] = {}
-        per_step_text = settings.shuffle_tags or train_text
-        if not per_step_text:
+        cache = _Cache(samples, {}, per_step_text=settings.shuffle_tags or train_text)
+        if not cache.per_step_text:
             report(Progress("Encoding captions"))
-            with torch.no_grad(), autocast():
-                for caption in sorted({s.item.caption for s in samples}):
-                    cached_cond[caption] = _to_float(encode_prompts([caption]))
-                shapes = {tuple(t.shape for t in _tensors(c)) for c in cached_cond.values()}
-                if len(shapes) > 1 and "" not in cached_cond:  # captions past 75 tokens: pad with the empty one
-                    cached_cond[""] = _to_float(encode_prompts([""]))
+            cache.conditioning = _cache_conditioning(encode_prompts, samples, autocast)
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -218,8 +222,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 if stop():
                     status = "interrupted"
                     break
-                _step(model, family, samples, settings, loop, encode_prompts, cached_cond, per_step_text, train_text,
-                      alphas_cumprod, v_prediction, device, autocast)
+                _step(model, family, cache, settings, loop, encode_prompts, train_text, alphas_cumprod, v_prediction,
+                      device, autocast)
                 whole_step_streams = loop.streams()
                 step = loop.step
                 elapsed = time.perf_counter() - loop_start
@@ -262,19 +266,19 @@ class _Diverged(LohatrainError):
     """The loss is not finite: the weights are broken, so no state is saved from them."""
 
 
-def _step(model, family, samples, settings, loop: LoopState, encode_prompts, cached_cond, per_step_text,
-          train_text, alphas_cumprod, v_prediction, device, autocast) -> None:
+def _step(model, family, cache: _Cache, settings, loop: LoopState, encode_prompts, train_text, alphas_cumprod,
+          v_prediction, device, autocast) -> None:
     """One optimisation step: a batch, its noise and timesteps, the loss, the update; it advances `loop`."""
-    batch = [samples[i] for i in loop.sampler.next_batch()]
+    batch = [cache.samples[i] for i in loop.sampler.next_batch()]
     latents, sizes = _batch_latents(model, family, batch, settings, loop.aug_gen, device, autocast)
     captions = [s.item.caption for s in batch]
     if settings.shuffle_tags:
         captions = [ds.shuffle_caption(c, loop.caption_rng, settings.keep_tokens) for c in captions]
-    if per_step_text:
+    if cache.per_step_text:
         with torch.set_grad_enabled(train_text), autocast():
             cond = encode_prompts(captions)
     else:
-        cond = family.stack_conditioning([cached_cond[c] for c in captions], cached_cond.get(""))
+        cond = family.stack_conditioning([cache.conditioning[c] for c in captions], cache.conditioning.get(""))
     cond = family.condition_on_images(model, cond, sizes)
 
     noise_gen = loop.noise_gen
@@ -376,6 +380,18 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
     return sqrt_ab ** 2
+
+
+def _cache_conditioning(encode_prompts, samples: list[_Sample], autocast) -> dict[str, object]:
+    """Each caption through the text encoder once (float32)."""
+    conditioning = {}
+    with torch.no_grad(), autocast():
+        for caption in sorted({s.item.caption for s in samples}):
+            conditioning[caption] = _to_float(encode_prompts([caption]))
+        shapes = {tuple(t.shape for t in _tensors(c)) for c in conditioning.values()}
+        if len(shapes) > 1 and "" not in conditioning:  # captions past 75 tokens: pad with the empty one
+            conditioning[""] = _to_float(encode_prompts([""]))
+    return conditioning
 
 
 def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:
