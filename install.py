@@ -24,8 +24,10 @@ MIN_LYCORIS = (3, 2)  # lycoris.functional as lohatrain uses it (diff_weight per
 # also uses Pillow. torch and numpy are left out on purpose: the WebUI installs them (pinned)
 # before it runs extension installers, and only the WebUI should choose their versions.
 # None of these has a required dependency of its own, hence `--no-deps` is safe
-# (tqdm's colorama is Windows-only and optional).
-LIGHT_DEPENDENCIES = ["einops", "safetensors", "toml", "tqdm", "Pillow"]
+# (tqdm's colorama is Windows-only and optional). ImageHash (the dataset doctor's perceptual hash) needs
+# numpy, scipy, PyWavelets and Pillow, which the WebUI has (scikit-image brings scipy and PyWavelets); without
+# them the doctor skips near duplicates and says so.
+LIGHT_DEPENDENCIES = ["einops", "safetensors", "toml", "tqdm", "Pillow", "ImageHash"]
 
 
 def installed_version(name):

@@ -145,7 +145,7 @@ def run_install(python, root):
 
 
 ALL_PRESENT = dict(torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", safetensors="0.4.2", toml="0.10.2",
-                   tqdm="4.66.1", Pillow="9.5.0")
+                   tqdm="4.66.1", Pillow="9.5.0", ImageHash="4.3.1")
 STOCK_TORCH = "2.1.2+cu121"  # what a stock WebUI v1.10.1 installs (modules/launch_utils.py)
 
 
@@ -209,15 +209,15 @@ def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
     fake_installed(python, torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", Pillow="9.5.0")
     process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
     assert process.returncode == 0
-    assert [call["command"] for call in calls] == ["install --no-deps safetensors toml tqdm"]
+    assert [call["command"] for call in calls] == ["install --no-deps safetensors toml tqdm ImageHash"]
     ours = [line for line in process.stdout.splitlines() if line.startswith("[lohatrain]")]
     assert len(ours) == 1
-    assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm (")
+    assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm, ImageHash (")
     assert "No module named pip" in ours[0]
     assert ours[0].endswith("the LoHa training tab will be unavailable until it is installed")
     # Besides our line, only the host's own announcement from run_pip.
     assert [line for line in process.stdout.splitlines() if line not in ours] == [
-        "Installing lohatrain requirements: safetensors, toml, tqdm"]
+        "Installing lohatrain requirements: safetensors, toml, tqdm, ImageHash"]
     assert process.stderr == ""
 
 
@@ -227,9 +227,9 @@ def test_pip_failure_outside_webui_prints_one_line_and_exits_0(tmp_path):
     assert process.returncode == 0 and process.stderr == ""
     lines = process.stdout.splitlines()
     assert lines[0] == ("Installing lohatrain requirements: "
-                        "lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow")
+                        "lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow, ImageHash")
     assert len(lines) == 2 and lines[1].startswith(
-        "[lohatrain] could not install lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow (")
+        "[lohatrain] could not install lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow, ImageHash (")
 
 
 @pytest.fixture
@@ -258,9 +258,9 @@ def test_installs_lycoris_without_touching_pins_then_does_nothing(tmp_path, host
     after = installed(host_venv)
     assert after["lycoris-lora"] == "4.1.3"
     assert {name: after.get(name) for name in before} == before  # nothing upgraded or downgraded
-    assert set(after) - set(before) == {"lycoris-lora", "toml"}  # only additions: no torch
+    assert set(after) - set(before) == {"lycoris-lora", "toml", "imagehash"}  # only additions: no torch
     if inside_webui:
-        assert [call["command"] for call in calls] == ["install --no-deps lycoris-lora==4.1.3 toml"]
+        assert [call["command"] for call in calls] == ["install --no-deps lycoris-lora==4.1.3 toml ImageHash"]
 
     # The second start: everything is present, so no pip call and no output at all.
     root = tmp_path / "second-start"

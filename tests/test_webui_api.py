@@ -319,3 +319,19 @@ def test_a_resume_that_cannot_start_is_refused_with_its_reason(webui_server, bod
     r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=body)
     assert r.status_code == 422 and message in " ".join(r.json()["detail"])
     assert httpx.get(f"{webui_server.url}/lohatrain/v1/status").json().get("job_id") == before.get("job_id")
+
+
+def test_the_dataset_doctor_route_answers_the_report(webui_server, tmp_path):
+    url = f"{webui_server.url}/lohatrain/v1/dataset/check"
+    body = {"dataset_dir": str(webui_server.root / "dataset"), "caption_mode": "txt", "resolution": 64, "batch_size": 2}
+    report = httpx.post(url, json=body).json()
+    assert report["images"] == 8 and report["problems"] == [] and report["suggested_steps"] == 400
+    lohatrain.demo.make_sample_dataset(tmp_path / "copy")
+    (tmp_path / "copy" / "sample_03.txt").unlink()
+    report = httpx.post(url, json={**body, "dataset_dir": str(tmp_path / "copy")}).json()
+    assert report["problems"] == [{"file": "sample_03.png", "kind": "missing_caption",
+                                   "message": "sample_03.png has no sample_03.txt"}]
+    r = httpx.post(url, json={**body, "resolution": "big", "colour": 1})
+    assert r.status_code == 422 and r.json()["detail"] == ["unknown field 'colour'", "resolution must be a whole number"]
+    r = httpx.post(url, json={**body, "dataset_dir": str(tmp_path / "nowhere")})
+    assert r.status_code == 422 and "does not exist" in r.json()["detail"][0]

@@ -122,6 +122,29 @@ def test_check_dataset_shows_count_buckets_and_thumbnails(page, webui_server):
     expect(page.locator("div.prose#lohatrain_report")).to_contain_text("8 images, 8 with a caption")
     expect(page.locator("div.prose#lohatrain_report table tr")).to_have_count(1 + 3)  # header + 3 buckets at 256 px
     expect(page.locator("#lohatrain_thumbs img")).to_have_count(8)
+    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("Suggested steps: 400")
+    # at 256 px the sample images (64 to 160 px) are each far smaller than their bucket
+    expect(page.locator("#lohatrain_report ul.lohatrain-problems li[data-kind=small]")).to_have_count(8)
+
+
+def test_check_dataset_lists_each_problem_with_its_file(page, webui_server, tmp_path):
+    from lohatrain.demo import make_sample_dataset
+
+    folder = make_sample_dataset(webui_server.root / "doctor-case")
+    (folder / "sample_02.txt").write_text("")
+    (folder / "sample_05.txt").unlink()
+    fill(page, "lohatrain_dataset", folder)
+    fill(page, "lohatrain_resolution", 64)
+    open_accordion(page, "Developer options")
+    fill(page, "lohatrain_bucket_min", 64)
+    fill(page, "lohatrain_bucket_max", 128)
+    page.locator("#lohatrain_check").click()
+    problems = page.locator("#lohatrain_report ul.lohatrain-problems li")
+    expect(problems).to_have_count(2)
+    expect(problems.nth(0)).to_have_attribute("data-kind", "empty_caption")
+    expect(problems.nth(0)).to_contain_text("sample_02.png")
+    expect(problems.nth(1)).to_have_attribute("data-kind", "missing_caption")
+    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("sample_05.png")  # and what blocks training
 
 
 @pytest.mark.parametrize("case,message", [

@@ -5,6 +5,9 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
+POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
+                              "batch_size"} → the dataset doctor's report: images, problems [{file, kind,
+                              message}], tag_frequency, trigger, suggested_steps, steps_reason
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
                               file_name, preview_url (never a server path)
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}
@@ -26,6 +29,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from .. import doctor
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
 from ..settings import PRESETS_BY_METHOD, SettingsError, TrainSettings
@@ -97,6 +101,25 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     def runs():
         return {"runs": host.resumable_runs()}
 
+    def check_dataset(body=Body(...)):
+        known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
+                 "resolution": int, "batch_size": int}
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": ["the body must be a JSON object"]}, status_code=422)
+        problems = [f"unknown field {k!r}" for k in sorted(set(body) - set(known))] + [
+            f"{k} must be {'a whole number' if t is int else 'a text'}" for k, t in known.items()
+            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool))]
+        if problems:
+            return JSONResponse({"detail": problems}, status_code=422)
+        try:
+            host.check_dataset_path(body.get("dataset_dir", ""), via="api")
+            report = doctor.check(body.get("dataset_dir", ""), body.get("caption_mode", "txt"),
+                                  body.get("caption_ext", ".txt"), body.get("caption_phrase", ""),
+                                  body.get("resolution", 512), body.get("batch_size", 1))
+        except (LohatrainError, ValueError) as e:
+            return JSONResponse({"detail": [str(e)]}, status_code=422)
+        return report.to_dict()
+
     def status():
         return public_status(runner.status())
 
@@ -122,6 +145,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     app.add_api_route(f"{PREFIX}/train", start, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/runs", runs, methods=["GET"], **route)
+    app.add_api_route(f"{PREFIX}/dataset/check", check_dataset, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/presets", presets, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/preview", preview, methods=["GET"], **route)

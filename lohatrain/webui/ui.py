@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import dataset as ds
+from .. import doctor
 from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
@@ -187,23 +188,44 @@ def interrupt(runner: JobRunner) -> str:
     return _message("Nothing is training.")
 
 
-def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side):
-    """Count, buckets, captions and a few thumbnails, before anything is trained."""
+def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
+                  batch_size=1):
+    """The dataset doctor's findings (lohatrain/doctor.py), then count, buckets, captions and a few
+    thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     try:
         host.check_dataset_path(dataset_dir, via="tab")
-        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
-        bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
+        found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
+                             int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
         return _message(str(e), "error"), []
+    doctor_html = _doctor_html(found)
+    try:
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
+        bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
+    except (LohatrainError, ValueError) as e:  # the doctor lists each file; this says what blocks training
+        return doctor_html + _message(str(e), "error"), []
     rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
     captioned = sum(1 for i in items if i.caption.strip())
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of))
     report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
               f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
-              + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>")
+              + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
     thumbs = [(str(i.path), i.caption or "(no caption)") for i in items[:12]]
     return report, thumbs
+
+
+def _doctor_html(found) -> str:
+    problems = "".join(f'<li data-kind="{html.escape(p.kind)}"><b>{html.escape(p.file)}</b>: {html.escape(p.message)}'
+                       "</li>" for p in found.problems)
+    top = ", ".join(f"{html.escape(tag)} ({n})" for tag, n in list(found.tag_frequency.items())[:12])
+    return (f'<div class="lohatrain-doctor"><p>Suggested steps: <b>{found.suggested_steps}</b> '
+            f'({html.escape(found.steps_reason)})</p>'
+            + (f'<p>Trigger: <code>{html.escape(found.trigger)}</code></p>' if found.trigger else "")
+            + (f'<p>Most used tags: {top}</p>' if top else "")
+            + (f'<ul class="lohatrain-problems">{problems}</ul>' if problems else "<p>No problems found.</p>")
+            + "".join(f"<p>Not checked: {html.escape(s)}</p>" for s in found.skipped)
+            + "</div>")
 
 
 def preset_sizes(label, method_label):
@@ -412,7 +434,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
                        queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
-                                        bucketing, bucket_min_side, bucket_max_side], [report, thumbs])
+                                        bucketing, bucket_min_side, bucket_max_side, batch_size], [report, thumbs])
         load_ckpt.click(load_checkpoint, [ckpt, training_method],
                         [model_md, message, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate,
                          resolution, batch_size, bucket_min_side, bucket_max_side])

@@ -1,0 +1,166 @@
+"""The dataset doctor: what in a training folder will hurt the LoRA, each problem naming its file, before
+anything is trained (the tab's *Check dataset* and `POST /lohatrain/v1/dataset/check`).
+
+Kinds: `broken` (does not open), `duplicate` (the same pixels as another image), `near_duplicate` (a resized,
+re-encoded or slightly cropped copy: perceptual hashes from the ImageHash library within a few bits),
+`small` (much smaller than its bucket: trains blurry), `extreme_aspect` (far wider or taller than any bucket:
+most of it is cropped away), `missing_caption`, `empty_caption` and `trigger_missing` (a caption without the
+trigger phrase most captions share). Plus tag frequencies and a suggested step count with its reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from . import dataset as ds
+
+NEAR_DUPLICATE_BITS = 8  # of 64: a resize, a re-encode or a crop of a few percent stays within this
+NEAR_DUPLICATE_COLOUR = 12  # largest difference (of 255) of the mean red, green or blue: the perceptual hash
+#                             sees only grey levels, so one shape drawn in two colours would match without it
+SMALL_FACTOR = 1.5  # an image needing more than this upscale to cover its bucket is "small"
+EXTREME_ASPECT = 2.5  # width/height (or height/width) past which a bucket crops away most of the image
+
+
+@dataclass
+class Problem:
+    file: str
+    kind: str
+    message: str
+
+
+@dataclass
+class Report:
+    images: int
+    problems: list[Problem]
+    tag_frequency: dict[str, int]
+    trigger: str
+    suggested_steps: int
+    steps_reason: str
+    skipped: list[str]  # checks that could not run here, and why
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".txt", caption_phrase: str = "",
+          resolution: int = 512, batch_size: int = 1, bucketing: bool = True, bucket_min_side: int | None = None,
+          bucket_max_side: int | None = None) -> Report:
+    """Read every image once and report what will hurt. Raises DatasetError only for a folder that is not
+    there or holds no images at all."""
+    folder = ds._existing_folder(folder)
+    files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    images = sorted((p for p in files.values() if p.suffix.lower() in ds.IMAGE_EXTENSIONS), key=lambda p: p.name)
+    if not images:
+        raise ds.DatasetError(f"No images found in {folder.name} (sub-folders are not searched)")
+    min_side = bucket_min_side or max(64, resolution // 2 // 64 * 64)
+    max_side = bucket_max_side or resolution * 2
+    buckets = ds.make_buckets(resolution, min(min_side, resolution), max(max_side, resolution)) if bucketing else [
+        (resolution, resolution)]
+
+    problems: list[Problem] = []
+    captions: dict[str, str] = {}
+    exact: dict[str, str] = {}
+    hashes: list[tuple[str, object, list[int]]] = []
+    try:
+        import imagehash  # the WebUI has its dependencies (scipy, PyWavelets: scikit-image); install.py adds it
+        skipped = []
+    except ImportError as e:
+        imagehash, skipped = None, [f"near duplicates: the ImageHash library cannot be imported ({e})"]
+
+    for path in images:
+        try:
+            with ds.load_image(path) as img:
+                size = img.size
+                digest = hashlib.sha256(img.tobytes()).hexdigest()
+                perceptual = imagehash.phash(img) if imagehash else None
+                colours = list(img.convert("RGB").resize((1, 1), Image.BOX).tobytes())
+        except ds.DatasetError:
+            problems.append(Problem(path.name, "broken", f"{path.name} cannot be read (damaged, incomplete, or not "
+                                                         "really an image): re-save it as PNG or JPEG, or remove it"))
+            continue
+        if digest in exact:
+            problems.append(Problem(path.name, "duplicate", f"{path.name} is the same image as {exact[digest]}"))
+        else:
+            exact[digest] = path.name
+            twin = next((name for name, h, c in hashes if imagehash and perceptual - h <= NEAR_DUPLICATE_BITS and
+                         max(abs(a - b) for a, b in zip(colours, c)) <= NEAR_DUPLICATE_COLOUR), None)
+            if twin:
+                problems.append(Problem(path.name, "near_duplicate", f"{path.name} is nearly the same image as "
+                                        f"{twin} (resized, re-encoded or cropped): it weighs double in training"))
+            hashes.append((path.name, perceptual, colours))
+        problems += _size_problems(path.name, size, buckets)
+        caption = _caption(path, files, caption_mode, caption_ext, caption_phrase, problems)
+        if caption is not None:
+            captions[path.name] = caption
+
+    trigger = ds._one_line(caption_phrase) if caption_mode == "phrase" else _shared_first_tag(captions)
+    if trigger and caption_mode == "txt":
+        problems += [Problem(name, "trigger_missing", f"{name}'s caption lacks the trigger {trigger!r} that the "
+                                                      "other captions start with")
+                     for name, text in captions.items() if text.strip() and trigger.lower() not in
+                     [t.lower() for t in ds._tags(text)]]
+    frequency = dict(sorted(Counter(t.lower() for c in captions.values() for t in ds._tags(c)).items(),
+                            key=lambda kv: (-kv[1], kv[0])))
+    steps, reason = suggest_steps(len(images), batch_size)
+    order = {p.name: i for i, p in enumerate(images)}
+    problems.sort(key=lambda p: (order.get(p.file, 0), p.kind))
+    return Report(len(images), problems, frequency, trigger, steps, reason, skipped)
+
+
+def _size_problems(name: str, size: tuple[int, int], buckets) -> list[Problem]:
+    width, height = size
+    bucket = ds.assign_bucket(width, height, buckets)
+    found = []
+    scale = max(bucket[0] / width, bucket[1] / height)
+    if scale > SMALL_FACTOR:
+        found.append(Problem(name, "small", f"{name} is {width}x{height}, {scale:.1f}x smaller than its bucket "
+                                            f"{bucket[0]}x{bucket[1]}: it trains blurry; use a larger image"))
+    aspect = max(width / height, height / width)
+    if aspect > EXTREME_ASPECT:
+        kept = min(bucket[0] / (width * scale), 1) * min(bucket[1] / (height * scale), 1)
+        found.append(Problem(name, "extreme_aspect", f"{name} is {width}x{height} ({aspect:.1f}:1): its bucket "
+                                                     f"{bucket[0]}x{bucket[1]} keeps {kept:.0%} of it; crop it "
+                                                     "to the part that matters"))
+    return found
+
+
+def _caption(path: Path, files: dict, mode: str, ext: str, phrase: str, problems: list[Problem]) -> str | None:
+    if mode != "txt":
+        return phrase if mode == "phrase" else None
+    caption_file = files.get(path.stem + ext)
+    if caption_file is None:
+        problems.append(Problem(path.name, "missing_caption", f"{path.name} has no {path.stem}{ext}"))
+        return None
+    try:
+        text = caption_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        problems.append(Problem(path.name, "missing_caption", f"{path.name}'s caption {caption_file.name} is not UTF-8 text"))
+        return None
+    if not text.strip():
+        problems.append(Problem(path.name, "empty_caption", f"{path.name}'s caption {caption_file.name} is empty"))
+    return ds._one_line(text)
+
+
+def _shared_first_tag(captions: dict[str, str]) -> str:
+    """The first tag most captions start with (a trigger word), or "" when none is shared by more than half."""
+    firsts = Counter(ds._tags(c)[0].lower() for c in captions.values() if ds._tags(c))
+    if not firsts:
+        return ""
+    tag, count = max(sorted(firsts.items()), key=lambda kv: kv[1])
+    return tag if count * 2 > len(captions) else ""
+
+
+def suggest_steps(images: int, batch_size: int) -> tuple[int, str]:
+    """About 100 looks at each image (what character and style LoRAs commonly get), between 400 and 4000 steps."""
+    batch_size = max(1, batch_size)
+    raw = math.ceil(100 * images / batch_size)
+    steps = min(4000, max(400, int(math.ceil(raw / 50) * 50)))
+    reason = (f"{images} images at batch size {batch_size}: about 100 passes over each image is "
+              f"{raw} steps" + (f", kept within 400–4000: {steps}" if steps != math.ceil(raw / 50) * 50 else
+                                f", rounded to {steps}"))
+    return steps, reason
