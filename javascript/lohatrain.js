@@ -9,6 +9,7 @@
     let awaited = null;          // the id of the job this page started: the panel follows it to its end
     let answerBefore = null;     // the token of Train's last answer before this press; null: not waiting
     let waitTicks = 0;
+    let shown = null;            // the job the panel shows when this page started none (a REST job, or a reload)
 
     function app() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -34,14 +35,27 @@
         const span = hi - lo || 1;
         const points = losses.map((v, i) =>
             `${(i / (losses.length - 1) * w).toFixed(1)},${(h - (v - lo) / span * h).toFixed(1)}`).join(" ");
-        return `<svg class="lohatrain-chart" viewBox="0 0 ${w} ${h}" preserveAspectRatio="none" role="img"
-                     aria-label="loss chart"><polyline points="${points}"/></svg>
-                <div class="lohatrain-chart-scale"><span>${hi.toFixed(4)}</span><span>${lo.toFixed(4)}</span></div>`;
+        // the loss axis is vertical: its highest and lowest values label the top and bottom of the chart
+        return `<div class="lohatrain-chart-wrap"><svg class="lohatrain-chart" viewBox="0 0 ${w} ${h}"
+                     preserveAspectRatio="none" role="img" aria-label="loss chart"><polyline points="${points}"/></svg>
+                <div class="lohatrain-chart-scale"><span>loss ${hi.toFixed(4)}</span><span>${lo.toFixed(4)}</span></div></div>`;
+    }
+
+    // The Lora cards of txt2img and img2img read the folder again (the WebUI's own hidden refresh buttons,
+    // extraNetworks.js), so the new file is there without pressing Refresh.
+    function refreshLoraCards() {
+        for (const tab of ["txt2img", "img2img"]) {
+            const button = app().querySelector(`#${tab}_lora_extra_refresh_internal`);
+            if (button) button.dispatchEvent(new Event("click"));
+        }
     }
 
     function render(s) {
         const panel = app().querySelector("#lohatrain_live");
         if (!panel) return;
+        const send = app().querySelector("#lohatrain_send");
+        if (send) send.disabled = s.state === "running";  // the LoRA to send does not exist yet
+        if (s.file_name && s.state !== "running" && (!last || last.state === "running")) refreshLoraCards();
         last = s;
         if (s.state === "idle") {
             panel.innerHTML = "";
@@ -115,13 +129,18 @@
             lastText = box.value;
             const s = JSON.parse(box.value);
             if (s.preview_data) preview = s.preview_data;
-            // the panel follows the job this page started (by id) to its end; else whatever job there is
-            if (awaited === null || s.job_id === awaited) {
+            // the panel follows the job this page started (by id) to its end; else a job that is running now
+            // (to its end): a finished job another page started, or this page before a reload, is not shown
+            if (awaited === null && s.state === "running") shown = s.job_id;
+            if (s.job_id === awaited || (awaited === null && s.job_id === shown)) {
                 render(s);
                 if (s.state !== "running") {
                     stop();
                     return;
                 }
+            } else if (awaited === null && s.state !== "running") {
+                stop();
+                return;
             }
         }
         button.click();
@@ -140,11 +159,10 @@
     window.lohatrainSendToTxt2img = function () {
         const s = last || {};
         const name = s.name || (app().querySelector("#lohatrain_name textarea, #lohatrain_name input") || {}).value;
-        const phrase = (app().querySelector("#lohatrain_phrase textarea, #lohatrain_phrase input") || {}).value;
         const prompt = app().querySelector("#txt2img_prompt textarea");
         if (prompt && name) {
-            const tag = `<lora:${name}:1>`;
-            prompt.value = [tag, phrase].filter(Boolean).join(", ") + (prompt.value ? ", " + prompt.value : "");
+            const tag = `<lora:${name}:1>`;  // with the trigger words the file's card holds (its activation text)
+            prompt.value = [tag, s.activation_text].filter(Boolean).join(", ") + (prompt.value ? ", " + prompt.value : "");
             prompt.dispatchEvent(new Event("input", {bubbles: true}));
         }
         if (typeof switch_to_txt2img === "function") {

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import dataset as ds
+from .settings import bucket_sides_for
 
 NEAR_DUPLICATE_BITS = 8  # of 64: a resize, a re-encode or a crop of a few percent stays within this
 NEAR_DUPLICATE_COLOUR = 12  # largest difference (of 255) of the mean red, green or blue: the perceptual hash
@@ -57,8 +58,8 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     images = sorted((p for p in files.values() if p.suffix.lower() in ds.IMAGE_EXTENSIONS), key=lambda p: p.name)
     if not images:
         raise ds.DatasetError(f"No images found in {folder.name} (sub-folders are not searched)")
-    min_side = bucket_min_side or max(64, resolution // 2 // 64 * 64)
-    max_side = bucket_max_side or resolution * 2
+    low, high = bucket_sides_for(resolution)
+    min_side, max_side = bucket_min_side or low, bucket_max_side or high
     buckets = ds.make_buckets(resolution, min(min_side, resolution), max(max_side, resolution)) if bucketing else [
         (resolution, resolution)]
 

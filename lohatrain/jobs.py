@@ -37,10 +37,11 @@ class Job:
     settings: TrainSettings
     via: str = "tab"  # "tab" or "api": which password protects the caller (the path rule differs)
     state: str = "running"
-    progress: Progress = field(default_factory=lambda: Progress("Waiting for the GPU"))
+    progress: Progress = field(default_factory=lambda: Progress("Waiting for the WebUI's other jobs"))
     losses: list[float] = field(default_factory=list)
     message: str = ""
     file: str | None = None
+    activation_text: str = ""
     preview: str | None = None
     preview_step: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -93,6 +94,7 @@ class JobRunner:
         try:
             result = self._run(job.settings, job)
             outcome = dict(file=str(result.file) if result.file else None, warnings=result.warnings,
+                           activation_text=result.activation_text,
                            state=result.status,
                            progress=dataclasses.replace(job.progress, stage=result.status.capitalize()))
             if result.status == "interrupted":
@@ -135,6 +137,7 @@ class JobRunner:
             "state": job.state, "job_id": job.id, "name": job.settings.name, "stage": p.stage,
             "step": p.step, "total": p.total or job.settings.steps, "loss": p.loss, "smooth_loss": p.smooth_loss,
             "lr": p.lr, "it_per_s": p.it_per_s, "eta_s": p.eta_s, "message": job.message, "file": job.file,
+            "activation_text": job.activation_text,
             "preview": job.preview, "preview_step": job.preview_step, "warnings": job.warnings,
             "losses": _downsample(job.losses, MAX_CHART_POINTS), "elapsed_s": (job.ended or time.time()) - job.started,
         }

@@ -121,6 +121,12 @@ FAMILY_DEFAULTS = {
 }
 
 
+def bucket_sides_for(resolution: int) -> tuple[int, int]:
+    """The bucket sides that go with a resolution when the user sets none: half and twice it (as every
+    family's defaults), so a 256 px run gets 128–512 px buckets and never a side beyond its own resolution."""
+    return max(64, resolution // 2 // 64 * 64), resolution * 2
+
+
 def default_learning_rate(method: str, family: str) -> float:
     return METHOD_LEARNING_RATE.get(method, 1e-3) * (0.5 if family == "sdxl" else 1.0)
 DEFAULT_PRESET = "highest"
@@ -206,7 +212,12 @@ class TrainSettings:
         if type_problems:  # before anything below reads a value of the wrong type
             raise SettingsError(type_problems)
         method = data.get("training_method", "loha")
+        given = data
         data = {**FAMILY_DEFAULTS[family], "learning_rate": default_learning_rate(method, family), **data}
+        if "resolution" in given:  # bucket sides the user left out follow the resolution the user gave
+            low, high = bucket_sides_for(data["resolution"])
+            data["bucket_min_side"] = given.get("bucket_min_side", low)
+            data["bucket_max_side"] = given.get("bucket_max_side", high)
         presets = presets_for(method, family)
         preset = presets.get(data.get("network_preset", DEFAULT_PRESET))
         # "custom" fills the sizes it leaves out from the default preset of the family and method

@@ -66,6 +66,7 @@ class TrainResult:
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    activation_text: str = ""  # the trigger words the WebUI's card for the file holds
 
 
 @dataclass
@@ -240,13 +241,14 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
 
             step = loop.step
             final, metadata = None, {}
+            activation_text = _activation_text(settings, items)
             if step > 0:
                 report(Progress("Saving", step, settings.steps))
                 metadata = make_metadata(step)
                 final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
                                      overwrite=settings.overwrite or resume is not None)
                 files.append(final)
-                write_sidecars(plan, settings, seed, activation_text=_activation_text(settings, items),
+                write_sidecars(plan, settings, seed, activation_text=activation_text,
                                notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
                                sd_version=family.card_version)
                 if status == "interrupted" or settings.keep_state:
@@ -259,7 +261,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 _save_after_failure(save_state, whole_step_streams)
             raise
     return TrainResult(status, final, step, seed, time.perf_counter() - started, loop.losses, files, warnings,
-                       metadata)
+                       metadata, activation_text if final else "")
 
 
 class _Diverged(LohatrainError):

@@ -109,3 +109,14 @@ def test_each_method_starts_from_its_own_defaults(tmp_path):
     assert (lokr.learning_rate, lokr.lokr_factor, lokr.network_preset) == (5e-4, 16, "small")
     custom = TrainSettings.from_dict({"dataset_dir": str(tmp_path), "training_method": "lokr", "lokr_factor": 6})
     assert custom.network_preset == "custom"
+
+
+@pytest.mark.parametrize("family,resolution,sides", [("sdxl", 256, (128, 512)), ("sd1", 1536, (768, 3072)),
+                                                     ("sd1", 128, (64, 256))])
+def test_bucket_sides_left_out_follow_the_resolution_given(family, resolution, sides):
+    """An SDXL model at 256 px was refused for bucket sides the user never set (SDXL's 512–2048)."""
+    s = TrainSettings.from_dict({"name": "x", "dataset_dir": "d", "resolution": resolution}, family=family)
+    assert (s.bucket_min_side, s.bucket_max_side) == sides
+    kept = TrainSettings.from_dict({"name": "x", "dataset_dir": "d", "resolution": 256, "bucket_max_side": 320},
+                                   family=family)
+    assert (kept.bucket_min_side, kept.bucket_max_side) == (128, 320)

@@ -335,3 +335,19 @@ def test_the_dataset_doctor_route_answers_the_report(webui_server, tmp_path):
     assert r.status_code == 422 and r.json()["detail"] == ["unknown field 'colour'", "resolution must be a whole number"]
     r = httpx.post(url, json={**body, "dataset_dir": str(tmp_path / "nowhere")})
     assert r.status_code == 422 and "does not exist" in r.json()["detail"][0]
+
+
+def test_left_out_settings_follow_the_given_resolution_and_the_cpu(webui_server):
+    """Bucket sides left out follow the resolution given (not the family's 512 or 1024 px ones), and on a WebUI
+    that computes on the CPU the train format is fp32 (fp16 is emulated there, about twice as slow)."""
+    body = run_body(webui_server, "follows", steps=1, resolution=128)
+    for key in ("bucket_min_side", "bucket_max_side", "train_dtype"):
+        del body[key]
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=body)
+    assert r.status_code == 200, r.text
+    assert wait_until(webui_server, finished)["state"] == "done"
+    with safe_open(webui_server.lora_dir / "follows.safetensors", "pt") as f:
+        meta = f.metadata()
+    settings = __import__("json").loads(meta["lohatrain_settings"])
+    assert (settings["bucket_min_side"], settings["bucket_max_side"]) == (64, 256)
+    assert meta["ss_mixed_precision"] == "fp32"

@@ -60,10 +60,13 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     open_accordion(page, "Previews")
     fill(page, "lohatrain_preview_every", 6)
     fill(page, "lohatrain_preview_prompt", "blue circle")
+    refreshes = len(webui_app.CARD_REFRESHES)
     page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_send")).to_be_disabled()  # no file to send while it trains
     expect(page.locator("div.prose#lohatrain_message")).to_contain_text("started")
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step", timeout=TIMEOUT)
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_send")).to_be_enabled()
     expect(page.locator("#lohatrain_result")).to_contain_text("browser-loha.safetensors")
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 12/12")
     expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()
@@ -77,9 +80,16 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     if os.environ.get("LOHATRAIN_SCREENSHOT"):
         shutil.copy(shot, os.environ["LOHATRAIN_SCREENSHOT"])
 
+    for _ in range(TIMEOUT // 50):  # the Lora cards were told to read the folder again (a bounded wait)
+        if len(webui_app.CARD_REFRESHES) > refreshes:
+            break
+        page.wait_for_timeout(50)
+    assert len(webui_app.CARD_REFRESHES) > refreshes
+
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
-    expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>")
+    # the tag and the card's activation text: the first tag most captions share
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>, black triangle")
 
 
 def test_interrupt_button_stops_within_a_step(page, webui_server):
@@ -304,3 +314,15 @@ def test_another_training_method_from_the_tab(page, webui_server, method, label,
     expect(page.locator("#lohatrain_result")).to_contain_text(f"tab-{method}.safetensors")
     tensors = load_file(webui_server.lora_dir / f"tab-{method}.safetensors")
     assert any(k.endswith(key_suffix) for k in tensors) and not any("hada_" in k for k in tensors)
+
+
+def test_the_clip_skip_slider_shows_the_webuis_setting_at_each_page_load(browser, webui_server):
+    page = browser.new_page()
+    try:
+        shared.opts.CLIP_stop_at_last_layers = 2
+        page.goto(webui_server.url)
+        page.locator("#tabs button", has_text="LoHa training").click()
+        expect(page.locator("#lohatrain_clip_skip input[type=number]")).to_have_value("2")
+    finally:
+        shared.opts.CLIP_stop_at_last_layers = 1
+        page.close()

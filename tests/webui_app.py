@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def _inject_assets() -> None:
     gr.routes.templates.TemplateResponse = template_response
 
 
+CARD_REFRESHES: list[float] = []  # when the Lora cards were refreshed (what the tab's JavaScript triggers)
+
+
+def _refresh_lora_cards() -> None:
+    networks.list_available_networks()
+    CARD_REFRESHES.append(time.time())
+
+
 def start(root: Path, port: int = 0) -> WebUI:
     """Checkpoint and Lora folders under `root`, a tiny SD1 checkpoint loaded, the page served on localhost."""
     o = shared.cmd_opts
@@ -80,6 +89,9 @@ def start(root: Path, port: int = 0) -> WebUI:
         with gr.Tabs(elem_id="tabs"):
             with gr.TabItem("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt")
+                # the Lora cards' hidden refresh button (modules/ui_extra_networks.py, create_ui): rescans the folder
+                gr.Button("Refresh", elem_id="txt2img_lora_extra_refresh_internal", visible=False).click(
+                    fn=_refresh_lora_cards)
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
@@ -92,7 +104,6 @@ def start(root: Path, port: int = 0) -> WebUI:
 
 if __name__ == "__main__":
     import tempfile
-    import time
 
     ui = start(Path(tempfile.mkdtemp(prefix="lohatrain-webui-")), port=7860)
     lohatrain.demo.make_sample_dataset(ui.root / "dataset")

@@ -72,7 +72,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             if "resume" in body:
                 job_id = _resume(body)
             else:
-                settings = TrainSettings.from_dict({**body, "output_dir": str(host.lora_dir())},
+                settings = TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
                                                    family=host.loaded_family())
                 host.preflight(settings, via="api")
                 job_id = runner.start(settings, via="api")

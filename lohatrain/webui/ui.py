@@ -8,6 +8,7 @@ the panel is protected by --gradio-auth like the rest of the tab and needs none 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import time
@@ -22,8 +23,8 @@ from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
 from ..methods import DORA_METHODS, LABELS as METHOD_LABELS
-from ..settings import (CUSTOM_PRESET, DTYPES, PRESETS_BY_METHOD, SCHEDULERS, TrainSettings, check_file_name,
-                        presets_for)
+from ..settings import (CUSTOM_PRESET, DTYPES, PRESETS_BY_METHOD, SCHEDULERS, TrainSettings, bucket_sides_for,
+                        check_file_name, presets_for)
 from . import host
 from .api import public_status
 
@@ -34,6 +35,7 @@ CUSTOM_LABEL = "Custom (set the sizes below)"
 METHOD_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "lokr_factor", "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = host.EXTENSION_DIR / "presets"
+BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
 FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
@@ -59,6 +61,9 @@ def settings_from_form(values: list) -> TrainSettings:
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
     data["init_from"] = data["init_from"] or ""
+    for key in ("bucket_min_side", "bucket_max_side"):  # 0: follow the resolution (half and twice it)
+        if not data[key]:
+            del data[key]
     data["output_dir"] = str(host.lora_dir())
     # sizes that differ from the chosen preset make it "custom"
     return TrainSettings.from_dict(data, family=host.loaded_family())
@@ -193,6 +198,8 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     """The dataset doctor's findings (lohatrain/doctor.py), then count, buckets, captions and a few
     thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
+    low, high = bucket_sides_for(int(resolution))
+    min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
     try:
         host.check_dataset_path(dataset_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
@@ -228,6 +235,12 @@ def _doctor_html(found) -> str:
             + "</div>")
 
 
+def caption_fields(caption_label):
+    """The phrase box shows for Single phrase only, the caption extension for TXT captions only."""
+    mode = _key_for(CAPTION_LABELS, caption_label)
+    return gr.update(visible=mode == "phrase"), gr.update(visible=mode == "txt")
+
+
 def preset_sizes(label, method_label):
     p = presets_for(_key_for(METHOD_LABELS, method_label), host.loaded_family()).get(_preset_key(label))
     if p is None:
@@ -240,9 +253,11 @@ def saved_preset_names() -> list[str]:
 
 
 def save_preset(preset_name, *values):
-    problem = check_file_name(preset_name or "")
+    if not (preset_name or "").strip():
+        return _message("Type a name for these settings in 'Save as' first.", "error"), gr.update()
+    problem = check_file_name(preset_name)
     if problem:
-        return _message(problem.replace("name", "preset name", 1), "error"), gr.update()
+        return _message(problem.replace("name", "the settings' name", 1), "error"), gr.update()
     try:
         settings = settings_from_form(list(values))
     except LohatrainError as e:
@@ -265,10 +280,10 @@ def load_preset(preset_name):
 
 def default_values(family: str, method: str, fields: list[str]) -> list:
     """`fields`' values for the defaults of a family and method (the preset dropdown with their labels)."""
-    d = TrainSettings.defaults_for(family, method)
+    d = dataclasses.replace(TrainSettings.defaults_for(family, method), **host.device_defaults())
     labels = preset_labels(family, method)
     return [gr.update(choices=list(labels.values()), value=labels[d.network_preset])] + [
-        getattr(d, key) for key in fields[1:]]
+        0 if key in BUCKET_FIELDS else getattr(d, key) for key in fields[1:]]
 
 
 def method_changed(method_label):
@@ -297,7 +312,7 @@ def load_checkpoint(title, method_label):
 
 def build_tab(runner: JobRunner) -> gr.Blocks:
     family = host.loaded_family()
-    d = TrainSettings.defaults_for(family)
+    d = dataclasses.replace(TrainSettings.defaults_for(family), **host.device_defaults())
     labels = preset_labels(family)
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id="lohatrain_tab"):
@@ -318,7 +333,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     preset = gr.Dropdown(list(labels.values()), value=labels[d.network_preset],
                                          label="Network preset", elem_id="lohatrain_preset")
-                    clip_skip = gr.Slider(1, 12, step=1, value=host.host_clip_skip(), label="CLIP skip",
+                    # a callable value: each page load shows the WebUI's CLIP-skip setting as it is then
+                    clip_skip = gr.Slider(1, 12, step=1, value=host.host_clip_skip, label="CLIP skip",
                                           elem_id="lohatrain_clip_skip")
                 with gr.Accordion("Network size", open=False):
                     with gr.Row():
@@ -332,8 +348,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     caption_mode = gr.Radio(list(CAPTION_LABELS.values()), value=CAPTION_LABELS[d.caption_mode],
                                             label="Captions", elem_id="lohatrain_caption_mode")
-                    caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase")
-                    caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext")
+                    caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase",
+                                                visible=d.caption_mode == "phrase")
+                    caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext",
+                                             visible=d.caption_mode == "txt")
                 with gr.Row():
                     resolution = gr.Slider(64, 2048, step=64, value=d.resolution, label="Training resolution",
                                            elem_id="lohatrain_resolution")
@@ -369,10 +387,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                         min_snr_gamma = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0 = off)")
                         text_encoder_lr = gr.Number(d.text_encoder_lr, label="Text encoder LR (0 = off)")
                     with gr.Row():
-                        bucket_min_side = gr.Number(d.bucket_min_side, label="Bucket min side", precision=0,
-                                                    elem_id="lohatrain_bucket_min")
-                        bucket_max_side = gr.Number(d.bucket_max_side, label="Bucket max side", precision=0,
-                                                    elem_id="lohatrain_bucket_max")
+                        bucket_min_side = gr.Number(0, label="Bucket min side (0 = half the resolution)",
+                                                    precision=0, elem_id="lohatrain_bucket_min")
+                        bucket_max_side = gr.Number(0, label="Bucket max side (0 = twice the resolution)",
+                                                    precision=0, elem_id="lohatrain_bucket_max")
                         overwrite = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
                                                 elem_id="lohatrain_overwrite")
                         zero_terminal_snr = gr.Checkbox(d.zero_terminal_snr,
@@ -423,6 +441,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
                 preview_prompts, keep_state, init_from]
         preset.change(preset_sizes, [preset, training_method], [dim, alpha, conv_dim, conv_alpha, lokr_factor])
+        caption_mode.change(caption_fields, [caption_mode], [caption_phrase, caption_ext])
         training_method.change(method_changed, [training_method],
                                [dora, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate])
         train_btn.click(lambda *v: start_training(runner, *v), form, [message])
