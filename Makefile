@@ -35,7 +35,8 @@ STOCK_TESTS := tests/test_engine.py tests/test_network.py tests/test_methods.py 
 # What differs by model family, by operating system or only in lohatrain's own logic (refusal messages) runs
 # once, above: STOCK_SKIP.
 STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or another_model or damaged_state \
-	or keeps_the_runs_settings or latest_save or saved_demo or lowers_the_loss or same_seed_gives
+	or keeps_the_runs_settings or latest_save or saved_demo or lowers_the_loss or same_seed_gives \
+	or a_lycoris_that or pip_failure or torch_too_old
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS) \
 		-k "not ($(STOCK_SKIP))"

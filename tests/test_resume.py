@@ -51,8 +51,8 @@ def lora_files(folder: Path) -> dict[str, bytes]:
 
 def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(tiny_model, sample_dataset, tmp_path):
     """Every random stream the loop draws from (batch order, noise, flips, colour, tag order, VAE posterior),
-    text-encoder training, a warm-up and cosine schedule and intermediate saves: first step, between two
-    saves, one before the last."""
+    text-encoder training, a warm-up and cosine schedule and intermediate saves: after the first step, between
+    two saves (the middle), and one before the last (at a save)."""
     kw = dict(steps=5, save_every_steps=2, **EVERY_STREAM)
     reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
     assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
