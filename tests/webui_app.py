@@ -40,6 +40,9 @@ class WebUI:
         return Path(shared.cmd_opts.lora_dir)
 
     def close(self) -> None:
+        server = getattr(self.demo, "server", None)
+        if server is not None:  # the session is over: uvicorn need not wait for a browser's open connections
+            server.force_exit = True
         self.demo.close()
 
 
