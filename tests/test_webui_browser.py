@@ -113,7 +113,8 @@ def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
         "data-state", "interrupted", timeout=TIMEOUT)
     open_accordion(page, "Resume a stopped run, or train a file further")
-    page.locator("#lohatrain_refresh_runs").click()
+    with page.expect_response(lambda r: r.url.endswith("/run/predict") and r.ok):  # the list is read again
+        page.locator("#lohatrain_refresh_runs").click()
     page.locator("#lohatrain_resume_run input").click()
     page.locator("ul.options li", has_text=re.compile(r"browser-resume — step \d+/20")).first.click()
     page.locator("#lohatrain_resume").click()

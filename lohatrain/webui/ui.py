@@ -448,8 +448,9 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         interrupt_btn.click(lambda: interrupt(runner), [], [message])
         resume_btn.click(lambda label, anyway: resume_training(runner, label, anyway), [resume_run, resume_anyway],
                          [message])
+        # listing files needs no GPU: outside the queue, so it answers at once even while something generates
         refresh_runs.click(lambda: [gr.update(choices=resume_choices()), gr.update(choices=lora_file_names())], [],
-                           [resume_run, init_from])
+                           [resume_run, init_from], queue=False)
         poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
                        queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
