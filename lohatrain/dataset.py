@@ -91,8 +91,7 @@ def scan_dataset(
         raise DatasetError("Captions is set to Single Phrase but the phrase is empty. Type a phrase, or choose "
                            "No Caption or TXT Captions.")
     given, folder = folder, _existing_folder(folder)
-    files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-    image_paths = sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    files, image_paths = list_folder(folder)
     if not image_paths:
         raise DatasetError(
             f"No images found in {given} (sub-folders are not searched). Supported file types: "
@@ -120,6 +119,12 @@ def scan_dataset(
     if problems:
         raise DatasetError(f"The dataset folder {given} needs fixing:\n" + "\n".join(problems))
     return items
+
+
+def list_folder(folder: Path) -> tuple[dict[str, Path], list[Path]]:
+    """The folder's files by name (hidden ones left out, e.g. macOS "._photo.jpg") and its images by name."""
+    files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return files, sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
 
 
 def _read_captions(image_paths: list[Path], files: dict[str, Path], caption_ext: str) -> tuple[list[str], list[str]]:
@@ -204,7 +209,12 @@ def tag_frequency(items: Sequence[ImageItem]) -> dict[str, int]:
 
     Tags are lower-cased like kohya's sd-scripts does, so WebUI tools show the same counts for our files.
     """
-    counts = Counter(tag.lower() for item in items for tag in _tags(item.caption))
+    return count_tags(item.caption for item in items)
+
+
+def count_tags(captions) -> dict[str, int]:
+    """Lower-cased tag counts over `captions`, most frequent first (ties alphabetical)."""
+    counts = Counter(tag.lower() for caption in captions for tag in _tags(caption))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -54,8 +54,7 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     """Read every image once and report what will hurt. Raises DatasetError only for a folder that is not
     there or holds no images at all."""
     folder = ds._existing_folder(folder)
-    files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-    images = sorted((p for p in files.values() if p.suffix.lower() in ds.IMAGE_EXTENSIONS), key=lambda p: p.name)
+    files, images = ds.list_folder(folder)
     if not images:
         raise ds.DatasetError(f"No images found in {folder.name} (sub-folders are not searched)")
     low, high = bucket_sides_for(resolution)
@@ -105,8 +104,7 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                                                       "other captions start with")
                      for name, text in captions.items() if text.strip() and trigger.lower() not in
                      [t.lower() for t in ds._tags(text)]]
-    frequency = dict(sorted(Counter(t.lower() for c in captions.values() for t in ds._tags(c)).items(),
-                            key=lambda kv: (-kv[1], kv[0])))
+    frequency = ds.count_tags(captions.values())
     steps, reason = suggest_steps(len(images), batch_size)
     order = {p.name: i for i, p in enumerate(images)}
     problems.sort(key=lambda p: (order.get(p.file, 0), p.kind))

@@ -92,26 +92,25 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>, black triangle")
 
 
-def test_interrupt_button_stops_within_a_step(page, webui_server):
-    fill_small_run(page, webui_server, "browser-stopped", steps=5000)
+def train_then_interrupt(page, ui, name: str, steps: int) -> None:
+    """Train from the tab, press Interrupt once two steps are shown, and wait for the run to say so."""
+    fill_small_run(page, ui, name, steps=steps)
     page.locator("#lohatrain_train").click()
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
-        re.compile(r"step ([2-9]|\d\d+)/5000"), timeout=TIMEOUT)
+        re.compile(rf"step ([2-9]|\d\d+)/{steps}"), timeout=TIMEOUT)
     page.locator("#lohatrain_interrupt").click()
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
         "data-state", "interrupted", timeout=TIMEOUT)
+
+
+def test_interrupt_button_stops_within_a_step(page, webui_server):
+    train_then_interrupt(page, webui_server, "browser-stopped", steps=5000)
     expect(page.locator("#lohatrain_result")).to_contain_text("Interrupted after")
     assert (webui_server.lora_dir / "browser-stopped.safetensors").is_file()
 
 
 def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page, webui_server):
-    fill_small_run(page, webui_server, "browser-resume", steps=20)
-    page.locator("#lohatrain_train").click()
-    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
-        re.compile(r"step ([2-9]|\d\d+)/20"), timeout=TIMEOUT)
-    page.locator("#lohatrain_interrupt").click()
-    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
-        "data-state", "interrupted", timeout=TIMEOUT)
+    train_then_interrupt(page, webui_server, "browser-resume", steps=20)
     open_accordion(page, "Resume a stopped run, or train a file further")
     with page.expect_response(lambda r: r.url.endswith("/run/predict") and r.ok):  # the list is read again
         page.locator("#lohatrain_refresh_runs").click()

@@ -121,18 +121,21 @@ def _model_markdown() -> str:
     return text + f"\n\n⚠️ {s['problem']}"
 
 
+def _answer(text: str, kind: str = "info", job_id: str | None = None) -> str:
+    """Train's or Resume's answer. Each carries a fresh token, so the live panel (javascript/lohatrain.js) knows
+    it from the answer before and from Gradio's own pending marks; a started job's also carries its id."""
+    marks = f'data-lohatrain-answer="{uuid.uuid4().hex}" ' + (f'data-lohatrain-job="{job_id}" ' if job_id else "")
+    return _message(text, kind).replace("<div ", "<div " + marks, 1)
+
+
 def start_training(runner: JobRunner, *values) -> str:
-    # Each answer carries a fresh token, so the live panel (javascript/lohatrain.js) knows this answer from the
-    # one before and from Gradio's own pending marks; a started job's answer also carries the id it follows.
-    answer = f'<div data-lohatrain-answer="{uuid.uuid4().hex}" '
     try:
         settings = settings_from_form(list(values))
         host.preflight(settings, via="tab")
         job_id = runner.start(settings, via="tab")
     except LohatrainError as e:
-        return _message(str(e), "error").replace("<div ", answer, 1)
-    return _message(f"Training {settings.name} started: progress below.", "info").replace(
-        "<div ", answer + f'data-lohatrain-job="{job_id}" ', 1)
+        return _answer(str(e), "error")
+    return _answer(f"Training {settings.name} started: progress below.", job_id=job_id)
 
 
 def _run_label(run: dict) -> str:
@@ -157,8 +160,7 @@ def lora_file_names() -> list[str]:
 
 
 def resume_training(runner: JobRunner, label, anyway) -> str:
-    """Resume the chosen stopped run with its own settings; the answer is marked as Train's (see start_training)."""
-    answer = f'<div data-lohatrain-answer="{uuid.uuid4().hex}" '
+    """Resume the chosen stopped run with its own settings; the answer is marked as Train's (`_answer`)."""
     try:
         run = next((r for r in host.resumable_runs() if _run_label(r) == label), None)
         if run is None:
@@ -167,9 +169,9 @@ def resume_training(runner: JobRunner, label, anyway) -> str:
         host.preflight(settings, via="tab", resuming=True)
         job_id = runner.start(settings, via="tab", resume=saved, resume_anyway=bool(anyway))
     except LohatrainError as e:
-        return _message(str(e), "error").replace("<div ", answer, 1)
-    return _message(f"Resuming {settings.name} at step {saved.step} of {settings.steps}: progress below.",
-                    "info").replace("<div ", answer + f'data-lohatrain-job="{job_id}" ', 1)
+        return _answer(str(e), "error")
+    return _answer(f"Resuming {settings.name} at step {saved.step} of {settings.steps}: progress below.",
+                   job_id=job_id)
 
 
 def poll_status(runner: JobRunner, sent_preview):
