@@ -86,7 +86,7 @@ def scan_dataset(
     """
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, not {caption_mode!r}")
-    phrase = _one_line(caption_phrase)
+    phrase = one_line(caption_phrase)
     if caption_mode == "phrase" and not phrase:
         raise DatasetError("Captions is set to Single Phrase but the phrase is empty. Type a phrase, or choose "
                            "No Caption or TXT Captions.")
@@ -127,20 +127,25 @@ def list_folder(folder: Path) -> tuple[dict[str, Path], list[Path]]:
     return files, sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
 
 
+def caption_file(image_path: Path, files: dict[str, Path], caption_ext: str) -> Path | None:
+    """The caption file of an image, if there is one. Case-insensitive: "photo.TXT" beside "photo.png" works on
+    Windows, so it should here too."""
+    name = image_path.stem + caption_ext
+    return files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+
+
 def _read_captions(image_paths: list[Path], files: dict[str, Path], caption_ext: str) -> tuple[list[str], list[str]]:
     """The caption of each image from `<stem><caption_ext>`, and a problem line for missing or non-UTF-8 files."""
-    by_lower_name = {name.lower(): p for name, p in files.items()}
     captions, missing, not_utf8, problems = [], [], [], []
     for image_path in image_paths:
         caption_name = image_path.stem + caption_ext
-        # Case-insensitive fallback: "photo.TXT" beside "photo.png" works on Windows, so it should here too.
-        caption_path = files.get(caption_name) or by_lower_name.get(caption_name.lower())
+        caption_path = caption_file(image_path, files, caption_ext)
         if caption_path is None:
             missing.append(caption_name)
             captions.append("")
             continue
         try:
-            captions.append(_one_line(caption_path.read_bytes().decode("utf-8-sig")))
+            captions.append(one_line(caption_path.read_bytes().decode("utf-8-sig")))
         except FileNotFoundError:  # removed since the folder was listed
             missing.append(caption_name)
             captions.append("")
@@ -177,7 +182,7 @@ def _existing_folder(folder: str | Path) -> Path:
     return path
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Collapse newlines and runs of spaces: the text encoder sees one line either way, and metadata stays tidy."""
     return " ".join(text.split())
 
@@ -189,7 +194,7 @@ def _name_list(names: Sequence[str]) -> str:
     return f"{shown} and {hidden} more" if hidden > 0 else shown
 
 
-def _tags(caption: str) -> list[str]:
+def split_tags(caption: str) -> list[str]:
     return [tag for tag in (part.strip() for part in caption.split(",")) if tag]
 
 
@@ -198,7 +203,7 @@ def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> s
     first (usually the trigger word)."""
     if keep_tokens < 0:
         raise ValueError(f"keep_tokens must be 0 or more, not {keep_tokens}")
-    tags = _tags(caption)
+    tags = split_tags(caption)
     rest = tags[keep_tokens:]
     rng.shuffle(rest)
     return ", ".join(tags[:keep_tokens] + rest)
@@ -214,7 +219,7 @@ def tag_frequency(items: Sequence[ImageItem]) -> dict[str, int]:
 
 def count_tags(captions) -> dict[str, int]:
     """Lower-cased tag counts over `captions`, most frequent first (ties alphabetical)."""
-    counts = Counter(tag.lower() for caption in captions for tag in _tags(caption))
+    counts = Counter(tag.lower() for caption in captions for tag in split_tags(caption))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -98,12 +98,12 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
         if caption is not None:
             captions[path.name] = caption
 
-    trigger = ds._one_line(caption_phrase) if caption_mode == "phrase" else _shared_first_tag(captions)
+    trigger = ds.one_line(caption_phrase) if caption_mode == "phrase" else _shared_first_tag(captions)
     if trigger and caption_mode == "txt":
         problems += [Problem(name, "trigger_missing", f"{name}'s caption lacks the trigger {trigger!r} that the "
                                                       "other captions start with")
                      for name, text in captions.items() if text.strip() and trigger.lower() not in
-                     [t.lower() for t in ds._tags(text)]]
+                     [t.lower() for t in ds.split_tags(text)]]
     frequency = ds.count_tags(captions.values())
     steps, reason = suggest_steps(len(images), batch_size)
     order = {p.name: i for i, p in enumerate(images)}
@@ -131,7 +131,7 @@ def _size_problems(name: str, size: tuple[int, int], buckets) -> list[Problem]:
 def _caption(path: Path, files: dict, mode: str, ext: str, phrase: str, problems: list[Problem]) -> str | None:
     if mode != "txt":
         return phrase if mode == "phrase" else None
-    caption_file = files.get(path.stem + ext)
+    caption_file = ds.caption_file(path, files, ext)
     if caption_file is None:
         problems.append(Problem(path.name, "missing_caption", f"{path.name} has no {path.stem}{ext}"))
         return None
@@ -142,12 +142,12 @@ def _caption(path: Path, files: dict, mode: str, ext: str, phrase: str, problems
         return None
     if not text.strip():
         problems.append(Problem(path.name, "empty_caption", f"{path.name}'s caption {caption_file.name} is empty"))
-    return ds._one_line(text)
+    return ds.one_line(text)
 
 
 def _shared_first_tag(captions: dict[str, str]) -> str:
     """The first tag most captions start with (a trigger word), or "" when none is shared by more than half."""
-    firsts = Counter(ds._tags(c)[0].lower() for c in captions.values() if ds._tags(c))
+    firsts = Counter(ds.split_tags(c)[0].lower() for c in captions.values() if ds.split_tags(c))
     if not firsts:
         return ""
     tag, count = max(sorted(firsts.items()), key=lambda kv: kv[1])

@@ -123,6 +123,38 @@ def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page
     assert not (webui_server.lora_dir / "browser-resume.lohatrain-state").exists()
 
 
+def screenshot(page, locator: str, name: str) -> None:
+    """A panel's picture for the README, when LOHATRAIN_SCREENSHOTS names a folder."""
+    folder = os.environ.get("LOHATRAIN_SCREENSHOTS")
+    if folder:
+        page.locator(locator).screenshot(path=str(Path(folder) / name))
+
+
+def test_caption_a_folder_with_the_webuis_tagger_and_edit_one_caption(page, webui_server):
+    folder = webui_server.root / "to-caption"
+    folder.mkdir()
+    for image in sorted((webui_server.root / "dataset").glob("*.png"))[:4]:
+        shutil.copy(image, folder)
+    fill(page, "lohatrain_dataset", folder)
+    open_accordion(page, "Caption the images with the WebUI's taggers")
+    fill(page, "lohatrain_caption_prefix", "mychar")
+    page.locator("#lohatrain_caption").click()
+    expect(page.locator("div.prose#lohatrain_caption_message")).to_contain_text("Wrote 4 caption(s), kept 0.",
+                                                                        timeout=TIMEOUT)
+    written = sorted(folder.glob("*.txt"))
+    assert len(written) == 4 and all(p.read_text(encoding="utf-8").startswith("mychar, ") for p in written)
+    expect(page.locator("#lohatrain_thumbs img")).to_have_count(4)
+    screenshot(page, "#lohatrain_caption_box", "caption.png")
+
+    page.locator("#lohatrain_thumbs button.thumbnail-item").nth(1).click()
+    expect(page.locator("#lohatrain_edit_name textarea")).to_have_value(written[1].with_suffix(".png").name)
+    expect(page.locator("#lohatrain_edit_caption textarea")).to_have_value(written[1].read_text(encoding="utf-8"))
+    fill(page, "lohatrain_edit_caption", "mychar, edited by hand")
+    page.locator("#lohatrain_save_caption").click()
+    expect(page.locator("div.prose#lohatrain_message")).to_contain_text(f"Saved {written[1].name}.")
+    assert written[1].read_text(encoding="utf-8") == "mychar, edited by hand"
+
+
 def test_check_dataset_shows_count_buckets_and_thumbnails(page, webui_server):
     fill(page, "lohatrain_dataset", webui_server.root / "dataset")
     fill(page, "lohatrain_resolution", 256)

@@ -13,12 +13,14 @@ import threading
 from hmac import compare_digest
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from modules import call_queue, devices, processing, sd_models, shared
 
+from .. import captions
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..preflight import preflight as engine_preflight
@@ -263,6 +265,71 @@ def prompt_encoder(sd_model, clip_skip: int | None):
             return sd_model.get_learned_conditioning(prompts)
 
     return encode
+
+
+TAGGERS = ("deepbooru", "interrogator")
+# The host's own tag options (Settings → Interrogate), which the tab shows and may change for one pass.
+TAG_OPTIONS = ("interrogate_deepbooru_score_threshold", "deepbooru_sort_alpha", "deepbooru_use_spaces",
+               "deepbooru_escape")
+_captioning = threading.Event()  # a pass is running
+_stop_captioning = threading.Event()
+
+
+def tag_options() -> dict:
+    return {key: getattr(shared.opts, key) for key in TAG_OPTIONS}
+
+
+def caption_images(folder: str, tagger: str, options: captions.CaptionOptions, tag_options: dict,
+                   via: str) -> Iterator[captions.CaptionStep]:
+    """Caption a folder with the host's DeepBooru (`deepbooru.model`, started once and stopped at the end,
+    which moves it off the GPU as the host's own batch captioning does) or its interrogator
+    (`shared.interrogator.interrogate`, which loads and unloads BLIP and CLIP itself). Each image takes one
+    turn of the GPU queue, so generations go on between images; the host's Interrupt, or the tab's, stops
+    the pass within one image."""
+    if tagger not in TAGGERS:
+        raise LohatrainError(f"tagger must be one of {', '.join(TAGGERS)}, not {tagger!r}")
+    check_dataset_path(folder, via)
+    unknown = set(tag_options) - set(TAG_OPTIONS)
+    if unknown:
+        raise LohatrainError(f"unknown tag options: {', '.join(sorted(unknown))}")
+    if _captioning.is_set():
+        raise LohatrainError("another captioning pass is running: wait for it or interrupt it")
+    from modules import deepbooru
+    state, started = shared.state, False
+
+    def tag(image) -> str:
+        nonlocal started
+        with call_queue.queue_lock, _options_for_this_thread(**tag_options):
+            state.begin(job="lohatrain-caption")
+            try:
+                if tagger == "interrogator":
+                    return shared.interrogator.interrogate(image.convert("RGB"))
+                if not started:
+                    deepbooru.model.start()
+                    started = True
+                return deepbooru.model.tag_multi(image)
+            finally:
+                if state.interrupted:
+                    _stop_captioning.set()
+                state.end()
+
+    _captioning.set()
+    _stop_captioning.clear()
+    try:
+        yield from captions.caption_folder(folder, tag, options,
+                                           should_stop=lambda: _stop_captioning.is_set() or state.interrupted)
+    finally:
+        if started:
+            deepbooru.model.stop()
+        _captioning.clear()
+
+
+def interrupt_captioning() -> bool:
+    if not _captioning.is_set():
+        return False
+    _stop_captioning.set()
+    shared.state.interrupt()
+    return True
 
 
 def _progress_to_state(job: Job):

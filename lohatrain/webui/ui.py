@@ -13,10 +13,12 @@ import html
 import json
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import gradio as gr
 
+from .. import captions
 from .. import dataset as ds
 from .. import doctor
 from ..errors import LohatrainError
@@ -29,6 +31,8 @@ from . import host
 from .api import public_status
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
+TAGGER_LABELS = {"deepbooru": "DeepBooru (booru tags)", "interrogator": "BLIP + CLIP interrogator (a sentence)"}
+EXISTING_LABELS = {"keep": "Keep them", "append": "Add the new tags to them", "overwrite": "Replace them"}
 CUSTOM_LABEL = "Custom (set the sizes below)"
 # Fields whose default depends on the training method (its presets and rate), and those that also depend on
 # the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
@@ -192,7 +196,53 @@ def poll_status(runner: JobRunner, sent_preview):
 def interrupt(runner: JobRunner) -> str:
     if runner.interrupt():
         return _message("Stopping after the current step; what was trained so far will be saved.")
-    return _message("Nothing is training.")
+    if host.interrupt_captioning():
+        return _message("Stopping captioning after the current image.")
+    return _message("Nothing is running.")
+
+
+def caption_dataset(runner: JobRunner, dataset_dir, tagger_label, existing_label, prefix, drop_tags, ext,
+                    threshold, sort_alpha, use_spaces, escape):
+    """Caption the folder with the host's tagger, a progress line per image; at the end the thumbnails show
+    the new captions. A generator: Gradio sends each line as it comes."""
+    if runner.job is not None and runner.job.state == "running":
+        yield _message("A training is running: caption the images before training, or after it.", "error"), \
+            gr.update(), gr.update()
+        return
+    options = captions.CaptionOptions(ext=(ext or ".txt").strip(), prefix=prefix or "", drop_tags=drop_tags or "",
+                                      existing=_key_for(EXISTING_LABELS, existing_label))
+    tag_options = {"interrogate_deepbooru_score_threshold": float(threshold), "deepbooru_sort_alpha": bool(sort_alpha),
+                   "deepbooru_use_spaces": bool(use_spaces), "deepbooru_escape": bool(escape)}
+    counts, step = Counter(), None
+    try:
+        for step in host.caption_images(dataset_dir, _key_for(TAGGER_LABELS, tagger_label), options, tag_options,
+                                        via="tab"):
+            counts[step.outcome] += 1
+            yield _message(f"Captioning {step.done} of {step.total}: {step.file}"), gr.update(), gr.update()
+        shown = captions.thumbnails(dataset_dir, options.ext)
+    except LohatrainError as e:
+        yield _message(str(e), "error"), gr.update(), gr.update()
+        return
+    summary = (f"Wrote {counts['written']} caption(s), kept {counts['kept']}"
+               + (f"; {counts['broken']} image(s) do not open" if counts["broken"] else ""))
+    stopped = step is not None and step.done < step.total
+    yield _message(summary + ("; interrupted." if stopped else ".")), shown, [Path(p).name for p, _ in shown]
+
+
+def select_thumbnail(names, evt: gr.SelectData):
+    """A clicked thumbnail's file and caption, for editing."""
+    name = names[evt.index] if names and evt.index < len(names) else ""
+    caption = evt.value if isinstance(evt.value, str) and evt.value != captions.NO_CAPTION else ""
+    return name, caption
+
+
+def save_edited_caption(dataset_dir, name, text, ext):
+    try:
+        path = captions.save_caption(dataset_dir, name, text or "", (ext or ".txt").strip())
+        shown = captions.thumbnails(dataset_dir, path.suffix)
+    except LohatrainError as e:
+        return _message(str(e), "error"), gr.update(), gr.update()
+    return _message(f"Saved {path.name}."), shown, [Path(p).name for p, _ in shown]
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
@@ -207,21 +257,22 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
                              int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
-        return _message(str(e), "error"), []
+        return _message(str(e), "error"), [], []
     doctor_html = _doctor_html(found)
+    shown = captions.thumbnails(dataset_dir, ext or ".txt")
+    names = [Path(p).name for p, _ in shown]
     try:
         items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:  # the doctor lists each file; this says what blocks training
-        return doctor_html + _message(str(e), "error"), []
+        return doctor_html + _message(str(e), "error"), shown, names
     rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
     captioned = sum(1 for i in items if i.caption.strip())
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of))
     report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
               f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
               + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
-    thumbs = [(str(i.path), i.caption or "(no caption)") for i in items[:12]]
-    return report, thumbs
+    return report, shown, names
 
 
 def _doctor_html(found) -> str:
@@ -354,6 +405,33 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                                 visible=d.caption_mode == "phrase")
                     caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext",
                                              visible=d.caption_mode == "txt")
+                with gr.Accordion("Caption the images with the WebUI's taggers", open=False,
+                                  elem_id="lohatrain_caption_box"):
+                    with gr.Row():
+                        tagger = gr.Radio(list(TAGGER_LABELS.values()), value=TAGGER_LABELS["deepbooru"],
+                                          label="Tagger", elem_id="lohatrain_tagger")
+                        existing = gr.Radio(list(EXISTING_LABELS.values()), value=EXISTING_LABELS["keep"],
+                                            label="Images that already have a caption", elem_id="lohatrain_existing")
+                    with gr.Row():
+                        caption_prefix = gr.Textbox("", label="Put first (your trigger phrase)",
+                                                    elem_id="lohatrain_caption_prefix")
+                        drop_tags = gr.Textbox("", label="Leave out these tags (comma-separated)",
+                                               elem_id="lohatrain_drop_tags")
+                    # the host's own DeepBooru options (Settings → Interrogate) as they are when the page loads;
+                    # a change here holds for this pass only
+                    with gr.Row():
+                        threshold = gr.Slider(0, 1, step=0.01, value=lambda: host.tag_options()[
+                            "interrogate_deepbooru_score_threshold"], label="DeepBooru score threshold",
+                            elem_id="lohatrain_tag_threshold")
+                        sort_alpha = gr.Checkbox(lambda: host.tag_options()["deepbooru_sort_alpha"],
+                                                 label="Sort tags alphabetically")
+                        use_spaces = gr.Checkbox(lambda: host.tag_options()["deepbooru_use_spaces"],
+                                                 label="Spaces instead of underscores", elem_id="lohatrain_tag_spaces")
+                        escape = gr.Checkbox(lambda: host.tag_options()["deepbooru_escape"],
+                                             label="Escape brackets")
+                    with gr.Row():
+                        caption_btn = gr.Button("Caption", scale=0, min_width=120, elem_id="lohatrain_caption")
+                        caption_message = gr.HTML("", elem_id="lohatrain_caption_message")
                 with gr.Row():
                     resolution = gr.Slider(64, 2048, step=64, value=d.resolution, label="Training resolution",
                                            elem_id="lohatrain_resolution")
@@ -434,7 +512,14 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 sent_preview = gr.State(None)
                 send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
                 report = gr.HTML("", elem_id="lohatrain_report")
-                thumbs = gr.Gallery(label="Dataset", columns=4, height="auto", elem_id="lohatrain_thumbs")
+                thumbs = gr.Gallery(label="Dataset (click an image to edit its caption)", columns=4, height="auto",
+                                    elem_id="lohatrain_thumbs")
+                shown_files = gr.State([])
+                with gr.Row():
+                    edit_name = gr.Textbox("", label="Image", interactive=False, scale=1, elem_id="lohatrain_edit_name")
+                    edit_text = gr.Textbox("", label="Its caption", scale=3, elem_id="lohatrain_edit_caption")
+                    save_caption_btn = gr.Button("Save caption", scale=0, min_width=120,
+                                                 elem_id="lohatrain_save_caption")
 
         form = [training_method, dora, lokr_factor, preset, dim, alpha, conv_dim, conv_alpha, clip_skip, name, dataset_dir, caption_mode,
                 caption_phrase, caption_ext, resolution, bucketing, learning_rate, steps, batch_size, train_dtype,
@@ -456,7 +541,14 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
                        queue=False, show_progress="hidden")
         check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
-                                        bucketing, bucket_min_side, bucket_max_side, batch_size], [report, thumbs])
+                                        bucketing, bucket_min_side, bucket_max_side, batch_size],
+                        [report, thumbs, shown_files])
+        caption_btn.click(lambda *v: (yield from caption_dataset(runner, *v)),
+                          [dataset_dir, tagger, existing, caption_prefix, drop_tags, caption_ext, threshold, sort_alpha,
+                           use_spaces, escape], [caption_message, thumbs, shown_files])
+        thumbs.select(select_thumbnail, [shown_files], [edit_name, edit_text])
+        save_caption_btn.click(save_edited_caption, [dataset_dir, edit_name, edit_text, caption_ext],
+                               [message, thumbs, shown_files])
         load_ckpt.click(load_checkpoint, [ckpt, training_method],
                         [model_md, message, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate,
                          resolution, batch_size, bucket_min_side, bucket_max_side])

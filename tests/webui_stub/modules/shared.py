@@ -67,6 +67,15 @@ options_templates.update(options_section(("extra_networks", "Extra Networks", "s
     "lora_in_memory_limit": OptionInfo(0, "Number of Lora networks to keep cached in memory"),
     "lora_not_found_warning_console": OptionInfo(False, "Lora not found warning in console"),
 }))
+options_templates.update(options_section(("interrogate", "Interrogate"), {
+    "interrogate_keep_models_in_memory": OptionInfo(False, "Keep models in VRAM"),
+    "interrogate_return_ranks": OptionInfo(False, "Include ranks of model tags matches in results."),
+    "interrogate_deepbooru_score_threshold": OptionInfo(0.5, "deepbooru: score threshold"),
+    "deepbooru_sort_alpha": OptionInfo(True, "deepbooru: sort tags alphabetically"),
+    "deepbooru_use_spaces": OptionInfo(True, "deepbooru: use spaces in tags"),
+    "deepbooru_escape": OptionInfo(True, "deepbooru: escape (\\) brackets"),
+    "deepbooru_filter_tags": OptionInfo("", "deepbooru: filter out those tags"),
+}))
 options_templates.update(options_section((None, "Hidden options"), {
     "sd_checkpoint_hash": OptionInfo("", "SHA256 hash of the current checkpoint"),
 }))
@@ -119,3 +128,7 @@ class Shared(sys.modules[__name__].__class__):
 
 
 sys.modules[__name__].__class__ = Shared
+
+from modules import interrogate  # noqa: E402
+
+interrogator = interrogate.InterrogateModels(os.path.join(script_path, "interrogate"))  # shared_init.py; the host's is cwd-relative
