@@ -192,6 +192,9 @@ class TrainSettings:
     init_from: str = ""  # a file of the same type and size in the output folder to start from (e.g. to train on)
     preview_every_steps: int = 0
     preview_prompts: list[str] = field(default_factory=list)
+    preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
+    preview_steps: int = 20
+    preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
 
     @classmethod
     def defaults_for(cls, family: str, method: str = "loha") -> "TrainSettings":
@@ -316,6 +319,10 @@ class TrainSettings:
         _float_range(p, "noise_offset", self.noise_offset, 0, 1)
         _float_range(p, "min_snr_gamma", self.min_snr_gamma, 0, 100)
         _int_range(p, "preview_every_steps", self.preview_every_steps, 0, 1_000_000)
+        _int_range(p, "preview_seed", self.preview_seed, 0, 2**32 - 1)
+        _int_range(p, "preview_steps", self.preview_steps, 1, 150)
+        if not isinstance(self.preview_sampler, str) or not self.preview_sampler.strip():
+            p.append("preview_sampler must be the name of one of the WebUI's samplers")
         for key in ("dora", "bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
                     "color_aug", "overwrite", "zero_terminal_snr", "keep_state"):
             if not isinstance(getattr(self, key), bool):

@@ -351,3 +351,27 @@ def test_left_out_settings_follow_the_given_resolution_and_the_cpu(webui_server)
     settings = __import__("json").loads(meta["lohatrain_settings"])
     assert (settings["bucket_min_side"], settings["bucket_max_side"]) == (64, 256)
     assert meta["ss_mixed_precision"] == "fp32"
+
+
+def test_the_grid_route_renders_the_saved_steps_and_says_what_is_wrong(webui_server):
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "rest-grid", save_every_steps=2, preview_steps=2))
+    assert r.status_code == 200 and wait_until(ui, finished)["state"] == "done"
+    r = httpx.post(f"{ui.url}/lohatrain/v1/grid", json={"name": "rest-grid", "strengths": [1], "seed": 3,
+                                                        "prompts": ["red circle"]})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["files"] == ["rest-grid.grid.png"] and answer["columns"] == ["No LoRA", "Step 2", "Step 4"]
+    assert answer["rows"] == [1.0] and answer["prompts"] == ["red circle"]
+    assert __import__("base64").b64decode(answer["images"][0]) == (ui.lora_dir / "rest-grid.grid.png").read_bytes()
+    for body, message in [({}, "name (the trained file's name) is required"), ({"name": 5}, "name has the wrong type"),
+                          ({"name": "rest-grid", "size": 2}, "unknown field 'size'"),
+                          ({"name": "nothing-here"}, "no trained file named nothing-here")]:
+        r = httpx.post(f"{ui.url}/lohatrain/v1/grid", json=body)
+        assert r.status_code == 422 and message in " ".join(r.json()["detail"]), (body, r.text)
+
+
+def test_an_unknown_preview_sampler_is_refused_with_the_webuis_list(webui_server):
+    body = run_body(webui_server, "bad-sampler", preview_every_steps=2, preview_sampler="Nope")
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=body)
+    assert r.status_code == 422 and "'Nope' is not one of the WebUI's samplers: DPM++ 2M" in r.json()["detail"][0]

@@ -60,6 +60,8 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     open_accordion(page, "Previews")
     fill(page, "lohatrain_preview_every", 6)
     fill(page, "lohatrain_preview_prompt", "blue circle")
+    fill(page, "lohatrain_preview_steps", 4)
+    page.get_by_label("Save every N steps (0 = off)").fill("6")
     refreshes = len(webui_app.CARD_REFRESHES)
     page.locator("#lohatrain_train").click()
     expect(page.locator("#lohatrain_send")).to_be_disabled()  # no file to send while it trains
@@ -85,6 +87,14 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
             break
         page.wait_for_timeout(50)
     assert len(webui_app.CARD_REFRESHES) > refreshes
+
+    open_accordion(page, "Steps × strength grid of the trained file")
+    page.locator("#lohatrain_grid").click()
+    expect(page.locator("div.prose#lohatrain_grid_message")).to_contain_text("Saved browser-loha.grid.png",
+                                                                              timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_grid_images img").first).to_be_visible()
+    assert (ui.lora_dir / "browser-loha.grid.png").is_file()
+    screenshot(page, "#lohatrain_grid_box", "grid.png")
 
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()

@@ -8,9 +8,12 @@ GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, 
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
                               "batch_size"} → the dataset doctor's report: images, problems [{file, kind,
                               message}], tag_frequency, trigger, suggested_steps, steps_reason
+POST /lohatrain/v1/grid       {"name", "prompts", "strengths", "seed"} (all but the name optional: the run's preview
+                              prompts, 0.5/0.75/1, its preview seed) → the steps × strength grid through the WebUI's
+                              txt2img: {"files", "images" (base64 PNG, one per prompt), "columns", "rows", "prompts"}
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
                               file_name, preview_url (never a server path)
-POST /lohatrain/v1/interrupt  → {"interrupted": bool}
+POST /lohatrain/v1/interrupt  → {"interrupted": bool}: the training, or else a captioning pass or grid
 GET  /lohatrain/v1/presets    ?method=lora|locon|loha|lokr: that type's presets for the loaded model's family
                               (sizes, fp16 file MB)
 GET  /lohatrain/v1/preview    the latest preview image (PNG)
@@ -23,6 +26,8 @@ allows it in Settings → LoHa training.
 """
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -120,11 +125,37 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
         return report.to_dict()
 
+    def make_grid(body=Body(...)):
+        known = {"name": (str,), "prompts": (list,), "strengths": (list,), "seed": (int,)}
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": ["the body must be a JSON object"]}, status_code=422)
+        problems = [f"unknown field {k!r}" for k in sorted(set(body) - set(known))] + [
+            f"{k} has the wrong type" for k, t in known.items()
+            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool))]
+        if "name" not in body:
+            problems.append("name (the trained file's name) is required")
+        if problems:
+            return JSONResponse({"detail": problems}, status_code=422)
+        if runner.job is not None and runner.job.state == "running":
+            return JSONResponse({"detail": ["a training is running: make the grid when it has finished"]},
+                                status_code=409)
+        try:
+            made = host.make_grid(body["name"], body.get("prompts"), body.get("strengths"), body.get("seed"))
+        except LohatrainError as e:
+            return JSONResponse({"detail": [str(e)]}, status_code=422)
+        encoded = []
+        for picture in made.images:
+            buffer = io.BytesIO()
+            picture.save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        return {"files": [f.name for f in made.files], "images": encoded, "prompts": made.plan.prompts,
+                "columns": [c.label for c in made.plan.columns], "rows": made.plan.strengths}
+
     def status():
         return public_status(runner.status())
 
     def interrupt():
-        return {"interrupted": runner.interrupt()}
+        return {"interrupted": runner.interrupt() or host.interrupt_task()}
 
     def presets(method: str = "loha"):
         family = host.loaded_family()
@@ -146,6 +177,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/runs", runs, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/dataset/check", check_dataset, methods=["POST"], **route)
+    app.add_api_route(f"{PREFIX}/grid", make_grid, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/presets", presets, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/preview", preview, methods=["GET"], **route)

@@ -8,6 +8,7 @@ never import `modules` themselves.
 from __future__ import annotations
 
 import dataclasses
+import io
 import sys
 import threading
 from hmac import compare_digest
@@ -18,15 +19,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from modules import call_queue, devices, processing, sd_models, shared
+from modules import call_queue, devices, processing, sd_models, sd_samplers, shared
 
 from .. import captions
 from .. import dataset as ds
+from .. import grid
 from ..errors import LohatrainError
 from ..preflight import preflight as engine_preflight
 from ..families import detect
 from ..jobs import Job
-from ..output import STATE_SUFFIX
+from ..output import STATE_SUFFIX, write_atomically
 from ..run_state import SavedRun, list_resumable, read_state
 from ..settings import TrainSettings, check_file_name
 from ..trainer import Progress, TrainResult, train
@@ -151,10 +153,24 @@ def check_dataset_path(folder: str, via: str) -> None:
 
 def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> None:
     """Everything that can refuse a run before it starts (tab, REST, and the job itself): the path rule, the
-    memory flags, then the engine's own preflight on the loaded model (family, precision, torch, output)."""
+    memory flags, the preview sampler, then the engine's own preflight on the loaded model (family, precision,
+    torch, output)."""
     check_dataset_path(settings.dataset_dir, via)
     check_memory_mode()
+    if settings.preview_every_steps:
+        check_sampler(settings.preview_sampler)
     engine_preflight(shared.sd_model, settings, lora_dir(), resuming)
+
+
+def sampler_names() -> list[str]:
+    """The samplers the WebUI's txt2img offers (Settings → hide_samplers left out)."""
+    return sd_samplers.visible_sampler_names()
+
+
+def check_sampler(name: str) -> None:
+    if sd_samplers.find_sampler_config(name) is None:
+        raise LohatrainError(f"preview_sampler {name!r} is not one of the WebUI's samplers: "
+                             f"{', '.join(sampler_names())}")
 
 
 def device_defaults() -> dict:
@@ -271,8 +287,37 @@ TAGGERS = ("deepbooru", "interrogator")
 # The host's own tag options (Settings → Interrogate), which the tab shows and may change for one pass.
 TAG_OPTIONS = ("interrogate_deepbooru_score_threshold", "deepbooru_sort_alpha", "deepbooru_use_spaces",
                "deepbooru_escape")
-_captioning = threading.Event()  # a pass is running
-_stop_captioning = threading.Event()
+_task_lock = threading.Lock()
+_task: list[str] = []  # the captioning pass or grid running now (one at a time)
+_stop_task = threading.Event()
+
+
+@contextmanager
+def _host_task(what: str):
+    """One captioning pass or grid at a time; the tab's Interrupt, or the host's, stops it between images."""
+    with _task_lock:
+        if _task:
+            raise LohatrainError(f"{_task[0]} is running: wait for it to finish or interrupt it")
+        _task.append(what)
+    _stop_task.clear()
+    try:
+        yield
+    finally:
+        _task.clear()
+        shared.state.interrupted = False  # as the host's wrap_gradio_call leaves it after a job
+
+
+def _task_stopped() -> bool:
+    return _stop_task.is_set() or shared.state.interrupted
+
+
+def interrupt_task() -> bool:
+    """Stop the running captioning pass or grid; False when none runs."""
+    if not _task:
+        return False
+    _stop_task.set()
+    shared.state.interrupt()
+    return True
 
 
 def tag_options() -> dict:
@@ -292,8 +337,6 @@ def caption_images(folder: str, tagger: str, options: captions.CaptionOptions, t
     unknown = set(tag_options) - set(TAG_OPTIONS)
     if unknown:
         raise LohatrainError(f"unknown tag options: {', '.join(sorted(unknown))}")
-    if _captioning.is_set():
-        raise LohatrainError("another captioning pass is running: wait for it or interrupt it")
     from modules import deepbooru
     state, started = shared.state, False
 
@@ -310,26 +353,76 @@ def caption_images(folder: str, tagger: str, options: captions.CaptionOptions, t
                 return deepbooru.model.tag_multi(image)
             finally:
                 if state.interrupted:
-                    _stop_captioning.set()
+                    _stop_task.set()
                 state.end()
 
-    _captioning.set()
-    _stop_captioning.clear()
-    try:
-        yield from captions.caption_folder(folder, tag, options,
-                                           should_stop=lambda: _stop_captioning.is_set() or state.interrupted)
-    finally:
-        if started:
-            deepbooru.model.stop()
-        _captioning.clear()
+    with _host_task("a captioning pass"):
+        try:
+            yield from captions.caption_folder(folder, tag, options, should_stop=_task_stopped)
+        finally:
+            if started:
+                deepbooru.model.stop()
 
 
-def interrupt_captioning() -> bool:
-    if not _captioning.is_set():
-        return False
-    _stop_captioning.set()
-    shared.state.interrupt()
-    return True
+@dataclasses.dataclass
+class RenderedGrid:
+    plan: grid.GridPlan
+    images: list  # one labelled grid per prompt (PIL images)
+    files: list[Path]  # where each was saved, beside the LoRA
+    cells: list  # [prompt][strength][column]: the images as rendered, unlabelled
+
+
+def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float] | None = None,
+              seed: int | None = None) -> RenderedGrid:
+    """The run's saved steps (columns, after one without the LoRA) × strengths (rows), for each prompt,
+    through the host's own txt2img on the loaded checkpoint with one seed, labelled like its X/Y/Z plot and
+    saved as PNG beside the file. The no-LoRA image is rendered once per prompt: it is the same in every row."""
+    from modules import images
+
+    folder = lora_dir()
+    chosen = grid.plan(folder, name, prompts, strengths, seed)
+    check_sampler(chosen.settings.preview_sampler)
+    state, done = shared.state, 0
+    checkpoint_title = getattr(getattr(shared.sd_model, "sd_checkpoint_info", None), "title", None)
+
+    def render(prompt: str) -> object:
+        nonlocal done
+        if _task_stopped():
+            raise LohatrainError("Interrupted: no grid was saved.")
+        state.job_no, state.textinfo = done, f"lohatrain grid: image {done + 1} of {chosen.cells}"
+        rendered = _txt2img(shared.sd_model, prompt, chosen.settings, chosen.seed, checkpoint_title,
+                            extra_networks=True)
+        if not rendered or _task_stopped():
+            raise LohatrainError("Interrupted: no grid was saved.")
+        done += 1
+        return rendered[0]
+
+    with _host_task("a grid"), call_queue.queue_lock:
+        state.begin(job="lohatrain-grid")
+        state.job_count = chosen.cells
+        try:
+            refresh_loras()  # the Lora list must know the intermediate saves
+            cells = []
+            for prompt in chosen.prompts:
+                plain = render(prompt)
+                cells.append([[plain] + [render(f"{prompt} <lora:{column.network}:{strength:g}>")
+                                         for column in chosen.columns[1:]] for strength in chosen.strengths])
+        finally:
+            state.end()
+    labelled, files = [], []
+    for index, rows in enumerate(cells):
+        width, height = rows[0][0].size
+        picture = images.draw_grid_annotations(
+            images.image_grid([cell for row in rows for cell in row], rows=len(rows)), width, height,
+            [[images.GridAnnotation(column.label)] for column in chosen.columns],
+            [[images.GridAnnotation(f"Strength: {strength:g}")] for strength in chosen.strengths])
+        path = chosen.file(folder, index)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        write_atomically(path, buffer.getvalue(), overwrite=True)
+        labelled.append(picture)
+        files.append(path)
+    return RenderedGrid(chosen, labelled, files, cells)
 
 
 def _progress_to_state(job: Job):
@@ -361,14 +454,8 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
         for part in parts:
             part.to(next(sd_model.model.parameters()).device)
         try:
-            # The checkpoint is pinned: a new choice in the quick settings must not load into this model.
-            p = processing.StableDiffusionProcessingTxt2Img(
-                sd_model=sd_model, prompt=prompts[0], seed=1234, steps=20, sampler_name="DPM++ 2M",
-                scheduler="Automatic", width=settings.resolution,
-                height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True,
-                override_settings={"sd_model_checkpoint": checkpoint_title})
-            p.disable_extra_networks = True
-            images = processing.process_images(p).images
+            images = _txt2img(sd_model, prompts[0], settings, settings.preview_seed, checkpoint_title,
+                              extra_networks=False)
         finally:
             for part, device in zip(parts, part_devices):
                 part.to(device)
@@ -384,6 +471,19 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
         job.set_preview(path, step)
 
     return on_step
+
+
+def _txt2img(sd_model, prompt: str, settings: TrainSettings, seed: int, checkpoint_title: str | None,
+             extra_networks: bool) -> list:
+    """One image through the host's own txt2img, with the run's size, sampler and steps. The checkpoint is
+    pinned: a new choice in the quick settings must not load into this model meanwhile."""
+    p = processing.StableDiffusionProcessingTxt2Img(
+        sd_model=sd_model, prompt=prompt, seed=seed, steps=settings.preview_steps,
+        sampler_name=settings.preview_sampler, scheduler="Automatic", width=settings.resolution,
+        height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True,
+        override_settings={"sd_model_checkpoint": checkpoint_title})
+    p.disable_extra_networks = not extra_networks
+    return processing.process_images(p).images
 
 
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:

@@ -48,9 +48,10 @@ FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "al
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
           "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts", "keep_state",
-          "init_from"]
+          "init_from", "preview_seed", "preview_steps", "preview_sampler"]
 INT_FIELDS = {"lokr_factor", "dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
-              "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps"}
+              "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps",
+              "preview_seed", "preview_steps"}
 
 
 def settings_from_form(values: list) -> TrainSettings:
@@ -196,8 +197,8 @@ def poll_status(runner: JobRunner, sent_preview):
 def interrupt(runner: JobRunner) -> str:
     if runner.interrupt():
         return _message("Stopping after the current step; what was trained so far will be saved.")
-    if host.interrupt_captioning():
-        return _message("Stopping captioning after the current image.")
+    if host.interrupt_task():
+        return _message("Stopping after the current image.")
     return _message("Nothing is running.")
 
 
@@ -227,6 +228,23 @@ def caption_dataset(runner: JobRunner, dataset_dir, tagger_label, existing_label
                + (f"; {counts['broken']} image(s) do not open" if counts["broken"] else ""))
     stopped = step is not None and step.done < step.total
     yield _message(summary + ("; interrupted." if stopped else ".")), shown, [Path(p).name for p, _ in shown]
+
+
+def make_grid(runner: JobRunner, name, prompts, strengths, seed):
+    """The steps × strength grid of the run named in the form (lohatrain/grid.py, host.make_grid)."""
+    if runner.job is not None and runner.job.state == "running":
+        return _message("A training is running: make the grid when it has finished.", "error"), gr.update()
+    try:
+        values = [float(x) for x in (strengths or "").replace(";", ",").split(",") if x.strip()]
+    except ValueError:
+        return _message("Strengths are numbers separated by commas, such as 0.5, 0.75, 1", "error"), gr.update()
+    try:
+        made = host.make_grid(name, [p for p in (prompts or "").splitlines() if p.strip()], values,
+                              int(seed) if seed not in (None, "") and int(seed) >= 0 else None)
+    except LohatrainError as e:
+        return _message(str(e), "error"), gr.update()
+    return (_message(f"Saved {', '.join(f.name for f in made.files)} beside the file."),
+            [(picture, prompt) for picture, prompt in zip(made.images, made.plan.prompts)])
 
 
 def select_thumbnail(names, evt: gr.SelectData):
@@ -480,6 +498,13 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                                     precision=0, elem_id="lohatrain_preview_every")
                     preview_prompts = gr.Textbox("", lines=2, label="Preview prompt (default: the phrase)",
                                                  elem_id="lohatrain_preview_prompt")
+                    with gr.Row():
+                        preview_seed = gr.Number(d.preview_seed, label="Preview seed", precision=0,
+                                                 elem_id="lohatrain_preview_seed")
+                        preview_steps = gr.Number(d.preview_steps, label="Preview sampling steps", precision=0,
+                                                  elem_id="lohatrain_preview_steps")
+                        preview_sampler = gr.Dropdown(host.sampler_names(), value=d.preview_sampler,
+                                                      label="Preview sampler", elem_id="lohatrain_preview_sampler")
                 with gr.Accordion("Resume a stopped run, or train a file further", open=False,
                                   elem_id="lohatrain_resume_box"):
                     with gr.Row():
@@ -515,6 +540,18 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 thumbs = gr.Gallery(label="Dataset (click an image to edit its caption)", columns=4, height="auto",
                                     elem_id="lohatrain_thumbs")
                 shown_files = gr.State([])
+                with gr.Accordion("Steps × strength grid of the trained file", open=False, elem_id="lohatrain_grid_box"):
+                    grid_prompts = gr.Textbox("", lines=2, label="Prompts, one a line (default: the preview prompt)",
+                                              elem_id="lohatrain_grid_prompts")
+                    with gr.Row():
+                        grid_strengths = gr.Textbox("0.5, 0.75, 1", label="Strengths (rows)",
+                                                    elem_id="lohatrain_grid_strengths")
+                        grid_seed = gr.Number(-1, label="Seed (-1 = the preview seed)", precision=0,
+                                              elem_id="lohatrain_grid_seed")
+                        grid_btn = gr.Button("Make grid", scale=0, min_width=120, elem_id="lohatrain_grid")
+                    grid_message = gr.HTML("", elem_id="lohatrain_grid_message")
+                    grid_images = gr.Gallery(label="Grid: the saved steps × strengths, for each prompt", columns=1,
+                                             height="auto", elem_id="lohatrain_grid_images")
                 with gr.Row():
                     edit_name = gr.Textbox("", label="Image", interactive=False, scale=1, elem_id="lohatrain_edit_name")
                     edit_text = gr.Textbox("", label="Its caption", scale=3, elem_id="lohatrain_edit_caption")
@@ -526,7 +563,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
                 color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
                 text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
-                preview_prompts, keep_state, init_from]
+                preview_prompts, keep_state, init_from, preview_seed, preview_steps, preview_sampler]
         preset.change(preset_sizes, [preset, training_method], [dim, alpha, conv_dim, conv_alpha, lokr_factor])
         caption_mode.change(caption_fields, [caption_mode], [caption_phrase, caption_ext])
         training_method.change(method_changed, [training_method],
@@ -546,6 +583,8 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         caption_btn.click(lambda *v: (yield from caption_dataset(runner, *v)),
                           [dataset_dir, tagger, existing, caption_prefix, drop_tags, caption_ext, threshold, sort_alpha,
                            use_spaces, escape], [caption_message, thumbs, shown_files])
+        grid_btn.click(lambda *v: make_grid(runner, *v), [name, grid_prompts, grid_strengths, grid_seed],
+                       [grid_message, grid_images])
         thumbs.select(select_thumbnail, [shown_files], [edit_name, edit_text])
         save_caption_btn.click(save_edited_caption, [dataset_dir, edit_name, edit_text, caption_ext],
                                [message, thumbs, shown_files])

@@ -19,7 +19,7 @@ negative prompt is all zeros. Conditioning is whatever the model returns: a tens
 the cond caches.
 
 The stand-in's sampler: DDIM (eta 0, uniform timesteps) with classifier-free guidance, whatever
-`sampler_name` says; the conditional and unconditional predictions are two `apply_model` calls (the host
+`sampler_name` says (a name the host does not have fails as there: "bad sampler name"); the conditional and unconditional predictions are two `apply_model` calls (the host
 batches them). As the host's timestep samplers, each prediction is first turned into noise (a v-prediction
 model's "v" by ε = √ᾱ·v + √(1−ᾱ)·x_t, `predict_eps`), guidance mixes the two noises, and the denoised
 estimate is x0 = (x_t − √(1−ᾱ)·ε) / √ᾱ. Nothing is written to disk (the host saves samples unless do_not_save_samples).
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import devices, extra_networks, prompt_parser, sd_hijack, sd_models, shared
+from modules import devices, extra_networks, prompt_parser, sd_hijack, sd_models, sd_samplers, shared
 from modules.shared import opts, state
 
 opt_C = 4
@@ -184,6 +184,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     force_task_id: str = None
 
     def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        # as the host's sd_samplers.create_sampler: an unknown name fails here, at the first image
+        assert sd_samplers.find_sampler_config(self.sampler_name) is not None, f'bad sampler name: {self.sampler_name}'
         shape = (getattr(self.sd_model, "latent_channels", opt_C), self.height // opt_f, self.width // opt_f)
         noise = []
         for seed in seeds:

@@ -42,12 +42,16 @@ options_templates.update(options_section(("sdxl", "Stable Diffusion XL", "sd"), 
 }))
 options_templates.update(options_section(("system", "System", "system"), {
     "list_hidden_files": OptionInfo(True, "Load models/files in hidden directories"),
+    "hide_samplers": OptionInfo([], "Hide samplers in user interface"),
 }))
 options_templates.update(options_section(("saving-images", "Saving images/grids", "saving"), {
     "samples_save": OptionInfo(True, "Always save all generated images"),
     "grid_save": OptionInfo(True, "Always save all generated image grids"),
     "grid_only_if_multiple": OptionInfo(True, "Do not save grids consisting of one picture"),
     "grid_prevent_empty_spots": OptionInfo(False, "Prevent empty spots in grid (when set to autodetect)"),
+    "grid_text_active_color": OptionInfo("#000000", "Text color for image grids"),
+    "grid_text_inactive_color": OptionInfo("#999999", "Inactive text color for image grids"),
+    "grid_background_color": OptionInfo("#ffffff", "Background color for image grids"),
     "n_rows": OptionInfo(-1, "Grid row count; use -1 for autodetect and 0 for it to be same as batch size"),
     "return_grid": OptionInfo(True, "Show grid in gallery"),
     "enable_pnginfo": OptionInfo(True, "Write infotext to metadata of the generated image"),
