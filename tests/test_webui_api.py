@@ -358,7 +358,7 @@ def test_the_grid_route_renders_the_saved_steps_and_says_what_is_wrong(webui_ser
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "rest-grid", save_every_steps=2, preview_steps=2))
     assert r.status_code == 200 and wait_until(ui, finished)["state"] == "done"
     r = httpx.post(f"{ui.url}/lohatrain/v1/grid", json={"name": "rest-grid", "strengths": [1], "seed": 3,
-                                                        "prompts": ["red circle"]})
+                                                        "prompts": ["red circle"]}, timeout=300)
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["files"] == ["rest-grid.grid.png"] and answer["columns"] == ["No LoRA", "Step 2", "Step 4"]
