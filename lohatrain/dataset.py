@@ -369,6 +369,21 @@ class BucketBatchSampler:
         self._pending = [list(b) for b in state["pending"]]
 
 
+def grouping_note(items: Sequence[ImageItem], bucket_of_item: Sequence[Bucket], resolution: int, bucketing: bool,
+                  min_side: int, max_side: int) -> str | None:
+    """Why Aspect Ratio Grouping changes nothing for this dataset, or None when it does group."""
+    used = {tuple(b) for b in bucket_of_item}
+    if not bucketing or len(used) != 1:
+        return None
+    (width, height), = used
+    if len(make_buckets(resolution, min_side, max_side)) == 1:
+        return (f"Aspect ratio grouping has no effect: with bucket sides {min_side}–{max_side} px at {resolution} "
+                f"px the only bucket is {width}×{height}. Lower the bucket min side or raise the max side to "
+                "allow other shapes.")
+    return (f"Aspect ratio grouping has no effect: every image is closest to the {width}×{height} bucket "
+            "(they all have about the same shape).")
+
+
 def bucket_table(items: Sequence[ImageItem], bucket_of_item: Sequence[Bucket]) -> list[tuple[Bucket, int]]:
     """(bucket, image count) per used bucket, narrowest first, to show the user how the dataset was grouped."""
     counts = Counter(tuple(bucket) for _, bucket in zip(items, bucket_of_item, strict=True))

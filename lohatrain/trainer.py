@@ -98,7 +98,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
           should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Network], None] | None = None,
           offload_device: str | torch.device = "cpu", resume: SavedRun | None = None,
-          resume_anyway: bool = False) -> TrainResult:
+          resume_anyway: bool = False, clip_skip_applies: bool | None = None) -> TrainResult:
     """Train a LoRA-type network (settings.training_method) on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
 
     `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
@@ -109,10 +109,13 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     `resume` (lohatrain.run_state.read_state) goes on from a saved state with the run's own settings (only
     `output_dir`, `steps` and `keep_state` may differ): the same loop, from the saved step. A changed dataset or
     model is refused unless `resume_anyway` (the file's metadata then says what changed).
+
+    `clip_skip_applies` says whether `encode_prompts` applies the run's CLIP skip, so the file records it (by
+    default the family's rule: SD1 yes; SD2 and SDXL no, unless the WebUI's "Clip skip SDXL" option is on).
     """
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
-                      should_stop, on_step, offload_device, resume, resume_anyway)
+                      should_stop, on_step, offload_device, resume, resume_anyway, clip_skip_applies)
     except compat.OutOfMemoryError:
         raise LohatrainError(
             "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
@@ -120,7 +123,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
 
 def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
-           on_step, offload_device, resume, resume_anyway) -> TrainResult:
+           on_step, offload_device, resume, resume_anyway, clip_skip_applies) -> TrainResult:
     checked = preflight(model, settings, output_dir or settings.output_dir or ".", resuming=resume is not None)
     family, plan, items = checked.family, checked.plan, checked.items
     started = time.perf_counter()
@@ -144,7 +147,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                                   settings.bucket_max_side)
     warnings = ds.upscale_warnings(items, bucket_of)
     train_text = settings.text_encoder_lr > 0
-    clip_skip = settings.effective_clip_skip if family.applies_clip_skip else None
+    applies = family.applies_clip_skip if clip_skip_applies is None else clip_skip_applies
+    clip_skip = settings.effective_clip_skip if applies else None
 
     with ExitStack() as stack:
         guard = stack.enter_context(ModelGuard(model, unet, vae, text_encoder))

@@ -78,12 +78,12 @@ def test_interrogator_writes_its_sentence_and_ends_its_host_job(folder):
 def test_interrupt_stops_within_one_image(folder):
     pass_ = host.caption_images(str(folder), "deepbooru", CaptionOptions(existing="overwrite"), {}, via="tab")
     first = next(pass_)
-    assert host.interrupt_captioning()
+    assert host.interrupt_task()
     assert list(pass_) == []
     assert first.file == "blue.png" and captions_in(folder)["blue"] != "my own words, sky"
     assert set(captions_in(folder)) == {"blue"}
     shared.state.interrupted = False
-    assert not host.interrupt_captioning()  # nothing runs any more
+    assert not host.interrupt_task()  # nothing runs any more
 
 
 def test_a_wrong_caption_extension_or_folder_is_refused_before_anything_is_written(folder, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lohatrain import dataset as ds
 from lohatrain.dataset import (
     IMAGE_EXTENSIONS,
     BucketBatchSampler,
@@ -326,6 +327,17 @@ def test_bucketing_off_puts_every_image_in_the_square():
     assert assign_buckets(items, 640, bucketing=False) == [(640, 640), (640, 640)]
     on = assign_buckets(items, 640, bucketing=True)
     assert on[0][0] > on[0][1] and on[1][0] < on[1][1]
+
+
+def test_the_check_says_when_grouping_has_no_effect_and_why():
+    wide, square = ImageItem(Path("w.png"), "", 320, 192), ImageItem(Path("s.png"), "", 300, 300)
+    note = ds.grouping_note([wide, square], assign_buckets([wide, square], 256, True, 128, 512), 256, True, 128, 512)
+    assert note is None  # at 256 px the 320×192 image gets a wide bucket of its own
+    only = assign_buckets([wide, square], 256, True, 256, 256)
+    assert "the only bucket is 256×256" in ds.grouping_note([wide, square], only, 256, True, 256, 256)
+    squares = [square, ImageItem(Path("t.png"), "", 500, 490)]
+    note = ds.grouping_note(squares, assign_buckets(squares, 256, True, 128, 512), 256, True, 128, 512)
+    assert "every image is closest to the 256×256 bucket" in note
 
 
 def test_bucket_table_counts_images_per_bucket():

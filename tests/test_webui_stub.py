@@ -1,6 +1,7 @@
 """The WebUI stand-in (tests/webui_stub) must behave as the host (v1.10.1) where lohatrain's adapter relies on it."""
 
 import copy
+import dataclasses
 import sys
 import threading
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lohatrain.demo  # noqa: F401  (before anything that imports ldm)
@@ -542,9 +544,19 @@ def test_run_training_on_the_loaded_sdxl_model_leaves_it_exactly_as_found(webui,
     before = model_state(model)
     wrappers = list(model.conditioner.embedders)
     settings = settings_for(sample_dataset, webui / "unused", name="xl_job", steps=2, text_encoder_lr=1e-3,
-                            conv_dim=2, conv_alpha=1, preview_every_steps=2)
+                            conv_dim=2, conv_alpha=1, preview_every_steps=2, clip_skip=2)
     job = Job("xl", settings)
-    result = host.run_training(settings, job)
+    shared.opts.sdxl_clip_l_skip = True  # Settings → "Clip skip SDXL": the host applies CLIP skip to CLIP-L
+    try:
+        result = host.run_training(settings, job)
+    finally:
+        shared.opts.sdxl_clip_l_skip = False
+    with safe_open(str(result.file), "pt") as f:
+        assert f.metadata()["ss_clip_skip"] == "2"
+    plain = host.run_training(dataclasses.replace(settings, name="xl_plain", steps=1, preview_every_steps=0),
+                              Job("xl2", settings))
+    with safe_open(str(plain.file), "pt") as f:
+        assert f.metadata()["ss_clip_skip"] == "None"  # by default the host ignores CLIP skip on SDXL
     assert result.status == "done" and result.steps_done == 2 and len(job.losses) == 2
     assert result.file == webui / "Lora" / "xl_job.safetensors" and "xl_job" in networks.available_networks
     assert networks.available_networks["xl_job"].sd_version == networks.SdVersion.SDXL

@@ -268,6 +268,14 @@ def _thread_overlay(base: type) -> type:
     return ThreadOverlayOptions
 
 
+def clip_skip_applies(sd_model) -> bool | None:
+    """The host's text path applies CLIP skip to SD1, to SDXL's CLIP-L only with Settings → "Clip skip SDXL"
+    (`sdxl_clip_l_skip`), never to SD2's OpenCLIP (None: the family's own rule)."""
+    if detect(sd_model).name == "sdxl":
+        return bool(getattr(shared.opts, "sdxl_clip_l_skip", False))
+    return None
+
+
 def prompt_encoder(sd_model, clip_skip: int | None):
     """The host's conditioning path with the run's CLIP skip, and captions taken literally.
 
@@ -509,7 +517,7 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
                 # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
                 should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
                 on_step=_preview_maker(settings, job, sd_model, out_dir), resume=job.resume,
-                resume_anyway=job.resume_anyway)
+                resume_anyway=job.resume_anyway, clip_skip_applies=clip_skip_applies(sd_model))
             refresh_loras()  # under the GPU lock: the Lora list is not rebuilt while a generation reads it
         finally:
             state.end()

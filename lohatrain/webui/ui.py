@@ -286,7 +286,8 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
         return doctor_html + _message(str(e), "error"), shown, names
     rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
     captioned = sum(1 for i in items if i.caption.strip())
-    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of))
+    note = ds.grouping_note(items, bucket_of, int(resolution), bool(bucketing), int(min_side), int(max_side))
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of) + [note] if w)
     report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
               f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
               + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
