@@ -552,7 +552,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                         grid_btn = gr.Button("Make grid", scale=0, min_width=120, elem_id="lohatrain_grid")
                     grid_message = gr.HTML("", elem_id="lohatrain_grid_message")
                     grid_images = gr.Gallery(label="Grid: the saved steps × strengths, for each prompt", columns=1,
-                                             height="auto", elem_id="lohatrain_grid_images")
+                                             height="auto", object_fit="contain", elem_id="lohatrain_grid_images")
                 with gr.Row():
                     edit_name = gr.Textbox("", label="Image", interactive=False, scale=1, elem_id="lohatrain_edit_name")
                     edit_text = gr.Textbox("", label="Its caption", scale=3, elem_id="lohatrain_edit_caption")
