@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_engine import settings_for
+from test_engine import model_state, settings_for
 from test_webui_stub import loaded, webui  # noqa: F401  (webui is a fixture)
 
 from lohatrain import grid
 from lohatrain.errors import LohatrainError
 from lohatrain.trainer import train
 from lohatrain.webui import host
-from modules import processing
+from modules import processing, shared
 
 
 @pytest.fixture
@@ -25,7 +25,9 @@ def trained(webui, sample_dataset):  # noqa: F811
 
 
 def test_grid_has_a_column_per_saved_step_and_a_row_per_strength(trained):
+    before = model_state(shared.sd_model)
     made = host.make_grid("grid-run", strengths=[0, 1], seed=5)
+    assert model_state(shared.sd_model) == before
     assert [c.label for c in made.plan.columns] == ["No LoRA", "Step 2", "Step 4"]
     assert made.plan.prompts == ["blue circle"] and made.plan.strengths == [0.0, 1.0]
     (rows,) = made.cells

@@ -384,7 +384,8 @@ def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float
               seed: int | None = None) -> RenderedGrid:
     """The run's saved steps (columns, after one without the LoRA) × strengths (rows), for each prompt,
     through the host's own txt2img on the loaded checkpoint with one seed, labelled like its X/Y/Z plot and
-    saved as PNG beside the file. The no-LoRA image is rendered once per prompt: it is the same in every row."""
+    saved as PNG beside the file. The no-LoRA image is rendered once per prompt: it is the same in every row.
+    Afterwards the model's weights are as before (the host merges a Lora into them while it generates)."""
     from modules import images
 
     folder = lora_dir()
@@ -416,6 +417,7 @@ def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float
                 cells.append([[plain] + [render(f"{prompt} <lora:{column.network}:{strength:g}>")
                                          for column in chosen.columns[1:]] for strength in chosen.strengths])
         finally:
+            take_off_networks(shared.sd_model)  # the last cell's file is merged into the weights: take it off
             state.end()
     labelled, files = [], []
     for index, rows in enumerate(cells):
