@@ -53,9 +53,12 @@ class Ranks:
         part = size // self.world_size
         return slice(self.rank * part, (self.rank + 1) * part)
 
-    def images_needed(self, sampler: ds.BucketBatchSampler, steps: int) -> set[int]:
-        """The images in this process's shares of the next `steps` batches: the only ones it needs latents
-        for."""
+    def images_needed(self, sampler: ds.BucketBatchSampler, steps: int, count: int) -> set[int]:
+        """The images (of `count`) whose latents this process caches: alone, all of them, as it always has;
+        one of several, those in its shares of the next `steps` batches (a large dataset trained for an epoch
+        or two is then encoded once over all the processes, not once by each)."""
+        if self.world_size == 1:
+            return set(range(count))
         return {i for batch in sampler.upcoming(steps) for i in batch[self.share(len(batch))]}
 
     def parallel(self, module: nn.Module) -> nn.Module:

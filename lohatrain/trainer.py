@@ -175,7 +175,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed))
         if resume:
             batch_sampler.load_state_dict(resume.sampler_state)
-        needed = ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0))
+        needed = ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0), len(items))
         report(Progress("Encoding images"))
         samples = _cache_latents(model, family, items, bucket_of, needed, settings, device, autocast, stop, seed)
         if samples is None:

@@ -2,12 +2,12 @@
 the same global batch, only rank 0 writes, and a process that dies stops the run without a partial file."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,19 +31,30 @@ REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 5e-4
 
 
-def torchrun(*args: str, **popen) -> subprocess.Popen:
-    """`torchrun --standalone --nproc-per-node 2 -m lohatrain …` (a free port, so parallel runs do not meet)."""
+@contextmanager
+def torchrun(*args: str):
+    """`torchrun --standalone --nproc-per-node 2 -m lohatrain …` (a free port, so parallel runs do not meet),
+    output and errors in one stream; a test that fails leaves no training process behind."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "lohatrain", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "lohatrain", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            for pid in _workers(run.pid).values():
+                os.kill(pid, signal.SIGKILL)
+            run.kill()
+        run.wait()
 
 
 @pytest.fixture
 def seven_images(sample_dataset):
     """The sample images less one: batches of 2 then end each epoch with a single image."""
-    for path in sorted(sample_dataset.iterdir())[:2]:
-        path.unlink()  # the first image and its caption
+    first = sorted(sample_dataset.glob("*.png"))[0]
+    first.unlink()
+    first.with_suffix(".txt").unlink()
     return sample_dataset
 
 
@@ -56,8 +67,8 @@ def test_two_processes_train_the_file_one_process_trains(tiny_model, seven_image
     config = tmp_path / "run.json"
     config.write_text(settings.to_json())
 
-    run = torchrun("train", "--demo", "--config", str(config), "--output-dir", str(tmp_path / "two"))
-    output, _ = run.communicate(timeout=300)
+    with torchrun("train", "--demo", "--config", str(config), "--output-dir", str(tmp_path / "two")) as run:
+        output, _ = run.communicate(timeout=300)
     assert run.returncode == 0, output
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -68,11 +79,10 @@ def test_two_processes_train_the_file_one_process_trains(tiny_model, seven_image
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= TOLERANCE
     # Adam's first moment is the gradient's running mean: equal only if the averaged gradient is the whole batch's
-    ours_state, theirs_state = read_state(two / "test-loha.lohatrain-state"), read_state(one / "test-loha.lohatrain-state")
-    moments = [k for k in theirs_state.tensors if k.endswith(".exp_avg")]
-    assert moments and all(torch.allclose(ours_state.tensors[k], theirs_state.tensors[k], rtol=0.05, atol=1e-7)
-                           for k in moments)
-    assert ours_state.info["losses"] == pytest.approx(alone.losses, rel=1e-5)
+    ours, theirs = (read_state(folder / "test-loha.lohatrain-state") for folder in (two, one))
+    moments = [k for k in theirs.tensors if k.endswith(".exp_avg")]
+    assert moments and all(torch.allclose(ours.tensors[k], theirs.tensors[k], rtol=0.05, atol=1e-7) for k in moments)
+    assert ours.info["losses"] == pytest.approx(alone.losses, rel=1e-5)  # the whole batch's loss, reported
     with safe_open(str(two / "test-loha.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_total_batch_size"], meta["ss_batch_size_per_device"]) == ("2", "1")
@@ -91,18 +101,15 @@ def test_a_process_that_dies_stops_the_run_and_leaves_no_partial_file(sample_dat
     whatever rank 0 kept opens whole."""
     config = tmp_path / "run.json"
     config.write_text(settings_for(sample_dataset, tmp_path / "out", steps=400).to_json())
-    run = torchrun("train", "--demo", "--config", str(config))
-    try:
+    with torchrun("train", "--demo", "--config", str(config)) as run:
         lines = []
         for line in run.stdout:
             lines.append(line)
             if line.startswith("step 1/"):
                 break
         assert lines and lines[-1].startswith("step 1/"), "".join(lines)
-        os.kill(_worker(run.pid, rank=1), signal.SIGKILL)
+        os.kill(_workers(run.pid)[1], signal.SIGKILL)
         output, _ = run.communicate(timeout=120)
-    finally:
-        run.kill()
     assert run.returncode != 0
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", output), output
     out = tmp_path / "out"
@@ -112,11 +119,14 @@ def test_a_process_that_dies_stops_the_run_and_leaves_no_partial_file(sample_dat
         load_file(path)  # whole
 
 
-def _worker(torchrun_pid: int, rank: int) -> int:
-    """The process torchrun started for `rank` (its RANK environment variable)."""
-    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+def _workers(torchrun_pid: int) -> dict[int, int]:
+    """The processes torchrun started, by rank (their RANK environment variable); none found without /proc."""
+    workers = {}
+    tasks = Path(f"/proc/{torchrun_pid}/task")
+    for task in tasks.iterdir() if tasks.exists() else ():
         for pid in (task / "children").read_text().split():
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ:
-                return int(pid)
-    raise AssertionError(f"torchrun has no worker of rank {rank}")
+            ranks = [int(v[len(b"RANK="):]) for v in environ if v.startswith(b"RANK=")]
+            if ranks:
+                workers[ranks[0]] = int(pid)
+    return workers
