@@ -4,6 +4,7 @@
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
     python -m lohatrain train --demo --resume out/demo-loha.lohatrain-state   (go on where a run stopped)
+    torchrun --nproc-per-node 2 -m lohatrain train --demo --output-dir out   (data-parallel, README)
 
 The demo's sample images are written to `<output dir>/demo-images` (and written again, identically, when a
 saved demo run is repeated and they are gone).
@@ -14,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .distributed import Ranks, join_torchrun, leave
 from .errors import LohatrainError
 from .output import STATE_SUFFIX
 from .run_state import read_state
@@ -40,6 +42,15 @@ def demo_settings(dataset_dir: Path, output_dir: Path) -> TrainSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One run; under torchrun, this process's part of a data-parallel run (lohatrain.distributed)."""
+    ranks = join_torchrun()
+    try:
+        return _main(argv, ranks)
+    finally:
+        leave()
+
+
+def _main(argv: list[str] | None, ranks: Ranks) -> int:
     parser = argparse.ArgumentParser(prog="python -m lohatrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,20 +97,25 @@ def main(argv: list[str] | None = None) -> int:
             overrides["output_dir"] = str(args.output_dir)
         settings = TrainSettings(**{**settings.to_dict(), **overrides})
         settings.validate()
-        if not Path(settings.dataset_dir).expanduser().exists():
+        if ranks.main and not Path(settings.dataset_dir).expanduser().exists():
             # the demo's images are generated: a saved demo run gets them back, identical, where it had them
             make_sample_dataset(Path(settings.dataset_dir).expanduser())
             print(f"wrote the demo's sample images to {settings.dataset_dir}", flush=True)
+        ranks.barrier()  # the other processes read them
         result = train(build_model(), settings, model_name=f"lohatrain-tiny-{args.family}-demo",
-                       on_progress=_print_progress, resume=resume, resume_anyway=args.resume_anyway)
+                       on_progress=_print_progress, resume=resume, resume_anyway=args.resume_anyway, ranks=ranks)
     except LohatrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if not ranks.main:
+            return 130
         state = Path(settings.output_dir) / f"{settings.name}{STATE_SUFFIX}" if settings else None
         print(f"interrupted; {f'resume with --resume {state}' if state and state.exists() else 'nothing was saved'}",
               file=sys.stderr)
         return 130
+    if not ranks.main:
+        return 0
     for w in result.warnings:
         print(f"warning: {w}")
     train_s = result.seconds

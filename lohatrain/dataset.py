@@ -305,7 +305,17 @@ def color_augment(pixels: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     Works on (..., 3, H, W) tensors in [-1, 1]; one draw per call. The hue turns colours around the grey axis,
     so greys stay grey. Draws come from `rng` only, so a seeded generator repeats the same augmentation.
     """
+    return change_colors(pixels, *color_change(rng))
+
+
+def color_change(rng: torch.Generator) -> tuple[float, float, float]:
+    """One colour augmentation's random draw: hue, brightness and contrast, each in [-1, 1)."""
     hue, brightness, contrast = (torch.rand(3, generator=rng, dtype=torch.float64) * 2 - 1).tolist()
+    return hue, brightness, contrast
+
+
+def change_colors(pixels: torch.Tensor, hue: float, brightness: float, contrast: float) -> torch.Tensor:
+    """`color_augment` with its draw given (`color_change`)."""
     angle = math.radians(15 * hue)
     # Rodrigues' rotation about the unit grey axis u = (1, 1, 1)/√3: cos·I + sin·[u]× + (1 - cos)·u·uᵀ.
     u_cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=torch.float64) / math.sqrt(3)
@@ -356,6 +366,13 @@ class BucketBatchSampler:
         if not self._pending:
             self._pending = self._epoch()
         return self._pending.pop(0)
+
+    def upcoming(self, count: int) -> list[list[int]]:
+        """The next `count` batches, as `next_batch` will give them; the sampler's state is left as it was."""
+        state = self.state_dict()
+        batches = [self.next_batch() for _ in range(count)]
+        self.load_state_dict(state)
+        return batches
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:

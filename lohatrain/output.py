@@ -83,9 +83,11 @@ def timestamp() -> int:
 
 def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name: str, model_hash: str,
                    clip_skip: int | None, image_count: int, tag_frequency: dict, bucket_counts: dict,
-                   steps_done: int, started_at: int, batches_per_epoch: int, seed: int,
+                   steps_done: int, started_at: int, batches_per_epoch: int, seed: int, processes: int = 1,
                    extra: dict[str, str] | None = None) -> dict[str, str]:
-    """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings."""
+    """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings.
+
+    `processes`: how many data-parallel processes shared each batch (lohatrain.distributed)."""
     dataset = Path(settings.dataset_dir).name or "dataset"
     module, args = network_module_and_args(settings)
     meta = {
@@ -113,7 +115,8 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_steps": str(steps_done),
         "ss_epoch": str(-(-steps_done // max(batches_per_epoch, 1))),
         "ss_num_batches_per_epoch": str(batches_per_epoch),
-        "ss_batch_size_per_device": str(settings.batch_size),
+        "ss_batch_size_per_device": str(settings.batch_size // processes),
+        "ss_total_batch_size": str(settings.batch_size),
         "ss_seed": str(seed),
         "ss_mixed_precision": settings.train_dtype,
         "ss_save_precision": settings.save_dtype,

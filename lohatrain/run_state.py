@@ -91,7 +91,7 @@ class LoopState:
         self.scheduler.load_state_dict(info["scheduler"])
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(info["scaler"])
-        self.sampler.load_state_dict({"generator": tensors["rng.sampler"], "pending": info["sampler_pending"]})
+        self.sampler.load_state_dict(saved.sampler_state)
         self.noise_gen.set_state(tensors["rng.noise"])
         self.aug_gen.set_state(tensors["rng.aug"])
         version, internal, gauss = info["caption_rng"]
@@ -128,6 +128,11 @@ class SavedRun:
     @property
     def step(self) -> int:
         return self.info["step"]
+
+    @property
+    def sampler_state(self) -> dict:
+        """The batch sampler's state (`BucketBatchSampler.load_state_dict`)."""
+        return {"generator": self.tensors["rng.sampler"], "pending": self.info["sampler_pending"]}
 
     @property
     def record(self) -> RunRecord:

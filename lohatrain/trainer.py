@@ -23,10 +23,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import compat, run_state
 from . import dataset as ds
+from .distributed import ALONE, Ranks
 from .errors import LohatrainError
 from .model_guard import ModelGuard
 from .network import Network, plan_text_encoder, plan_unet
@@ -84,10 +86,12 @@ class _Sample:
 
 @dataclass
 class _Cache:
-    """The dataset as the loop reads it: every image's latents, and every caption's conditioning unless the
-    text encoder runs each step (shuffled tags, or trained)."""
+    """The dataset as the loop reads it: the latents of every image this process trains on (by image index),
+    every image's caption, and every caption's conditioning unless the text encoder runs each step (shuffled
+    tags, or trained)."""
 
-    samples: list[_Sample]
+    samples: dict[int, _Sample]
+    captions: list[str]
     conditioning: dict[str, object]
     per_step_text: bool
 
@@ -98,7 +102,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
           should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Network], None] | None = None,
           offload_device: str | torch.device = "cpu", resume: SavedRun | None = None,
-          resume_anyway: bool = False, clip_skip_applies: bool | None = None) -> TrainResult:
+          resume_anyway: bool = False, clip_skip_applies: bool | None = None, ranks: Ranks = ALONE) -> TrainResult:
     """Train a LoRA-type network (settings.training_method) on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
 
     `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
@@ -112,10 +116,14 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
     `clip_skip_applies` says whether `encode_prompts` applies the run's CLIP skip, so the file records it (by
     default the family's rule: SD1 yes; SD2 and SDXL no, unless the WebUI's "Clip skip SDXL" option is on).
+
+    `ranks` (lohatrain.distributed.join_torchrun): this process's place in a data-parallel run, where every
+    process calls `train` with the same model and settings; only rank 0 reports progress, calls `on_step` and
+    writes files.
     """
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
-                      should_stop, on_step, offload_device, resume, resume_anyway, clip_skip_applies)
+                      should_stop, on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks)
     except compat.OutOfMemoryError:
         raise LohatrainError(
             "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
@@ -123,11 +131,13 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
 
 def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
-           on_step, offload_device, resume, resume_anyway, clip_skip_applies) -> TrainResult:
+           on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks) -> TrainResult:
     checked = preflight(model, settings, output_dir or settings.output_dir or ".", resuming=resume is not None)
+    ranks.check_batch_size(settings.batch_size)
     family, plan, items = checked.family, checked.plan, checked.items
     started = time.perf_counter()
-    report = on_progress or (lambda p: None)
+    report = on_progress if on_progress and ranks.main else (lambda p: None)
+    on_step = on_step if ranks.main else None
     stop = should_stop or (lambda: False)
     v_prediction = getattr(model, "parameterization", "eps") == "v"
     unet = family.unet(model)
@@ -166,16 +176,21 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         autocast = (partial(torch.autocast, device.type, dtype=compute_dtype) if compute_dtype != torch.float32
                     else nullcontext)
 
+        batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed))
+        if resume:
+            batch_sampler.load_state_dict(resume.sampler_state)
+        needed = ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0), len(items))
         report(Progress("Encoding images"))
-        samples = _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed)
+        samples = _cache_latents(model, family, items, bucket_of, needed, settings, device, autocast, stop, seed)
         if samples is None:
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
         if not settings.color_aug:
             vae.to(offload_device)
-        cache = _Cache(samples, {}, per_step_text=settings.shuffle_tags or train_text)
+        captions = [item.caption for item in items]
+        cache = _Cache(samples, captions, {}, per_step_text=settings.shuffle_tags or train_text)
         if not cache.per_step_text:
             report(Progress("Encoding captions"))
-            cache.conditioning = _cache_conditioning(encode_prompts, samples, autocast)
+            cache.conditioning = _cache_conditioning(encode_prompts, captions, autocast)
             text_encoder.to(offload_device)
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
@@ -192,8 +207,6 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
         # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
         optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
-        batch_sampler = ds.BucketBatchSampler([s.bucket for s in samples], settings.batch_size,
-                                              torch.Generator().manual_seed(seed))
         loop = LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings)),
                          compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16), batch_sampler,
                          torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
@@ -202,6 +215,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             loop.restore(resume)
         elif settings.init_from:
             _start_from_file(network, plan.folder / settings.init_from)
+        predict = ranks.parallel(_Prediction(network, partial(family.predict, model)))
         alphas_cumprod = training_alphas_cumprod(model, settings.zero_terminal_snr).to(device)
 
         save_dtype = SAVE_DTYPES[settings.save_dtype]
@@ -212,7 +226,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 settings, family_metadata=family.metadata(model), model_name=model_name, model_hash=model_hash,
                 clip_skip=clip_skip, image_count=len(items), tag_frequency=tag_frequency,
                 bucket_counts=bucket_counts, steps_done=steps_done, started_at=started_at,
-                batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed, extra=extra_metadata)
+                batches_per_epoch=batch_sampler.batches_per_epoch, seed=seed, processes=ranks.world_size,
+                extra=extra_metadata)
 
         extra_metadata = {"lohatrain_resumed_with_changes": "; ".join(changes)} if changes else {}
         save_state = partial(run_state.write_state, plan.state_file, loop, record,
@@ -224,11 +239,11 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         whole_step_streams = loop.streams()  # the streams as they were after the last whole step
         try:
             while loop.step < settings.steps:
-                if stop():
+                if ranks.any(stop()):
                     status = "interrupted"
                     break
-                _step(model, family, cache, settings, loop, encode_prompts, train_text, alphas_cumprod, v_prediction,
-                      device, autocast)
+                _step(model, family, predict, cache, settings, loop, encode_prompts, train_text, alphas_cumprod,
+                      v_prediction, device, autocast, ranks)
                 whole_step_streams = loop.streams()
                 step = loop.step
                 elapsed = time.perf_counter() - loop_start
@@ -238,7 +253,8 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 if on_step:
                     with torch.no_grad():
                         on_step(step, network)
-                if settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps:
+                if (settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps
+                        and ranks.main):
                     files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
                                               make_metadata(step), overwrite=settings.overwrite or resume is not None))
                     save_state()
@@ -246,7 +262,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             step = loop.step
             final, metadata = None, {}
             activation_text = _activation_text(settings, items)
-            if step > 0:
+            if step > 0 and ranks.main:
                 report(Progress("Saving", step, settings.steps))
                 metadata = make_metadata(step)
                 final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
@@ -259,9 +275,10 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                     save_state()
                 else:
                     plan.state_file.unlink(missing_ok=True)
+            ranks.barrier()  # every process ends once rank 0 has written
         except (Exception, KeyboardInterrupt) as failure:
             # Keep what was trained up to the last whole step, resumable, unless the weights are the problem.
-            if loop.step > first_step and not isinstance(failure, _Diverged):
+            if loop.step > first_step and not isinstance(failure, _Diverged) and ranks.main:
                 _save_after_failure(save_state, whole_step_streams)
             raise
     return TrainResult(status, final, step, seed, time.perf_counter() - started, loop.losses, files, warnings,
@@ -272,38 +289,48 @@ class _Diverged(LohatrainError):
     """The loss is not finite: the weights are broken, so no state is saved from them."""
 
 
-def _step(model, family, cache: _Cache, settings, loop: LoopState, encode_prompts, train_text, alphas_cumprod,
-          v_prediction, device, autocast) -> None:
-    """One optimisation step: a batch, its noise and timesteps, the loss, the update; it advances `loop`."""
-    batch = [cache.samples[i] for i in loop.sampler.next_batch()]
-    latents, sizes = _batch_latents(model, family, batch, settings, loop.aug_gen, device, autocast)
-    captions = [s.item.caption for s in batch]
+def _step(model, family, predict, cache: _Cache, settings, loop: LoopState, encode_prompts, train_text,
+          alphas_cumprod, v_prediction, device, autocast, ranks: Ranks) -> None:
+    """One optimisation step: a batch, its noise and timesteps, the loss, the update; it advances `loop`.
+
+    Every process draws the whole batch's random numbers from the same streams and trains its share of the
+    images (`ranks.share`), so each image gets what it gets in a one-process run."""
+    indexes = loop.sampler.next_batch()
+    share = ranks.share(len(indexes))
+    augmentations = [_Augmentation.draw(settings, loop.aug_gen) for _ in indexes]
+    latents, sizes = _batch_latents(model, family, [cache.samples[i] for i in indexes[share]],
+                                    augmentations[share], settings, device, autocast)
+    captions = [cache.captions[i] for i in indexes]
     if settings.shuffle_tags:
         captions = [ds.shuffle_caption(c, loop.caption_rng, settings.keep_tokens) for c in captions]
+    # The whole batch's captions are encoded or stacked, then cut to the share: a batch pads every caption to
+    # its longest, as in a one-process run.
     if cache.per_step_text:
         with torch.set_grad_enabled(train_text), autocast():
             cond = encode_prompts(captions)
     else:
         cond = family.stack_conditioning([cache.conditioning[c] for c in captions], cache.conditioning.get(""))
-    cond = family.condition_on_images(model, cond, sizes)
+    cond = family.condition_on_images(model, _rows(cond, share), sizes)
 
     noise_gen = loop.noise_gen
-    noise = torch.randn(latents.shape, generator=noise_gen).to(device)
+    shape = (len(indexes), *latents.shape[1:])
+    noise = torch.randn(shape, generator=noise_gen)[share].to(device)
     if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=noise_gen).to(device)
-    timesteps = torch.randint(0, len(alphas_cumprod), (len(batch),), generator=noise_gen).to(device)
+        noise += settings.noise_offset * torch.randn(shape[:2] + (1, 1), generator=noise_gen)[share].to(device)
+    timesteps = torch.randint(0, len(alphas_cumprod), (len(indexes),), generator=noise_gen)[share].to(device)
     ac = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
     target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
 
     with autocast():
-        prediction = family.predict(model, noisy, timesteps, cond)
+        prediction = predict(noisy, timesteps, cond)
     loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
     if settings.min_snr_gamma:
         snr = ac.flatten() / (1 - ac.flatten())
         weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if v_prediction else snr)
         loss = loss * weight
-    loss = loss.mean()
+    loss = loss.mean()  # over the share: the processes' average gradient is the whole batch's
+    batch_loss = ranks.mean(loss)  # before the update: a process lost here leaves the weights of the last step
     loop.scaler.scale(loss).backward()
     loop.scaler.step(loop.optimizer)
     loop.scaler.update()
@@ -311,12 +338,48 @@ def _step(model, family, cache: _Cache, settings, loop: LoopState, encode_prompt
     loop.scheduler.step()
     loop.step += 1
 
-    value = loss.item()
+    value = batch_loss.item()
     if not math.isfinite(value):
         raise _Diverged(f"training diverged at step {loop.step} (loss is {value}): lower the learning rate, or "
                         "use bf16 or fp32 instead of fp16")
     loop.losses.append(value)
     loop.smooth = value if loop.smooth is None else 0.9 * loop.smooth + 0.1 * value
+
+
+class _Prediction(nn.Module):
+    """The model's prediction as a module that holds the network and not the model: DistributedDataParallel
+    averages the gradients of a module's parameters when its forward has run, and the network works hooked
+    into the model's own layers; the model's frozen weights stay outside, so nothing syncs them."""
+
+    def __init__(self, network: Network, predict: Callable):
+        super().__init__()
+        self.network = network
+        self.predict = predict
+
+    def forward(self, noisy, timesteps, cond):
+        return self.predict(noisy, timesteps, cond)
+
+
+@dataclass
+class _Augmentation:
+    """What is drawn for one image of a batch: a mirror flip, and a colour change with its VAE sample's seed."""
+
+    flip: bool
+    color: tuple[float, float, float] | None
+    vae_seed: int | None
+
+    @staticmethod
+    def draw(settings, gen: torch.Generator) -> "_Augmentation":
+        flip = settings.flip_aug and torch.rand((), generator=gen).item() < 0.5
+        if not settings.color_aug:
+            return _Augmentation(flip, None, None)
+        color = ds.color_change(gen)
+        return _Augmentation(flip, color, int(torch.randint(2**31, (), generator=gen)))
+
+
+def _rows(cond, rows: slice):
+    """Some rows of a conditioning (one tensor, or SDXL's dict of them)."""
+    return {k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows]
 
 
 def _check_resume(resume: SavedRun, settings: TrainSettings, now: RunRecord, anyway: bool) -> list[str]:
@@ -388,11 +451,11 @@ def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return sqrt_ab ** 2
 
 
-def _cache_conditioning(encode_prompts, samples: list[_Sample], autocast) -> dict[str, object]:
+def _cache_conditioning(encode_prompts, captions: list[str], autocast) -> dict[str, object]:
     """Each caption through the text encoder once (float32)."""
     conditioning = {}
     with torch.no_grad(), autocast():
-        for caption in sorted({s.item.caption for s in samples}):
+        for caption in sorted(set(captions)):
             conditioning[caption] = _to_float(encode_prompts([caption]))
         shapes = {tuple(t.shape for t in _tensors(c)) for c in conditioning.values()}
         if len(shapes) > 1 and "" not in conditioning:  # captions past 75 tokens: pad with the empty one
@@ -400,10 +463,13 @@ def _cache_conditioning(encode_prompts, samples: list[_Sample], autocast) -> dic
     return conditioning
 
 
-def _cache_latents(model, family, items, bucket_of, settings, device, autocast, stop, seed) -> list[_Sample] | None:
-    """Each image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels."""
-    samples = []
-    for index, (item, bucket) in enumerate(zip(items, bucket_of)):
+def _cache_latents(model, family, items, bucket_of, needed: set[int], settings, device, autocast, stop,
+                   seed) -> dict[int, _Sample] | None:
+    """Each needed image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels.
+    Each image's VAE sample has its own seed, so which images are cached changes none of them."""
+    samples = {}
+    for index in sorted(needed):
+        item, bucket = items[index], bucket_of[index]
         if stop():
             return None
         image = ds.load_image(item.path)
@@ -414,9 +480,9 @@ def _cache_latents(model, family, items, bucket_of, settings, device, autocast, 
             latent = _encode(model, family, pixels[None], device, seed + 2 * index)
             flipped = (_encode(model, family, ds.flip(pixels)[None], device, seed + 2 * index + 1)
                        if settings.flip_aug else None)
-        samples.append(_Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
-                               (image.height, image.width, top, left, *target),
-                               (image.height, image.width, top, resized_w - left - bucket[0], *target)))
+        samples[index] = _Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
+                                 (image.height, image.width, top, left, *target),
+                                 (image.height, image.width, top, resized_w - left - bucket[0], *target))
     return samples
 
 
@@ -439,20 +505,19 @@ def _encode(model, family, pixels, device, seed: int) -> torch.Tensor:
                          "VAE may be broken; try another VAE in the WebUI's settings")
 
 
-def _batch_latents(model, family, batch, settings, gen, device, autocast):
+def _batch_latents(model, family, batch: list[_Sample], augmentations: list[_Augmentation], settings, device,
+                   autocast):
     """Latents and size conditioning for one batch: cached latents, or (colour augmentation) a fresh VAE pass
     of the changed pixels."""
     latents, sizes = [], []
-    for s in batch:
-        flip = settings.flip_aug and torch.rand((), generator=gen).item() < 0.5
-        sizes.append(s.sizes_flipped if flip else s.sizes)
-        if settings.color_aug:
-            pixels = ds.color_augment(ds.flip(s.pixels) if flip else s.pixels, gen)
-            vae_seed = int(torch.randint(2**31, (), generator=gen))
+    for s, aug in zip(batch, augmentations):
+        sizes.append(s.sizes_flipped if aug.flip else s.sizes)
+        if aug.color:
+            pixels = ds.change_colors(ds.flip(s.pixels) if aug.flip else s.pixels, *aug.color)
             with torch.no_grad(), autocast():
-                latents.append(_encode(model, family, pixels[None], device, vae_seed))
+                latents.append(_encode(model, family, pixels[None], device, aug.vae_seed))
         else:
-            latents.append(s.latent_flipped if flip else s.latent)
+            latents.append(s.latent_flipped if aug.flip else s.latent)
     return torch.cat(latents), sizes
 
 
