@@ -1,4 +1,5 @@
-"""benchmarks/gpu.py's --tiny dry run, which is what CI runs of the GPU benchmark: tiny UNets on the CPU."""
+"""benchmarks/gpu.py: its --tiny dry run (what CI runs of the GPU benchmark: tiny UNets on the CPU) and its table of
+cards' fp16 peaks."""
 import dataclasses
 import functools
 import importlib.util
