@@ -160,8 +160,10 @@ def test_training_leaves_forges_model_as_found_and_the_file_reproduces_it(kind, 
     seen = {}
 
     def on_step(step, network):
-        # What a preview does: the host encodes a prompt, which unloads the UNet (under inference mode).
+        # What a preview does: the host encodes a prompt, which unloads the UNet (under inference mode), and
+        # samples `forge_objects.unet`, which must be the unpatched one (the network alone shows).
         engine.get_learned_conditioning(["a preview"])
+        assert engine.forge_objects.unet is engine.forge_objects_original.unet
         if step == 4:
             seen["trained"] = unet_output(engine, kind, inputs)
 
@@ -204,3 +206,111 @@ def test_the_text_encoder_is_not_trained_on_forge_and_the_refusal_says_why(sampl
     engine = forge_loader("sd1")
     with pytest.raises(LohatrainError, match="inference_mode"):
         train(engine, settings_for(sample_dataset, tmp_path, text_encoder_lr=1e-4))
+
+
+@pytest.fixture
+def forge_host(tmp_path, monkeypatch):
+    """lohatrain's host adapter in Forge mode, on the WebUI stand-in's `modules` (Forge keeps that API) with the
+    Forge stand-in's engine as `shared.sd_model`, and Forge's `sd_models.forge_model_reload` (the loaded model is
+    the chosen one: it returns it)."""
+    stub = str(Path(__file__).parent / "webui_stub")
+    if stub not in sys.path:
+        sys.path.insert(0, stub)
+    from modules import sd_models, shared
+
+    from lohatrain.forge import host as forge
+    from lohatrain.webui import host
+
+    monkeypatch.setattr(host, "_forge", forge)
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (shared.sd_model, False), raising=False)
+    monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
+    (tmp_path / "Lora").mkdir()
+    yield host, shared, monkeypatch
+
+
+def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_it_as_found(forge_host,
+                                                                                            sample_dataset):
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from lohatrain.jobs import Job
+
+    host, shared, _ = forge_host
+    engine = forge_loader("sd1")
+    engine.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny-forge.safetensors", sha256="f0f0", name="tiny")
+    shared.sd_model = engine
+    engine.get_learned_conditioning(["a generation"])  # as after a generation: the text encoder loaded
+    with torch.inference_mode():
+        memory_management.load_models_gpu([engine.forge_objects.unet])
+    before = forge_state(engine)
+
+    encode = host.prompt_encoder(engine, 2)
+    skipped, plain = encode(["blue circle"]), host.prompt_encoder(engine, 1)(["blue circle"])
+    assert not skipped.is_inference() and not torch.allclose(skipped, plain)
+    engine.set_clip_skip(2)
+    torch.testing.assert_close(skipped, engine.get_learned_conditioning(["blue circle"]))
+    engine.set_clip_skip(1)
+
+    settings = settings_for(sample_dataset, Path("unused"), name="forge_job", steps=2, clip_skip=2)
+    job = Job("forge", settings)
+    result = host.run_training(settings, job)
+    assert result.status == "done" and len(job.losses) == 2
+    assert result.file.parent == Path(shared.cmd_opts.lora_dir)
+    with safe_open(str(result.file), "pt") as f:
+        assert f.metadata()["ss_clip_skip"] == "2" and f.metadata()["ss_sd_model_name"] == "tiny-forge.safetensors"
+    assert engine.text_processing_engine.clip_skip == 1  # the engine's own setting back
+    assert forge_state(engine) == before
+    with pytest.raises(LohatrainError, match="inference_mode"):
+        host.preflight(dataclasses.replace(settings, text_encoder_lr=1e-4), via="tab")
+
+
+def test_before_forge_loads_the_checkpoint_the_tab_says_so_and_the_job_loads_it(forge_host, sample_dataset):
+    from lohatrain.jobs import Job
+
+    host, shared, monkeypatch = forge_host
+    engine = forge_loader("sd1")
+    shared.sd_model = object()  # Forge's FakeInitialModel, until the first generation
+    assert "not loaded yet" in host.model_summary()["problem"]
+    settings = settings_for(sample_dataset, Path("unused"), name="lazy", steps=1)
+    host.preflight(settings, via="tab")  # the model's checks wait for the job, which loads it
+    from modules import sd_models
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (engine, True))
+    assert host.run_training(settings, Job("lazy", settings)).status == "done"
+
+
+def test_the_host_is_told_apart_at_start_up(tmp_path):
+    """Forge 2 (modules_forge and backend.diffusion_engine) gets the Forge adapter; reForge's main (modules_forge
+    on Forge's first backend, ldm_patched) and A1111 (neither) the A1111 one; the tab names what Forge lacks."""
+    import subprocess
+
+    def host_with(*packages):
+        root = tmp_path / "_".join(packages or ("a1111",))
+        for package in packages:
+            (root / package).mkdir(parents=True)
+            (root / package / "__init__.py").touch()
+        code = "from lohatrain.forge import is_forge_host; print(is_forge_host())"
+        env = {"PYTHONPATH": f"{root}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert host_with("modules_forge", "backend", "backend/diffusion_engine") == "True"
+    assert host_with("modules_forge", "ldm_patched") == "False"
+    assert host_with() == "False"
+
+
+def test_the_tab_says_what_forge_cannot_do(forge_host):
+    from lohatrain.webui import ui
+
+    host, shared, _ = forge_host
+    shared.sd_model = forge_loader("sd1")
+    assert "text encoder is not trained" in ui._model_markdown()
+
+
+def test_a_unet_forge_holds_quantised_is_refused(sample_dataset, tmp_path):
+    engine = forge_loader("sd1")
+    engine.forge_objects.unet.model.storage_dtype = "nf4"  # Forge's "Diffusion in Low Bits" NF4
+    with pytest.raises(LohatrainError, match="Diffusion in Low Bits"):
+        with unet_session(engine) as load_unet:
+            train(engine, settings_for(sample_dataset, tmp_path), load_unet=load_unet)

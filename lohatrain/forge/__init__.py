@@ -7,8 +7,10 @@ import importlib.util
 
 
 def is_forge_host() -> bool:
-    """Forge 2 has its own `backend` package with a diffusion engine; A1111 and reForge's `main` do not."""
+    """Forge 2: its `modules_forge` package and its own `backend` with a diffusion engine. A1111 has neither;
+    reForge's `main` has `modules_forge` on Forge's first backend (`ldm_patched`), which the A1111 adapter serves."""
     try:
-        return importlib.util.find_spec("backend.diffusion_engine") is not None
+        return (importlib.util.find_spec("modules_forge") is not None
+                and importlib.util.find_spec("backend.diffusion_engine") is not None)
     except ModuleNotFoundError:
         return False

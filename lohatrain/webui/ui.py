@@ -121,9 +121,10 @@ def _message(text: str, kind: str = "info") -> str:
 def _model_markdown() -> str:
     s = host.model_summary()
     text = f"**Loaded checkpoint:** {s['name']}" + (f" `[{s['hash']}]`" if s["hash"] else "")
+    notes = "".join(f"\n\nℹ️ {note}" for note in host.host_notes())
     if s["family"]:
-        return text + f" — {s['family']}"
-    return text + f"\n\n⚠️ {s['problem']}"
+        return text + f" — {s['family']}" + notes
+    return text + f"\n\n⚠️ {s['problem']}" + notes
 
 
 def _answer(text: str, kind: str = "info", job_id: str | None = None) -> str:

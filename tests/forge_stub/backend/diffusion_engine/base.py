@@ -48,10 +48,6 @@ class ForgeDiffusionEngine:
         self.current_lora_hash = str([])
         self.first_stage_model = self.cond_stage_model = None
         self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
-        self.clip_skip = 1
-
-    def set_clip_skip(self, clip_skip):
-        self.clip_skip = clip_skip
 
     def get_first_stage_encoding(self, x):
         return x
@@ -62,16 +58,31 @@ class ForgeDiffusionEngine:
         return (vae.scale_factor * vae.encode(x.movedim(1, -1) * 0.5 + 0.5)).to(x)
 
 
+class TextProcessingEngine:
+    """backend/text_processing/classic_engine.py, for its CLIP-skip field only."""
+
+    def __init__(self, clip_skip):
+        self.clip_skip = clip_skip
+
+
 class StableDiffusion(ForgeDiffusionEngine):
     """sd15.py (and sd20.py, with `is_sd2`): one CLIP; CLIP skip picks the hidden layer."""
+
+    def __init__(self, forge_objects):
+        super().__init__(forge_objects)
+        self.text_processing_engine = TextProcessingEngine(1)
+
+    def set_clip_skip(self, clip_skip):
+        self.text_processing_engine.clip_skip = clip_skip
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt):
         memory_management.load_model_gpu(self.forge_objects.clip.patcher)
         encoder = self.forge_objects.clip.cond_stage_model
         saved = encoder.layer, encoder.layer_idx
-        if self.clip_skip > 1 and encoder.layer in ("last", "hidden"):  # SD2's OpenCLIP: its configured layer
-            encoder.layer, encoder.layer_idx = "hidden", -self.clip_skip
+        skip = self.text_processing_engine.clip_skip
+        if skip > 1 and encoder.layer in ("last", "hidden"):  # SD2's OpenCLIP: its configured layer
+            encoder.layer, encoder.layer_idx = "hidden", -skip
         try:
             return encoder.encode(list(prompt))
         finally:
@@ -79,11 +90,18 @@ class StableDiffusion(ForgeDiffusionEngine):
 
 
 class StableDiffusionXL(ForgeDiffusionEngine):
-    """sdxl.py: CLIP-L and bigG side by side (penultimate layers: Forge's minimal CLIP skip 2 for both)."""
+    """sdxl.py: CLIP-L and bigG side by side (penultimate layers: Forge's minimal CLIP skip 2 for both; the
+    stand-in does not go deeper)."""
 
     def __init__(self, forge_objects, embedder, crop=(0, 0)):
         super().__init__(forge_objects)
         self.embedder, self.crop = embedder, crop
+        self.text_processing_engine_l = TextProcessingEngine(2)
+        self.text_processing_engine_g = TextProcessingEngine(2)
+
+    def set_clip_skip(self, clip_skip):
+        self.text_processing_engine_l.clip_skip = clip_skip
+        self.text_processing_engine_g.clip_skip = clip_skip
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompt):
