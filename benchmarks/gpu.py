@@ -90,6 +90,7 @@ from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
 from lohatrain.demo_sdxl import (FULL_SDXL, SIZE_KEYS, TINY_SDXL, ConcatTimestepEmbedderND,  # noqa: E402
                                  GeneralConditioner, OpenAIWrapper, build_unet, conditioning_widths)
+from lohatrain.distributed import ALONE  # noqa: E402
 from lohatrain.families import SD1, SDXL  # noqa: E402
 from lohatrain.methods import DORA_METHODS  # noqa: E402
 from lohatrain.model_guard import ModelGuard  # noqa: E402
@@ -224,7 +225,7 @@ def random_cache(spec: ModelSpec, cond, device: torch.device) -> trainer._Cache:
     samples = [trainer._Sample(ds.ImageItem(Path(f"random-{i}.png"), CAPTION, side, side), (side, side), None,
                                torch.randn(1, 4, latent, latent, generator=gen).to(device), None, sizes, sizes)
                for i in range(spec.batch)]
-    return trainer._Cache(samples, {CAPTION: cond}, per_step_text=False)
+    return trainer._Cache(dict(enumerate(samples)), [CAPTION] * len(samples), {CAPTION: cond}, per_step_text=False)
 
 
 def sdpa_attention_forward(self, x, context=None):
@@ -309,9 +310,10 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: trainer._Cach
                          ds.BucketBatchSampler([s.bucket for s in cache.samples], settings.batch_size,
                                                torch.Generator().manual_seed(0)),
                          torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
-        alphas_cumprod = trainer.training_alphas_cumprod(model).to(device)
-        step = partial(trainer._step, model, family, cache, settings, loop, None, False, alphas_cumprod, False,
-                       device, autocast)
+        alphas_cumprod = trainer.training_alphas_cumprod(family.alphas_cumprod(model)).to(device)
+        predict = trainer._Prediction(network, partial(family.predict, model))
+        step = partial(trainer._step, model, family, predict, cache, settings, loop, None, False, alphas_cumprod,
+                       False, device, autocast, ALONE)
         counter = FlopCounterMode(display=False) if count else None
         with counter or nullcontext():
             step()

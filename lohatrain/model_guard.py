@@ -4,9 +4,18 @@ Training never writes a base weight (the LoHa lives beside the model), so what c
 the weights: `requires_grad` (we freeze), train/eval flags, forwards we route through the LoHa or through
 gradient checkpointing, ldm's own checkpoint flags, and devices (the VAE and text encoder leave the GPU).
 `ModelGuard` records all of it on entry and puts every bit back on exit, finished, interrupted or failed.
+
+Weights made under `torch.inference_mode` (Forge loads every model so, and moves models so) cannot take part in a
+backward pass. `make_ordinary` swaps them, for the run, for ordinary copies, and keeps the originals aside (in
+CPU memory, so the run does not hold two copies on the GPU); on exit the very same tensor objects go back where they
+were, still inference tensors. Whatever touches an inference tensor on exit does it inside inference mode, as
+outside it torch refuses `requires_grad_` and a move would turn the tensor into an ordinary one.
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from .errors import LohatrainError
@@ -17,8 +26,26 @@ _LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
 
 
 class ModelGuard:
-    def __init__(self, *roots: nn.Module):
-        self.roots = [r for r in roots if r is not None]
+    def __init__(self, *roots: nn.Module, offload_device: str | torch.device = "cpu"):
+        self.roots = [r for r in roots if isinstance(r, nn.Module)]
+        self.offload_device = torch.device(offload_device)
+        self.originals: dict[tuple[int, str, str], tuple[nn.Module, torch.Tensor, torch.device]] = {}
+
+    def make_ordinary(self, root: nn.Module) -> None:
+        """Swap each inference tensor under `root` for an ordinary copy (again for any that became one since:
+        a host's memory manager moving the model under inference mode does that); the first original is kept."""
+        for module in root.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in list(getattr(module, kind).items()):
+                    if tensor is None or not tensor.is_inference():
+                        continue
+                    copy = tensor.detach().clone()
+                    key = (id(module), kind, name)
+                    if key not in self.originals:
+                        self.originals[key] = (module, tensor, tensor.device)
+                        with torch.inference_mode():
+                            tensor.data = tensor.data.to(self.offload_device)
+                    getattr(module, kind)[name] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
 
     def __enter__(self) -> "ModelGuard":
         self.modules = list({id(m): m for r in self.roots for m in r.modules()}.values())
@@ -41,6 +68,10 @@ class ModelGuard:
         back to the GPU), then name exactly what could not be put back."""
         failed: list[str] = []
         names = {id(m): name for r in self.roots for name, m in r.named_modules()}
+        for (_, kind, name), (module, original, device) in self.originals.items():
+            with torch.inference_mode():
+                original.data = original.data.to(device)
+            getattr(module, kind)[name] = original
 
         def attempt(what: str, module: nn.Module, restore) -> None:
             try:
@@ -71,10 +102,11 @@ def _put_forward(module: nn.Module, forward) -> None:
 
 def _put_tensor(module: nn.Module, kind: str, name: str, device, dtype, requires_grad: bool) -> None:
     tensor = getattr(module, kind)[name]
-    if tensor.device != device or tensor.dtype != dtype:
-        if kind == "_parameters":
-            tensor.data = tensor.data.to(device, dtype)
-        else:
-            module._buffers[name] = tensor.to(device, dtype)
-    if kind == "_parameters":
-        tensor.requires_grad_(requires_grad)
+    with torch.inference_mode() if tensor.is_inference() else contextlib.nullcontext():
+        if tensor.device != device or tensor.dtype != dtype:
+            if kind == "_parameters":
+                tensor.data = tensor.data.to(device, dtype)
+            else:
+                module._buffers[name] = tensor.to(device, dtype)
+        if kind == "_parameters" and tensor.requires_grad != requires_grad:
+            tensor.requires_grad_(requires_grad)

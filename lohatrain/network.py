@@ -55,6 +55,16 @@ class LayerPlan:
     part: str = ""
 
 
+def is_linear(module: nn.Module) -> bool:
+    """A Linear layer: torch's, or a host's own class that is not an `nn.Linear` subclass but has its fields and
+    maths (Forge 2's `ForgeOperations.Linear`: `in_features`, `out_features`, a 2-D `weight`)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+
+
 def _is_3x3(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
 
@@ -68,7 +78,7 @@ def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, co
             continue
         for child_path, module in block.named_modules():
             path = f"{block_path}.{child_path}" if child_path else block_path
-            if path in seen or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            if path in seen or not (is_linear(module) or isinstance(module, nn.Conv2d)):
                 continue
             seen.add(path)
             if _is_3x3(module):
@@ -262,7 +272,8 @@ class _MergedLayer(torch.autograd.Function):
     layer) and returns ∂loss/∂ΔW, which lycoris' own ΔW graph (it keeps only the factors) takes to them.
 
     Autocast is honoured by hand (custom functions are not autocast): the op runs in the autocast dtype, as
-    autocast runs linear and conv, and the gradient of x comes back in x's own dtype."""
+    autocast runs linear and conv, and the gradient of x comes back in x's own dtype. A host Linear's output is
+    never a view, so its caller may add into it in place."""
 
     @staticmethod
     def forward(ctx, x, delta, module, network, index):
@@ -275,7 +286,11 @@ class _MergedLayer(torch.autograd.Function):
         ctx.dtype, ctx.x_dtype, ctx.delta_dtype = dtype, x.dtype, delta.dtype
         ctx.save_for_backward(x)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            return _op(module, x.to(dtype), merged, bias)
+            out = _op(module, x.to(dtype), merged, bias)
+        # F.linear with a bias on a 3-D input returns a view; autograd forbids changing a custom function's view
+        # in place, and Forge's transformer blocks add into its own Linear's output in place (`x += x_skip`).
+        # ldm's blocks do not: torch's own Linear layers skip the copy.
+        return out.clone() if out._is_view() and not isinstance(module, nn.Linear) else out
 
     @staticmethod
     def backward(ctx, grad):
@@ -284,7 +299,7 @@ class _MergedLayer(torch.autograd.Function):
         with torch.no_grad():
             merged = merge(module.weight, ctx.network.merged_delta(ctx.index, module.weight), ctx.dtype)
         x, grad = x.to(ctx.dtype), grad.to(ctx.dtype)
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             grad_x = grad @ merged if ctx.needs_input_grad[0] else None
             grad_merged = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         else:
@@ -300,7 +315,7 @@ def _pair(value) -> list[int]:
 
 
 def _op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return F.linear(x, weight, bias)
     return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 

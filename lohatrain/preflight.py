@@ -37,7 +37,9 @@ def preflight(model, settings: TrainSettings, output_dir: str | Path, resuming: 
     if problem:
         raise LohatrainError(problem)
     family = detect(model)
-    if settings.zero_terminal_snr and getattr(model, "parameterization", "eps") != "v":
+    if settings.text_encoder_lr > 0 and family.text_training_refusal:
+        raise LohatrainError(family.text_training_refusal)
+    if settings.zero_terminal_snr and not family.v_prediction(model):
         raise LohatrainError(
             "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
             "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "

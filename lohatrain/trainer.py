@@ -102,7 +102,8 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
           should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[int, Network], None] | None = None,
           offload_device: str | torch.device = "cpu", resume: SavedRun | None = None,
-          resume_anyway: bool = False, clip_skip_applies: bool | None = None, ranks: Ranks = ALONE) -> TrainResult:
+          resume_anyway: bool = False, clip_skip_applies: bool | None = None, ranks: Ranks = ALONE,
+          load_unet: Callable[[], None] | None = None) -> TrainResult:
     """Train a LoRA-type network (settings.training_method) on `model` (an ldm LatentDiffusion-like object) and write it to `output_dir`.
 
     `encode_prompts` replaces the model's own `get_learned_conditioning` (the WebUI passes its own, with
@@ -120,10 +121,15 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
     `ranks` (lohatrain.distributed.join_torchrun): this process's place in a data-parallel run, where every
     process calls `train` with the same model and settings; only rank 0 reports progress, calls `on_step` and
     writes files.
+
+    `load_unet`, for a host whose memory manager moves the model's parts by itself (Forge: `family.host_managed`),
+    has it put the whole UNet on its device; it runs before the first step and after every `on_step`, and the
+    trainer then moves no part itself.
     """
     try:
         return _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress,
-                      should_stop, on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks)
+                      should_stop, on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks,
+                      load_unet)
     except compat.OutOfMemoryError:
         raise LohatrainError(
             "Training ran out of GPU memory. Lower the batch size or the resolution, turn on gradient "
@@ -131,7 +137,7 @@ def train(model, settings: TrainSettings, *, output_dir: str | Path | None = Non
 
 
 def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, on_progress, should_stop,
-           on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks) -> TrainResult:
+           on_step, offload_device, resume, resume_anyway, clip_skip_applies, ranks, load_unet) -> TrainResult:
     checked = preflight(model, settings, output_dir or settings.output_dir or ".", resuming=resume is not None)
     ranks.check_batch_size(settings.batch_size)
     family, plan, items = checked.family, checked.plan, checked.items
@@ -139,7 +145,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     report = on_progress if on_progress and ranks.main else (lambda p: None)
     on_step = on_step if ranks.main else None
     stop = should_stop or (lambda: False)
-    v_prediction = getattr(model, "parameterization", "eps") == "v"
+    v_prediction = family.v_prediction(model)
     unet = family.unet(model)
     vae = family.vae(model)
     text_encoder = family.text_encoder(model)
@@ -160,13 +166,18 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     applies = family.applies_clip_skip if clip_skip_applies is None else clip_skip_applies
     clip_skip = settings.effective_clip_skip if applies else None
 
+    # A host that moves parts itself keeps the VAE and text encoders: only the UNet is the trainer's to touch.
+    managed = family.host_managed
+    guarded = [unet] if managed else [model, unet, vae, text_encoder]
+    load_unet = load_unet or (lambda: None)
     with ExitStack() as stack:
-        guard = stack.enter_context(ModelGuard(model, unet, vae, text_encoder))
+        guard = stack.enter_context(ModelGuard(*guarded, offload_device=offload_device))
         stack.enter_context(_determinism(settings.deterministic and device.type == "cuda"))
         guard.disable_ldm_checkpointing()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        route_low_precision_layers([unet, text_encoder, vae], compute_dtype)
+        for root in guard.roots:
+            for p in root.parameters():
+                p.requires_grad_(False)
+        route_low_precision_layers(guarded if managed else guarded[1:], compute_dtype)
         if encode_prompts is None:
             stack.enter_context(family.clip_skip(model, clip_skip))
             encode_prompts = family.prompt_encoder(model)
@@ -184,14 +195,25 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         samples = _cache_latents(model, family, items, bucket_of, needed, settings, device, autocast, stop, seed)
         if samples is None:
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
-        if not settings.color_aug:
+        if not settings.color_aug and not managed:
             vae.to(offload_device)
         captions = [item.caption for item in items]
         cache = _Cache(samples, captions, {}, per_step_text=settings.shuffle_tags or train_text)
         if not cache.per_step_text:
             report(Progress("Encoding captions"))
             cache.conditioning = _cache_conditioning(encode_prompts, captions, autocast)
-            text_encoder.to(offload_device)
+            if not managed:
+                text_encoder.to(offload_device)
+
+        def ready_unet() -> None:
+            """The UNet whole on its device, with ordinary weights (a host's moves may make them inference
+            tensors again)."""
+            load_unet()
+            guard.make_ordinary(unet)
+            if train_text:
+                guard.make_ordinary(text_encoder)
+
+        ready_unet()
 
         unet_plans = plan_unet(family, unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha)
         text_plans = plan_text_encoder(family, text_encoder, settings.dim, settings.alpha) if train_text else []
@@ -199,6 +221,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                           settings.dora).to(device)
         network.attach()
         stack.callback(network.detach)
+        stack.enter_context(family.unet_training(unet))
         if settings.gradient_checkpointing:
             _checkpoint_blocks(unet)
 
@@ -216,7 +239,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
         elif settings.init_from:
             _start_from_file(network, plan.folder / settings.init_from)
         predict = ranks.parallel(_Prediction(network, partial(family.predict, model)))
-        alphas_cumprod = training_alphas_cumprod(model, settings.zero_terminal_snr).to(device)
+        alphas_cumprod = training_alphas_cumprod(family.alphas_cumprod(model), settings.zero_terminal_snr).to(device)
 
         save_dtype = SAVE_DTYPES[settings.save_dtype]
         tag_frequency, bucket_counts = ds.tag_frequency(items), dict(ds.bucket_table(items, bucket_of))
@@ -253,6 +276,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                 if on_step:
                     with torch.no_grad():
                         on_step(step, network)
+                    ready_unet()
                 if (settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps
                         and ranks.main):
                     files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
@@ -427,16 +451,10 @@ def _to_float(cond):
     return {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
 
 
-def training_alphas_cumprod(model, zero_terminal_snr: bool = False) -> torch.Tensor:
-    """The checkpoint's noise schedule (float32), optionally rescaled to zero terminal SNR; the model's
-    buffer is never changed.
-
-    The host keeps the checkpoint's schedule in `alphas_cumprod_original` and may overwrite `alphas_cumprod`
-    for sampling (its "Zero Terminal SNR" noise-schedule option, or an fp16 copy): training starts from the
-    original.
-    """
-    original = getattr(model, "alphas_cumprod_original", None)
-    schedule = (original if original is not None else model.alphas_cumprod).detach().to("cpu", torch.float64)
+def training_alphas_cumprod(alphas_cumprod: torch.Tensor, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """The checkpoint's noise schedule (`family.alphas_cumprod`) in float32, optionally rescaled to zero terminal
+    SNR; the model's buffer is never changed."""
+    schedule = alphas_cumprod.detach().to("cpu", torch.float64)
     if zero_terminal_snr:
         schedule = rescale_zero_terminal_snr(schedule)
     return schedule.float()

@@ -1,14 +1,16 @@
-"""What differs between model families (SD1, SD2, SDXL): one small module each, chosen by `detect`."""
+"""What differs between model families (SD1, SD2, SDXL): one small module each, chosen by `detect`; the same
+three as Forge 2 holds them are in `forge`."""
 from __future__ import annotations
 
 from ..errors import LohatrainError
+from .forge import ForgeSD1, ForgeSD2, ForgeSDXL, is_forge_engine
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
 
 # Most specific first: SD2 also has everything SD1.matches looks for.
-FAMILIES = (SDXL, SD2, SD1)
-BY_NAME = {f.name: f for f in FAMILIES}
+FAMILIES = (ForgeSDXL, ForgeSD2, ForgeSD1, SDXL, SD2, SD1)
+BY_NAME = {f.name: f for f in (SDXL, SD2, SD1)}
 
 # What a UNet's input channels beyond the 4 latent ones say about the checkpoint.
 _EXTRA_INPUTS = {9: "an inpainting checkpoint (its UNet also takes a mask and a masked image)",
@@ -36,9 +38,10 @@ def unsupported_reason(model) -> str | None:
         return "Stable Diffusion 3 (a different architecture, MMDiT, that LoHa training here does not cover)"
     if "flux" in describe(model).lower():
         return "Flux (a different architecture that LoHa training here does not cover)"
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    unet = (ForgeSD1.unet(model) if is_forge_engine(model)
+            else getattr(getattr(model, "model", None), "diffusion_model", None))
     channels = getattr(unet, "in_channels", 4)
-    if channels in _EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False):
+    if channels in _EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False) or getattr(model, "is_inpaint", False):
         return _EXTRA_INPUTS.get(channels, _EXTRA_INPUTS[9])
     if hasattr(model, "noise_augmentor") or getattr(getattr(model, "model", None), "conditioning_key", "") == "crossattn-adm":
         return "an unCLIP checkpoint (conditioned on image embeddings, not captions)"

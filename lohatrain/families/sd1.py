@@ -79,6 +79,8 @@ class SD1:
     label = "SD 1.x"
     card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
     applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
+    host_managed = False  # the host's memory manager moves the model's parts (Forge), not the trainer
+    text_training_refusal: str | None = None  # why the text encoder cannot be trained on this host, if so
 
     @staticmethod
     def matches(model) -> bool:
@@ -90,6 +92,23 @@ class SD1:
     @staticmethod
     def unet(model) -> nn.Module:
         return model.model.diffusion_model
+
+    @staticmethod
+    def v_prediction(model) -> bool:
+        return getattr(model, "parameterization", "eps") == "v"
+
+    @staticmethod
+    def alphas_cumprod(model) -> torch.Tensor:
+        """The checkpoint's schedule: the host keeps it in `alphas_cumprod_original` when it may overwrite
+        `alphas_cumprod` for sampling (its "Zero Terminal SNR" option, or an fp16 copy)."""
+        original = getattr(model, "alphas_cumprod_original", None)
+        return original if original is not None else model.alphas_cumprod
+
+    @staticmethod
+    @contextmanager
+    def unet_training(unet: nn.Module):
+        """Whatever the UNet's own forward needs for a backward pass; nothing here."""
+        yield
 
     @staticmethod
     def vae(model) -> nn.Module:

@@ -4,6 +4,10 @@ Everything host-specific is here: the loaded model and its name, CLIP skip and e
 folder, the GPU queue, `shared.state` (progress bar, Interrupt, live preview), previews through the host's
 own txt2img processing, and refreshing the Lora list. The tab and the REST routes call these functions and
 never import `modules` themselves.
+
+In Forge 2 (decided once, at import: `lohatrain.forge.is_forge_host`) the few functions whose host calls differ
+there hand over to lohatrain/forge/host.py (`_forge`): the lazily loaded checkpoint, choosing a checkpoint, the text
+path's CLIP skip, LoRAs and memory around a run. Everything else is the same `modules` API in both.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import io
 import sys
 import threading
 from hmac import compare_digest
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +29,7 @@ from .. import captions
 from .. import dataset as ds
 from .. import grid
 from ..errors import LohatrainError
+from ..forge import is_forge_host
 from ..preflight import preflight as engine_preflight
 from ..families import detect
 from ..jobs import Job
@@ -35,6 +40,11 @@ from ..trainer import Progress, TrainResult, train
 
 EXTENSION_DIR = Path(__file__).resolve().parents[2]
 SETTINGS_SECTION = ("lohatrain", "LoHa training")
+
+if is_forge_host():
+    from ..forge import host as _forge
+else:
+    _forge = None
 
 
 def register_settings() -> None:
@@ -57,6 +67,8 @@ def register_settings() -> None:
 def model_summary() -> dict:
     """What the tab shows about the loaded checkpoint."""
     m = shared.sd_model
+    if _forge and not _forge.is_loaded(m):
+        return _forge.not_loaded_summary()
     info = getattr(m, "sd_checkpoint_info", None)
     try:
         found = detect(m)
@@ -66,6 +78,11 @@ def model_summary() -> dict:
     return {"name": getattr(info, "name_for_extra", None) or getattr(info, "name", "unknown"),
             "title": getattr(info, "title", ""), "hash": getattr(info, "shorthash", None) or "",
             "family": family, "family_name": family_name, "problem": problem}
+
+
+def host_notes() -> tuple[str, ...]:
+    """What the tab offers that this host cannot do, and why."""
+    return _forge.NOTES if _forge else ()
 
 
 def loaded_family() -> str:
@@ -81,6 +98,9 @@ def checkpoint_titles() -> list[str]:
 
 def load_checkpoint(title: str) -> dict:
     """Switch the WebUI to another checkpoint through its own loader (waits for the GPU queue)."""
+    if _forge:
+        _forge.load_checkpoint(title)
+        return model_summary()
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
@@ -159,6 +179,9 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> None
     check_memory_mode()
     if settings.preview_every_steps:
         check_sampler(settings.preview_sampler)
+    if _forge and not _forge.is_loaded(shared.sd_model):
+        settings.validate()  # the rest once the run has loaded the checkpoint (run_training)
+        return
     engine_preflight(shared.sd_model, settings, lora_dir(), resuming)
 
 
@@ -270,7 +293,9 @@ def _thread_overlay(base: type) -> type:
 
 def clip_skip_applies(sd_model) -> bool | None:
     """The host's text path applies CLIP skip to SD1, to SDXL's CLIP-L only with Settings → "Clip skip SDXL"
-    (`sdxl_clip_l_skip`), never to SD2's OpenCLIP (None: the family's own rule)."""
+    (`sdxl_clip_l_skip`), never to SD2's OpenCLIP (None: the family's own rule). Forge applies it to every family."""
+    if _forge:
+        return True
     if detect(sd_model).name == "sdxl":
         return bool(getattr(shared.opts, "sdxl_clip_l_skip", False))
     return None
@@ -286,7 +311,11 @@ def prompt_encoder(sd_model, clip_skip: int | None):
 
     def encode(prompts: list[str]):
         with _options_for_this_thread(CLIP_stop_at_last_layers=skip, emphasis="None"):
-            return sd_model.get_learned_conditioning(prompts)
+            if not _forge:
+                return sd_model.get_learned_conditioning(prompts)
+            with _forge.clip_skip(sd_model, skip):  # Forge's text path runs in inference mode: copies out
+                cond = sd_model.get_learned_conditioning(prompts)
+            return {k: v.clone() for k, v in cond.items()} if isinstance(cond, dict) else cond.clone()
 
     return encode
 
@@ -459,7 +488,8 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
             return
         saved = (shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps)
         # The trainer moved the VAE and (with cached captions) the text encoders off the GPU; txt2img needs them.
-        parts = [sd_model.first_stage_model, detect(sd_model).text_encoder(sd_model)]
+        # Forge's memory manager loads them itself (and the trainer reloads the UNet after the preview).
+        parts = [] if _forge else [sd_model.first_stage_model, detect(sd_model).text_encoder(sd_model)]
         part_devices = [next(part.parameters()).device for part in parts]
         for part in parts:
             part.to(next(sd_model.model.parameters()).device)
@@ -506,20 +536,25 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
         state = shared.state
         state.begin(job="lohatrain")
         try:
-            sd_model = shared.sd_model
+            sd_model = _forge.loaded_model() if _forge else shared.sd_model
             detect(sd_model)
-            take_off_networks(sd_model)
+            if _forge:
+                engine_preflight(sd_model, settings, out_dir, job.resume is not None)
+            else:
+                take_off_networks(sd_model)
             info = getattr(sd_model, "sd_checkpoint_info", None)
-            result = train(
-                sd_model, settings, output_dir=out_dir,
-                encode_prompts=prompt_encoder(sd_model, settings.effective_clip_skip),
-                model_name=Path(getattr(info, "filename", "") or "unknown").name,
-                model_hash=getattr(info, "sha256", None) or getattr(info, "shorthash", None) or "",
-                on_progress=_progress_to_state(job),
-                # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
-                should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
-                on_step=_preview_maker(settings, job, sd_model, out_dir), resume=job.resume,
-                resume_anyway=job.resume_anyway, clip_skip_applies=clip_skip_applies(sd_model))
+            with _forge.unet_session(sd_model) if _forge else nullcontext(None) as load_unet:
+                result = train(
+                    sd_model, settings, output_dir=out_dir,
+                    encode_prompts=prompt_encoder(sd_model, settings.effective_clip_skip),
+                    model_name=Path(getattr(info, "filename", "") or "unknown").name,
+                    model_hash=getattr(info, "sha256", None) or getattr(info, "shorthash", None) or "",
+                    on_progress=_progress_to_state(job),
+                    # Skip ends the run like Interrupt; pressed while a preview renders, the host skips that image.
+                    should_stop=lambda: job.should_stop() or state.interrupted or state.skipped,
+                    on_step=_preview_maker(settings, job, sd_model, out_dir), resume=job.resume,
+                    resume_anyway=job.resume_anyway, clip_skip_applies=clip_skip_applies(sd_model),
+                    load_unet=load_unet)
             refresh_loras()  # under the GPU lock: the Lora list is not rebuilt while a generation reads it
         finally:
             state.end()

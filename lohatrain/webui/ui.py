@@ -118,12 +118,17 @@ def _message(text: str, kind: str = "info") -> str:
     return f'<div class="lohatrain-message lohatrain-{kind}">{lines}</div>'
 
 
+# The keyword of an event's front-end code: `_js` in Gradio 3 (A1111, reForge main), `js` in Gradio 4 (Forge 2).
+_JS = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+
+
 def _model_markdown() -> str:
     s = host.model_summary()
     text = f"**Loaded checkpoint:** {s['name']}" + (f" `[{s['hash']}]`" if s["hash"] else "")
+    notes = "".join(f"\n\nℹ️ {note}" for note in host.host_notes())
     if s["family"]:
-        return text + f" — {s['family']}"
-    return text + f"\n\n⚠️ {s['problem']}"
+        return text + f" — {s['family']}" + notes
+    return text + f"\n\n⚠️ {s['problem']}" + notes
 
 
 def _answer(text: str, kind: str = "info", job_id: str | None = None) -> str:
@@ -595,6 +600,6 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         refresh_ckpt.click(lambda: gr.update(choices=host.checkpoint_titles()), [], [ckpt])
         save_btn.click(save_preset, [preset_name, *form], [message, saved])
         load_btn.click(load_preset, [saved], [message, *form])
-        send.click(None, [], [], _js="lohatrainSendToTxt2img")
+        send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
     return tab
 

@@ -1,0 +1,66 @@
+"""The host functions that differ in Forge 2; lohatrain/webui/host.py calls these instead of its A1111 ones when
+the host is Forge (`lohatrain.forge.is_forge_host`, decided at start-up). Read off Forge's source (commit dfdcbab):
+
+- the checkpoint is loaded lazily: `shared.sd_model` is a `FakeInitialModel` until `sd_models.forge_model_reload()`
+  (which txt2img calls first; it returns at once when the chosen checkpoint is loaded). Choosing a checkpoint is
+  `modules_forge.main_entry.checkpoint_change(title)` then that reload: Forge's `sd_models.reload_model_weights`
+  does nothing;
+- LoRAs are taken off and put back through the UNet patchers (lohatrain.forge.model), not the A1111 `networks`;
+- the text path: `set_clip_skip(n)` on the engine (each text engine keeps `clip_skip`), applied to every family
+  (SDXL with at least 2); `opts.emphasis` is read at each call, as in A1111;
+- the memory manager moves the VAE and text encoders for a preview by itself.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from modules import call_queue, sd_models, shared
+
+from ..errors import LohatrainError
+from .model import unet_session  # noqa: F401  (the run's UNet, for webui/host.py)
+
+_TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+# What the tab offers that Forge cannot do, and why (the tab shows these under the loaded checkpoint).
+NOTES = ("In Forge the text encoder is not trained (keep Text encoder LR at 0): Forge runs its whole text path "
+         "under torch.inference_mode. Everything else works as in the WebUI.",)
+
+
+def loaded_model():
+    """The chosen checkpoint, loaded if Forge has not loaded it yet (the caller holds the GPU queue)."""
+    model, _ = sd_models.forge_model_reload()
+    return model
+
+
+def is_loaded(sd_model) -> bool:
+    return hasattr(sd_model, "forge_objects")
+
+
+def not_loaded_summary() -> dict:
+    title = shared.opts.data.get("sd_model_checkpoint", "") or ""
+    return {"name": title or "unknown", "title": title, "hash": "", "family": None, "family_name": None,
+            "problem": "Forge loads the checkpoint at the first generation; it is not loaded yet. Generate one "
+                       "image, or start training (which loads it), and the model's family shows here."}
+
+
+def load_checkpoint(title: str) -> None:
+    from modules_forge import main_entry
+
+    if sd_models.get_closet_checkpoint_match(title) is None:
+        raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
+    with call_queue.queue_lock:
+        main_entry.checkpoint_change(title)
+        sd_models.forge_model_reload()
+
+
+@contextmanager
+def clip_skip(sd_model, skip: int):
+    """The engine's CLIP skip for one encoding (Forge's text engines keep it as `clip_skip`; txt2img sets it from
+    the option before every generation)."""
+    engines = [getattr(sd_model, name) for name in _TEXT_ENGINES if hasattr(sd_model, name)]
+    saved = [engine.clip_skip for engine in engines]
+    sd_model.set_clip_skip(skip)
+    try:
+        yield
+    finally:
+        for engine, value in zip(engines, saved):
+            engine.clip_skip = value
