@@ -307,7 +307,7 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: trainer._Cach
         loop = LoopState(network, optimizer,
                          torch.optim.lr_scheduler.LambdaLR(optimizer, trainer._lr_lambda(settings)),
                          compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16),
-                         ds.BucketBatchSampler([s.bucket for s in cache.samples], settings.batch_size,
+                         ds.BucketBatchSampler([s.bucket for s in cache.samples.values()], settings.batch_size,
                                                torch.Generator().manual_seed(0)),
                          torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
         alphas_cumprod = trainer.training_alphas_cumprod(family.alphas_cumprod(model)).to(device)
