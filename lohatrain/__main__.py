@@ -140,21 +140,27 @@ def _checkpoint_run(args, resume: SavedRun | None):
     from .families import BY_NAME
 
     path = args.checkpoint.expanduser()
-    print(f"Reading {path.name}…", flush=True)
-    checkpoint = read_checkpoint(path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if resume:
-        settings = _resumed_settings(resume, given_settings(args))
-    else:
+
+    def settings_for(family: str) -> TrainSettings:
+        if resume:
+            return _resumed_settings(resume, given_settings(args))
         base = read_settings_file(args.config) if args.config else {}
         if torch.device(device).type == "cpu":
             base = {"train_dtype": "fp32", **base}  # as the WebUI's tab on a CPU: fp16 is emulated, twice as slow
-        settings = TrainSettings.from_dict(merge(base, given_settings(args)), checkpoint.family)
+        settings = TrainSettings.from_dict(merge(base, given_settings(args)), family)
         if not settings.output_dir:
             raise LohatrainError("give --output-dir (or output_dir in the --config file): where the file goes")
+        return settings
+
+    settings_for("sd1")  # the settings' problems before a long read (the family only changes defaults)
+    print(f"Reading {path.name}…", flush=True)
+    checkpoint = read_checkpoint(path)
+    settings = settings_for(checkpoint.family)
     print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
     model, source = load_model(checkpoint, settings.train_dtype, device)
     print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
+    print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
     return model, settings, path.name, file_sha256(path)
 
 

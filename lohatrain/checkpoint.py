@@ -20,9 +20,9 @@ from torch import nn
 from . import model_configs
 from .errors import LohatrainError
 from .families import BY_NAME, EXTRA_INPUTS, FLUX, REFINER, SD3, UNCLIP, detect
+from .precision import COMPUTE_DTYPES
 from .sdpa import use_sdpa
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 # The WebUI's key renames on reading (sd_models.get_state_dict_from_checkpoint): the CLIP layout of old
 # transformers versions, and SD 2.1 Turbo saved in sgm's layout.
@@ -62,23 +62,29 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def load_model(checkpoint: Checkpoint, dtype: str, device: str | torch.device) -> tuple[nn.Module, str]:
     """The model of `checkpoint` with its weights in `dtype` ("fp16", "bf16", "fp32") on `device`, and where its
     config came from. The weights are handed over to the model (`checkpoint.weights` is emptied)."""
-    config_file = checkpoint.config_file
-    if config_file.is_file():
-        config, source = model_configs.read_yaml(config_file), config_file.name
-    else:
+    built_in = not checkpoint.config_file.is_file()
+    if built_in:
         config, source = model_configs.BUILT_IN[checkpoint.family], f"the built-in {checkpoint.family} config"
+    else:
+        config, source = model_configs.read_yaml(checkpoint.config_file), checkpoint.config_file.name
     try:
         with _parameters_on_meta():
             model = model_configs.build(config, checkpoint.weights)
     except model_configs.OtherSizes as e:
         raise _other_sizes(checkpoint, str(e)) from None
-    _assign_weights(model, checkpoint, DTYPES[dtype])
+    except LohatrainError as e:
+        if built_in:
+            raise
+        raise LohatrainError(f"{source}: {e}") from None
+    _assign_weights(model, checkpoint, COMPUTE_DTYPES[dtype])
     family = detect(model)  # what cannot be trained, now by the built model (as the tab checks it)
     model.is_sd1, model.is_sd2, model.is_sdxl = (family.name == name for name in ("sd1", "sd2", "sdxl"))
     model.to(device).eval()
-    if family.name == "sd2" and source.startswith("the built-in"):
+    # How the WebUI chooses v2-inference-v.yaml over v2-inference.yaml: they differ in the parameterization alone
+    # (and an unused image size), the one thing of the two that training reads.
+    if family.name == "sd2" and built_in:
         model.parameterization = "v" if predicts_v(model.model.diffusion_model) else "eps"
-        source += f" ({'v' if model.parameterization == 'v' else 'eps'}-prediction, found as the WebUI finds it)"
+        source += f" ({model.parameterization}-prediction, found as the WebUI finds it)"
     use_sdpa(model)
     return model, source
 

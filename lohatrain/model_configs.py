@@ -11,16 +11,15 @@ equivalents, with the same module names and so the same checkpoint keys:
   sizes from the checkpoint's own weights (heads 64 wide, as in every CLIP and OpenCLIP text model);
 - SDXL: sgm is not on the registries, so `demo_sdxl`'s stand-in (held against sgm by
   tools/check_sgm_standin.py) is built from the sgm config's sizes.
-A config may also name lohatrain's classes directly (with explicit sizes), which is how tests describe their
-tiny models. A config naming anything outside ldm, sgm and lohatrain is refused rather than imported: a
-file downloaded with a model must not run arbitrary code.
+A config may also name lohatrain's text encoders directly (with explicit sizes), which is how tests describe
+their tiny models. A config makes lohatrain import nothing but the classes in `_IMPORTABLE`, and no other file is
+read for it (`ckpt_path`): a YAML that came with a downloaded model must not run code.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
-import re
 
 from torch import nn
 
@@ -33,8 +32,18 @@ from ldm.util import instantiate_from_config  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 LATENT_DIFFUSION = "ldm.models.diffusion.ddpm.LatentDiffusion"
-_ALLOWED_TARGETS = re.compile(r"(ldm|sgm|lohatrain)\.[\w.]+|torch\.nn\.Identity")
 HEAD_WIDTH = 64
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# What a config may make lohatrain import; sgm's names (and ldm's text encoders) are read, never imported.
+_IMPORTABLE = {LATENT_DIFFUSION, "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+               "ldm.models.autoencoder.AutoencoderKL", "torch.nn.Identity",
+               *map(_path, (TinyCLIPEmbedder, TinyOpenCLIPEmbedder, TinySDXLCLIPEmbedder, TinyOpenCLIPEmbedder2,
+                            ConcatTimestepEmbedderND))}
 
 # SD's VAE (every family's: SDXL's differs only in its weights).
 _VAE = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
@@ -90,7 +99,6 @@ def read_yaml(path) -> dict:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("target"), str):
         raise LohatrainError(f"{path.name} (the config beside the checkpoint) has no model: target: … to build")
-    _check_targets(model, path.name)
     return model
 
 
@@ -107,26 +115,35 @@ def build(config: dict, weights: dict) -> nn.Module:
                          "(a LatentDiffusion or an SDXL DiffusionEngine)")
 
 
-def _check_targets(node, source: str) -> None:
+def _instantiate(config: dict):
+    """ldm's instantiate_from_config, once every class the config names is one lohatrain builds and no other
+    file would be read."""
+    _vet(config)
+    return instantiate_from_config(OmegaConf.create(config))
+
+
+def _vet(node) -> None:
     if isinstance(node, dict):
         target = node.get("target")
-        if target is not None and not (isinstance(target, str) and _ALLOWED_TARGETS.fullmatch(target)):
-            raise LohatrainError(f"{source} names {target!r}: a config may only name ldm, sgm and lohatrain "
-                                 "classes, so it is not used")
+        if target is not None and target not in _IMPORTABLE:
+            raise LohatrainError(f"the config names {target!r}, which lohatrain does not build")
+        if node.get("ckpt_path"):
+            raise LohatrainError("the config names another file to load (ckpt_path), which lohatrain does not read")
         for value in node.values():
-            _check_targets(value, source)
+            _vet(value)
     elif isinstance(node, list):
         for value in node:
-            _check_targets(value, source)
+            _vet(value)
 
 
 def _build_ldm(config: dict, weights: dict) -> nn.Module:
     params = config["params"]
     params["use_ema"] = False  # the EMA copy is not trained; the WebUI also builds without it unless told
-    for key in ("ckpt_path", "scheduler_config"):  # a config must not load other files or train schedules
-        params.pop(key, None)
+    params.pop("scheduler_config", None)  # ldm's own training schedule, not used here
+    # Precision is the run's (the weights' dtype and autocast), as the WebUI's repair_config overrides it too.
+    params["unet_config"].setdefault("params", {})["use_fp16"] = False
     params["cond_stage_config"] = _ldm_text_encoder(params["cond_stage_config"], weights)
-    return instantiate_from_config(OmegaConf.create(config))
+    return _instantiate(config)
 
 
 def _ldm_text_encoder(stage: dict, weights: dict) -> dict:
@@ -176,7 +193,7 @@ def _sdxl_embedder(entry: dict, weights: dict, prefix: str) -> nn.Module:
     target, params = entry["target"], entry.get("params") or {}
     kind = target.rsplit(".", 1)[-1]
     if target.startswith("lohatrain."):
-        embedder = instantiate_from_config(entry)
+        embedder = _instantiate({"target": target, "params": params})
     elif kind == "FrozenCLIPEmbedder":
         embedder = TinySDXLCLIPEmbedder(**clip_sizes(weights, prefix + "transformer.text_model."),
                                         layer=params.get("layer", "last"), layer_idx=params.get("layer_idx"))
@@ -230,6 +247,3 @@ def _shape(weights: dict, key: str) -> tuple[int, ...]:
 def _count(weights: dict, prefix: str) -> int:
     return len({key[len(prefix):].split(".", 1)[0] for key in weights if key.startswith(prefix)})
 
-
-def _path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"

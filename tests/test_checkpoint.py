@@ -219,6 +219,8 @@ def _cut_short(path: Path) -> None:
     ("inpainting", "lohatrain cannot train on {name}: it is an inpainting checkpoint"),
     ("refiner", "lohatrain cannot train on {name}: it is the SDXL refiner"),
     ("lora", "lohatrain cannot train on {name}: it is a LoRA or LyCORIS network file"),
+    ("config that imports", "model.yaml: the config names 'lohatrain.output.write_atomically', which lohatrain "
+                            "does not build"),
 ])
 def test_a_file_that_cannot_be_trained_is_refused_in_one_line(case, expected, checkpoints, sample_dataset,
                                                               tmp_path, capsys):
@@ -236,13 +238,19 @@ def test_a_file_that_cannot_be_trained_is_refused_in_one_line(case, expected, ch
         save_file((_inpainting if case == "inpainting" else _refiner)(load_file(str(source))), str(path))
     elif case == "lora":
         save_file({"lora_unet_input_blocks_1_1_proj_in.hada_w1_a": torch.zeros(4, 2)}, str(path))
+    elif case == "config that imports":  # a YAML that came with a download must not run code
+        shutil.copy(checkpoints["sd1"], path)
+        config = copy.deepcopy(TINY_CONFIGS["sd1"])
+        config["params"]["cond_stage_config"] = {"target": "lohatrain.output.write_atomically", "params": {
+            "path": str(tmp_path / "written"), "content": "", "overwrite": True}}
+        OmegaConf.save(OmegaConf.create({"model": config}), path.with_suffix(".yaml"))
     out = tmp_path / "out"
     code = main(["train", "--checkpoint", str(path), "--dataset-dir", str(sample_dataset), "--output-dir", str(out)])
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert len(error.splitlines()) == 1 and error.startswith("error: ")
     assert expected.format(path=path, name=path.name) in error
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "written").exists()
 
 
 def test_a_run_on_a_checkpoint_resumes_on_that_checkpoint_only(checkpoints, sample_dataset, tmp_path, capsys):
