@@ -21,10 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lohatrain.__main__ import _ProgressReport, main
-from lohatrain.checkpoint import load_model, read_checkpoint
+from lohatrain.checkpoint import load_model, predicts_v, read_checkpoint
 from lohatrain.cli_settings import merge
-from lohatrain.demo import TINY_SD1_CONFIG, TINY_SD2_CONFIG, TinyCLIPEmbedder, build_tiny_sd1, build_tiny_sd2
+from lohatrain.demo import TINY_SD1_CONFIG, TINY_SD2_CONFIG, build_tiny_sd1, build_tiny_sd2
 from lohatrain.demo_sdxl import SIZE_KEYS, TINY_SDXL, build_sdxl, build_tiny_sdxl, conditioning_widths
+from lohatrain.errors import LohatrainError
 from lohatrain.model_configs import LATENT_DIFFUSION
 from lohatrain.sdpa import use_sdpa
 from lohatrain.settings import TrainSettings
@@ -33,7 +34,7 @@ from lohatrain.trainer import Progress, train
 from test_engine import settings_for
 
 BUILD = {"sd1": build_tiny_sd1, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}
-_LDM_TEXT = "ldm.modules.encoders.modules."
+_LDM_TEXT, _SGM_TEXT = "ldm.modules.encoders.modules.", "sgm.modules.encoders.modules."
 
 
 def sgm_config(sizes: dict, text_encoders: list[dict]) -> dict:
@@ -51,7 +52,7 @@ def sgm_config(sizes: dict, text_encoders: list[dict]) -> dict:
             "context_dim": context_dim}},
         "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
             *text_encoders,
-            *({"is_trainable": False, "input_key": key, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+            *({"is_trainable": False, "input_key": key, "target": _SGM_TEXT + "ConcatTimestepEmbedderND",
                "params": {"outdim": sizes["size_dim"]}} for key in SIZE_KEYS)]}},
         "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {
             "embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}}}}
@@ -130,11 +131,10 @@ def test_sdpa_attention_gives_ldms_own_results():
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        for m in (model, fast):
-            m.outputs = (m.model.diffusion_model(x, t, context=context),
-                         m.first_stage_model.encode(images).mean, m.first_stage_model.decode(x[:1]))
-    for ours, ldms in zip(fast.outputs, model.outputs):
-        assert torch.allclose(ours, ldms, rtol=1e-5, atol=1e-5)
+        ldms, ours = ((m.model.diffusion_model(x, t, context=context), m.first_stage_model.encode(images).mean,
+                       m.first_stage_model.decode(x[:1])) for m in (model, fast))
+        for a, b in zip(ours, ldms):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_ckpt_is_read_weights_only_and_held_in_the_runs_precision(checkpoints, tmp_path):
@@ -147,7 +147,7 @@ def test_a_ckpt_is_read_weights_only_and_held_in_the_runs_precision(checkpoints,
     assert model.alphas_cumprod.dtype == torch.float32  # the noise schedule stays float32, as in the WebUI
 
     torch.save({"state_dict": expected, "hyper_parameters": Namespace(lr=1.0)}, tmp_path / "code.ckpt")
-    with pytest.raises(Exception, match="holds more than weights"):
+    with pytest.raises(LohatrainError, match="holds more than weights"):
         read_checkpoint(tmp_path / "code.ckpt")
 
 
@@ -157,14 +157,14 @@ def test_a_config_in_the_webuis_own_form_builds_a_fine_tune_of_other_sizes(tmp_p
     clip = {"hidden_size": 64, "num_layers": 2, "num_heads": 1, "intermediate_size": 64}
     sd1_config = copy.deepcopy(TINY_SD1_CONFIG)
     sd1_config["unet_config"]["params"]["context_dim"] = 64
-    sd1_config["cond_stage_config"] = {"target": f"{TinyCLIPEmbedder.__module__}.TinyCLIPEmbedder", "params": clip}
+    sd1_config["cond_stage_config"] = {"target": "lohatrain.demo.TinyCLIPEmbedder", "params": clip}
     sd1 = instantiate_from_config({"target": LATENT_DIFFUSION, "params": sd1_config})
     sd1_config["cond_stage_config"] = {"target": _LDM_TEXT + "FrozenCLIPEmbedder"}
     sdxl_sizes = {**TINY_SDXL, "clip_l": clip, "bigg": {"width": 64, "layers": 2, "heads": 1}}
     sdxl_config = sgm_config(sdxl_sizes, [
-        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+        {"is_trainable": False, "input_key": "txt", "target": _SGM_TEXT + "FrozenCLIPEmbedder",
          "params": {"layer": "hidden", "layer_idx": 1}},
-        {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+        {"is_trainable": False, "input_key": "txt", "target": _SGM_TEXT + "FrozenOpenCLIPEmbedder2",
          "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True, "layer": "penultimate",
                     "always_return_pooled": True, "legacy": False}}])
     for model, config in ((sd1, {"target": LATENT_DIFFUSION, "params": sd1_config}),
@@ -186,10 +186,23 @@ def test_a_config_in_the_webuis_own_form_builds_a_fine_tune_of_other_sizes(tmp_p
                                    model.get_learned_conditioning(["a red circle"]))
 
 
+@pytest.mark.parametrize("output, v", [(-2.0, True), (0.0, False)])
+def test_sd2_without_a_config_is_tested_for_v_prediction_as_the_webui_tests_it(output, v):
+    """At t=999 on a grey latent (0.5) a v-model predicts about minus the image: an output more than 1 below the
+    input means v (the WebUI's threshold). Here the UNet's last layer is set to give `output` everywhere."""
+    unet = build_tiny_sd2().model.diffusion_model.half()
+    with torch.no_grad():
+        unet.out[2].weight.zero_()
+        unet.out[2].bias.fill_(output)
+    before = {k: t.clone() for k, t in unet.state_dict().items()}
+    assert predicts_v(unet) is v
+    assert all(t.dtype == torch.float16 and torch.equal(t, before[k]) for k, t in unet.state_dict().items())
+
+
 def test_without_a_config_a_file_of_other_sizes_is_refused_naming_the_config_it_needs(checkpoints, tmp_path):
     path = tmp_path / "bare.safetensors"
     shutil.copy(checkpoints["sd1"], path)
-    with pytest.raises(Exception) as error:
+    with pytest.raises(LohatrainError) as error:
         load_model(read_checkpoint(path), "fp32", "cpu")
     assert str(error.value).startswith("bare.safetensors is not of the sizes of a SD 1.x base model")
     assert str(error.value).endswith("a model of other sizes needs its config beside it, as bare.yaml")
