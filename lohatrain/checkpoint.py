@@ -225,11 +225,12 @@ def _assign_weights(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype
     for key in own:
         if key in weights:
             tensor = weights.pop(key)
+            if tensor.is_floating_point() and not own[key].is_floating_point():
+                continue  # position ids some merges saved as floats: the model's own are exact
             # Always a fresh copy: a tensor read from a file may start at any 8-byte offset, and CPU kernels round
             # the last bits differently on such data than on the allocator's aligned memory; one tensor at a
             # time, so the copy costs no more memory than the largest weight.
             state[key] = tensor.to(dtype if key in parameters else
                                    torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
-            del tensor
     weights.clear()
     model.load_state_dict(state, strict=False, assign=True)

@@ -138,11 +138,15 @@ def test_sdpa_attention_gives_ldms_own_results():
 
 
 def test_a_ckpt_is_read_weights_only_and_held_in_the_runs_precision(checkpoints, tmp_path):
-    ckpt = write_checkpoint(build_tiny_sd1(), tmp_path / "tiny.ckpt", TINY_CONFIGS["sd1"])
-    model, _ = load_model(read_checkpoint(ckpt), "fp16", "cpu")
     expected = load_file(str(checkpoints["sd1"]))
+    position_ids = "cond_stage_model.transformer.text_model.embeddings.position_ids"  # floats in some merges
+    torch.save({"state_dict": {**expected, position_ids: expected[position_ids].float()}, "global_step": 1},
+               tmp_path / "tiny.ckpt")
+    shutil.copy(checkpoints["sd1"].with_suffix(".yaml"), tmp_path / "tiny.yaml")
+    model, _ = load_model(read_checkpoint(tmp_path / "tiny.ckpt"), "fp16", "cpu")
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], expected[k].to(loaded[k].dtype)) for k in expected)
+    assert loaded[position_ids].dtype == torch.int64
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert model.alphas_cumprod.dtype == torch.float32  # the noise schedule stays float32, as in the WebUI
 
