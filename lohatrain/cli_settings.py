@@ -18,7 +18,7 @@ _FOLLOWS = {"network_preset": ("dim", "alpha", "conv_dim", "conv_alpha", "lokr_f
             "resolution": ("bucket_min_side", "bucket_max_side")}
 
 
-def option(name: str) -> str:
+def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -31,12 +31,12 @@ def add_setting_options(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         help_text = f"{SETTING_HELP[f.name]} (default: {_default_text(f.name)})".replace("%", "%%")
         if kind is bool:
-            group.add_argument(option(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(_option(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
-            group.add_argument(option(f.name), nargs="*", metavar="TEXT", default=None, help=help_text)
+            group.add_argument(_option(f.name), nargs="*", metavar="TEXT", default=None, help=help_text)
         else:
             value_type = next(t for t in (typing.get_args(kind) or (kind,)) if t is not type(None))
-            group.add_argument(option(f.name), type=value_type, metavar=_METAVARS[value_type], default=None,
+            group.add_argument(_option(f.name), type=value_type, metavar=_METAVARS[value_type], default=None,
                                help=help_text)
 
 
