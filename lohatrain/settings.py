@@ -248,15 +248,7 @@ class TrainSettings:
 
     @classmethod
     def load(cls, path: str | Path, family: str = "sd1") -> "TrainSettings":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SettingsError([f"settings file {path} does not exist"]) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SettingsError([f"settings file {path} is not valid JSON: {e}"]) from None
-        if not isinstance(data, dict):
-            raise SettingsError([f"settings file {path} must hold a JSON object"])
-        return cls.from_dict(data, family)
+        return cls.from_dict(read_settings_file(path), family)
 
     @property
     def effective_clip_skip(self) -> int | None:
@@ -338,6 +330,69 @@ class TrainSettings:
         problems = self.problems()
         if problems:
             raise SettingsError(problems)
+
+
+def read_settings_file(path: str | Path) -> dict:
+    """A settings JSON as a dict, not yet checked (the command line merges its options into it first)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError([f"settings file {path} does not exist"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError([f"settings file {path} is not valid JSON: {e}"]) from None
+    if not isinstance(data, dict):
+        raise SettingsError([f"settings file {path} must hold a JSON object"])
+    return data
+
+
+# One line per setting for the command line's --help (its default is added there, per family where it differs).
+SETTING_HELP = {
+    "name": "the file's name, and the alias in <lora:name:1>",
+    "dataset_dir": "the folder of training images (and their captions)",
+    "output_dir": "where the .safetensors goes (required on the command line; the WebUI uses its Lora folder)",
+    "training_method": f"network type: {', '.join(TRAINING_METHODS)}",
+    "dora": "DoRA's weight decomposition on top of lora, locon or loha",
+    "lokr_factor": "LoKr's Kronecker factor, -1 = as square as possible (set by network_preset unless given)",
+    "caption_mode": "none, phrase (caption_phrase for every image) or txt (a caption file beside each image)",
+    "caption_phrase": "every image's caption, with caption_mode phrase",
+    "caption_ext": "the caption files' extension, with caption_mode txt",
+    "resolution": "training side in pixels, a multiple of 64",
+    "bucketing": "group images by aspect ratio instead of cropping them square",
+    "bucket_min_side": "the smallest bucket side in pixels (unless given: half the resolution)",
+    "bucket_max_side": "the largest bucket side in pixels (unless given: twice the resolution)",
+    "learning_rate": "the UNet's learning rate (unless given: 1e-4 for lora and locon, 1e-3 for loha and lokr, "
+                     "halved on SDXL)",
+    "text_encoder_lr": "the text encoder's learning rate, 0 = the UNet only",
+    "steps": "training steps",
+    "batch_size": "images per step",
+    "network_preset": f"network size: {', '.join(PRESETS)} (sets dim, alpha, conv_dim, conv_alpha for the type "
+                      "and family), or custom",
+    "dim": "rank of the linear layers (set by network_preset unless given)",
+    "alpha": "alpha of the linear layers, the delta is scaled by alpha / dim (set by network_preset unless given)",
+    "conv_dim": "rank of the 3x3 convolutions, 0 = not trained (set by network_preset unless given)",
+    "conv_alpha": "alpha of the 3x3 convolutions (set by network_preset unless given)",
+    "clip_skip": "SD 1.x's CLIP skip: 1 = the last layer, 2 = the one before (unset: the last)",
+    "train_dtype": f"precision the model is held and trained in: {', '.join(DTYPES)} (on a CPU fp32 unless given)",
+    "save_dtype": f"precision of the saved file: {', '.join(DTYPES)}",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, slower steps",
+    "seed": "random seed, -1 = a random one (recorded in the file)",
+    "deterministic": "torch's deterministic algorithms on the GPU (CPU runs always are)",
+    "shuffle_tags": "shuffle a caption's comma-separated tags every step",
+    "keep_tokens": "leading tags that stay in place when shuffling",
+    "flip_aug": "mirror images at random",
+    "color_aug": "vary hue, saturation and brightness at random",
+    "save_every_steps": "also save every N steps, 0 = only at the end",
+    "lr_scheduler": f"learning-rate schedule: {', '.join(SCHEDULERS)}",
+    "lr_warmup_steps": "steps of linear warm-up",
+    "noise_offset": "noise offset (lets the model learn very dark and very bright images), 0 = off",
+    "min_snr_gamma": "Min-SNR loss weighting gamma, 0 = off (5 is usual)",
+    "zero_terminal_snr": "rescale the noise schedule to zero SNR at the last step (v-prediction models only)",
+    "overwrite": "replace an existing file of the same name",
+    "keep_state": "keep the finished run's state, to train it further later",
+    "init_from": "start from this .safetensors in the output folder (same type and size)",
+    "preview_every_steps": "a preview image every N steps (in the WebUI only)",
+    "preview_prompts": "the previews' prompts (in the WebUI only)",
+}
 
 
 def _type_problems(data: dict) -> list[str]:

@@ -12,10 +12,15 @@ from .sdxl import SDXL
 FAMILIES = (ForgeSDXL, ForgeSD2, ForgeSD1, SDXL, SD2, SD1)
 BY_NAME = {f.name: f for f in (SDXL, SD2, SD1)}
 
-# What a UNet's input channels beyond the 4 latent ones say about the checkpoint.
-_EXTRA_INPUTS = {9: "an inpainting checkpoint (its UNet also takes a mask and a masked image)",
-                 8: "an instruct-pix2pix checkpoint (its UNet also takes the source image)",
-                 5: "a depth-conditioned SD 2 checkpoint (its UNet also takes a depth map)"}
+# Why a kind of checkpoint cannot be trained, in one phrase each: said of a loaded model here, and of a file's
+# keys by lohatrain.checkpoint. What a UNet's input channels beyond the 4 latent ones say about the checkpoint:
+EXTRA_INPUTS = {9: "an inpainting checkpoint (its UNet also takes a mask and a masked image)",
+                8: "an instruct-pix2pix checkpoint (its UNet also takes the source image)",
+                5: "a depth-conditioned SD 2 checkpoint (its UNet also takes a depth map)"}
+SD3 = "Stable Diffusion 3 (a different architecture, MMDiT, that LoHa training here does not cover)"
+FLUX = "Flux (a different architecture that LoHa training here does not cover)"
+UNCLIP = "an unCLIP checkpoint (conditioned on image embeddings, not captions)"
+REFINER = "the SDXL refiner (it only refines the last denoising steps of a base model's image)"
 
 
 def describe(model) -> str:
@@ -35,20 +40,20 @@ def describe(model) -> str:
 def unsupported_reason(model) -> str | None:
     """Why a loaded model of a known kind cannot be trained (a variant needing inputs a caption set lacks)."""
     if getattr(model, "is_sd3", False):
-        return "Stable Diffusion 3 (a different architecture, MMDiT, that LoHa training here does not cover)"
+        return SD3
     if "flux" in describe(model).lower():
-        return "Flux (a different architecture that LoHa training here does not cover)"
+        return FLUX
     unet = (ForgeSD1.unet(model) if is_forge_engine(model)
             else getattr(getattr(model, "model", None), "diffusion_model", None))
     channels = getattr(unet, "in_channels", 4)
-    if channels in _EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False) or getattr(model, "is_inpaint", False):
-        return _EXTRA_INPUTS.get(channels, _EXTRA_INPUTS[9])
+    if channels in EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False) or getattr(model, "is_inpaint", False):
+        return EXTRA_INPUTS.get(channels, EXTRA_INPUTS[9])
     if hasattr(model, "noise_augmentor") or getattr(getattr(model, "model", None), "conditioning_key", "") == "crossattn-adm":
-        return "an unCLIP checkpoint (conditioned on image embeddings, not captions)"
+        return UNCLIP
     conditioner = getattr(model, "conditioner", None)
     if conditioner is not None and any(getattr(e, "input_key", None) == "aesthetic_score"
                                        for e in conditioner.embedders):
-        return "the SDXL refiner (it only refines the last denoising steps of a base model's image)"
+        return REFINER
     return None
 
 
