@@ -392,6 +392,9 @@ SETTING_HELP = {
     "init_from": "start from this .safetensors in the output folder (same type and size)",
     "preview_every_steps": "a preview image every N steps (in the WebUI only)",
     "preview_prompts": "the previews' prompts (in the WebUI only)",
+    "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
+    "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
+    "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
 }
 
 
