@@ -1,5 +1,6 @@
-"""The host functions that differ in Forge 2; lohatrain/webui/host.py calls these instead of its A1111 ones when
-the host is Forge (`lohatrain.forge.is_forge_host`, decided at start-up). Read off Forge's source (commit dfdcbab):
+"""What differs in Forge 2 for lohatrain/webui/host.py, which uses it when the host is Forge
+(`lohatrain.forge.is_forge_host`, decided at start-up) and makes every call into the WebUI's `modules` itself (this
+module imports none). Read off Forge's source (commit dfdcbab):
 
 - the checkpoint is loaded lazily: `shared.sd_model` is a `FakeInitialModel` until `sd_models.forge_model_reload()`
   (which txt2img calls first; it returns at once when the chosen checkpoint is loaded). Choosing a checkpoint is
@@ -14,9 +15,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from modules import call_queue, sd_models, shared
-
-from ..errors import LohatrainError
 from .model import unet_session  # noqa: F401  (the run's UNet, for webui/host.py)
 
 _TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
@@ -25,31 +23,14 @@ NOTES = ("In Forge the text encoder is not trained (keep Text encoder LR at 0): 
          "under torch.inference_mode. Everything else works as in the WebUI.",)
 
 
-def loaded_model():
-    """The chosen checkpoint, loaded if Forge has not loaded it yet (the caller holds the GPU queue)."""
-    model, _ = sd_models.forge_model_reload()
-    return model
-
-
 def is_loaded(sd_model) -> bool:
     return hasattr(sd_model, "forge_objects")
 
 
-def not_loaded_summary() -> dict:
-    title = shared.opts.data.get("sd_model_checkpoint", "") or ""
+def not_loaded_summary(title: str) -> dict:
     return {"name": title or "unknown", "title": title, "hash": "", "family": None, "family_name": None,
             "problem": "Forge loads the checkpoint at the first generation; it is not loaded yet. Generate one "
                        "image, or start training (which loads it), and the model's family shows here."}
-
-
-def load_checkpoint(title: str) -> None:
-    from modules_forge import main_entry
-
-    if sd_models.get_closet_checkpoint_match(title) is None:
-        raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
-    with call_queue.queue_lock:
-        main_entry.checkpoint_change(title)
-        sd_models.forge_model_reload()
 
 
 @contextmanager

@@ -5,9 +5,9 @@ folder, the GPU queue, `shared.state` (progress bar, Interrupt, live preview), p
 own txt2img processing, and refreshing the Lora list. The tab and the REST routes call these functions and
 never import `modules` themselves.
 
-In Forge 2 (decided once, at import: `lohatrain.forge.is_forge_host`) the few functions whose host calls differ
-there hand over to lohatrain/forge/host.py (`_forge`): the lazily loaded checkpoint, choosing a checkpoint, the text
-path's CLIP skip, LoRAs and memory around a run. Everything else is the same `modules` API in both.
+In Forge 2 (decided once, at import: `lohatrain.forge.is_forge_host`) the few functions that differ there branch
+on `_forge` (lohatrain/forge/host.py, which imports no `modules`): the lazily loaded checkpoint, choosing a
+checkpoint, the text path's CLIP skip, LoRAs and memory around a run. Everything else is the same `modules` API.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def model_summary() -> dict:
     """What the tab shows about the loaded checkpoint."""
     m = shared.sd_model
     if _forge and not _forge.is_loaded(m):
-        return _forge.not_loaded_summary()
+        return _forge.not_loaded_summary(shared.opts.data.get("sd_model_checkpoint", "") or "")
     info = getattr(m, "sd_checkpoint_info", None)
     try:
         found = detect(m)
@@ -98,14 +98,16 @@ def checkpoint_titles() -> list[str]:
 
 def load_checkpoint(title: str) -> dict:
     """Switch the WebUI to another checkpoint through its own loader (waits for the GPU queue)."""
-    if _forge:
-        _forge.load_checkpoint(title)
-        return model_summary()
     info = sd_models.get_closet_checkpoint_match(title)
     if info is None:
         raise LohatrainError(f"checkpoint {title!r} was not found; press refresh in the WebUI")
     with call_queue.queue_lock:  # reload_model_weights records the choice in opts itself
-        sd_models.reload_model_weights(info=info)
+        if _forge:  # Forge's reload_model_weights does nothing: its own choice, then its (lazy) loader
+            from modules_forge import main_entry
+            main_entry.checkpoint_change(title)
+            sd_models.forge_model_reload()
+        else:
+            sd_models.reload_model_weights(info=info)
     return model_summary()
 
 
@@ -536,7 +538,8 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
         state = shared.state
         state.begin(job="lohatrain")
         try:
-            sd_model = _forge.loaded_model() if _forge else shared.sd_model
+            # Forge: the chosen checkpoint, loaded now if it was not yet (it returns at once when it is)
+            sd_model = sd_models.forge_model_reload()[0] if _forge else shared.sd_model
             detect(sd_model)
             if _forge:
                 engine_preflight(sd_model, settings, out_dir, job.resume is not None)

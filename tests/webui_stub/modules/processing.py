@@ -26,7 +26,6 @@ estimate is x0 = (x_t − √(1−ᾱ)·ε) / √ᾱ. Nothing is written to disk
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import devices, extra_networks, prompt_parser, sd_hijack, sd_models, sd_samplers, shared
+from modules import devices, extra_networks, images, prompt_parser, sd_hijack, sd_models, sd_samplers, shared
 from modules.shared import opts, state
 
 opt_C = 4
@@ -253,27 +252,6 @@ def _to_pil(x):
     return Image.fromarray((255. * np.moveaxis(x.cpu().numpy(), 0, 2)).astype(np.uint8))
 
 
-def image_grid(imgs, batch_size=1, rows=None):
-    if rows is None:
-        if opts.n_rows > 0:
-            rows = opts.n_rows
-        elif opts.n_rows == 0:
-            rows = batch_size
-        elif opts.grid_prevent_empty_spots:
-            rows = math.floor(math.sqrt(len(imgs)))
-            while len(imgs) % rows != 0:
-                rows -= 1
-        else:
-            rows = round(math.sqrt(len(imgs)))
-    rows = min(rows, len(imgs))
-    cols = math.ceil(len(imgs) / rows)
-    w, h = map(max, zip(*(img.size for img in imgs)))
-    grid = Image.new('RGB', size=(cols * w, rows * h), color="#ffffff")
-    for i, img in enumerate(imgs):
-        grid.paste(img, box=(i % cols * w, i // cols * h))
-    return grid
-
-
 class Processed:
     def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
                  all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):
@@ -396,7 +374,7 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
         index_of_first_image = 0
         unwanted_grid = len(output_images) < 2 and opts.grid_only_if_multiple
         if (opts.return_grid or opts.grid_save) and not p.do_not_save_grid and not unwanted_grid and opts.return_grid:
-            output_images.insert(0, image_grid(output_images, p.batch_size))
+            output_images.insert(0, images.image_grid(output_images, p.batch_size))
             infotexts.insert(0, infotexts[0])
             index_of_first_image = 1
 
