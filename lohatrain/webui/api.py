@@ -27,7 +27,6 @@ allows it in Settings → LoHa training.
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -143,11 +142,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             made = host.make_grid(body["name"], body.get("prompts"), body.get("strengths"), body.get("seed"))
         except LohatrainError as e:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
-        encoded = []
-        for picture in made.images:
-            buffer = io.BytesIO()
-            picture.save(buffer, format="PNG")
-            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        encoded = [base64.b64encode(f.read_bytes()).decode() for f in made.files]  # the PNGs as saved
         return {"files": [f.name for f in made.files], "images": encoded, "prompts": made.plan.prompts,
                 "columns": [c.label for c in made.plan.columns], "rows": made.plan.strengths}
 

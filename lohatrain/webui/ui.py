@@ -225,14 +225,14 @@ def caption_dataset(runner: JobRunner, dataset_dir, tagger_label, existing_label
                                         via="tab"):
             counts[step.outcome] += 1
             yield _message(f"Captioning {step.done} of {step.total}: {step.file}"), gr.update(), gr.update()
-        shown = captions.thumbnails(dataset_dir, options.ext)
+        shown, names = _thumbnails(dataset_dir, options.ext)
     except LohatrainError as e:
         yield _message(str(e), "error"), gr.update(), gr.update()
         return
     summary = (f"Wrote {counts['written']} caption(s), kept {counts['kept']}"
                + (f"; {counts['broken']} image(s) do not open" if counts["broken"] else ""))
     stopped = step is not None and step.done < step.total
-    yield _message(summary + ("; interrupted." if stopped else ".")), shown, [Path(p).name for p, _ in shown]
+    yield _message(summary + ("; interrupted." if stopped else ".")), shown, names
 
 
 def make_grid(runner: JobRunner, name, prompts, strengths, seed):
@@ -252,6 +252,12 @@ def make_grid(runner: JobRunner, name, prompts, strengths, seed):
             [(picture, prompt) for picture, prompt in zip(made.images, made.plan.prompts)])
 
 
+def _thumbnails(dataset_dir, ext: str) -> tuple[list, list[str]]:
+    """The gallery's (image, caption) pairs and the file names behind them (a per-page state, for editing)."""
+    shown = captions.thumbnails(dataset_dir, ext)
+    return shown, [Path(p).name for p, _ in shown]
+
+
 def select_thumbnail(names, evt: gr.SelectData):
     """A clicked thumbnail's file and caption, for editing."""
     name = names[evt.index] if names and evt.index < len(names) else ""
@@ -262,10 +268,10 @@ def select_thumbnail(names, evt: gr.SelectData):
 def save_edited_caption(dataset_dir, name, text, ext):
     try:
         path = captions.save_caption(dataset_dir, name, text or "", (ext or ".txt").strip())
-        shown = captions.thumbnails(dataset_dir, path.suffix)
+        shown, names = _thumbnails(dataset_dir, path.suffix)
     except LohatrainError as e:
         return _message(str(e), "error"), gr.update(), gr.update()
-    return _message(f"Saved {path.name}."), shown, [Path(p).name for p, _ in shown]
+    return _message(f"Saved {path.name}."), shown, names
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
@@ -282,8 +288,7 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     except (LohatrainError, ValueError) as e:
         return _message(str(e), "error"), [], []
     doctor_html = _doctor_html(found)
-    shown = captions.thumbnails(dataset_dir, ext or ".txt")
-    names = [Path(p).name for p, _ in shown]
+    shown, names = _thumbnails(dataset_dir, ext or ".txt")
     try:
         items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
