@@ -1,15 +1,16 @@
 """What differs between model families (SD1, SD2, SDXL): one small module each, chosen by `detect`; the same
-three as Forge 2 holds them are in `forge`."""
+three as Forge 2 holds them are in `forge`, as reForge `main` holds them in `reforge`."""
 from __future__ import annotations
 
 from ..errors import LohatrainError
 from .forge import ForgeSD1, ForgeSD2, ForgeSDXL, is_forge_engine
+from .reforge import ReForgeSD1, ReForgeSD2, ReForgeSDXL
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
 
-# Most specific first: SD2 also has everything SD1.matches looks for.
-FAMILIES = (ForgeSDXL, ForgeSD2, ForgeSD1, SDXL, SD2, SD1)
+# Most specific first: SD2 also has everything SD1.matches looks for; reForge's models also look like A1111's.
+FAMILIES = (ForgeSDXL, ForgeSD2, ForgeSD1, ReForgeSDXL, ReForgeSD2, ReForgeSD1, SDXL, SD2, SD1)
 BY_NAME = {f.name: f for f in (SDXL, SD2, SD1)}
 
 # Why a kind of checkpoint cannot be trained, in one phrase each: said of a loaded model here, and of a file's

@@ -8,6 +8,8 @@ never import `modules` themselves.
 In Forge 2 (decided once, at import: `lohatrain.forge.is_forge_host`) the few functions that differ there branch
 on `_forge` (lohatrain/forge/host.py, which imports no `modules`): the lazily loaded checkpoint, choosing a
 checkpoint, the text path's CLIP skip, LoRAs and memory around a run. Everything else is the same `modules` API.
+In reForge `main` (`lohatrain.reforge.is_reforge_host`) the A1111 path runs, with LoRAs and memory around a run
+handled by lohatrain.reforge through reForge's memory manager (`_reforge_memory`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from .. import dataset as ds
 from .. import grid
 from ..errors import LohatrainError
 from ..forge import is_forge_host
+from ..reforge import REFORGE_NOTES, is_reforge_host
+from ..reforge import unet_session as reforge_unet_session
 from ..preflight import preflight as engine_preflight
 from ..families import detect
 from ..jobs import Job
@@ -45,6 +49,10 @@ if is_forge_host():
     from ..forge import host as _forge
 else:
     _forge = None
+if not _forge and is_reforge_host():
+    from ldm_patched.modules import model_management as _reforge_memory
+else:
+    _reforge_memory = None
 
 
 def register_settings() -> None:
@@ -82,7 +90,7 @@ def model_summary() -> dict:
 
 def host_notes() -> tuple[str, ...]:
     """What the tab offers that this host cannot do, and why."""
-    return _forge.NOTES if _forge else ()
+    return _forge.NOTES if _forge else REFORGE_NOTES if _reforge_memory else ()
 
 
 def loaded_family() -> str:
@@ -490,8 +498,9 @@ def _preview_maker(settings: TrainSettings, job: Job, sd_model, out_dir: Path):
             return
         saved = (shared.state.job_count, shared.state.sampling_step, shared.state.sampling_steps)
         # The trainer moved the VAE and (with cached captions) the text encoders off the GPU; txt2img needs them.
-        # Forge's memory manager loads them itself (and the trainer reloads the UNet after the preview).
-        parts = [] if _forge else [sd_model.first_stage_model, detect(sd_model).text_encoder(sd_model)]
+        # Forge's and reForge's memory managers load them themselves (and the trainer reloads the UNet afterwards).
+        family = detect(sd_model)
+        parts = [] if family.host_managed else [sd_model.first_stage_model, family.text_encoder(sd_model)]
         part_devices = [next(part.parameters()).device for part in parts]
         for part in parts:
             part.to(next(sd_model.model.parameters()).device)
@@ -528,6 +537,16 @@ def _txt2img(sd_model, prompt: str, settings: TrainSettings, seed: int, checkpoi
     return processing.process_images(p).images
 
 
+def _unet_session(sd_model):
+    """Forge's and reForge's memory managers are told what the run needs (and their LoRAs taken off); A1111 needs
+    nothing: the trainer moves the parts itself."""
+    if _forge:
+        return _forge.unet_session(sd_model)
+    if _reforge_memory:
+        return reforge_unet_session(sd_model, _reforge_memory)
+    return nullcontext(None)
+
+
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:
     """What a job does in the WebUI: wait for the GPU queue, train on the loaded model, refresh the Lora list."""
     preflight(settings, via=job.via, resuming=job.resume is not None)
@@ -543,10 +562,10 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
             detect(sd_model)
             if _forge:
                 engine_preflight(sd_model, settings, out_dir, job.resume is not None)
-            else:
+            elif not _reforge_memory:  # reForge's LoRAs are in its UNet patchers: its session takes them off
                 take_off_networks(sd_model)
             info = getattr(sd_model, "sd_checkpoint_info", None)
-            with _forge.unet_session(sd_model) if _forge else nullcontext(None) as load_unet:
+            with _unet_session(sd_model) as load_unet:
                 result = train(
                     sd_model, settings, output_dir=out_dir,
                     encode_prompts=prompt_encoder(sd_model, settings.effective_clip_skip),

@@ -1,0 +1,101 @@
+"""reForge `main`'s loaded model during a run: its memory manager and its LoRA patches (Forge's first backend,
+`ldm_patched`, read at Panchovix/stable-diffusion-webui-reForge 3b56b26). The host adapter (lohatrain/webui/host.py)
+passes in `ldm_patched.modules.model_management`; this module imports nothing of reForge's.
+
+- reForge's Lora extension does not change weights itself: it sets `forge_objects.unet` (and
+  `forge_objects_after_applying_lora.unet`, which txt2img samples) to a clone of the unpatched UNet patcher with the
+  file's patches; loading that clone (`load_models_gpu`, under `torch.inference_mode`) merges them into the UNet's
+  weights, keeping the checkpoint's in a backup shared by every clone, and they stay merged until another clone is
+  loaded. A1111's `networks` restore (lohatrain.webui.host.take_off_networks) finds nothing to undo there.
+  So a run loads the unpatched patcher (`forge_objects_original.unet`), which puts the backup back, and gives it to
+  the previews; at the end the patcher that was loaded before is loaded again (its LoRAs merged again, as reForge's
+  next generation would) and the previews' patchers are as found.
+- the manager moves the UNet to CPU memory when something else needs the room (the VAE for an image, the text
+  encoder for a prompt), or loads it only in part ("lowvram": the rest stays in CPU memory and is copied in layer by
+  layer). A run tells it the whole UNet must be on its device, with room for a step, before the first step and after
+  every preview; a part left in CPU memory stops the run with a one-line reason.
+- its moves run under inference mode, so the weights may be inference tensors: the trainer's ModelGuard trains on
+  ordinary copies and puts the same tensors back.
+"""
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import LohatrainError
+
+# The room a training step needs beside the UNet's weights, as a multiple of their size (as for Forge 2:
+# lohatrain.forge.model.STEP_MEMORY_FACTOR).
+STEP_MEMORY_FACTOR = 2.0
+# What the tab offers that reForge cannot do, and why (the tab shows these under the loaded checkpoint).
+REFORGE_NOTES = ("In reForge the SDXL text encoders are not trained (keep Text encoder LR at 0 on SDXL): both are "
+                 "transformers CLIPs there, which lohatrain's SDXL text-encoder training does not cover. Everything "
+                 "else works as in the WebUI.",)
+
+
+def is_reforge_host() -> bool:
+    """reForge `main`: Forge's `modules_forge` on its first backend, `ldm_patched` (Forge 2 has `backend` instead)."""
+    try:
+        return (importlib.util.find_spec("modules_forge") is not None
+                and importlib.util.find_spec("ldm_patched") is not None)
+    except ModuleNotFoundError:
+        return False
+
+
+def _loaded_entry(memory, base_model):
+    """The manager's entry for a patcher of this UNet (any clone), or None when the UNet is not loaded."""
+    return next((m for m in memory.current_loaded_models if m.model is not None and m.model.model is base_model),
+                None)
+
+
+def _with_unet(objects, unet):
+    copy = objects.shallow_copy()
+    copy.unet = unet
+    return copy
+
+
+@contextmanager
+def unet_session(sd_model, memory) -> Iterator[Callable[[], None]]:
+    """For one run: the checkpoint's own UNet weights (LoRAs taken off) whole on the GPU, and a `load_unet` for the
+    trainer; afterwards the UNet patcher that was loaded before is loaded again (or the UNet unloaded, if it was)."""
+    original = sd_model.forge_objects_original.unet
+    base_model = original.model
+    entry = _loaded_entry(memory, base_model)
+    before = entry.model if entry is not None else None
+    size = memory.module_size(base_model.diffusion_model)
+
+    def load_unet() -> None:
+        with torch.inference_mode():  # as reForge's own loads run: what it moves becomes inference tensors
+            memory.load_models_gpu([original], memory_required=int(STEP_MEMORY_FACTOR * size))
+        if base_model.model_lowvram or base_model.device != original.load_device:
+            raise LohatrainError(
+                "reForge could not fit the whole UNet in GPU memory next to what a training step needs, so it would "
+                "keep part of it in CPU memory, which a training step cannot follow: lower the batch size or the "
+                "resolution, turn on gradient checkpointing, or close other programs using the GPU")
+
+    objects = sd_model.forge_objects, sd_model.forge_objects_after_applying_lora
+    # txt2img samples `forge_objects_after_applying_lora` (the last prompt's LoRAs), even for the previews, which
+    # turn extra networks off: the unpatched UNet for the run, so previews show the network alone.
+    sd_model.forge_objects = _with_unet(objects[0], original)
+    sd_model.forge_objects_after_applying_lora = _with_unet(objects[1], original)
+    try:
+        load_unet()
+        yield load_unet
+    finally:
+        sd_model.forge_objects, sd_model.forge_objects_after_applying_lora = objects
+        with torch.inference_mode():
+            if before is None:
+                _unload(memory, base_model)
+            elif before is not original:
+                memory.load_models_gpu([before])
+
+
+def _unload(memory, base_model) -> None:
+    """Unload the UNet as the manager's `free_memory` does: its weights back to their offload device."""
+    entry = _loaded_entry(memory, base_model)
+    if entry is not None:
+        memory.current_loaded_models.remove(entry)
+        entry.model_unload()

@@ -1,0 +1,270 @@
+"""Training reForge `main`'s loaded model (A1111's model object on Forge's first backend) through lohatrain, on the
+reForge stand-in (tests/reforge_stub, written from reForge's source): the user's LoRA, merged by reForge's UNet patcher,
+is off for the run and back after; a UNet the memory manager left in CPU memory is loaded whole for the run (or the run
+is refused); SD 2.x trains through reForge's transformers CLIP and its file loads with reForge's key rules; and each
+time the model is left as found (weights, their inference status, devices, patches, loaded patchers)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lohatrain.demo  # noqa: F401  (sets up ldm before the stand-in imports it)
+
+sys.path.insert(0, str(Path(__file__).parent / "reforge_stub"))
+
+import reforge_host  # noqa: E402
+from ldm_patched.modules import model_management as memory  # noqa: E402
+from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from lohatrain.errors import LohatrainError  # noqa: E402
+from lohatrain.families import detect  # noqa: E402
+from lohatrain.reforge import unet_session  # noqa: E402
+from lohatrain.settings import TrainSettings  # noqa: E402
+from lohatrain.trainer import train  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory_manager():
+    memory.current_loaded_models.clear()
+    yield
+    memory.current_loaded_models.clear()
+    memory.total_vram, memory.minimum_inference_memory = math.inf, 0
+
+
+def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
+    base = TrainSettings(name="reforge", dataset_dir=str(dataset), output_dir=str(out), resolution=64,
+                         bucket_min_side=64, bucket_max_side=128, steps=3, batch_size=2, learning_rate=3e-3,
+                         train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
+                         ).with_preset("small")
+    return dataclasses.replace(base, **overrides)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().clone().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def parts(sd_model) -> dict:
+    objects = sd_model.forge_objects_original
+    return {"unet": objects.unet.model, "vae": objects.vae.model, "clip": objects.clip.model}
+
+
+def reforge_state(sd_model) -> dict:
+    """What a run must leave as it found it: every tensor of the UNet, VAE and text encoder (value, inference
+    status, requires_grad, dtype), where each part is, the UNet's patches (merged uuid, backup) and forwards, which
+    patchers are loaded (not in which order: that is the manager's own record of use), and the objects txt2img
+    samples."""
+    base = sd_model.forge_objects_original.unet.model
+    return {
+        "tensors": {(part, name): (t.is_inference(), t.requires_grad, t.dtype, _digest(t))
+                    for part, module in parts(sd_model).items()
+                    for name, t in [*module.named_parameters(), *module.named_buffers()]},
+        "where": {part: (module.device is memory.gpu, module.model_lowvram) for part, module in parts(sd_model).items()},
+        "unet_patches": (base.current_weight_patches_uuid, sorted(sd_model.forge_objects_original.unet.backup)),
+        "forwards": {name: "forward" in m.__dict__ for name, m in base.named_modules()},
+        "modes": {name: m.training for name, m in base.named_modules()},
+        "loaded": sorted(id(m.model) for m in memory.current_loaded_models),  # the order is the manager's LRU
+        "objects": (sd_model.forge_objects, sd_model.forge_objects.unet, sd_model.forge_objects_after_applying_lora,
+                    sd_model.forge_objects_after_applying_lora.unet),
+    }
+
+
+def parameter_objects(sd_model) -> dict:
+    return {(part, name): id(p) for part, module in parts(sd_model).items() for name, p in module.named_parameters()}
+
+
+USERS_LORA_LAYERS = ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.proj_in")
+
+
+def a_users_lora(sd_model) -> dict:
+    """A small LoRA on two layers, as a user might have had in the last prompt."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for path in USERS_LORA_LAYERS:
+        weight = sd_model.model.diffusion_model.get_submodule(path).weight
+        key = "lora_unet_" + path.replace(".", "_")
+        tensors[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 2, generator=gen) * 0.5
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, weight[0].numel(), generator=gen).reshape(
+            2, *weight.shape[1:])
+    return tensors
+
+
+def test_the_stand_in_keeps_reforges_traps():
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    unet = sd_model.model.diffusion_model
+    assert unet is sd_model.forge_objects.unet.model.diffusion_model
+    checkpoint = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert not any(p.is_inference() for p in unet.parameters())  # loaded under no_grad
+    plain, _ = reforge_host.txt2img(sd_model, "blue circle")
+    with_lora, _ = reforge_host.txt2img(sd_model, "blue circle", [("mine", a_users_lora(sd_model))])
+    assert all(p.is_inference() for p in unet.parameters())  # generation's loads ran under inference mode
+    merged = [k for k, v in unet.state_dict().items() if not torch.equal(v, checkpoint[k])]
+    assert sorted(merged) == sorted(f"{path}.weight" for path in USERS_LORA_LAYERS)  # and it stays merged
+    assert not torch.allclose(plain, with_lora)
+    # extra networks off: txt2img still samples the last prompt's patcher
+    again, _ = reforge_host.txt2img(sd_model, "blue circle")
+    torch.testing.assert_close(again, with_lora)
+    assert sd_model.forge_objects.unet is not sd_model.forge_objects_original.unet
+    assert sd_model.get_first_stage_encoding(sd_model.encode_first_stage(torch.zeros(1, 3, 64, 64))).is_inference()
+    sd2 = reforge_host.load_model_for_a1111("sd2")
+    assert not sd2.is_sd2 and sd2.is_sd1  # reForge looks for a `model` on the wrapper, which it does not have
+
+
+@pytest.mark.parametrize("previews", [False, True])
+def test_the_users_lora_is_off_for_the_run_and_back_after(previews, sample_dataset, tmp_path):
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    base = sd_model.forge_objects_original.unet.model
+    checkpoint = {k: v.clone() for k, v in base.diffusion_model.state_dict().items()}
+    users = [("mine", a_users_lora(sd_model))]
+    with_lora, _ = reforge_host.txt2img(sd_model, "blue circle", users)
+    before = reforge_state(sd_model)
+    seen = []
+
+    def on_step(step, network):
+        if previews:  # the host's preview: txt2img with extra networks off (the network attached)
+            reforge_host.txt2img(sd_model, "a preview")
+        weights = base.diffusion_model.state_dict()
+        seen.append(all(torch.equal(weights[k], checkpoint[k]) for k in checkpoint))
+
+    assert detect(sd_model).name == "sd1" and detect(sd_model).host_managed
+    with unet_session(sd_model, memory) as load_unet:
+        result = train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    assert result.status == "done" and seen == [True] * 3  # trained on the checkpoint's weights, LoRA off
+    # Loading the user's patcher again merged its LoRA again (into new Parameters, as reForge's every load does).
+    assert reforge_state(sd_model) == before
+    again, _ = reforge_host.txt2img(sd_model, "blue circle", users)
+    torch.testing.assert_close(again, with_lora, rtol=0, atol=0)
+
+
+def test_a_unet_left_in_cpu_memory_is_loaded_whole_for_the_run_and_unloaded_after(sample_dataset, tmp_path):
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    base = sd_model.forge_objects_original.unet.model
+    reforge_host.txt2img(sd_model, "blue circle")
+    size = memory.module_size(base)
+    # A small GPU: room for the UNet and a step, and every VAE or text-encoder load unloads the UNet (to CPU memory).
+    memory.total_vram, memory.minimum_inference_memory = 3 * size + 1, 2 * size
+    with torch.inference_mode():  # as when a generation's VAE needed the room
+        memory.unload_all_models()
+    assert base.device is memory.cpu and all(p.is_inference() for p in base.parameters())
+    before, objects = reforge_state(sd_model), parameter_objects(sd_model)
+    on_gpu = []
+
+    def on_step(step, network):
+        on_gpu.append(base.device is memory.gpu and not base.model_lowvram
+                      and not any(p.is_inference() for p in base.parameters()))
+        reforge_host.txt2img(sd_model, "a preview")  # unloads the UNet again (for the VAE)
+
+    with unet_session(sd_model, memory) as load_unet:
+        result = train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    assert result.status == "done" and on_gpu == [True] * 3 and all(math.isfinite(x) for x in result.losses)
+    assert reforge_state(sd_model) == before and parameter_objects(sd_model) == objects
+
+
+def test_a_unet_reforge_would_load_only_in_part_is_refused_and_left_as_found(sample_dataset, tmp_path):
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    reforge_host.txt2img(sd_model, "blue circle")
+    with torch.inference_mode():
+        memory.unload_all_models()
+    memory.total_vram = 2.5 * memory.module_size(sd_model.forge_objects_original.unet.model)
+    before, objects = reforge_state(sd_model), parameter_objects(sd_model)
+    with pytest.raises(LohatrainError, match="could not fit the whole UNet"):
+        with unet_session(sd_model, memory) as load_unet:
+            train(sd_model, settings_for(sample_dataset, tmp_path), load_unet=load_unet)
+    assert reforge_state(sd_model) == before and parameter_objects(sd_model) == objects
+
+
+def test_sd2_trains_through_reforges_transformers_clip_and_the_file_loads_with_its_rules(sample_dataset, tmp_path):
+    sd_model = reforge_host.load_model_for_a1111("sd2")
+    family = detect(sd_model)
+    assert family.name == "sd2" and family.text_encoder(sd_model) is sd_model.cond_stage_model.wrapped.transformer
+    reforge_host.txt2img(sd_model, "blue circle")
+    before = reforge_state(sd_model)
+    probe = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    seen = {}
+
+    def on_step(step, network):
+        if step == 3:  # the trained UNet and text encoder, as reForge would sample them
+            seen["trained"] = sd_model.apply_model(*probe, sd_model.get_learned_conditioning(["red square"]))
+
+    settings = settings_for(sample_dataset, tmp_path, training_method="lora", text_encoder_lr=1e-3)
+    with unet_session(sd_model, memory) as load_unet:
+        result = train(sd_model, settings, on_step=on_step, load_unet=load_unet)
+    assert result.status == "done" and result.metadata["ss_v2"] == "True"
+    assert result.metadata["ss_v_parameterization"] == "True"
+    assert reforge_state(sd_model) == before
+
+    # The file as reForge's Lora extension applies it (ComfyUI's key rules: every key matched, text encoder too).
+    tensors = load_file(result.file)
+    unet, clip = sd_model.forge_objects_original.unet.clone(), sd_model.forge_objects_original.clip
+    unet_patches, rest = load_lora(tensors, model_lora_keys_unet(unet.model))
+    clip_patches, unmatched = load_lora(rest, model_lora_keys_clip(clip.model))
+    assert unmatched == {} and clip_patches
+    output = lambda: sd_model.apply_model(*probe, sd_model.get_learned_conditioning(["red square"]))  # noqa: E731
+    with torch.no_grad():  # reForge's weights are inference tensors now: outside no_grad even a forward is refused
+        pure = output()
+    patched_clip = clip.clone()
+    unet.add_patches(unet_patches)
+    patched_clip.patcher.add_patches(clip_patches)
+    sd_model.forge_objects.unet, sd_model.forge_objects.clip = unet, patched_clip
+    with torch.inference_mode():
+        memory.load_models_gpu([unet, patched_clip.patcher])
+    with torch.no_grad():
+        applied = output()
+    assert not torch.allclose(pure, seen["trained"], atol=1e-4)
+    torch.testing.assert_close(applied, seen["trained"], atol=2e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def reforge_job_host(tmp_path, monkeypatch):
+    """lohatrain's host adapter as it starts in reForge (its memory manager found), on the WebUI stand-in's `modules`
+    (reForge keeps A1111's API there)."""
+    stub = str(Path(__file__).parent / "webui_stub")
+    if stub not in sys.path:
+        sys.path.insert(0, stub)
+    from modules import sd_models, shared
+
+    from lohatrain.webui import host
+
+    monkeypatch.setattr(host, "_reforge_memory", memory)
+    monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
+    (tmp_path / "Lora").mkdir()
+    yield host, shared
+
+
+def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_found(reforge_job_host, sample_dataset):
+    from types import SimpleNamespace
+
+    from lohatrain.jobs import Job
+    from lohatrain.reforge import REFORGE_NOTES
+
+    host, shared = reforge_job_host
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    sd_model.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny.safetensors", sha256="f0f0", name="tiny")
+    shared.sd_model = sd_model
+    checkpoint = {k: v.clone() for k, v in sd_model.model.diffusion_model.state_dict().items()}
+    users = [("mine", a_users_lora(sd_model))]
+    reforge_host.txt2img(sd_model, "blue circle", users)
+    before = reforge_state(sd_model)
+
+    settings = settings_for(sample_dataset, Path("unused"), name="reforge_job", steps=2, shuffle_tags=True)
+    job = Job("reforge", settings)
+    job_report = job.report
+
+    def report(progress):  # every step: the checkpoint's weights under the network, the UNet whole on the GPU
+        weights = sd_model.model.diffusion_model.state_dict()
+        assert all(torch.equal(weights[k], checkpoint[k]) for k in checkpoint)
+        assert sd_model.forge_objects_original.unet.model.device is memory.gpu
+        job_report(progress)
+
+    job.report = report
+    result = host.run_training(settings, job)
+    assert result.status == "done" and len(job.losses) == 2
+    assert reforge_state(sd_model) == before
+    assert host.host_notes() == REFORGE_NOTES and "SDXL text encoders" in REFORGE_NOTES[0]
