@@ -268,3 +268,14 @@ def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_fou
     assert result.status == "done" and len(job.losses) == 2
     assert reforge_state(sd_model) == before
     assert host.host_notes() == REFORGE_NOTES and "SDXL text encoders" in REFORGE_NOTES[0]
+
+
+def test_reforge_is_told_apart_at_start_up(tmp_path, monkeypatch):
+    """reForge `main`: `modules_forge` beside `ldm_patched` (Forge 2 has `backend` instead; A1111 neither)."""
+    from lohatrain.reforge import is_reforge_host
+
+    assert not is_reforge_host()  # the stand-in's ldm_patched alone
+    (tmp_path / "modules_forge").mkdir()
+    (tmp_path / "modules_forge" / "__init__.py").touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert is_reforge_host()
