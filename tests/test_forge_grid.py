@@ -28,11 +28,27 @@ from lohatrain.errors import LohatrainError  # noqa: E402
 from lohatrain.jobs import Job  # noqa: E402
 
 
+USERS_TEXT_LAYER = "transformer.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def a_users_text_lora(engine) -> dict:
+    """The text-encoder part of the user's LoRA: one CLIP layer (kohya's `lora_te_` keys)."""
+    weight = engine.forge_objects.clip.cond_stage_model.get_submodule(USERS_TEXT_LAYER).weight
+    gen = torch.Generator().manual_seed(4)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    return {f"{key}.lora_up.weight": torch.randn(weight.shape[0], 2, generator=gen) * 0.5,
+            f"{key}.lora_down.weight": torch.randn(2, weight.shape[1], generator=gen)}
+
+
+MERGED_AGAIN = {("unet", f"diffusion_model.{path}.weight") for path in USERS_LORA_LAYERS} | {
+    ("clip", f"{USERS_TEXT_LAYER}.weight")}
+
+
 @pytest.fixture
 def forge(forge_host):  # noqa: F811
-    """Forge with a tiny SD1 checkpoint loaded, its txt2img and Lora extension, and a user's LoRA (users.safetensors)
-    used in the last generation: Forge merged it into the UNet's weights. Memory fits one part at a time, so each
-    load unloads the others, as on a small GPU."""
+    """Forge with a tiny SD1 checkpoint loaded, its txt2img and Lora extension, and a user's LoRA (users.safetensors,
+    UNet and text encoder) used in the last generation: Forge merged it into their weights. Memory fits one part at
+    a time, so each load unloads the others, as on a small GPU."""
     host, shared, _ = forge_host
     engine = forge_loader("sd1")
     engine.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny-forge.safetensors", sha256="f0f0", name="tiny",
@@ -40,10 +56,10 @@ def forge(forge_host):  # noqa: F811
     engine.sd_model_hash = "f0f0"
     shared.sd_model = engine
     lora_dir = Path(shared.cmd_opts.lora_dir)
-    save_file(a_users_lora(engine), str(lora_dir / "users.safetensors"))
+    save_file({**a_users_lora(engine), **a_users_text_lora(engine)}, str(lora_dir / "users.safetensors"))
     networks = sys.modules["networks"]  # Forge's Lora extension (forge_host)
     txt2img("a photo <lora:users:40>", seed=1)  # strong, so that it shows in a 64 px image
-    assert engine.forge_objects.unet.lora_patches and engine.current_lora_hash != str([])
+    assert engine.forge_objects.unet.lora_patches and engine.forge_objects.clip.patcher.lora_patches
     memory_management.total_vram = memory_management.module_size(engine.forge_objects.unet.model) + 1
     yield SimpleNamespace(host=host, shared=shared, engine=engine, lora_dir=lora_dir, networks=networks)
 
@@ -61,9 +77,6 @@ def txt2img(prompt: str, seed: int, steps: int = 3, sampler: str = "DPM++ 2M") -
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
-
-
-MERGED_AGAIN = {("unet", f"diffusion_model.{path}.weight") for path in USERS_LORA_LAYERS}
 
 
 def as_found(engine) -> dict:

@@ -41,9 +41,13 @@ def _loaded(patcher):
     return next((m for m in memory_management.current_loaded_models if m.model is patcher), None)
 
 
-def _loaded_unet_patcher(sd_model):
-    kmodel = sd_model.forge_objects.unet.model
-    return next((m.model for m in memory_management.current_loaded_models if m.model.model is kmodel), None)
+def _patchers(objects) -> tuple:
+    """The patchers a generation loads whose LoRAs Forge merges into weights: the text encoders', then the UNet's."""
+    return objects.clip.patcher, objects.unet
+
+
+def _loaded_patcher(model):
+    return next((m.model for m in memory_management.current_loaded_models if m.model.model is model), None)
 
 
 def _lora_hash(patcher) -> str:
@@ -54,33 +58,33 @@ def _lora_hash(patcher) -> str:
 @contextmanager
 def loras_kept(sd_model) -> Iterator[None]:
     """Forge's LoRA state as found, put back afterwards: the patchers in `forge_objects` and
-    `forge_objects_after_applying_lora`, the Lora extension's `current_lora_hash`, and the UNet: the patcher that was
-    loaded is loaded again (its LoRAs merged again, as Forge's next generation would); a UNet that was not loaded is
-    unloaded, with the LoRAs that were merged in it merged again."""
-    kmodel = sd_model.forge_objects_original.unet.model
+    `forge_objects_after_applying_lora`, the Lora extension's `current_lora_hash`, and for the text encoders and the
+    UNet: the patcher that was loaded is loaded again (its LoRAs merged again, as Forge's next generation would); a
+    model that was not loaded is unloaded, with the LoRAs that were merged in it merged again."""
     saved = sd_model.forge_objects, sd_model.forge_objects_after_applying_lora, sd_model.current_lora_hash
-    loaded, merged = _loaded_unet_patcher(sd_model), kmodel.lora_loader.loaded_hash
+    models = [patcher.model for patcher in _patchers(sd_model.forge_objects_original)]
+    found = [(_loaded_patcher(model), model.lora_loader.loaded_hash) for model in models]
     try:
         yield
     finally:
         sd_model.forge_objects, sd_model.forge_objects_after_applying_lora, sd_model.current_lora_hash = saved
+        candidates = list(zip(*(_patchers(o) for o in (*saved[:2], sd_model.forge_objects_original))))
         with torch.inference_mode():
-            if loaded is not None:
-                memory_management.load_models_gpu([loaded])
-            else:
-                _unload(kmodel)
-                if kmodel.lora_loader.loaded_hash != merged:
-                    patchers = (saved[0].unet, saved[1].unet, sd_model.forge_objects_original.unet)
-                    source = next((p for p in patchers if _lora_hash(p) == merged), None)
-                    if source is not None:
-                        source.refresh_loras()
+            for model, (loaded, merged), patchers in zip(models, found, candidates):
+                _put_back(model, loaded, merged, patchers)
 
 
-def _unload(kmodel) -> None:
-    loaded = memory_management.current_loaded_models
-    for i in reversed(range(len(loaded))):
-        if loaded[i].model.model is kmodel:
-            loaded.pop(i).model_unload()
+def _put_back(model, loaded, merged: str, patchers) -> None:
+    if loaded is not None:
+        memory_management.load_models_gpu([loaded])
+        return
+    for i in reversed(range(len(memory_management.current_loaded_models))):
+        if memory_management.current_loaded_models[i].model.model is model:
+            memory_management.current_loaded_models.pop(i).model_unload()
+    if model.lora_loader.loaded_hash != merged:
+        source = next((p for p in patchers if _lora_hash(p) == merged), None)
+        if source is not None:
+            source.refresh_loras()
 
 
 @contextmanager

@@ -24,10 +24,17 @@ class ForgeObjects:
 
 
 class CLIP:
-    """backend/patcher/clip.py: the text encoders (`cond_stage_model`) and their patcher."""
+    """backend/patcher/clip.py: the text encoders (`cond_stage_model`) and their patcher; a clone shares the
+    encoders with a clone of the patcher (LoRA patches of its own, merged when the patcher is loaded)."""
 
     def __init__(self, cond_stage_model, patcher):
         self.cond_stage_model, self.patcher = cond_stage_model, patcher
+
+    def clone(self):
+        return CLIP(self.cond_stage_model, self.patcher.clone())
+
+    def add_patches(self, *args, **kwargs):
+        return self.patcher.add_patches(*args, **kwargs)
 
 
 class VAE:

@@ -3,34 +3,40 @@
 `load_networks(names, te_multipliers, unet_multipliers)` compiles [file, unet strength, text strength, online]
 per network; when that equals the engine's `current_lora_hash` nothing changes. Otherwise it starts from
 `forge_objects_original`'s patchers and, per file, `load_lora_for_models`: ComfyUI's key rules map the file's keys
-to the UNet's parameters (`load_lora` with `model_lora_keys_unet`), and a clone of the patcher gets them as patches
-at the network's strength (`add_patches`); the result becomes `forge_objects` and `forge_objects_after_applying_lora`.
+to the UNet's and the text encoder's parameters (`load_lora` with `model_lora_keys_unet`, `model_lora_keys_clip`),
+and clones of the patchers get them as patches at the network's strengths (`add_patches`); the result becomes
+`forge_objects` and `forge_objects_after_applying_lora`.
 Nothing is merged here: the memory manager does it when the sampler loads the patcher. The files' tensors are kept
 by file name (`load_lora_state_dict`, an lru_cache), so a file rewritten since is not read again until that cache
 is cleared. `list_available_networks()` rescans the Lora folder (the Lora list's refresh).
-Left out: text-encoder keys (lohatrain trains none on Forge), online LoRA, bundled embeddings, `lora_functional`.
+Left out: online LoRA, bundled embeddings, `lora_functional`.
 """
 import functools
 import os
 
 import network
 from modules import errors, sd_models, shared
-from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora_keys_unet
+from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 from safetensors.torch import load_file
 
 
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename='default', online_mode=False):
     lora_unet, lora_unmatch = load_lora(lora, model_lora_keys_unet(model.model))
+    lora_clip, lora_unmatch = load_lora(lora_unmatch, model_lora_keys_clip(clip.cond_stage_model))
     if len(lora_unmatch) > 12:
         print(f'[LORA] LoRA version mismatch for {type(model.model).__name__}: {filename}')
         return model, clip
     if lora_unmatch:
         print(f'[LORA] Loading {filename} with unmatched keys {list(lora_unmatch.keys())}')
-    new_model = model.clone()
+    new_model, new_clip = model.clone(), clip.clone()
     if lora_unet:
         new_model.add_patches(filename=filename, patches=lora_unet, strength_patch=strength_model,
                               online_mode=online_mode)
         model = new_model
+    if lora_clip:
+        new_clip.add_patches(filename=filename, patches=lora_clip, strength_patch=strength_clip,
+                             online_mode=online_mode)
+        clip = new_clip
     return model, clip
 
 
