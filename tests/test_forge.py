@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -211,22 +212,45 @@ def test_the_text_encoder_is_not_trained_on_forge_and_the_refusal_says_why(sampl
 @pytest.fixture
 def forge_host(tmp_path, monkeypatch):
     """lohatrain's host adapter in Forge mode, on the WebUI stand-in's `modules` (Forge keeps that API) with the
-    Forge stand-in's engine as `shared.sd_model`, and Forge's `sd_models.forge_model_reload` (the loaded model is
-    the chosen one: it returns it)."""
+    Forge stand-in's engine as `shared.sd_model`, Forge's `sd_models.forge_model_reload` (the loaded model is
+    the chosen one: it returns it), Forge's txt2img (tests/forge_stub/forge_processing.py) and its Lora extension."""
     stub = str(Path(__file__).parent / "webui_stub")
     if stub not in sys.path:
         sys.path.insert(0, stub)
-    from modules import sd_models, shared
+    import forge_processing
+    from modules import processing, sd_models, shared
 
     from lohatrain.forge import host as forge
     from lohatrain.webui import host
 
     monkeypatch.setattr(host, "_forge", forge)
+    monkeypatch.setattr(processing, "process_images", forge_processing.process_images)
     monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (shared.sd_model, False), raising=False)
     monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
     monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
     (tmp_path / "Lora").mkdir()
+    forge_lora_extension(monkeypatch)
     yield host, shared, monkeypatch
+
+
+def forge_lora_extension(monkeypatch):
+    """Forge's built-in Lora extension as Forge loads it: its folder's modules imported by their own names
+    (`networks` replaces the A1111 one for this test), its ExtraNetworkLora the only registered extra network."""
+    from modules import extra_networks
+
+    folder = Path(__file__).parent / "forge_stub" / "extensions-builtin" / "sd_forge_lora"
+    loaded = {}
+    for name in ("network", "networks", "extra_networks_lora"):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        loaded[name] = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, loaded[name])
+        spec.loader.exec_module(loaded[name])
+    monkeypatch.setattr(extra_networks, "extra_network_registry", {})
+    monkeypatch.setattr(extra_networks, "extra_network_aliases", {})
+    networks = loaded["networks"]
+    networks.extra_network_lora = loaded["extra_networks_lora"].ExtraNetworkLora()  # lora_script.before_ui
+    extra_networks.register_extra_network(networks.extra_network_lora)
+    return networks
 
 
 def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_it_as_found(forge_host,

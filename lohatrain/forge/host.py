@@ -6,7 +6,9 @@ module imports none). Read off Forge's source (commit dfdcbab):
   (which txt2img calls first; it returns at once when the chosen checkpoint is loaded). Choosing a checkpoint is
   `modules_forge.main_entry.checkpoint_change(title)` then that reload: Forge's `sd_models.reload_model_weights`
   does nothing;
-- LoRAs are taken off and put back through the UNet patchers (lohatrain.forge.model), not the A1111 `networks`;
+- LoRAs are taken off and put back through the UNet patchers (lohatrain.forge.model), not the A1111 `networks`,
+  around a run and around the grid's generations; Forge's Lora extension keeps the files it read by name, so a run
+  that rewrote one has that cache cleared (`networks.load_lora_state_dict`);
 - the text path: `set_clip_skip(n)` on the engine (each text engine keeps `clip_skip`), applied to every family
   (SDXL with at least 2); `opts.emphasis` is read at each call, as in A1111;
 - the memory manager moves the VAE and text encoders for a preview by itself.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .model import unet_session  # noqa: F401  (the run's UNet, for webui/host.py)
+from .model import loras_kept, unet_session  # noqa: F401  (for webui/host.py: the grid's LoRAs, the run's UNet)
 
 _TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 # What the tab offers that Forge cannot do, and why (the tab shows these under the loaded checkpoint).

@@ -7,9 +7,9 @@ never import `modules` themselves.
 
 In Forge 2 (decided once, at import: `lohatrain.forge.is_forge_host`) the few functions that differ there branch
 on `_forge` (lohatrain/forge/host.py, which imports no `modules`): the lazily loaded checkpoint, choosing a
-checkpoint, the text path's CLIP skip, LoRAs and memory around a run. Everything else is the same `modules` API.
-In reForge `main` (`lohatrain.reforge.is_reforge_host`) the A1111 path runs, with LoRAs and memory around a run
-handled by lohatrain.reforge through reForge's memory manager (`_reforge_memory`).
+checkpoint, the text path's CLIP skip, LoRAs and memory around a run and around the grid. Everything else is the
+same `modules` API. In reForge `main` (`lohatrain.reforge.is_reforge_host`) the A1111 path runs, with LoRAs and
+memory around a run handled by lohatrain.reforge through reForge's memory manager (`_reforge_memory`).
 """
 from __future__ import annotations
 
@@ -263,6 +263,22 @@ def refresh_loras() -> None:
     networks = sys.modules.get("networks")
     if networks is not None:
         networks.list_available_networks()
+        if _forge:  # Forge keeps the tensors of the files it read by name: a run may have rewritten one
+            networks.load_lora_state_dict.cache_clear()
+
+
+@contextmanager
+def _loras_put_back():
+    """After lohatrain's own generations with `<lora:…>` tags: on Forge its LoRA state as found
+    (lohatrain/forge/model.py, loaded first as its txt2img would); in A1111 no network left merged."""
+    if _forge:
+        with _forge.loras_kept(sd_models.forge_model_reload()[0]):
+            yield
+        return
+    try:
+        yield
+    finally:
+        take_off_networks(shared.sd_model)  # the last cell's file is merged into the weights: take it off
 
 
 _this_thread = threading.local()
@@ -424,7 +440,8 @@ def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float
     """The run's saved steps (columns, after one without the LoRA) × strengths (rows), for each prompt,
     through the host's own txt2img on the loaded checkpoint with one seed, labelled like its X/Y/Z plot and
     saved as PNG beside the file. The no-LoRA image is rendered once per prompt: it is the same in every row.
-    Afterwards the model's weights are as before (the host merges a Lora into them while it generates)."""
+    Afterwards the model's weights are as before (the host merges a Lora into them while it generates; on Forge,
+    its patchers and loaded LoRAs are as found too)."""
     from modules import images
 
     folder = lora_dir()
@@ -449,14 +466,14 @@ def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float
         state.begin(job="lohatrain-grid")
         state.job_count = chosen.cells
         try:
-            refresh_loras()  # the Lora list must know the intermediate saves
-            cells = []
-            for prompt in chosen.prompts:
-                plain = render(prompt)
-                cells.append([[plain] + [render(f"{prompt} <lora:{column.network}:{strength:g}>")
-                                         for column in chosen.columns[1:]] for strength in chosen.strengths])
+            with _loras_put_back():
+                refresh_loras()  # the Lora list must know the intermediate saves
+                cells = []
+                for prompt in chosen.prompts:
+                    plain = render(prompt)
+                    cells.append([[plain] + [render(f"{prompt} <lora:{column.network}:{strength:g}>")
+                                             for column in chosen.columns[1:]] for strength in chosen.strengths])
         finally:
-            take_off_networks(shared.sd_model)  # the last cell's file is merged into the weights: take it off
             state.end()
     labelled, files = [], []
     for index, rows in enumerate(cells):

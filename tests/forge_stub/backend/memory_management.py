@@ -1,7 +1,7 @@
 """Forge's memory manager (backend/memory_management.py), for the few calls an adapter makes.
 
-`load_models_gpu(patchers, memory_required)` loads each patcher's model onto its load device (first unloading
-clones of it, then other models, most recently used last, until the models and `memory_required` fit in
+`load_models_gpu(patchers, memory_required, hard_memory_preservation)` loads each patcher's model onto its load device (first unloading
+clones of it, then other models, most recently used last, until the models and both memory figures fit in
 `total_vram`, or nothing else is left to unload) and refreshes its LoRA patches; `current_loaded_models` lists what is loaded, most recent first.
 A LoadedModel is equal to another when it holds the same patcher object. Forge calls all of this under
 `torch.inference_mode`; a move made outside it turns inference tensors into ordinary ones, as torch's `.to` does.
@@ -85,7 +85,7 @@ def free_memory(memory_required, device, keep_loaded=(), free_all=False):
             current_loaded_models.pop(i).model_unload()
 
 
-def load_models_gpu(models, memory_required=0):
+def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
     to_load, already = [], []
     for patcher in models:
         loaded = LoadedModel(patcher)
@@ -98,7 +98,7 @@ def load_models_gpu(models, memory_required=0):
         for i in range(len(current_loaded_models) - 1, -1, -1):
             if loaded.model.is_clone(current_loaded_models[i].model):
                 current_loaded_models.pop(i).model_unload(avoid_model_moving=True)
-    free_memory(sum(m.size() for m in to_load) + memory_required, gpu, keep_loaded=already)
+    free_memory(sum(m.size() for m in to_load) + memory_required + hard_memory_preservation, gpu, keep_loaded=already)
     for loaded in to_load:  # `memory_required` only decides what is unloaded; whether a model fits is its size
         loaded.model_load(fits=total_vram - _loaded_size() >= loaded.size())
         current_loaded_models.insert(0, loaded)

@@ -5,7 +5,8 @@
 `forge_objects` (`unet`: a UnetPatcher, `clip`, `vae`); `forge_objects_original` holds the patchers without LoRA
 patches. `get_learned_conditioning` and `encode_first_stage` load their part through the memory manager and run
 under `torch.inference_mode` (their outputs are inference tensors); `encode_first_stage` samples the VAE's posterior
-and applies the latent scale (`get_first_stage_encoding` is the identity). CLIP skip is `set_clip_skip(n)`; SDXL's
+and applies the latent scale (`get_first_stage_encoding` is the identity), `decode_first_stage` undoes it and decodes
+(images in [-1, 1]). CLIP skip is `set_clip_skip(n)`; SDXL's
 vector is the pooled text embedding then `embedder` (Forge's `Timestep(256)`; the tiny model's width) of height,
 width, crop top, crop left, target height, target width. Textual inversion, emphasis and chunking are left out.
 """
@@ -23,10 +24,17 @@ class ForgeObjects:
 
 
 class CLIP:
-    """backend/patcher/clip.py: the text encoders (`cond_stage_model`) and their patcher."""
+    """backend/patcher/clip.py: the text encoders (`cond_stage_model`) and their patcher; a clone shares the
+    encoders with a clone of the patcher (LoRA patches of its own, merged when the patcher is loaded)."""
 
     def __init__(self, cond_stage_model, patcher):
         self.cond_stage_model, self.patcher = cond_stage_model, patcher
+
+    def clone(self):
+        return CLIP(self.cond_stage_model, self.patcher.clone())
+
+    def add_patches(self, *args, **kwargs):
+        return self.patcher.add_patches(*args, **kwargs)
 
 
 class VAE:
@@ -34,10 +42,17 @@ class VAE:
 
     def __init__(self, first_stage_model, patcher, scale_factor):
         self.first_stage_model, self.patcher, self.scale_factor = first_stage_model, patcher, scale_factor
+        self.latent_channels = first_stage_model.embed_dim
 
     def encode(self, pixels):
         memory_management.load_model_gpu(self.patcher)
         return self.first_stage_model.encode(pixels.movedim(-1, 1) * 2.0 - 1.0).sample()
+
+    def decode(self, samples):
+        """Latents to pixels in [0, 1], channels last (decode_inner: the VAE loaded with room for the decode)."""
+        memory_management.load_models_gpu([self.patcher], memory_required=samples.numel() * samples.element_size() * 64)
+        decoded = self.first_stage_model.decode(samples)
+        return torch.clamp((decoded.float() + 1.0) / 2.0, min=0.0, max=1.0).movedim(1, -1)
 
 
 class ForgeDiffusionEngine:
@@ -56,6 +71,11 @@ class ForgeDiffusionEngine:
     def encode_first_stage(self, x):
         vae = self.forge_objects.vae
         return (vae.scale_factor * vae.encode(x.movedim(1, -1) * 0.5 + 0.5)).to(x)
+
+    @torch.inference_mode()
+    def decode_first_stage(self, x):
+        vae = self.forge_objects.vae
+        return (vae.decode(x / vae.scale_factor).movedim(-1, 1) * 2.0 - 1.0).to(x)
 
 
 class TextProcessingEngine:

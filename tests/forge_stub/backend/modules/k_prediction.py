@@ -32,6 +32,12 @@ class Prediction(torch.nn.Module):
                     - model_output * sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2) ** 0.5)
         return model_input - model_output * sigma
 
+    def sigma(self, timestep):
+        """The sigma at a (fractional) timestep, interpolated in log space (what samplers' schedules use)."""
+        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
     def timestep(self, sigma):
         dists = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
         return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)

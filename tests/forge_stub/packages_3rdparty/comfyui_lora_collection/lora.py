@@ -7,7 +7,9 @@ and utils.py), for the UNet.
 depths), as `lora_unet_<diffusers path>` and `lycoris_<diffusers path>`. `load_lora(file, key_map)` turns each mapped
 layer's tensors into a patch: ("lora", (up, down, alpha, mid, dora_scale)), ("loha", (w1a, w1b, alpha, w2a, w2b,
 t1, t2, dora_scale)) or ("lokr", (w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora_scale)), and returns the tensors
-that matched nothing. Text-encoder keys, GLoRA, diff and BFL control formats are left out.
+that matched nothing. `model_lora_keys_clip(cond_stage_model)`: SD1's CLIP layers as
+`lora_te_text_model_encoder_layers_<n>_<layer>` (the stand-in's text encoder is ldm's, without Forge's `clip_l.`
+prefix; SD2's and SDXL's text keys are left out). GLoRA, diff and BFL control formats are left out.
 """
 _ATTENTION = ("proj_in", "proj_out", "norm")
 _TRANSFORMER = ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -74,6 +76,22 @@ def model_lora_keys_unet(model, key_map=None):
         target = f"diffusion_model.{ldm}.weight"
         key_map[f"lora_unet_{diffusers.replace('.', '_')}"] = target
         key_map[f"lycoris_{diffusers.replace('.', '_')}"] = target
+    return key_map
+
+
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def model_lora_keys_clip(model, key_map=None):
+    key_map = {} if key_map is None else key_map
+    sdk = model.state_dict().keys()
+    for b in range(32):
+        for c, lora_name in LORA_CLIP_MAP.items():
+            k = f"transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in sdk:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_name}"] = k
     return key_map
 
 
