@@ -51,15 +51,21 @@ def page(forge_webui, browser):
     page.close()
 
 
-def test_the_tab_loads_and_says_what_forge_cannot_do(page):
+def test_the_tab_loads_and_says_what_forge_cannot_do(page, forge_webui):
     assert type(shared.sd_model).__module__.startswith("backend.")  # Forge's engine, not an ldm model
     summary = page.locator("#lohatrain_model")
     expect(summary).to_contain_text("tiny-sd1")
     expect(summary).to_contain_text("SD 1")
     expect(summary).to_contain_text("the text encoder is not trained")
-    page.locator("#lohatrain_check").click()  # a round trip through the tab's handlers
-    fill(page, "lohatrain_dataset", "")
-    expect(page.locator("#lohatrain_report")).to_contain_text("dataset")
+    # Gradio 4's gallery: the thumbnails served, and a clicked one's caption (its select event) ready to edit
+    fill(page, "lohatrain_dataset", forge_webui.root / "dataset")
+    page.locator("#lohatrain_check").click()
+    expect(page.locator("#lohatrain_report")).to_contain_text("8 images, 8 with a caption")
+    expect(page.locator("#lohatrain_thumbs img")).to_have_count(8)
+    page.locator("#lohatrain_thumbs button.thumbnail-item").nth(1).click()
+    expect(page.locator("#lohatrain_edit_name textarea")).to_have_value("sample_01.png")
+    caption = (forge_webui.root / "dataset" / "sample_01.txt").read_text(encoding="utf-8").strip()
+    expect(page.locator("#lohatrain_edit_caption textarea")).to_have_value(caption)
     assert page.js_errors == []
 
 
