@@ -1,4 +1,5 @@
-"""The tab on a Forge 2 host under Forge's Gradio 4.40, in a real browser (Debian's Chromium via Playwright).
+"""The tab on a Forge 2 host under Forge's Gradio 4.40, in a real browser (Debian's Chromium via Playwright), and
+the REST routes on Forge's web stack.
 
 Runs in .venv-gradio4 (`make test-gradio4`); under the WebUI v1.10.1's Gradio 3.41 (.venv) it is skipped, and
 tests/test_webui_browser.py covers the tab there. The page is tests/webui_app.py's as a Forge host: lohatrain's
@@ -14,6 +15,7 @@ gradio = pytest.importorskip("gradio")
 if int(gradio.__version__.split(".")[0]) < 4:
     pytest.skip("Forge 2's Gradio 4 page: run in .venv-gradio4 (make test-gradio4)", allow_module_level=True)
 
+import httpx  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
@@ -21,6 +23,7 @@ import webui_app  # noqa: E402
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
 from test_forge import forge_state  # noqa: E402
+from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
 from test_webui_browser import TIMEOUT, fill, fill_small_run  # noqa: E402
 
 
@@ -112,3 +115,19 @@ def test_interrupt_on_forge_stops_the_run_and_saves_a_whole_file(page, forge_web
     assert not [p.name for p in ui.lora_dir.iterdir() if p.name.startswith("forge-stopped") and ".tmp" in p.name]
     assert forge_state(shared.sd_model) == before
     assert page.js_errors == []
+
+
+def test_the_rest_routes_on_forges_web_stack(forge_webui, monkeypatch):
+    """FastAPI 0.104 and pydantic 2 (Forge's pins): the body's problems listed, a run through the routes on Forge's
+    model, and the page's login cookie behind --gradio-auth."""
+    ui = forge_webui
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "../escape", steps=0, train_dtype="fp8"))
+    assert r.status_code == 422 and [p.split()[0] for p in r.json()["detail"]] == ["name", "steps", "train_dtype"]
+    before = forge_state(shared.sd_model)
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "forge-rest", steps=2))
+    assert r.status_code == 200
+    status = wait_until(ui, finished)
+    assert status["state"] == "done" and len(status["losses"]) == 2, status["message"]
+    assert (ui.lora_dir / "forge-rest.safetensors").is_file()
+    assert forge_state(shared.sd_model) == before
+    rest_behind_gradio_auth(ui, monkeypatch)
