@@ -19,7 +19,8 @@ import httpx  # noqa: E402
 from playwright.sync_api import expect  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-import webui_app  # noqa: E402
+import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
+import networks  # noqa: E402  (the stand-in's Lora extension: Forge's keeps its list functions)
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
 from test_forge import forge_state  # noqa: E402
@@ -129,5 +130,6 @@ def test_the_rest_routes_on_forges_web_stack(forge_webui, monkeypatch):
     status = wait_until(ui, finished)
     assert status["state"] == "done" and len(status["losses"]) == 2, status["message"]
     assert (ui.lora_dir / "forge-rest.safetensors").is_file()
+    assert "forge-rest" in networks.available_networks  # the Lora extension's list was refreshed
     assert forge_state(shared.sd_model) == before
     rest_behind_gradio_auth(ui, monkeypatch)

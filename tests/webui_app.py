@@ -134,7 +134,7 @@ def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
-    demo.queue(64)
+    demo.queue(64)  # as webui.py calls it in both hosts (under Forge's Gradio 4 the 64 is the status update rate)
     app, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port or None,
                               quiet=True, show_api=False)
     script_callbacks.app_started_callback(demo, app)
