@@ -1,21 +1,26 @@
-# `make demo` trains a LoHa on the built-in tiny model; `make test` runs the test suite in both environments
-# (newest torch, and the stock WebUI's torch 2.1.2 on Python 3.10). Each sets up its venv first.
+# `make demo` trains a LoHa on the built-in tiny model; `make test` runs the test suite in three environments
+# (newest torch, the stock WebUI's torch 2.1.2 on Python 3.10, and Forge 2's Gradio 4). Each sets up its venv first.
 VENV_STAMP := .venv/.installed
 STOCK_STAMP := .venv-stock/.installed
+GRADIO4_STAMP := .venv-gradio4/.installed
 
 $(VENV_STAMP): tools/setup-venv.sh tools/requirements-dev.txt tools/constraints.txt install.py
 	bash tools/setup-venv.sh
 	touch $(VENV_STAMP)
 
+$(GRADIO4_STAMP): tools/setup-venv-gradio4.sh tools/requirements-gradio4.txt tools/constraints.txt install.py
+	bash tools/setup-venv-gradio4.sh
+	touch $(GRADIO4_STAMP)
+
 $(STOCK_STAMP): tools/setup-venv-stock.sh tools/requirements-stock.txt tools/constraints-stock.txt install.py
 	bash tools/setup-venv-stock.sh
 	touch $(STOCK_STAMP)
 
-.PHONY: demo test test-newest test-stock
+.PHONY: demo test test-newest test-stock test-gradio4
 demo: $(VENV_STAMP)
 	.venv/bin/python -m lohatrain train --demo --output-dir out
 
-test: test-newest test-stock
+test: test-newest test-stock test-gradio4
 
 # Two pytest workers, one torch thread each: the tiny models' steps are many small ops, so two processes
 # nearly halve the time where two threads in one process gain little (and thrash against a second process).
@@ -44,3 +49,9 @@ STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or anoth
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS) \
 		-k "not ($(STOCK_SKIP))"
+
+# What depends on the Gradio version, under Forge 2's web stack (Gradio 4.40, FastAPI 0.104, pydantic 2): the tab in
+# the browser and the REST routes, on a Forge host. The A1111 page under Gradio 3.41 runs above, in test-newest.
+test-gradio4: $(GRADIO4_STAMP)
+	bash tools/install-chromium.sh
+	OMP_NUM_THREADS=1 .venv-gradio4/bin/python -m pytest -q tests/test_webui_browser_forge.py

@@ -173,6 +173,24 @@ def test_a_lora_the_user_had_applied_is_taken_off_and_can_be_applied_again(webui
     assert all(torch.equal(v, pure[k]) for k, v in shared.sd_model.state_dict().items())
 
 
+def rest_behind_gradio_auth(ui, monkeypatch) -> None:
+    """On a WebUI reachable from the network with --gradio-auth and no --api-auth, the REST routes answer the
+    page's own logged-in browser (Gradio's login cookie, named per app in Gradio 4) and refuse anyone else."""
+    monkeypatch.setattr(shared.cmd_opts, "listen", True)
+    monkeypatch.setattr(shared.cmd_opts, "gradio_auth", "user:secret")
+    monkeypatch.setattr(ui.demo.server_app, "auth", {"user": "secret"})
+    assert httpx.get(f"{ui.url}/lohatrain/v1/status").status_code == 403
+    with httpx.Client(base_url=ui.url) as browser:
+        assert browser.post("/login", data={"username": "user", "password": "wrong"}).status_code == 400
+        assert browser.get("/lohatrain/v1/status").status_code == 403
+        assert browser.post("/login", data={"username": "user", "password": "secret"}).status_code == 200
+        assert browser.get("/lohatrain/v1/status").status_code == 200
+
+
+def test_the_pages_logged_in_browser_may_call_the_routes_behind_gradio_auth(webui_server, monkeypatch):
+    rest_behind_gradio_auth(webui_server, monkeypatch)
+
+
 def test_presets_route(webui_server):
     presets = httpx.get(f"{webui_server.url}/lohatrain/v1/presets").json()
     assert list(presets) == ["small", "medium", "high", "highest"]

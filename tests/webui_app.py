@@ -3,9 +3,14 @@
 Assembled the way the host v1.10.1 does it: the extension's `scripts/lohatrain_tab.py` registers its
 callbacks, the settings callback runs, every `on_ui_tabs` tab is rendered into `gr.Tabs(elem_id="tabs")`
 next to a txt2img tab, `javascript/*.js` and `style.css` are put into the page by replacing Gradio's
-template response, and `on_app_started` gets the FastAPI app after launch.
+template response, and `on_app_started` gets the FastAPI app after launch. It runs under the host's Gradio 3.41 and under Forge 2's 4.40.
 
-Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py  (prints the URL)
+As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_stub) and an empty `modules_forge`
+package (tests/forge_host_stub) on sys.path, so lohatrain picks its Forge adapter; `shared.sd_model` is the
+stand-in's engine (Forge's `forge_loader`) for the listed checkpoint, and `sd_models.forge_model_reload` returns it
+(the chosen checkpoint is loaded). Forge keeps the rest of the `modules` API, so the WebUI stand-in serves it.
+
+Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py [--forge]  (prints the URL)
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STUB = Path(__file__).resolve().parent / "webui_stub"
+FORGE_PATHS = [Path(__file__).resolve().parent / "forge_stub", Path(__file__).resolve().parent / "forge_host_stub"]
 for path in (str(REPO), str(STUB), str(Path(__file__).resolve().parent)):
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -70,8 +76,33 @@ def _refresh_lora_cards() -> None:
     CARD_REFRESHES.append(time.time())
 
 
-def start(root: Path, port: int = 0) -> WebUI:
-    """Checkpoint and Lora folders under `root`, a tiny SD1 checkpoint loaded, the page served on localhost."""
+def _load_forge_model(info) -> None:
+    """Forge's loaded model as after a generation: the stand-in's engine with the checkpoint's info (as
+    forge_model_reload sets it) and its UNet loaded by the memory manager, and the reload that returns it while
+    that checkpoint stays chosen."""
+    for path in FORGE_PATHS:
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    adapter = sys.modules.get("lohatrain.webui.host")
+    if adapter is not None and adapter._forge is None:
+        raise RuntimeError("lohatrain's A1111 adapter is already loaded in this process: start the Forge host "
+                           "in a process of its own")
+    import torch
+    from backend import memory_management
+    from backend.loader import forge_loader
+
+    engine = forge_loader("sd1")
+    engine.sd_checkpoint_info, engine.filename = info, info.filename
+    engine.sd_model_hash = info.calculate_shorthash()
+    with torch.inference_mode():
+        memory_management.load_models_gpu([engine.forge_objects.unet])
+    shared.sd_model = engine
+    sd_models.forge_model_reload = lambda: (shared.sd_model, False)
+
+
+def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
+    """Checkpoint and Lora folders under `root`, a tiny SD1 checkpoint loaded, the page served on localhost;
+    `forge`: as a Forge 2 host."""
     o = shared.cmd_opts
     o.ckpt_dir, o.lora_dir = str(root / "models" / "Stable-diffusion"), str(root / "models" / "Lora")
     Path(o.ckpt_dir).mkdir(parents=True, exist_ok=True)
@@ -80,12 +111,17 @@ def start(root: Path, port: int = 0) -> WebUI:
     if not checkpoint.exists():
         save_file(lohatrain.demo.build_tiny_sd1(0).state_dict(), str(checkpoint))
     sd_models.list_models()
-    sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
+    if forge:
+        _load_forge_model(sd_models.get_closet_checkpoint_match("tiny-sd1"))
+    else:
+        sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
     networks.list_available_networks()
 
     script_callbacks.clear_callbacks()
     runpy.run_path(str(REPO / "scripts" / "lohatrain_tab.py"))
     script_callbacks.ui_settings_callback()
+    if forge:  # previews go through txt2img, which the WebUI stand-in runs on an ldm model only: off (Settings)
+        shared.opts.data["lohatrain_previews"] = False
     _inject_assets()
     interfaces = script_callbacks.ui_tabs_callback()  # built outside the page's Blocks, as the host does
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
@@ -98,7 +134,7 @@ def start(root: Path, port: int = 0) -> WebUI:
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
-    demo.queue(64)
+    demo.queue(64)  # as webui.py calls it in both hosts (under Forge's Gradio 4 the 64 is the status update rate)
     app, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port or None,
                               quiet=True, show_api=False)
     script_callbacks.app_started_callback(demo, app)
@@ -108,7 +144,7 @@ def start(root: Path, port: int = 0) -> WebUI:
 if __name__ == "__main__":
     import tempfile
 
-    ui = start(Path(tempfile.mkdtemp(prefix="lohatrain-webui-")), port=7860)
+    ui = start(Path(tempfile.mkdtemp(prefix="lohatrain-webui-")), port=7860, forge="--forge" in sys.argv)
     lohatrain.demo.make_sample_dataset(ui.root / "dataset")
     print(f"{ui.url}  (dataset: {ui.root / 'dataset'}; Ctrl-C to stop)", flush=True)
     while True:

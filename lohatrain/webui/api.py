@@ -62,7 +62,8 @@ def _logged_in(app, request: Request) -> bool:
     tokens = getattr(app, "tokens", None)
     if not getattr(app, "auth", None) or not tokens:
         return False
-    token = request.cookies.get("access-token") or request.cookies.get("access-token-unsecure")
+    suffix = f"-{app.cookie_id}" if getattr(app, "cookie_id", None) else ""  # Gradio 4 (Forge) names them per app
+    token = request.cookies.get(f"access-token{suffix}") or request.cookies.get(f"access-token-unsecure{suffix}")
     return token is not None and token in tokens
 
 

@@ -261,7 +261,10 @@ def _thumbnails(dataset_dir, ext: str) -> tuple[list, list[str]]:
 def select_thumbnail(names, evt: gr.SelectData):
     """A clicked thumbnail's file and caption, for editing."""
     name = names[evt.index] if names and evt.index < len(names) else ""
-    caption = evt.value if isinstance(evt.value, str) and evt.value != captions.NO_CAPTION else ""
+    caption = evt.value
+    if isinstance(caption, dict):  # Gradio 4 (Forge) sends the gallery item, {"image": ..., "caption": ...}
+        caption = caption.get("caption")
+    caption = caption if isinstance(caption, str) and caption != captions.NO_CAPTION else ""
     return name, caption
 
 

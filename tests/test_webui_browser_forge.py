@@ -1,0 +1,135 @@
+"""The tab on a Forge 2 host under Forge's Gradio 4.40, in a real browser (Debian's Chromium via Playwright), and
+the REST routes on Forge's web stack.
+
+Runs in .venv-gradio4 (`make test-gradio4`); under the WebUI v1.10.1's Gradio 3.41 (.venv) it is skipped, and
+tests/test_webui_browser.py covers the tab there. The page is tests/webui_app.py's as a Forge host: lohatrain's
+Forge adapter trains the Forge stand-in's engine (tests/forge_stub) in place. Previews are off on this host until
+the page has a Forge txt2img."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+gradio = pytest.importorskip("gradio")
+if int(gradio.__version__.split(".")[0]) < 4:
+    pytest.skip("Forge 2's Gradio 4 page: run in .venv-gradio4 (make test-gradio4)", allow_module_level=True)
+
+import httpx  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
+import networks  # noqa: E402  (the stand-in's Lora extension: Forge's keeps its list functions)
+from lohatrain.demo import make_sample_dataset  # noqa: E402
+from modules import shared  # noqa: E402
+from test_forge import forge_state  # noqa: E402
+from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
+from test_webui_browser import TIMEOUT, fill, fill_small_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def forge_webui(tmp_path_factory):
+    ui = webui_app.start(tmp_path_factory.mktemp("forge-webui"), forge=True)
+    make_sample_dataset(ui.root / "dataset")
+    yield ui
+    ui.close()
+
+
+@pytest.fixture
+def page(forge_webui, browser):
+    """The tab opened, with the page's JavaScript errors collected: a test ends by checking there were none.
+    Gradio 4's page also fetches fonts and a script from the internet; here they are answered empty, so that
+    a machine without the internet logs no errors for them."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1400})
+    page.route(lambda url: not url.startswith(forge_webui.url), lambda route: route.fulfill(
+        status=200, body="", content_type="text/css" if "css" in route.request.url else "application/javascript"))
+    page.js_errors = []
+    page.on("pageerror", lambda error: page.js_errors.append(str(error)))
+    page.on("console", lambda message: page.js_errors.append(f"{message.text} @ {message.location.get('url')}")
+            if message.type == "error" else None)
+    page.goto(forge_webui.url)
+    page.locator("#tabs button", has_text="LoHa training").click()
+    expect(page.locator("#lohatrain_train")).to_be_visible()
+    yield page
+    page.close()
+
+
+def test_the_tab_loads_and_says_what_forge_cannot_do(page, forge_webui):
+    assert type(shared.sd_model).__module__.startswith("backend.")  # Forge's engine, not an ldm model
+    summary = page.locator("#lohatrain_model")
+    expect(summary).to_contain_text("tiny-sd1")
+    expect(summary).to_contain_text("SD 1")
+    expect(summary).to_contain_text("the text encoder is not trained")
+    # Gradio 4's gallery: the thumbnails served, and a clicked one's caption (its select event) ready to edit
+    fill(page, "lohatrain_dataset", forge_webui.root / "dataset")
+    page.locator("#lohatrain_check").click()
+    expect(page.locator("#lohatrain_report")).to_contain_text("8 images, 8 with a caption")
+    expect(page.locator("#lohatrain_thumbs img")).to_have_count(8)
+    page.locator("#lohatrain_thumbs button.thumbnail-item").nth(1).click()
+    expect(page.locator("#lohatrain_edit_name textarea")).to_have_value("sample_01.png")
+    caption = (forge_webui.root / "dataset" / "sample_01.txt").read_text(encoding="utf-8").strip()
+    expect(page.locator("#lohatrain_edit_caption textarea")).to_have_value(caption)
+    assert page.js_errors == []
+
+
+def test_training_on_forge_shows_progress_refreshes_the_loras_and_sends_to_txt2img(page, forge_webui):
+    ui = forge_webui
+    before = forge_state(shared.sd_model)
+    fill_small_run(page, ui, "forge-loha", steps=3)
+    refreshes = len(webui_app.CARD_REFRESHES)
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_message")).to_contain_text("started")
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(re.compile(r"step 3/3 · loss \d"))
+    expect(page.locator("#lohatrain_live svg.lohatrain-chart")).to_be_visible()
+    expect(page.locator("#lohatrain_result")).to_contain_text("forge-loha.safetensors")
+    with safe_open(str(ui.lora_dir / "forge-loha.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in f.keys())
+    assert forge_state(shared.sd_model) == before
+    for _ in range(TIMEOUT // 50):  # the Lora cards were told to read the folder again (a bounded wait)
+        if len(webui_app.CARD_REFRESHES) > refreshes:
+            break
+        page.wait_for_timeout(50)
+    assert len(webui_app.CARD_REFRESHES) > refreshes
+
+    page.locator("#lohatrain_send").click()
+    expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value(re.compile(r"^<lora:forge-loha:1>"))
+    assert page.js_errors == []
+
+
+def test_interrupt_on_forge_stops_the_run_and_saves_a_whole_file(page, forge_webui):
+    ui = forge_webui
+    before = forge_state(shared.sd_model)
+    fill_small_run(page, ui, "forge-stopped", steps=5000)
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(re.compile(r"step ([2-9]|\d\d+)/5000"),
+                                                                                timeout=TIMEOUT)
+    page.locator("#lohatrain_interrupt").click()
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "interrupted",
+                                                                               timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_result")).to_contain_text("Interrupted after")
+    stopped_at = int(re.search(r"step (\d+)/", page.locator("#lohatrain_live .lohatrain-numbers").inner_text())[1])
+    with safe_open(str(ui.lora_dir / "forge-stopped.safetensors"), "pt") as f:
+        assert int(f.metadata()["ss_steps"]) == stopped_at
+    assert not [p.name for p in ui.lora_dir.iterdir() if p.name.startswith("forge-stopped") and ".tmp" in p.name]
+    assert forge_state(shared.sd_model) == before
+    assert page.js_errors == []
+
+
+def test_the_rest_routes_on_forges_web_stack(forge_webui, monkeypatch):
+    """FastAPI 0.104 and pydantic 2 (Forge's pins): the body's problems listed, a run through the routes on Forge's
+    model, and the page's login cookie behind --gradio-auth."""
+    ui = forge_webui
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "../escape", steps=0, train_dtype="fp8"))
+    assert r.status_code == 422 and [p.split()[0] for p in r.json()["detail"]] == ["name", "steps", "train_dtype"]
+    before = forge_state(shared.sd_model)
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "forge-rest", steps=2))
+    assert r.status_code == 200
+    status = wait_until(ui, finished)
+    assert status["state"] == "done" and len(status["losses"]) == 2, status["message"]
+    assert (ui.lora_dir / "forge-rest.safetensors").is_file()
+    assert "forge-rest" in networks.available_networks  # the Lora extension's list was refreshed
+    assert forge_state(shared.sd_model) == before
+    rest_behind_gradio_auth(ui, monkeypatch)
