@@ -118,10 +118,19 @@ def clip_tokenizer_files() -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
+class _SharedCLIPTokenizer(CLIPTokenizer):
+    """Nothing a model does changes its tokenizer, which is megabytes of Python dicts: a copy of a tiny model
+    shares it instead of copying it (most of the time `copy.deepcopy` of a tiny model took)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@functools.lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP ViT-L/14 tokenizer (as in SD1), built offline; pads with <|endoftext|>."""
+    """The real CLIP ViT-L/14 tokenizer (as in SD1), built offline once per process; pads with <|endoftext|>."""
     vocab_file, merges_file = clip_tokenizer_files()
-    return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=CLIP_MAX_LENGTH)
+    return _SharedCLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=CLIP_MAX_LENGTH)
 
 
 class TinyCLIPEmbedder(nn.Module):
