@@ -217,20 +217,29 @@ def forge_host(tmp_path, monkeypatch):
     stub = str(Path(__file__).parent / "webui_stub")
     if stub not in sys.path:
         sys.path.insert(0, stub)
-    import forge_processing
-    from modules import processing, sd_models, shared
+    from modules import sd_models, shared
 
     from lohatrain.forge import host as forge
     from lohatrain.webui import host
 
     monkeypatch.setattr(host, "_forge", forge)
-    monkeypatch.setattr(processing, "process_images", forge_processing.process_images)
-    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (shared.sd_model, False), raising=False)
     monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
     monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
     (tmp_path / "Lora").mkdir()
-    forge_lora_extension(monkeypatch)
+    install_forge_txt2img(monkeypatch)
     yield host, shared, monkeypatch
+
+
+def install_forge_txt2img(monkeypatch):
+    """Forge's txt2img in the WebUI stand-in: its `process_images` (tests/forge_stub/forge_processing.py), its
+    `sd_models.forge_model_reload` (the loaded model is the chosen one: it returns it) and its Lora extension.
+    Shared with tests/webui_app.py's Forge page, which keeps them for the page's process."""
+    import forge_processing
+    from modules import processing, sd_models, shared
+
+    monkeypatch.setattr(processing, "process_images", forge_processing.process_images)
+    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (shared.sd_model, False), raising=False)
+    return forge_lora_extension(monkeypatch)
 
 
 def forge_lora_extension(monkeypatch):

@@ -3,11 +3,12 @@ the REST routes on Forge's web stack.
 
 Runs in .venv-gradio4 (`make test-gradio4`); under the WebUI v1.10.1's Gradio 3.41 (.venv) it is skipped, and
 tests/test_webui_browser.py covers the tab there. The page is tests/webui_app.py's as a Forge host: lohatrain's
-Forge adapter trains the Forge stand-in's engine (tests/forge_stub) in place. Previews are off on this host until
-the page has a Forge txt2img."""
+Forge adapter trains the Forge stand-in's engine (tests/forge_stub) in place, and previews and the grid go through
+the stand-in's Forge txt2img and Lora extension."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -20,12 +21,11 @@ from playwright.sync_api import expect  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
-import networks  # noqa: E402  (the stand-in's Lora extension: Forge's keeps its list functions)
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
 from test_forge import forge_state  # noqa: E402
 from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
-from test_webui_browser import TIMEOUT, fill, fill_small_run  # noqa: E402
+from test_webui_browser import TIMEOUT, fill, fill_small_run, open_accordion  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +73,22 @@ def test_the_tab_loads_and_says_what_forge_cannot_do(page, forge_webui):
     assert page.js_errors == []
 
 
-def test_training_on_forge_shows_progress_refreshes_the_loras_and_sends_to_txt2img(page, forge_webui):
+def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2img(page, forge_webui):
     ui = forge_webui
     before = forge_state(shared.sd_model)
     fill_small_run(page, ui, "forge-loha", steps=3)
+    open_accordion(page, "Previews")
+    fill(page, "lohatrain_preview_every", 3)
+    fill(page, "lohatrain_preview_prompt", "blue circle")
+    fill(page, "lohatrain_preview_steps", 2)
     refreshes = len(webui_app.CARD_REFRESHES)
     page.locator("#lohatrain_train").click()
     expect(page.locator("#lohatrain_message")).to_contain_text("started")
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(re.compile(r"step 3/3 · loss \d"))
     expect(page.locator("#lohatrain_live svg.lohatrain-chart")).to_be_visible()
+    expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()  # made by Forge's txt2img
+    assert [p.name for p in (ui.lora_dir / "forge-loha.previews").iterdir()] == ["step-000003.png"]
     expect(page.locator("#lohatrain_result")).to_contain_text("forge-loha.safetensors")
     with safe_open(str(ui.lora_dir / "forge-loha.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in f.keys())
@@ -92,6 +98,14 @@ def test_training_on_forge_shows_progress_refreshes_the_loras_and_sends_to_txt2i
             break
         page.wait_for_timeout(50)
     assert len(webui_app.CARD_REFRESHES) > refreshes
+
+    open_accordion(page, "Steps × strength grid of the trained file")
+    fill(page, "lohatrain_grid_strengths", "1")
+    page.locator("#lohatrain_grid").click()
+    expect(page.locator("#lohatrain_grid_message")).to_contain_text("Saved forge-loha.grid.png", timeout=TIMEOUT)
+    expect(page.locator("#lohatrain_grid_images img").first).to_be_visible()
+    assert (ui.lora_dir / "forge-loha.grid.png").is_file()
+    assert forge_state(shared.sd_model) == before
 
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
@@ -130,6 +144,6 @@ def test_the_rest_routes_on_forges_web_stack(forge_webui, monkeypatch):
     status = wait_until(ui, finished)
     assert status["state"] == "done" and len(status["losses"]) == 2, status["message"]
     assert (ui.lora_dir / "forge-rest.safetensors").is_file()
-    assert "forge-rest" in networks.available_networks  # the Lora extension's list was refreshed
+    assert "forge-rest" in sys.modules["networks"].available_networks  # Forge's Lora extension's list was refreshed
     assert forge_state(shared.sd_model) == before
     rest_behind_gradio_auth(ui, monkeypatch)

@@ -8,7 +8,9 @@ template response, and `on_app_started` gets the FastAPI app after launch. It ru
 As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_stub) and an empty `modules_forge`
 package (tests/forge_host_stub) on sys.path, so lohatrain picks its Forge adapter; `shared.sd_model` is the
 stand-in's engine (Forge's `forge_loader`) for the listed checkpoint, and `sd_models.forge_model_reload` returns it
-(the chosen checkpoint is loaded). Forge keeps the rest of the `modules` API, so the WebUI stand-in serves it.
+(the chosen checkpoint is loaded); txt2img (previews, the grid) is Forge's and `networks` is Forge's Lora extension
+(tests/test_forge.py's install_forge_txt2img). Forge keeps the rest of the `modules` API, so the WebUI stand-in
+serves it.
 
 Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py [--forge]  (prints the URL)
 """
@@ -31,7 +33,7 @@ import lohatrain.demo  # noqa: E402,F401  (before anything that imports ldm)
 import gradio as gr  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import networks  # noqa: E402
+import networks  # noqa: E402,F401  (A1111's Lora extension, loaded at start-up; a Forge page replaces it by Forge's)
 from modules import script_callbacks, sd_models, shared  # noqa: E402
 
 
@@ -72,14 +74,14 @@ CARD_REFRESHES: list[float] = []  # when the Lora cards were refreshed (what the
 
 
 def _refresh_lora_cards() -> None:
-    networks.list_available_networks()
+    sys.modules["networks"].list_available_networks()  # the host's Lora extension: A1111's or Forge's
     CARD_REFRESHES.append(time.time())
 
 
 def _load_forge_model(info) -> None:
     """Forge's loaded model as after a generation: the stand-in's engine with the checkpoint's info (as
-    forge_model_reload sets it) and its UNet loaded by the memory manager, and the reload that returns it while
-    that checkpoint stays chosen."""
+    forge_model_reload sets it) and its UNet loaded by the memory manager; Forge's txt2img and Lora extension,
+    kept for the process."""
     for path in FORGE_PATHS:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -87,9 +89,11 @@ def _load_forge_model(info) -> None:
     if adapter is not None and adapter._forge is None:
         raise RuntimeError("lohatrain's A1111 adapter is already loaded in this process: start the Forge host "
                            "in a process of its own")
+    import pytest
     import torch
     from backend import memory_management
     from backend.loader import forge_loader
+    from test_forge import install_forge_txt2img
 
     engine = forge_loader("sd1")
     engine.sd_checkpoint_info, engine.filename = info, info.filename
@@ -97,7 +101,7 @@ def _load_forge_model(info) -> None:
     with torch.inference_mode():
         memory_management.load_models_gpu([engine.forge_objects.unet])
     shared.sd_model = engine
-    sd_models.forge_model_reload = lambda: (shared.sd_model, False)
+    install_forge_txt2img(pytest.MonkeyPatch())  # never undone: the page's process is a Forge host
 
 
 def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
@@ -115,13 +119,11 @@ def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
         _load_forge_model(sd_models.get_closet_checkpoint_match("tiny-sd1"))
     else:
         sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
-    networks.list_available_networks()
+    sys.modules["networks"].list_available_networks()
 
     script_callbacks.clear_callbacks()
     runpy.run_path(str(REPO / "scripts" / "lohatrain_tab.py"))
     script_callbacks.ui_settings_callback()
-    if forge:  # previews go through txt2img, which the WebUI stand-in runs on an ldm model only: off (Settings)
-        shared.opts.data["lohatrain_previews"] = False
     _inject_assets()
     interfaces = script_callbacks.ui_tabs_callback()  # built outside the page's Blocks, as the host does
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
