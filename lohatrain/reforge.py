@@ -9,7 +9,7 @@ passes in `ldm_patched.modules.model_management`; this module imports nothing of
   loaded. A1111's `networks` restore (lohatrain.webui.host.take_off_networks) finds nothing to undo there.
   So a run loads the unpatched patcher (`forge_objects_original.unet`), which puts the backup back, and gives it to
   the previews; at the end the patcher that was loaded before is loaded again (its LoRAs merged again, as reForge's
-  next generation would) and the previews' patchers are as found.
+  next generation would) and the previews' patchers are as found (`loras_kept`, which the grid uses too).
 - the manager moves the UNet to CPU memory when something else needs the room (the VAE for an image, the text
   encoder for a prompt), or loads it only in part ("lowvram": the rest stays in CPU memory and is copied in layer by
   layer). A run tells it the whole UNet must be on its device, with room for a step, before the first step and after
@@ -45,10 +45,14 @@ def is_reforge_host() -> bool:
         return False
 
 
-def _loaded_entry(memory, base_model):
-    """The manager's entry for a patcher of this UNet (any clone), or None when the UNet is not loaded."""
-    return next((m for m in memory.current_loaded_models if m.model is not None and m.model.model is base_model),
-                None)
+def _loaded_entry(memory, model):
+    """The manager's entry for a patcher of this model (any clone), or None when the model is not loaded."""
+    return next((m for m in memory.current_loaded_models if m.model is not None and m.model.model is model), None)
+
+
+def _patchers(objects) -> tuple:
+    """The patchers a generation loads whose LoRAs reForge merges into weights: the text encoder's, the UNet's."""
+    return objects.clip.patcher, objects.unet
 
 
 def _with_unet(objects, unet):
@@ -58,13 +62,39 @@ def _with_unet(objects, unet):
 
 
 @contextmanager
+def loras_kept(sd_model, memory) -> Iterator[None]:
+    """reForge's LoRA state as found, put back afterwards (after a run, or lohatrain's grid, whose `<lora:…>` cells
+    leave the last cell's file merged and sampled by the next generation): the objects txt2img starts from and
+    samples, the Lora extension's `current_lora_hash` (which would otherwise skip rebuilding for the last cell's
+    tags), and for the text encoder and the UNet the patcher that was loaded, loaded again (its LoRAs merged again,
+    as reForge's next generation would), or the model unloaded (which unpatches it), if it was not loaded."""
+    saved = sd_model.forge_objects, sd_model.forge_objects_after_applying_lora, sd_model.current_lora_hash
+    models = [patcher.model for patcher in _patchers(sd_model.forge_objects_original)]
+    found = [getattr(_loaded_entry(memory, model), "model", None) for model in models]
+    try:
+        yield
+    finally:
+        sd_model.forge_objects, sd_model.forge_objects_after_applying_lora, sd_model.current_lora_hash = saved
+        with torch.inference_mode():  # as reForge's own loads run
+            for model, patcher in zip(models, found):
+                _put_back(memory, model, patcher)
+
+
+def _put_back(memory, model, patcher) -> None:
+    entry = _loaded_entry(memory, model)
+    if patcher is None and entry is not None:  # as the manager's `free_memory`: back to the offload device
+        memory.current_loaded_models.remove(entry)
+        entry.model_unload()
+    elif patcher is not None and (entry is None or entry.model is not patcher):
+        memory.load_models_gpu([patcher])
+
+
+@contextmanager
 def unet_session(sd_model, memory) -> Iterator[Callable[[], None]]:
     """For one run: the checkpoint's own UNet weights (LoRAs taken off) whole on the GPU, and a `load_unet` for the
-    trainer; afterwards the UNet patcher that was loaded before is loaded again (or the UNet unloaded, if it was)."""
+    trainer; reForge's LoRA state as found at the end (`loras_kept`)."""
     original = sd_model.forge_objects_original.unet
     base_model = original.model
-    entry = _loaded_entry(memory, base_model)
-    before = entry.model if entry is not None else None
     size = memory.module_size(base_model.diffusion_model)
 
     def load_unet() -> None:
@@ -76,26 +106,10 @@ def unet_session(sd_model, memory) -> Iterator[Callable[[], None]]:
                 "keep part of it in CPU memory, which a training step cannot follow: lower the batch size or the "
                 "resolution, turn on gradient checkpointing, or close other programs using the GPU")
 
-    objects = sd_model.forge_objects, sd_model.forge_objects_after_applying_lora
-    # txt2img samples `forge_objects_after_applying_lora` (the last prompt's LoRAs), even for the previews, which
-    # turn extra networks off: the unpatched UNet for the run, so previews show the network alone.
-    sd_model.forge_objects = _with_unet(objects[0], original)
-    sd_model.forge_objects_after_applying_lora = _with_unet(objects[1], original)
-    try:
+    with loras_kept(sd_model, memory):
+        # txt2img samples `forge_objects_after_applying_lora` (the last prompt's LoRAs), even for the previews, which
+        # turn extra networks off: the unpatched UNet for the run, so previews show the network alone.
+        sd_model.forge_objects = _with_unet(sd_model.forge_objects, original)
+        sd_model.forge_objects_after_applying_lora = _with_unet(sd_model.forge_objects_after_applying_lora, original)
         load_unet()
         yield load_unet
-    finally:
-        sd_model.forge_objects, sd_model.forge_objects_after_applying_lora = objects
-        with torch.inference_mode():
-            if before is None:
-                _unload(memory, base_model)
-            elif before is not original:
-                memory.load_models_gpu([before])
-
-
-def _unload(memory, base_model) -> None:
-    """Unload the UNet as the manager's `free_memory` does: its weights back to their offload device."""
-    entry = _loaded_entry(memory, base_model)
-    if entry is not None:
-        memory.current_loaded_models.remove(entry)
-        entry.model_unload()

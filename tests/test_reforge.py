@@ -10,7 +10,9 @@ import hashlib
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent / "reforge_stub"))
 import reforge_host  # noqa: E402
 from ldm_patched.modules import model_management as memory  # noqa: E402
 from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lohatrain.errors import LohatrainError  # noqa: E402
 from lohatrain.families import detect  # noqa: E402
@@ -268,6 +270,68 @@ def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_fou
     assert result.status == "done" and len(job.losses) == 2
     assert reforge_state(sd_model) == before
     assert host.host_notes() == REFORGE_NOTES and "SDXL text encoders" in REFORGE_NOTES[0]
+
+
+@pytest.fixture
+def reforge_txt2img(reforge_job_host, monkeypatch):
+    """reForge's txt2img and Lora extension in place of the WebUI stand-in's (tests/reforge_stub/reforge_webui.py),
+    with the tiny SD1 loaded as `shared.sd_model`."""
+    import networks
+    import reforge_webui
+    from modules import processing
+
+    host, shared = reforge_job_host
+    monkeypatch.setattr(processing, "process_images", reforge_webui.process_images)
+    monkeypatch.setattr(networks, "load_networks", reforge_webui.load_networks)
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    sd_model.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny.safetensors", sha256="f0f0", name="tiny",
+                                                  name_for_extra="tiny", title="tiny.safetensors")
+    sd_model.sd_model_hash = "f0f0"
+    shared.sd_model = sd_model
+    yield host, sd_model, Path(shared.cmd_opts.lora_dir)
+
+
+def generate(prompt: str, **kwargs) -> np.ndarray:
+    """One 64 px image through the host's txt2img (reForge's, here), as a user would make it."""
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=5, steps=3, sampler_name="DPM++ 2M",
+                                                    width=64, height=64, do_not_save_grid=True,
+                                                    do_not_save_samples=True, **kwargs)
+    (image,) = processing.process_images(p).images
+    return np.asarray(image, dtype=np.int16)
+
+
+def as_found(sd_model) -> dict:
+    """reforge_state plus the Lora extension's record of the last prompt's LoRAs, without `requires_grad`: reForge
+    puts each weight it unpatches back as a new Parameter that does not require grad (ldm_patched's
+    `set_attr_param`), as after any generation with a LoRA followed by one without."""
+    state = reforge_state(sd_model)
+    tensors = {key: (inference, dtype, digest) for key, (inference, _, dtype, digest) in state["tensors"].items()}
+    return {**state, "tensors": tensors, "lora_hash": sd_model.current_lora_hash}
+
+
+def test_the_grid_on_reforge_is_its_own_images_and_leaves_its_lora_state_as_found(reforge_txt2img, sample_dataset):
+    host, sd_model, lora_dir = reforge_txt2img
+    settings = settings_for(sample_dataset, lora_dir, name="grid-run", steps=2, save_every_steps=1,
+                            learning_rate=2e-2, preview_steps=3, preview_seed=5, preview_prompts=["blue circle"])
+    with unet_session(sd_model, memory) as load_unet:
+        assert train(sd_model, settings, load_unet=load_unet).status == "done"
+    save_file(a_users_lora(sd_model), str(lora_dir / "users.safetensors"))
+    with_users = generate("blue circle <lora:users:1>")  # the user's last generation: their LoRA merged
+    before = as_found(sd_model)
+
+    made = host.make_grid("grid-run", strengths=[0.5, 1], seed=5)
+    assert as_found(sd_model) == before
+    # Extra networks off (a preview, an API call): reForge samples the user's LoRA again, not the grid's last cell.
+    np.testing.assert_array_equal(generate("blue circle", disable_extra_networks=True), with_users)
+    assert [c.label for c in made.plan.columns] == ["No LoRA", "Step 1", "Step 2"]
+    (cells,) = made.cells
+    rows = [[np.asarray(cell, dtype=np.int16) for cell in row] for row in cells]
+    plain = generate("blue circle")
+    assert all(np.array_equal(row[0], plain) for row in rows)  # the no-LoRA column is reForge's plain txt2img
+    assert not np.array_equal(rows[1][2], plain) and not np.array_equal(rows[1][2], with_users)
+    np.testing.assert_array_equal(rows[1][2], generate("blue circle <lora:grid-run:1>"))
 
 
 def test_reforge_is_told_apart_at_start_up(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ from .. import grid
 from ..errors import LohatrainError
 from ..forge import is_forge_host
 from ..reforge import REFORGE_NOTES, is_reforge_host
+from ..reforge import loras_kept as reforge_loras_kept
 from ..reforge import unet_session as reforge_unet_session
 from ..preflight import preflight as engine_preflight
 from ..families import detect
@@ -269,10 +270,15 @@ def refresh_loras() -> None:
 
 @contextmanager
 def _loras_put_back():
-    """After lohatrain's own generations with `<lora:…>` tags: on Forge its LoRA state as found
-    (lohatrain/forge/model.py, loaded first as its txt2img would); in A1111 no network left merged."""
+    """After lohatrain's own generations with `<lora:…>` tags: on Forge and reForge their LoRA state as found
+    (lohatrain/forge/model.py, loaded first as Forge's txt2img would; lohatrain/reforge.py); in A1111 no network left
+    merged."""
     if _forge:
         with _forge.loras_kept(sd_models.forge_model_reload()[0]):
+            yield
+        return
+    if _reforge_memory:  # A1111's `networks` restore finds nothing there: reForge's LoRAs are in its UNet patchers
+        with reforge_loras_kept(shared.sd_model, _reforge_memory):
             yield
         return
     try:
@@ -440,8 +446,8 @@ def make_grid(name: str, prompts: list[str] | None = None, strengths: list[float
     """The run's saved steps (columns, after one without the LoRA) × strengths (rows), for each prompt,
     through the host's own txt2img on the loaded checkpoint with one seed, labelled like its X/Y/Z plot and
     saved as PNG beside the file. The no-LoRA image is rendered once per prompt: it is the same in every row.
-    Afterwards the model's weights are as before (the host merges a Lora into them while it generates; on Forge,
-    its patchers and loaded LoRAs are as found too)."""
+    Afterwards the model's weights are as before (the host merges a Lora into them while it generates; on Forge
+    and reForge, their patchers and loaded LoRAs are as found too)."""
     from modules import images
 
     folder = lora_dir()

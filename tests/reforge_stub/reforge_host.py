@@ -187,17 +187,23 @@ def load_model_for_a1111(kind="sd1", seed=0):
 
 
 def load_networks(sd_model, loras):
-    """The Lora extension for a prompt's `<lora:…>`: `loras` is [(name, file tensors)]; nothing changes when they are
-    the last prompt's; else the unpatched patcher is cloned with every file's patches (ComfyUI's key rules)."""
-    lora_hash = str([name for name, _ in loras])
+    """The Lora extension for a prompt's `<lora:…>`: `loras` is [(name, file tensors)], each at strength 1."""
+    apply_loras(sd_model, [(name, 1.0, 1.0) for name, _ in loras], dict(loras).__getitem__)
+
+
+def apply_loras(sd_model, targets, read):
+    """networks.py `load_networks` once the files are found: `targets` is [(file, unet multiplier, te multiplier)];
+    nothing changes when they are the last prompt's, else the unpatched patcher is cloned with every file's patches
+    (`read(file)`'s tensors, ComfyUI's key rules) at its UNet multiplier. Text-encoder patches are left out."""
+    lora_hash = str([list(target) for target in targets])
     if sd_model.current_lora_hash == lora_hash:
         return
     sd_model.current_lora_hash = lora_hash
     sd_model.forge_objects.unet = sd_model.forge_objects_original.unet
-    for _, tensors in loras:
+    for file, unet_multiplier, _ in targets:
         unet = sd_model.forge_objects.unet.clone()
-        patches, _ = load_lora(tensors, model_lora_keys_unet(unet.model))
-        unet.add_patches(patches)
+        patches, _ = load_lora(read(file), model_lora_keys_unet(unet.model))
+        unet.add_patches(patches, unet_multiplier)
         sd_model.forge_objects.unet = unet
     sd_model.forge_objects_after_applying_lora = sd_model.forge_objects.shallow_copy()
 
