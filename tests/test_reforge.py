@@ -283,6 +283,8 @@ def reforge_txt2img(reforge_job_host, monkeypatch):
     host, shared = reforge_job_host
     monkeypatch.setattr(processing, "process_images", reforge_webui.process_images)
     monkeypatch.setattr(networks, "load_networks", reforge_webui.load_networks)
+    monkeypatch.setattr(networks, "load_lora_state_dict", reforge_webui.load_lora_state_dict, raising=False)
+    reforge_webui.load_lora_state_dict.cache_clear()
     sd_model = reforge_host.load_model_for_a1111("sd1")
     sd_model.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny.safetensors", sha256="f0f0", name="tiny",
                                                   name_for_extra="tiny", title="tiny.safetensors")
@@ -332,6 +334,20 @@ def test_the_grid_on_reforge_is_its_own_images_and_leaves_its_lora_state_as_foun
     assert all(np.array_equal(row[0], plain) for row in rows)  # the no-LoRA column is reForge's plain txt2img
     assert not np.array_equal(rows[1][2], plain) and not np.array_equal(rows[1][2], with_users)
     np.testing.assert_array_equal(rows[1][2], generate("blue circle <lora:grid-run:1>"))
+
+
+def test_a_file_a_run_rewrote_is_read_again_after_the_lora_list_refresh(reforge_txt2img):
+    """reForge's Lora extension keeps the files it read by name; the refresh that follows a run clears that."""
+    host, sd_model, lora_dir = reforge_txt2img
+    save_file(a_users_lora(sd_model), str(lora_dir / "users.safetensors"))
+    host.refresh_loras()
+    first = generate("blue circle <lora:users:1>")
+    save_file({k: -v for k, v in a_users_lora(sd_model).items() if "up" in k} | {
+        k: v for k, v in a_users_lora(sd_model).items() if "down" in k}, str(lora_dir / "users.safetensors"))
+    host.refresh_loras()
+    generate("blue circle")  # another prompt in between: reForge compares it with the last one, not the files
+    rewritten = generate("blue circle <lora:users:1>")
+    assert not np.array_equal(first, rewritten)
 
 
 def test_reforge_is_told_apart_at_start_up(tmp_path, monkeypatch):

@@ -264,7 +264,7 @@ def refresh_loras() -> None:
     networks = sys.modules.get("networks")
     if networks is not None:
         networks.list_available_networks()
-        if _forge:  # Forge keeps the tensors of the files it read by name: a run may have rewritten one
+        if _forge or _reforge_memory:  # both keep the files they read by name: a run may have rewritten one
             networks.load_lora_state_dict.cache_clear()
 
 

@@ -17,6 +17,7 @@ Written from reForge at 3b56b26: modules/processing.py (`process_images_inner`) 
 Left out: the checkpoint reload, `load_lora_state_dict`'s cache, text-encoder patches, reForge's samplers (the
 WebUI stand-in's DDIM through `apply_model`), scripts, hires fix, infotexts.
 """
+import functools
 import sys
 
 import torch
@@ -78,10 +79,18 @@ def process_images_inner(p):
     return Processed(p, images_list=output_images, seed=p.all_seeds[0], subseed=p.all_subseeds[0])
 
 
+@functools.lru_cache(maxsize=5)
+def load_lora_state_dict(filename):
+    """reForge keeps the last files it read by name (extensions-builtin/Lora/networks.py): a rewritten file is read
+    again only after the cache is cleared."""
+    return load_file(filename)
+
+
 def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=None):
     networks = sys.modules["networks"]  # A1111's list of files, which reForge keeps
     networks.loaded_networks.clear()
     if any(networks._lookup(name) is None for name in names):
         networks.list_available_networks()
     files = [networks._lookup(name).filename for name in names]
-    reforge_host.apply_loras(shared.sd_model, list(zip(files, unet_multipliers, te_multipliers)), load_file)
+    reforge_host.apply_loras(shared.sd_model, list(zip(files, unet_multipliers, te_multipliers)),
+                          load_lora_state_dict)
