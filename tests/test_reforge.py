@@ -225,15 +225,19 @@ def test_sd2_trains_through_reforges_transformers_clip_and_the_file_loads_with_i
 @pytest.fixture
 def reforge_job_host(tmp_path, monkeypatch):
     """lohatrain's host adapter as it starts in reForge (its memory manager found), on the WebUI stand-in's `modules`
-    (reForge keeps A1111's API there)."""
+    (reForge keeps A1111's API there), with reForge's Lora extension's cache of the files it read."""
     stub = str(Path(__file__).parent / "webui_stub")
     if stub not in sys.path:
         sys.path.insert(0, stub)
+    import networks
+    import reforge_webui
     from modules import sd_models, shared
 
     from lohatrain.webui import host
 
     monkeypatch.setattr(host, "_reforge_memory", memory)
+    monkeypatch.setattr(networks, "load_lora_state_dict", reforge_webui.load_lora_state_dict, raising=False)
+    reforge_webui.load_lora_state_dict.cache_clear()
     monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
     monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
     (tmp_path / "Lora").mkdir()
@@ -283,8 +287,6 @@ def reforge_txt2img(reforge_job_host, monkeypatch):
     host, shared = reforge_job_host
     monkeypatch.setattr(processing, "process_images", reforge_webui.process_images)
     monkeypatch.setattr(networks, "load_networks", reforge_webui.load_networks)
-    monkeypatch.setattr(networks, "load_lora_state_dict", reforge_webui.load_lora_state_dict, raising=False)
-    reforge_webui.load_lora_state_dict.cache_clear()
     sd_model = reforge_host.load_model_for_a1111("sd1")
     sd_model.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny.safetensors", sha256="f0f0", name="tiny",
                                                   name_for_extra="tiny", title="tiny.safetensors")

@@ -13,8 +13,8 @@ Written from reForge at 3b56b26: modules/processing.py (`process_images_inner`) 
   (merging its LoRAs into the UNet's weights), and the VAE loads itself to decode;
 - the Lora extension: names looked up in A1111's list (refreshed for a name it does not know), the hash of [file,
   UNet multiplier, text-encoder multiplier] that skips rebuilding when it equals the last prompt's
-  (reforge_host.apply_loras).
-Left out: the checkpoint reload, `load_lora_state_dict`'s cache, text-encoder patches, reForge's samplers (the
+  (reforge_host.apply_loras), and its cache of the last five files read, by name (`load_lora_state_dict`).
+Left out: the checkpoint reload, text-encoder patches, reForge's samplers (the
 WebUI stand-in's DDIM through `apply_model`), scripts, hires fix, infotexts.
 """
 import functools
