@@ -770,8 +770,8 @@ def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, 
     assert model_state(model) == before
 
 
-TYPES = [("lora", False), ("locon", False), ("lokr", False), ("lora", True), ("loha", True)]
-# Every type on SD1; on SDXL (other block names, and both text encoders: CLIP-L's and OpenCLIP's fused
+TYPES = [("locon", False), ("lokr", False), ("lora", True), ("loha", True)]
+# Every module type of the host's loader on SD1 (plain LoRA's keys are LoRA+DoRA's less `dora_scale`); on SDXL (other block names, and both text encoders: CLIP-L's and OpenCLIP's fused
 # attention, which is SD2's) each kind of key once: LoRA's with DoRA's scales and LoKr's (LoCon's are LoRA's
 # on more layers; LoHa's on SD2 and SDXL: the per-family tests above).
 CASES = [("sd1", m, d) for m, d in TYPES] + [("sdxl", m, d) for m, d in (("lora", True), ("lokr", False))]
