@@ -82,11 +82,7 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     if os.environ.get("LOHATRAIN_SCREENSHOT"):
         shutil.copy(shot, os.environ["LOHATRAIN_SCREENSHOT"])
 
-    for _ in range(TIMEOUT // 50):  # the Lora cards were told to read the folder again (a bounded wait)
-        if len(webui_app.CARD_REFRESHES) > refreshes:
-            break
-        page.wait_for_timeout(50)
-    assert len(webui_app.CARD_REFRESHES) > refreshes
+    wait_for_card_refresh(page, refreshes)
 
     open_accordion(page, "Steps × strength grid of the trained file")
     page.locator("#lohatrain_grid").click()
@@ -100,6 +96,15 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
     # the tag and the card's activation text: the first tag most captions share
     expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>, black triangle")
+
+
+def wait_for_card_refresh(page, refreshes: int) -> None:
+    """The Lora cards were told to read the folder again since `refreshes` were counted (a bounded wait)."""
+    for _ in range(TIMEOUT // 50):
+        if len(webui_app.CARD_REFRESHES) > refreshes:
+            break
+        page.wait_for_timeout(50)
+    assert len(webui_app.CARD_REFRESHES) > refreshes
 
 
 def train_then_interrupt(page, ui, name: str, steps: int) -> None:

@@ -25,7 +25,8 @@ from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
 from test_forge import forge_state  # noqa: E402
 from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
-from test_webui_browser import TIMEOUT, fill, fill_small_run, open_accordion  # noqa: E402
+from test_webui_browser import (TIMEOUT, fill, fill_small_run, open_accordion, train_then_interrupt,  # noqa: E402
+                                wait_for_card_refresh)
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,7 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
     with safe_open(str(ui.lora_dir / "forge-loha.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in f.keys())
     assert forge_state(shared.sd_model) == before
-    for _ in range(TIMEOUT // 50):  # the Lora cards were told to read the folder again (a bounded wait)
-        if len(webui_app.CARD_REFRESHES) > refreshes:
-            break
-        page.wait_for_timeout(50)
-    assert len(webui_app.CARD_REFRESHES) > refreshes
+    wait_for_card_refresh(page, refreshes)
 
     open_accordion(page, "Steps × strength grid of the trained file")
     fill(page, "lohatrain_grid_strengths", "1")
@@ -116,13 +113,7 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
 def test_interrupt_on_forge_stops_the_run_and_saves_a_whole_file(page, forge_webui):
     ui = forge_webui
     before = forge_state(shared.sd_model)
-    fill_small_run(page, ui, "forge-stopped", steps=5000)
-    page.locator("#lohatrain_train").click()
-    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(re.compile(r"step ([2-9]|\d\d+)/5000"),
-                                                                                timeout=TIMEOUT)
-    page.locator("#lohatrain_interrupt").click()
-    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "interrupted",
-                                                                               timeout=TIMEOUT)
+    train_then_interrupt(page, ui, "forge-stopped", steps=5000)
     expect(page.locator("#lohatrain_result")).to_contain_text("Interrupted after")
     stopped_at = int(re.search(r"step (\d+)/", page.locator("#lohatrain_live .lohatrain-numbers").inner_text())[1])
     with safe_open(str(ui.lora_dir / "forge-stopped.safetensors"), "pt") as f:

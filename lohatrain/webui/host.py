@@ -18,7 +18,7 @@ import io
 import sys
 import threading
 from hmac import compare_digest
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -560,14 +560,20 @@ def _txt2img(sd_model, prompt: str, settings: TrainSettings, seed: int, checkpoi
     return processing.process_images(p).images
 
 
+@contextmanager
 def _unet_session(sd_model):
-    """Forge's and reForge's memory managers are told what the run needs (and their LoRAs taken off); A1111 needs
-    nothing: the trainer moves the parts itself."""
+    """The last generation's LoRAs off for the run, each host its own way: Forge's and reForge's sessions load their
+    unpatched UNet patchers (and tell their memory managers what the run needs); A1111's `networks` restore, and the
+    trainer moves the parts itself (no `load_unet`)."""
     if _forge:
-        return _forge.unet_session(sd_model)
-    if _reforge_memory:
-        return reforge_unet_session(sd_model, _reforge_memory)
-    return nullcontext(None)
+        with _forge.unet_session(sd_model) as load_unet:
+            yield load_unet
+    elif _reforge_memory:
+        with reforge_unet_session(sd_model, _reforge_memory) as load_unet:
+            yield load_unet
+    else:
+        take_off_networks(sd_model)
+        yield None
 
 
 def run_training(settings: TrainSettings, job: Job) -> TrainResult:
@@ -583,10 +589,8 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
             # Forge: the chosen checkpoint, loaded now if it was not yet (it returns at once when it is)
             sd_model = sd_models.forge_model_reload()[0] if _forge else shared.sd_model
             detect(sd_model)
-            if _forge:
+            if _forge:  # its checkpoint may only just have been loaded: the model's checks preflight left out
                 engine_preflight(sd_model, settings, out_dir, job.resume is not None)
-            elif not _reforge_memory:  # reForge's LoRAs are in its UNet patchers: its session takes them off
-                take_off_networks(sd_model)
             info = getattr(sd_model, "sd_checkpoint_info", None)
             with _unet_session(sd_model) as load_unet:
                 result = train(
