@@ -6,10 +6,11 @@ gradient checkpointing, ldm's own checkpoint flags, and devices (the VAE and tex
 `ModelGuard` records all of it on entry and puts every bit back on exit, finished, interrupted or failed.
 
 Weights made under `torch.inference_mode` (Forge loads every model so, and moves models so) cannot take part in a
-backward pass. `make_ordinary` swaps them, for the run, for ordinary copies, and keeps the originals aside (in
-CPU memory, so the run does not hold two copies on the GPU); on exit the very same tensor objects go back where they
-were, still inference tensors. Whatever touches an inference tensor on exit does it inside inference mode, as
-outside it torch refuses `requires_grad_` and a move would turn the tensor into an ordinary one.
+backward pass. `make_ordinary` puts, for the run, an ordinary tensor in each one's place that views the very same
+memory (training never writes a base weight, so sharing it is safe): no second copy of the model, on the GPU or in
+CPU memory. On exit the host's own tensor objects go back, still inference tensors, over whatever memory the host
+last moved the weights to. Whatever touches an inference tensor on exit does it inside inference mode, as outside it
+torch refuses `requires_grad_` and a move would turn the tensor into an ordinary one.
 """
 from __future__ import annotations
 
@@ -26,26 +27,29 @@ _LDM_CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint")
 
 
 class ModelGuard:
-    def __init__(self, *roots: nn.Module, offload_device: str | torch.device = "cpu"):
+    def __init__(self, *roots: nn.Module):
         self.roots = [r for r in roots if isinstance(r, nn.Module)]
-        self.offload_device = torch.device(offload_device)
-        self.originals: dict[tuple[int, str, str], tuple[nn.Module, torch.Tensor, torch.device]] = {}
+        # (module, "_parameters" or "_buffers", name) -> the host's own inference tensor that was there
+        self.originals: dict[tuple[int, str, str], tuple[nn.Module, torch.Tensor]] = {}
 
     def make_ordinary(self, root: nn.Module) -> None:
-        """Swap each inference tensor under `root` for an ordinary copy (again for any that became one since:
-        a host's memory manager moving the model under inference mode does that); the first original is kept."""
+        """Put an ordinary view of each inference tensor under `root` in its place (again for any that became one
+        since: a host's memory manager moving the model under inference mode does that). The host's tensor objects
+        hold no memory meanwhile, so a move by the host frees the old memory (the GPU's, for its VAE, say)."""
+        views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one view per tensor, shared weights stay shared
         for module in root.modules():
             for kind in ("_parameters", "_buffers"):
                 for name, tensor in list(getattr(module, kind).items()):
                     if tensor is None or not tensor.is_inference():
                         continue
-                    copy = tensor.detach().clone()
-                    key = (id(module), kind, name)
-                    if key not in self.originals:
-                        self.originals[key] = (module, tensor, tensor.device)
-                        with torch.inference_mode():
-                            tensor.data = tensor.data.to(self.offload_device)
-                    getattr(module, kind)[name] = nn.Parameter(copy, requires_grad=False) if kind == "_parameters" else copy
+                    self.originals.setdefault((id(module), kind, name), (module, tensor))
+                    if id(tensor) not in views:
+                        view = _view(tensor, inference=False)
+                        views[id(tensor)] = tensor, nn.Parameter(view, requires_grad=False) if kind == "_parameters" else view
+                    getattr(module, kind)[name] = views[id(tensor)][1]
+        with torch.inference_mode():
+            for tensor, _ in views.values():
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
 
     def __enter__(self) -> "ModelGuard":
         self.modules = list({id(m): m for r in self.roots for m in r.modules()}.values())
@@ -68,9 +72,8 @@ class ModelGuard:
         back to the GPU), then name exactly what could not be put back."""
         failed: list[str] = []
         names = {id(m): name for r in self.roots for name, m in r.named_modules()}
-        for (_, kind, name), (module, original, device) in self.originals.items():
-            with torch.inference_mode():
-                original.data = original.data.to(device)
+        for (_, kind, name), (module, original) in self.originals.items():
+            _share(original, getattr(module, kind)[name])  # where the host last put the weights
             getattr(module, kind)[name] = original
 
         def attempt(what: str, module: nn.Module, restore) -> None:
@@ -91,6 +94,20 @@ class ModelGuard:
             raise LohatrainError(
                 f"training ended, but {len(failed)} part(s) of the loaded model could not be put back as they were: "
                 f"{shown}. Reload the checkpoint (choose it again in the checkpoint list) before generating.")
+
+
+def _view(tensor: torch.Tensor, inference: bool) -> torch.Tensor:
+    """A tensor over `tensor`'s memory, an inference tensor or an ordinary one as asked: what a tensor is comes from
+    the mode it is made in, not from its memory."""
+    with torch.inference_mode(inference):
+        view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def _share(target: torch.Tensor, source: torch.Tensor) -> None:
+    """Point the inference tensor `target` (the same object) at `source`'s memory, device and dtype."""
+    with torch.inference_mode():
+        target.data = _view(source, inference=True)
 
 
 def _put_forward(module: nn.Module, forward) -> None:

@@ -2,20 +2,21 @@
 `ldm_patched`, read at Panchovix/stable-diffusion-webui-reForge 3b56b26). The host adapter (lohatrain/webui/host.py)
 passes in `ldm_patched.modules.model_management`; this module imports nothing of reForge's.
 
-- reForge's Lora extension does not change weights itself: it sets `forge_objects.unet` (and
-  `forge_objects_after_applying_lora.unet`, which txt2img samples) to a clone of the unpatched UNet patcher with the
-  file's patches; loading that clone (`load_models_gpu`, under `torch.inference_mode`) merges them into the UNet's
-  weights, keeping the checkpoint's in a backup shared by every clone, and they stay merged until another clone is
-  loaded. A1111's `networks` restore (lohatrain.webui.host.take_off_networks) finds nothing to undo there.
-  So a run loads the unpatched patcher (`forge_objects_original.unet`), which puts the backup back, and gives it to
-  the previews; at the end the patcher that was loaded before is loaded again (its LoRAs merged again, as reForge's
-  next generation would) and the previews' patchers are as found (`loras_kept`, which the grid uses too).
+- reForge's Lora extension does not change weights itself: it sets `forge_objects.unet` and `.clip` (and
+  `forge_objects_after_applying_lora`, which txt2img samples) to clones of the unpatched patchers with the file's
+  patches; loading a clone (`load_models_gpu`, under `torch.inference_mode`; the text path loads
+  `forge_objects.clip.patcher` for every prompt) merges them into the weights, keeping the checkpoint's in a backup
+  shared by every clone, and they stay merged until another clone is loaded. A1111's `networks` restore
+  (lohatrain.webui.host.take_off_networks) finds nothing to undo there. So a run loads the unpatched patchers
+  (`forge_objects_original`), which puts the backups back, and gives them to the caption encoding and the previews;
+  at the end the patchers that were loaded before are loaded again (their LoRAs merged again, as reForge's next
+  generation would) and the previews' patchers are as found (`loras_kept`, which the grid uses too).
 - the manager moves the UNet to CPU memory when something else needs the room (the VAE for an image, the text
   encoder for a prompt), or loads it only in part ("lowvram": the rest stays in CPU memory and is copied in layer by
   layer). A run tells it the whole UNet must be on its device, with room for a step, before the first step and after
   every preview; a part left in CPU memory stops the run with a one-line reason.
 - its moves run under inference mode, so the weights may be inference tensors: the trainer's ModelGuard trains on
-  ordinary copies and puts the same tensors back.
+  ordinary views of the same memory and puts the same tensor objects back.
 """
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ def _patchers(objects) -> tuple:
     return objects.clip.patcher, objects.unet
 
 
-def _with_unet(objects, unet):
+def _unpatched(objects, original):
+    """`objects` with the unpatched UNet and text encoder (the checkpoint's own), as a prompt without `<lora:…>`
+    leaves them."""
     copy = objects.shallow_copy()
-    copy.unet = unet
+    copy.unet, copy.clip = original.unet, original.clip
     return copy
 
 
@@ -91,25 +94,29 @@ def _put_back(memory, model, patcher) -> None:
 
 @contextmanager
 def unet_session(sd_model, memory) -> Iterator[Callable[[], None]]:
-    """For one run: the checkpoint's own UNet weights (LoRAs taken off) whole on the GPU, and a `load_unet` for the
-    trainer; reForge's LoRA state as found at the end (`loras_kept`)."""
-    original = sd_model.forge_objects_original.unet
-    base_model = original.model
+    """For one run: the checkpoint's own UNet and text-encoder weights (the last prompt's LoRAs taken off both), the
+    UNet whole on the GPU, and a `load_unet` for the trainer; reForge's LoRA state as found at the end
+    (`loras_kept`)."""
+    original = sd_model.forge_objects_original
+    base_model = original.unet.model
     size = memory.module_size(base_model.diffusion_model)
 
     def load_unet() -> None:
         with torch.inference_mode():  # as reForge's own loads run: what it moves becomes inference tensors
-            memory.load_models_gpu([original], memory_required=int(STEP_MEMORY_FACTOR * size))
-        if base_model.model_lowvram or base_model.device != original.load_device:
+            memory.load_models_gpu([original.unet], memory_required=int(STEP_MEMORY_FACTOR * size))
+        if base_model.model_lowvram or base_model.device != original.unet.load_device:
             raise LohatrainError(
                 "reForge could not fit the whole UNet in GPU memory next to what a training step needs, so it would "
                 "keep part of it in CPU memory, which a training step cannot follow: lower the batch size or the "
                 "resolution, turn on gradient checkpointing, or close other programs using the GPU")
 
     with loras_kept(sd_model, memory):
-        # txt2img samples `forge_objects_after_applying_lora` (the last prompt's LoRAs), even for the previews, which
-        # turn extra networks off: the unpatched UNet for the run, so previews show the network alone.
-        sd_model.forge_objects = _with_unet(sd_model.forge_objects, original)
-        sd_model.forge_objects_after_applying_lora = _with_unet(sd_model.forge_objects_after_applying_lora, original)
+        # reForge's text path loads `forge_objects.clip.patcher` and txt2img samples `forge_objects_after_applying_lora`
+        # (the last prompt's LoRAs, even for the previews, which turn extra networks off): the unpatched patchers for
+        # the run, so captions encode and previews show the checkpoint with the network alone.
+        sd_model.forge_objects = _unpatched(sd_model.forge_objects, original)
+        sd_model.forge_objects_after_applying_lora = _unpatched(sd_model.forge_objects_after_applying_lora, original)
+        with torch.inference_mode():  # the text encoder's merged LoRA out of its weights before anything reads them
+            memory.load_models_gpu([original.clip.patcher])
         load_unet()
         yield load_unet

@@ -171,7 +171,7 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
     guarded = [unet] if managed else [model, unet, vae, text_encoder]
     load_unet = load_unet or (lambda: None)
     with ExitStack() as stack:
-        guard = stack.enter_context(ModelGuard(*guarded, offload_device=offload_device))
+        guard = stack.enter_context(ModelGuard(*guarded))
         stack.enter_context(_determinism(settings.deterministic and device.type == "cuda"))
         guard.disable_ldm_checkpointing()
         for root in guard.roots:

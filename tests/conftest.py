@@ -52,3 +52,24 @@ def browser():
             "--disable-sync", "--no-first-run"])
         yield b
         b.close()
+
+
+def _live_tensor_bytes() -> int:
+    """The memory every tensor alive in this process holds, each storage counted once."""
+    import gc
+
+    import torch
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+@pytest.fixture
+def live_tensor_bytes():
+    """A function that measures what all live tensors hold (each storage once): a run holding a second copy of
+    the model's weights shows as that much more memory."""
+    return _live_tensor_bytes

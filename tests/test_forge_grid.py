@@ -114,6 +114,17 @@ def test_previews_on_forge_show_the_network_alone_and_leave_the_model_as_found(f
     assert np.abs(step4 - txt2img("blue circle <lora:users:40> <lora:previewed:1>", seed=11)).max() > 8
 
 
+def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(forge, sample_dataset):
+    """The fixture's last generation applied the user's LoRA to the UNet and the text encoder: the run's captions
+    encode as after a plain generation (the same step-1 loss), and the LoRA is back afterwards."""
+    assert forge.engine.forge_objects_after_applying_lora.clip.patcher.lora_patches
+    before = as_found(forge.engine)
+    after_lora = run(forge, sample_dataset, "after-lora", steps=1).losses[0]
+    assert as_found(forge.engine) == before
+    txt2img("a photo", seed=1)
+    assert after_lora == run(forge, sample_dataset, "after-plain", steps=1).losses[0]
+
+
 @pytest.fixture
 def trained(forge, sample_dataset):
     """A run saved at steps 2 and 4 in the Lora folder, trained through the host on Forge."""

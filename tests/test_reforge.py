@@ -24,8 +24,10 @@ import reforge_host  # noqa: E402
 from ldm_patched.modules import model_management as memory  # noqa: E402
 from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from users_loras import text_encoder_lora  # noqa: E402
 
 from lohatrain.errors import LohatrainError  # noqa: E402
+from lohatrain.jobs import Job  # noqa: E402
 from lohatrain.families import detect  # noqa: E402
 from lohatrain.reforge import unet_session  # noqa: E402
 from lohatrain.settings import TrainSettings  # noqa: E402
@@ -168,6 +170,25 @@ def test_a_unet_left_in_cpu_memory_is_loaded_whole_for_the_run_and_unloaded_afte
     assert reforge_state(sd_model) == before and parameter_objects(sd_model) == objects
 
 
+def test_a_run_holds_no_second_copy_of_reforges_weights(sample_dataset, tmp_path, live_tensor_bytes):
+    """After a generation reForge's weights are inference tensors; the run trains on those very weights (issue: the
+    real reForge kept about 3 GB more after runs)."""
+    sd_model = reforge_host.load_model_for_a1111("sd1")
+    reforge_host.txt2img(sd_model, "blue circle")
+    unet_bytes = memory.module_size(sd_model.forge_objects_original.unet.model)
+    before, during = live_tensor_bytes(), []
+
+    def on_step(step, network):
+        with torch.inference_mode():  # the host moves the UNet meanwhile, as for a preview on a small GPU
+            memory.unload_all_models()
+        during.append(live_tensor_bytes() - before)
+
+    with unet_session(sd_model, memory) as load_unet:
+        train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    assert max(during) < unet_bytes / 2, (max(during), unet_bytes)  # the network, its optimizer, the latents
+    assert live_tensor_bytes() - before < unet_bytes / 2  # and nothing of the run is kept afterwards
+
+
 def test_a_unet_reforge_would_load_only_in_part_is_refused_and_left_as_found(sample_dataset, tmp_path):
     sd_model = reforge_host.load_model_for_a1111("sd1")
     reforge_host.txt2img(sd_model, "blue circle")
@@ -297,11 +318,12 @@ def reforge_txt2img(reforge_job_host, monkeypatch):
 
 def generate(prompt: str, **kwargs) -> np.ndarray:
     """One 64 px image through the host's txt2img (reForge's, here), as a user would make it."""
-    from modules import processing
+    from modules import processing, scripts
 
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, seed=5, steps=3, sampler_name="DPM++ 2M",
                                                     width=64, height=64, do_not_save_grid=True,
                                                     do_not_save_samples=True, **kwargs)
+    p.scripts = scripts.ScriptRunner()  # the host's txt2img tab and route always give one
     (image,) = processing.process_images(p).images
     return np.asarray(image, dtype=np.int16)
 
@@ -336,6 +358,45 @@ def test_the_grid_on_reforge_is_its_own_images_and_leaves_its_lora_state_as_foun
     assert all(np.array_equal(row[0], plain) for row in rows)  # the no-LoRA column is reForge's plain txt2img
     assert not np.array_equal(rows[1][2], plain) and not np.array_equal(rows[1][2], with_users)
     np.testing.assert_array_equal(rows[1][2], generate("blue circle <lora:grid-run:1>"))
+
+
+def test_previews_on_reforge_go_through_its_txt2img_and_the_run_writes_its_file(reforge_txt2img, sample_dataset):
+    """reForge's processing reads `p.scripts` unchecked: a preview without a scripts runner ended the run in error
+    after step 1, with no file written."""
+    host, sd_model, lora_dir = reforge_txt2img
+    settings = settings_for(sample_dataset, lora_dir, name="previewed", steps=2, preview_every_steps=1,
+                            preview_steps=3, preview_prompts=["blue circle"])
+    job = Job("previewed", settings)
+    result = host.run_training(settings, job)
+    assert result.status == "done" and result.file == lora_dir / "previewed.safetensors" and result.file.is_file()
+    previews = sorted((lora_dir / "previewed.previews").glob("step-*.png"))
+    assert [p.name for p in previews] == ["step-000001.png", "step-000002.png"]
+    assert Path(job.preview) == previews[-1]
+
+
+def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(reforge_txt2img, sample_dataset):
+    """The real reForge: step-1 loss 0.99362 right after a `<lora:…>` generation with text-encoder layers, 1.11601
+    after a plain one. Its text path loads `forge_objects.clip.patcher`, the last prompt's LoRA clone."""
+    host, sd_model, lora_dir = reforge_txt2img
+    users = {**a_users_lora(sd_model), **text_encoder_lora(sd_model.cond_stage_model.wrapped.transformer)}
+    save_file(users, str(lora_dir / "users.safetensors"))
+    settings = settings_for(sample_dataset, lora_dir, steps=1)
+
+    def first_loss(name: str) -> float:
+        run = dataclasses.replace(settings, name=name)
+        return host.run_training(run, Job(name, run)).losses[0]
+
+    generate("blue circle <lora:users:1>")
+    assert sd_model.forge_objects.clip.patcher.patches  # reForge merged the user's text-encoder LoRA
+    after_lora = first_loss("after-lora")
+    generate("blue circle")
+    assert after_lora == first_loss("after-plain")
+    generate("blue circle <lora:users:1>")
+    with_users = sd_model.get_learned_conditioning(["blue circle"])
+    after_lora_again = first_loss("after-lora-again")
+    # and it is back afterwards: the next encoding applies the user's LoRA as before the run
+    assert after_lora_again == after_lora
+    torch.testing.assert_close(sd_model.get_learned_conditioning(["blue circle"]), with_users, rtol=0, atol=0)
 
 
 def test_a_file_a_run_rewrote_is_read_again_after_the_lora_list_refresh(reforge_txt2img):

@@ -268,6 +268,31 @@ def test_loha_in_prompt_changes_image_and_weights_come_back_exactly(webui):
     assert all(torch.equal(current[k], v) for k, v in pure.items()), "weights must be restored bit-exactly"
 
 
+def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(webui, sample_dataset):
+    """The last generation's LoRA on the text encoder (A1111 merges it into the weights while the prompt encodes)
+    changes nothing in the run: the same step-1 loss as after a plain generation."""
+    from test_engine import settings_for
+    from users_loras import text_encoder_lora
+
+    from lohatrain.jobs import Job
+    from lohatrain.webui import host
+
+    model = loaded(webui)
+    save_file(text_encoder_lora(model.cond_stage_model.wrapped.transformer), str(webui / "Lora" / "users.safetensors"))
+    networks.list_available_networks()
+    settings = settings_for(sample_dataset, webui / "unused", steps=1)
+
+    def first_loss(name: str) -> float:
+        run = dataclasses.replace(settings, name=name)
+        return host.run_training(run, Job(name, run)).losses[0]
+
+    with_lora = generate("blue circle <lora:users:1>")
+    after_lora = first_loss("after-lora")
+    plain = generate("blue circle")
+    assert not np.array_equal(pixels(with_lora), pixels(plain))  # the LoRA did change the text encoder
+    assert after_lora == first_loss("after-plain")
+
+
 def test_network_weights_change_lazily_as_in_the_host(webui):
     """load_networks() only chooses; a layer's weights change when it runs. Restoring is an in-place copy
     outside no_grad, so it fails on parameters that require grad while grad mode is on."""

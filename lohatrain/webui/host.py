@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from modules import call_queue, devices, processing, sd_models, sd_samplers, shared
+from modules import call_queue, devices, processing, scripts, sd_models, sd_samplers, shared
 
 from .. import captions
 from .. import dataset as ds
@@ -557,6 +557,9 @@ def _txt2img(sd_model, prompt: str, settings: TrainSettings, seed: int, checkpoi
         height=settings.resolution, do_not_save_grid=True, do_not_save_samples=True,
         override_settings={"sd_model_checkpoint": checkpoint_title})
     p.disable_extra_networks = not extra_networks
+    # reForge's processing reads `p.scripts` unchecked: a runner as the host's txt2img route gives one, but with no
+    # scripts, so other extensions' always-on scripts (ControlNet, ADetailer…) leave previews and grid cells alone.
+    p.scripts = scripts.ScriptRunner()
     return processing.process_images(p).images
 
 

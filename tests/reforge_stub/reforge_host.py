@@ -1,10 +1,12 @@
 """reForge `main`'s side of a loaded model's life (Panchovix/stable-diffusion-webui-reForge at 3b56b26), for the tiny
 ldm models of lohatrain.demo: loading (modules_forge/forge_loader.py `load_model_for_a1111`), its text wrappers
-(modules_forge/forge_clip.py), its Lora extension (extensions-builtin/Lora/networks.py `load_networks`) and a txt2img
+(modules_forge/forge_clip.py), its Lora extension (extensions-builtin/Lora/networks.py `load_networks`,
+ldm_patched/modules/sd.py `load_lora_for_models`) and a txt2img
 pass (modules/processing.py `process_images_inner` with modules_forge/forge_sampler.py `sampling_prepare`).
 
 What a run meets there, reproduced: A1111's LatentDiffusion whose `model.diffusion_model` is the UNet the patcher
-holds (`forge_objects.unet.model.diffusion_model`); a LoRA merged into the UNet's weights by loading a patched clone
+holds (`forge_objects.unet.model.diffusion_model`); a LoRA merged into the UNet's and the text encoder's weights by
+loading patched clones (the text encoder's when a prompt is encoded: forge_clip loads `forge_objects.clip.patcher`)
 and left merged after the generation; `forge_objects_after_applying_lora`, which txt2img samples even with extra
 networks off; a txt2img pass under `torch.inference_mode`, whose loads and moves make the weights inference tensors;
 a VAE and a text encoder that load themselves through the memory manager (and so may unload the UNet);
@@ -18,7 +20,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_patched.modules import model_management
-from ldm_patched.modules.lora import load_lora, model_lora_keys_unet
+from ldm_patched.modules.lora import load_lora, model_lora_keys_clip, model_lora_keys_unet
 from ldm_patched.modules.model_patcher import ModelPatcher
 
 
@@ -53,16 +55,24 @@ class ForgeSD:
 
 
 class Part:
-    """ldm_patched's CLIP / VAE: a model and its patcher."""
+    """ldm_patched's CLIP / VAE (ldm_patched/modules/sd.py): a model and its patcher; a clone shares the model and
+    clones the patcher, and the CLIP's `add_patches` are its patcher's."""
 
     def __init__(self, model):
         self.model = model
         self.patcher = ModelPatcher(model, model_management.gpu, model_management.cpu)
 
+    @property
+    def cond_stage_model(self):
+        return self.model
+
     def clone(self):
         n = Part.__new__(Part)
         n.model, n.patcher = self.model, self.patcher.clone()
         return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
 
 
 class FakeObject:
@@ -193,19 +203,35 @@ def load_networks(sd_model, loras):
 
 def apply_loras(sd_model, targets, read):
     """networks.py `load_networks` once the files are found: `targets` is [(file, unet multiplier, te multiplier)];
-    nothing changes when they are the last prompt's, else the unpatched patcher is cloned with every file's patches
-    (`read(file)`'s tensors, ComfyUI's key rules) at its UNet multiplier. Text-encoder patches are left out."""
+    nothing changes when they are the last prompt's, else the unpatched UNet and CLIP patchers are cloned with every
+    file's patches (`read(file)`'s tensors) at their multipliers (`load_lora_for_models`)."""
     lora_hash = str([list(target) for target in targets])
     if sd_model.current_lora_hash == lora_hash:
         return
     sd_model.current_lora_hash = lora_hash
-    sd_model.forge_objects.unet = sd_model.forge_objects_original.unet
-    for file, unet_multiplier, _ in targets:
-        unet = sd_model.forge_objects.unet.clone()
-        patches, _ = load_lora(read(file), model_lora_keys_unet(unet.model))
-        unet.add_patches(patches, unet_multiplier)
-        sd_model.forge_objects.unet = unet
-    sd_model.forge_objects_after_applying_lora = sd_model.forge_objects.shallow_copy()
+    objects, original = sd_model.forge_objects, sd_model.forge_objects_original
+    objects.unet, objects.clip = original.unet, original.clip
+    for file, unet_multiplier, te_multiplier in targets:
+        objects.unet, objects.clip = load_lora_for_models(objects.unet, objects.clip, read(file), unet_multiplier,
+                                                          te_multiplier)
+    sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
+
+
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    """ldm_patched/modules/sd.py: one key map of the UNet's and the CLIP's keys (ComfyUI's rules; a part at strength 0
+    is left out), the file's patches, and clones of both patchers given them (each keeps the keys it has)."""
+    key_map = {}
+    if strength_model != 0:
+        key_map = model_lora_keys_unet(model.model, key_map)
+    if strength_clip != 0:
+        key_map = model_lora_keys_clip(clip.cond_stage_model, key_map)
+    if not key_map:
+        return model, clip
+    loaded, _ = load_lora(lora, key_map)
+    new_model, new_clip = model.clone(), clip.clone()
+    new_model.add_patches(loaded, strength_model)
+    new_clip.add_patches(loaded, strength_clip)
+    return new_model, new_clip
 
 
 @torch.inference_mode()

@@ -14,8 +14,10 @@ Written from reForge at 3b56b26: modules/processing.py (`process_images_inner`) 
 - the Lora extension: names looked up in A1111's list (refreshed for a name it does not know), the hash of [file,
   UNet multiplier, text-encoder multiplier] that skips rebuilding when it equals the last prompt's
   (reforge_host.apply_loras), and its cache of the last five files read, by name (`load_lora_state_dict`).
-Left out: the checkpoint reload, text-encoder patches, reForge's samplers (the
-WebUI stand-in's DDIM through `apply_model`), scripts, hires fix, infotexts.
+- `p.scripts.alwayson_scripts` is read in every batch without checking `p.scripts` (processing.py line 1065): a
+  `p` without a scripts runner fails there with AttributeError.
+Left out: the checkpoint reload, reForge's samplers (the WebUI stand-in's DDIM through `apply_model`), the scripts'
+other hooks, hires fix, infotexts.
 """
 import functools
 import sys
@@ -67,6 +69,8 @@ def process_images_inner(p):
             p.parse_extra_network_prompts()
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
+            # reForge looks up its "advanced model sampling" script without checking that `p.scripts` is set
+            next((x for x in p.scripts.alwayson_scripts if x.name == "advanced model sampling for reforge"), None)
             model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
             p.setup_conds()
             model_management.load_models_gpu([model.forge_objects.unet])  # sampling_prepare

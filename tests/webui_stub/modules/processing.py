@@ -123,6 +123,7 @@ class StableDiffusionProcessing:
         self.extra_generation_params = self.extra_generation_params or {}
         self.override_settings = self.override_settings or {}
         self.scripts = None
+        self.script_args = []
         if not self.seed_enable_extras:
             self.subseed, self.subseed_strength, self.seed_resize_from_h, self.seed_resize_from_w = -1, 0, 0, 0
 
@@ -294,6 +295,8 @@ def create_infotext(p, all_prompts, all_seeds, index=0):
 
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
+    if p.scripts is not None:
+        p.scripts.before_process(p)
     stored_opts = {k: opts.data[k] if k in opts.data else opts.get_default(k) for k in p.override_settings if k in opts.data}
     try:
         if sd_models.checkpoint_aliases.get(p.override_settings.get('sd_model_checkpoint')) is None:
@@ -324,6 +327,9 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
     p.all_seeds = [int(seed) + (x if p.subseed_strength == 0 else 0) for x in range(len(p.all_prompts))]
     p.all_subseeds = [int(subseed) + x for x in range(len(p.all_prompts))]
 
+    if p.scripts is not None:
+        p.scripts.process(p)
+
     infotexts, output_images = [], []
     with torch.no_grad():
         if state.job_count == -1:
@@ -344,9 +350,14 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             if len(p.prompts) == 0:
                 break
 
+            if p.scripts is not None:
+                p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
+                                               subseeds=p.subseeds)
             p.parse_extra_network_prompts()
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
+            if p.scripts is not None:
+                p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
 
             p.setup_conds()
             for comment in sd_hijack.model_hijack.comments:
@@ -382,5 +393,8 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
         extra_networks.deactivate(p, p.extra_network_data)
     devices.torch_gc()
 
-    return Processed(p, images_list=output_images, seed=p.all_seeds[0], info=infotexts[0],
-                     subseed=p.all_subseeds[0], index_of_first_image=index_of_first_image, infotexts=infotexts)
+    res = Processed(p, images_list=output_images, seed=p.all_seeds[0], info=infotexts[0],
+                    subseed=p.all_subseeds[0], index_of_first_image=index_of_first_image, infotexts=infotexts)
+    if p.scripts is not None:
+        p.scripts.postprocess(p, res)
+    return res
