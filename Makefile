@@ -43,7 +43,7 @@ STOCK_TESTS := tests/test_engine.py tests/test_network.py tests/test_methods.py 
 # What differs by model family, by operating system or only in lohatrain's own logic (refusal messages) runs
 # once, above: STOCK_SKIP.
 STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or another_model or damaged_state \
-	or keeps_the_runs_settings or latest_save or saved_demo or lowers_the_loss or same_seed_gives \
+	or keeps_the_runs_settings or any_file_a_run_saved or saved_demo or lowers_the_loss or same_seed_gives \
 	or a_lycoris_that or pip_failure or torch_too_old or does_not_divide or help_lists or options_override \
 	or progress_bar or process_that_dies
 test-stock: $(STOCK_STAMP)

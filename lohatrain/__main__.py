@@ -92,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                                         "else cpu; the demo: cpu)")
     model.add_argument("--config", type=Path, metavar="FILE", help="settings JSON (as saved beside every trained file)")
     model.add_argument("--resume", type=Path, metavar="PATH",
-                       help="go on with a stopped run: its .lohatrain-state, or the .safetensors it was saved with "
-                            "(its settings come from the state; --output-dir and --steps may move or extend it)")
+                       help="go on with a stopped run: its .lohatrain-state, or any .safetensors it saved (the run "
+                            "goes on from its state's step, with its own settings; --output-dir and --steps may "
+                            "move or extend it)")
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
@@ -119,6 +120,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
     settings = None
     try:
         resume = read_state(args.resume) if args.resume else None
+        if resume and resume.note and ranks.main:
+            print(resume.note, flush=True)
         if args.checkpoint:
             model, settings, model_name, model_hash = _checkpoint_run(args, resume)
         else:

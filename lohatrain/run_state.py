@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class SavedRun:
     path: Path
     tensors: dict[str, torch.Tensor]
     info: dict
+    note: str = ""  # for whoever resumes a `.safetensors`: the state, and the step, the run goes on from
 
     @property
     def step(self) -> int:
@@ -197,18 +199,10 @@ def write_state(path: Path, loop: LoopState, record: RunRecord, streams: dict | 
 
 
 def read_state(path: str | Path) -> SavedRun:
-    """A state file, or the `.safetensors` of a run whose state lies beside it (the state must be from the
-    same step as that file: only the latest save's state is kept)."""
+    """A state file, or a `.safetensors` of a run whose state lies beside it (see `_state_of_file`)."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors":
-        steps, name = _file_steps_and_name(path)
-        state_path = path.with_name(name + STATE_SUFFIX)
-        saved = read_state(state_path)
-        if saved.step != steps:
-            raise LohatrainError(f"{path.name} was saved at step {steps}, but the run's state "
-                                 f"({state_path.name}) is at step {saved.step}: only the latest save can be "
-                                 f"resumed; resume {state_path.name} instead")
-        return saved
+        return _state_of_file(path)
     if not path.is_file():
         raise LohatrainError(f"there is no saved state {path.name} to resume")
     try:
@@ -223,13 +217,35 @@ def read_state(path: str | Path) -> SavedRun:
     return SavedRun(path, tensors, info)
 
 
-def _file_steps_and_name(path: Path) -> tuple[int, str]:
+def _state_of_file(path: Path) -> SavedRun:
+    """The state of the run that wrote `path`. Only the run's latest state is kept, and it is written before each
+    file, so any file of the run has it at the file's step or later: the run goes on from the state's step and
+    ends in the same file. A state of another run of that name, or older than the file, is refused."""
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        return int(meta["ss_steps"]), meta["ss_output_name"]
+        steps, name = int(meta["ss_steps"]), meta["ss_output_name"]
+        file_run = int(meta["ss_training_started_at"]), int(meta["ss_seed"])
     except (SafetensorError, OSError, KeyError, ValueError):
         raise LohatrainError(f"{path.name} is not a file lohatrain wrote, so it has no state to resume") from None
+    state_path = path.with_name(name + STATE_SUFFIX)
+    saved = read_state(state_path)
+    state_run = saved.info["run"]["started_at"], saved.info["run"]["seed"]
+    if file_run != state_run:
+        raise LohatrainError(f"{path.name} is from another run than {state_path.name} (the file's run started "
+                             f"{_when(file_run[0])} with seed {file_run[1]}, the state's {_when(state_run[0])} with "
+                             f"seed {state_run[1]}), so it cannot be resumed; start a new run from it (init_from)")
+    if saved.step < steps:
+        raise LohatrainError(f"{path.name} was saved at step {steps}, but its run's state ({state_path.name}) is "
+                             f"older, at step {saved.step}; resume {state_path.name} to go on from step "
+                             f"{saved.step}, or start a new run from the file (init_from)")
+    saved.note = ((f"{path.name} is from step {steps}; " if saved.step > steps else "")
+                  + f"the run continues from its state {state_path.name} at step {saved.step}")
+    return saved
+
+
+def _when(started_at: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at))
 
 
 def list_resumable(folder: str | Path) -> list[dict]:

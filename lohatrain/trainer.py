@@ -279,9 +279,9 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
                     ready_unet()
                 if (settings.save_every_steps and step % settings.save_every_steps == 0 and step < settings.steps
                         and ranks.main):
+                    save_state()  # before the file: every file on disk has its run's state at its step or later
                     files.append(save_network(plan.intermediate(step), network.file_tensors(save_dtype),
                                               make_metadata(step), overwrite=settings.overwrite or resume is not None))
-                    save_state()
 
             step = loop.step
             final, metadata = None, {}
@@ -289,15 +289,16 @@ def _train(model, settings, output_dir, encode_prompts, model_name, model_hash, 
             if step > 0 and ranks.main:
                 report(Progress("Saving", step, settings.steps))
                 metadata = make_metadata(step)
+                keep_state = status == "interrupted" or settings.keep_state
+                if keep_state:
+                    save_state()  # before the file, as for every save
                 final = save_network(plan.final, network.file_tensors(save_dtype), metadata,
                                      overwrite=settings.overwrite or resume is not None)
                 files.append(final)
                 write_sidecars(plan, settings, seed, activation_text=activation_text,
                                notes=f"Trained with lohatrain on {model_name}, {step} steps, seed {seed}.",
                                sd_version=family.card_version)
-                if status == "interrupted" or settings.keep_state:
-                    save_state()
-                else:
+                if not keep_state:
                     plan.state_file.unlink(missing_ok=True)
             ranks.barrier()  # every process ends once rank 0 has written
         except (Exception, KeyboardInterrupt) as failure:

@@ -4,12 +4,14 @@ from a file of the same type and size."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -112,12 +114,33 @@ def test_resume_is_exact_in_fp16_with_its_loss_scaler(tiny_model, sample_dataset
     assert resume_run(copy.deepcopy(tiny_model), tmp_path / "stopped").file.read_bytes() == reference.file.read_bytes()
 
 
-def test_the_safetensors_of_the_latest_save_resumes_an_older_one_is_refused(tiny_model, sample_dataset, tmp_path):
+def test_any_file_a_run_saved_resumes_from_its_state_another_runs_or_an_older_state_is_refused(
+        tiny_model, sample_dataset, tmp_path, monkeypatch):
     kw = dict(steps=6, save_every_steps=2)
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, **kw), **stopping_at(4))
-    assert read_state(tmp_path / "test-loha-4.safetensors").step == 4
-    with pytest.raises(LohatrainError, match="only the latest save can be resumed"):
-        read_state(tmp_path / "test-loha-2.safetensors")
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "run", **kw), **stopping_at(4))
+    assert read_state(tmp_path / "run" / "test-loha-4.safetensors").step == 4
+    older = read_state(tmp_path / "run" / "test-loha-2.safetensors")
+    assert older.step == 4
+    assert older.note == ("test-loha-2.safetensors is from step 2; the run continues from its state "
+                          "test-loha.lohatrain-state at step 4")
+
+    # The same run's state from step 2 copied over the newer one: it does not hold the step-4 file's weights.
+    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "early", **kw), **stopping_at(2))
+    shutil.copy(tmp_path / "early" / "test-loha.lohatrain-state", tmp_path / "run")
+    with pytest.raises(LohatrainError, match=r"test-loha-4.safetensors was saved at step 4, but its run's state "
+                                             r"\(test-loha.lohatrain-state\) is older, at step 2"):
+        read_state(tmp_path / "run" / "test-loha-4.safetensors")
+    assert read_state(tmp_path / "run" / "test-loha-2.safetensors").step == 2
+
+    # Another run of the name (started later, or with another seed) replaced the state: the old files are refused.
+    for folder, seed, started_at in (("later", 7, "1700000600"), ("reseeded", 8, "1700000000")):
+        monkeypatch.setenv("SOURCE_DATE_EPOCH", started_at)
+        train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / folder, seed=seed, **kw),
+              **stopping_at(4))
+        shutil.copy(tmp_path / folder / "test-loha.lohatrain-state", tmp_path / "run")
+        with pytest.raises(LohatrainError, match=f"test-loha-2.safetensors is from another run than "
+                                                 f"test-loha.lohatrain-state .*with seed {seed}"):
+            read_state(tmp_path / "run" / "test-loha-2.safetensors")
 
 
 def test_a_changed_dataset_is_refused_with_the_files_named_unless_resumed_anyway(tiny_model, sample_dataset,
@@ -195,20 +218,42 @@ def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_a_killed_command_line_leaves_only_whole_files_and_resumes_to_the_same_file(tmp_path):
-    """SIGKILL while a file is being written (every write made slow); then --resume finishes the run."""
-    from lohatrain.__main__ import main
+DEMO_RUN = ["train", "--demo", "--steps", "8"]
 
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, bytes]:
+    """The demo's settings with a save every 2 steps (images in one shared folder), and the final file of an
+    uninterrupted run of them."""
+    from lohatrain.__main__ import demo_settings, main
+
+    folder = tmp_path_factory.mktemp("demo")
+    config = folder / "demo.json"
+    config.write_text(json.dumps({**demo_settings(folder / "images", folder).to_dict(), "save_every_steps": 2}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        assert main([*DEMO_RUN, "--output-dir", str(folder / "whole"), "--config", str(config)]) == 0
+    return config, (folder / "whole" / "demo-loha.safetensors").read_bytes()
+
+
+def run_command_line(*args, wrapper: tuple = (), background: bool = False, **kwargs):
+    """`python -m lohatrain train --demo --steps 8 ARGS` in another process; or, with wrapper=(SCRIPT,
+    *SCRIPT_ARGS), `python -c SCRIPT SCRIPT_ARGS train --demo --steps 8 ARGS`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
-    base = [sys.executable, "-m", "lohatrain", "train", "--demo", "--steps", "8"]
-    assert main([*base[3:], "--output-dir", str(tmp_path / "whole"), "--config", str(_demo_config(tmp_path))]) == 0
+    command = [sys.executable, "-c", *map(str, wrapper)] if wrapper else [sys.executable, "-m", "lohatrain"]
+    run = subprocess.Popen if background else partial(subprocess.run, timeout=300)
+    return run([*command, *DEMO_RUN, *map(str, args)], cwd=REPO, env=env, **kwargs)
+
+
+def test_a_killed_command_line_leaves_only_whole_files_and_resumes_to_the_same_file(demo_run, tmp_path):
+    """SIGKILL while a file is being written (every write made slow); then --resume finishes the run."""
+    config, whole = demo_run
     out = tmp_path / "killed"
     slow_writes = ("import os, sys, time; fsync = os.fsync; "
                    "os.fsync = lambda fd: (time.sleep(0.5), fsync(fd))[1]; "
                    "from lohatrain.__main__ import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.Popen([sys.executable, "-c", slow_writes, *base[3:], "--output-dir", str(out), "--config",
-                             str(_demo_config(tmp_path))], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = run_command_line("--output-dir", out, "--config", config, wrapper=(slow_writes,), background=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not any(out.glob(".demo-loha-4.safetensors.*.tmp")) and time.monotonic() < deadline:
@@ -220,24 +265,52 @@ def test_a_killed_command_line_leaves_only_whole_files_and_resumes_to_the_same_f
     for path in out.glob("*.safetensors"):
         load_file(path)  # whole: every .safetensors there opens
     assert not (out / "demo-loha-4.safetensors").exists()
-    resumed = subprocess.run([*base, "--resume", str(out / "demo-loha-2.safetensors")], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = run_command_line("--resume", out / "demo-loha-2.safetensors", capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert (out / "demo-loha.safetensors").read_bytes() == (tmp_path / "whole" / "demo-loha.safetensors").read_bytes()
+    assert (out / "demo-loha.safetensors").read_bytes() == whole
     assert not list(out.glob(".*.tmp"))  # what the killed writer left was cleared
 
 
-def _demo_config(tmp_path: Path) -> Path:
-    """The demo's settings with a save every 2 steps, images in one shared folder."""
-    import json
+# The command line (sys.argv[3:]), killed right after the Nth whole write (N: sys.argv[2]) of the file named
+# sys.argv[1], as a power cut or a killed WebUI would stop it between two writes.
+KILL_AFTER_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from lohatrain import output, run_state
+name, nth, write, written = sys.argv[1], int(sys.argv[2]), output.write_atomically, []
 
-    from lohatrain.__main__ import demo_settings
+def write_then_die(path, content, overwrite):
+    write(path, content, overwrite)
+    written.append(Path(path).name)
+    if written.count(name) == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    config = tmp_path / "demo.json"
-    if not config.exists():
-        settings = demo_settings(tmp_path / "images", tmp_path)
-        config.write_text(json.dumps({**settings.to_dict(), "save_every_steps": 2}))
-    return config
+output.write_atomically = run_state.write_atomically = write_then_die
+from lohatrain.__main__ import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("killed_after, nth, newest", [
+    ("demo-loha.lohatrain-state", 2, "demo-loha-2.safetensors"),  # the state of step 4, before its file
+    ("demo-loha-4.safetensors", 1, "demo-loha-4.safetensors"),  # the file of step 4
+], ids=["after-the-state", "after-the-file"])
+def test_a_killed_command_line_resumes_from_the_newest_file_on_disk(demo_run, tmp_path, killed_after, nth,
+                                                                    newest):
+    """Killed between the two writes of the save at step 4, or right after both: the newest .safetensors there
+    resumes (the run's state is already at step 4) and the run ends in the uninterrupted run's file."""
+    config, whole = demo_run
+    out = tmp_path / "killed"
+    killed = run_command_line("--output-dir", out, "--config", config, wrapper=(KILL_AFTER_WRITE, killed_after, nth),
+                              capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    on_disk = max(out.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert on_disk.name == newest
+    resumed = run_command_line("--resume", on_disk, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the run continues from its state demo-loha.lohatrain-state at step 4" in resumed.stdout
+    assert (out / "demo-loha.safetensors").read_bytes() == whole
+    assert not (out / "demo-loha.lohatrain-state").exists()
 
 
 def test_a_saved_demo_run_repeats_from_its_settings_file_even_without_its_images(tmp_path, capsys):
