@@ -140,13 +140,15 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
 
 
 def network_module_and_args(settings: TrainSettings) -> tuple[str, dict[str, str]]:
-    """What kohya's tools and the WebUI's Lora tab read about the type: a plain LoRA is kohya's own
-    `networks.lora`; LyCORIS' types are `lycoris.kohya` with their `algo` (LoCon is LyCORIS' "locon")."""
+    """What kohya's tools and the WebUI's Lora tab read about the type. A plain LoRA is kohya's own
+    `networks.lora`; the other types, and every type with DoRA (which kohya's module lacks), are LyCORIS'
+    `lycoris.kohya` with its `algo` name (lora, locon, loha, lokr). DoRA adds `dora_wd` and `wd_on_output`
+    "False": our `dora_scale` is per input channel (the WebUI's axis), LyCORIS' default is per output."""
     method = settings.training_method
     args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)} if settings.conv_dim else {}
     if settings.dora:
-        args["dora_wd"] = "True"
-    if method == "lora":
+        args.update(dora_wd="True", wd_on_output="False")
+    elif method == "lora":
         return "networks.lora", args
     args["algo"] = method
     if method == "lokr":

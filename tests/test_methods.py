@@ -1,20 +1,23 @@
 """Every network type on the tiny real SD1 model: it learns, its file reproduces the trained model when applied
 with the published formula (tests/host_rules.py, written independently of lohatrain), runs repeat byte for
-byte, and the metadata names the type as kohya's tools and the WebUI's Lora tab read it. The same files on SD2
-and SDXL through the host stand-in's own loaders: tests/test_webui_stub.py."""
+byte, and the metadata names the type as kohya's tools (with LyCORIS' `lycoris.kohya`) and the WebUI's Lora tab
+read it. The same files on SD2 and SDXL through the host stand-in's own loaders: tests/test_webui_stub.py."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from lohatrain.trainer import train
 
-from host_rules import apply_file
+from host_rules import apply_file, delta, group_keys, module_map, resolve
 from test_engine import denoising_loss, settings_for
 
 TYPES = [("lora", False), ("locon", False), ("lokr", False), ("lora", True), ("locon", True), ("loha", True)]
@@ -61,19 +64,79 @@ def test_each_type_repeats_byte_for_byte(tiny_model, sample_dataset, tmp_path, m
     assert files[0] == files[1]
 
 
+# kohya's `networks.lora` has no DoRA, so a LoRA with DoRA is LyCORIS' `lycoris.kohya` with `algo` "lora" (LyCORIS'
+# name for plain LoRA; LoCon is its "locon"), and DoRA says which axis `dora_scale` is on: ours is per input
+# channel, LyCORIS' default per output.
 @pytest.mark.parametrize("method,dora,module,algo", [
     ("lora", False, "networks.lora", None), ("locon", False, "lycoris.kohya", "locon"),
-    ("loha", True, "lycoris.kohya", "loha"), ("lokr", False, "lycoris.kohya", "lokr")])
+    ("lokr", False, "lycoris.kohya", "lokr"), ("lora", True, "lycoris.kohya", "lora"),
+    ("locon", True, "lycoris.kohya", "locon"), ("loha", True, "lycoris.kohya", "loha")],
+    ids=["lora", "locon", "lokr", "lora+dora", "locon+dora", "loha+dora"])
 def test_metadata_names_the_type(tiny_model, sample_dataset, tmp_path, method, dora, module, algo):
     result = train(tiny_model, type_settings(sample_dataset, tmp_path, method, dora, steps=1))
     with safe_open(result.file, "pt") as f:
         meta = f.metadata()
     args = json.loads(meta["ss_network_args"])
     assert meta["ss_network_module"] == module and args.get("algo") == algo
-    assert (args.get("dora_wd") == "True") == dora
+    dora_args = {k: args[k] for k in ("dora_wd", "wd_on_output") if k in args}
+    assert dora_args == ({"dora_wd": "True", "wd_on_output": "False"} if dora else {})
     assert json.loads(meta["lohatrain_settings"])["training_method"] == method
     if method == "lokr":
         assert args["factor"] == "4"
+
+
+def _lycoris_network_from_file(model, path, preset_path):
+    """What kohya's trainer does to go on training a file: its `ss_network_module`'s `create_network` with its
+    dim, alpha and `ss_network_args`, `apply_to`, then `load_weights`. Our SD1 keys use diffusers' names, the
+    tiny model ldm's, so the UNet and text encoder handed over are containers holding the model's own layers
+    under the file's names, and a LyCORIS preset (a toml file, as a user's) targets exactly those."""
+    with safe_open(path, "pt") as f:
+        meta, layers = f.metadata(), {key.split(".")[0] for key in f.keys()}
+    mapping = module_map(model)
+    unet, text_encoder = nn.Module(), nn.Module()
+    for layer in sorted(layers):
+        prefix, container = ("lora_unet_", unet) if layer.startswith("lora_unet_") else ("lora_te_", text_encoder)
+        container.add_module(layer[len(prefix):], resolve(mapping, layer)[1])
+    preset_path.write_text(
+        "enable_conv = true\nunet_target_module = []\ntext_encoder_target_module = []\nuse_fnmatch = true\n"
+        f"unet_target_name = {json.dumps(list(unet._modules))}\n"
+        f"text_encoder_target_name = {json.dumps(list(text_encoder._modules))}\n")
+    kohya_module = importlib.import_module(meta["ss_network_module"])  # as kohya's train_network.py does
+    network = kohya_module.create_network(1.0, int(meta["ss_network_dim"]), float(meta["ss_network_alpha"]), None,
+                                          text_encoder, unet, preset=str(preset_path),
+                                          **json.loads(meta["ss_network_args"]))
+    network.apply_to(text_encoder, unet, bool(text_encoder._modules), True)
+    return network, network.load_weights(str(path))
+
+
+@pytest.mark.parametrize("method", ["lora", "locon", "loha"])
+def test_lycoris_reads_a_dora_file_with_its_metadata_as_the_webui_applies_it(tiny_model, sample_dataset, tmp_path,
+                                                                             monkeypatch, method):
+    """kohya's trainer with LyCORIS, given the file and its metadata, runs every layer as the WebUI applies the
+    file: it needs `lycoris.kohya` and DoRA's axis (with LyCORIS' default, per output, `dora_scale` does not
+    even load)."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    for attr in ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "USE_FNMATCH",
+                 "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME"):
+        monkeypatch.setattr(LycorisNetworkKohya, attr, getattr(LycorisNetworkKohya, attr))  # a preset sets these
+    fresh = copy.deepcopy(tiny_model)
+    result = train(tiny_model, type_settings(sample_dataset, tmp_path, method, True, steps=2, text_encoder_lr=1e-3))
+    network, state = _lycoris_network_from_file(fresh, result.file, tmp_path / "preset.toml")
+    assert state == {}  # every tensor of the file found its place
+    layers = group_keys(load_file(result.file))
+    assert sorted(lora.lora_name for lora in network.loras) == sorted(layers)
+    generator = torch.Generator().manual_seed(0)
+    for lora in network.loras:
+        assert lora.wd and not lora.wd_on_out
+        layer = lora.org_module[0]
+        weight = layer.weight + delta(layers[lora.lora_name], layer.weight).float()  # the WebUI's (host_rules)
+        conv = isinstance(layer, nn.Conv2d)
+        x = torch.randn(2, layer.weight.shape[1], *([8, 8] if conv else []), generator=generator)
+        with torch.no_grad():
+            expected = (F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+                        if conv else F.linear(x, weight, layer.bias))
+            torch.testing.assert_close(lora(x), expected, atol=1e-5, rtol=1e-4)
 
 
 def _family_model(family: str):
