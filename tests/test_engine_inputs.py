@@ -15,7 +15,7 @@ from safetensors import safe_open
 from lohatrain import compat
 from lohatrain.errors import LohatrainError
 from lohatrain.settings import SettingsError
-from lohatrain.trainer import train
+from lohatrain.trainer import CAPTION_BATCH, train
 
 from test_engine import model_state, settings_for
 
@@ -52,6 +52,25 @@ def test_shuffled_tags_keep_the_first_tokens_and_change_order(tiny_model, sample
         assert prompt.split(", ")[0] == original.split(", ")[0]
         reordered += prompt != original
     assert reordered > 0
+
+
+def test_each_distinct_caption_goes_through_the_text_encoder_once_in_batched_passes(tiny_model, sample_dataset,
+                                                                                    tmp_path):
+    """"Encoding captions" costs one text-encoder pass per CAPTION_BATCH distinct captions, not one per image
+    or caption: images two to a caption, a few captions more than a pass holds, take two passes, each caption
+    in exactly one."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    images = sorted(sample_dataset.glob("*.png"))
+    distinct = [f"tag{i}, simple background" for i in range(CAPTION_BATCH + 4)]
+    for i in range(2 * len(distinct)):
+        shutil.copy(images[i % len(images)], folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(distinct[i // 2])
+    seen: list = []
+    train(tiny_model, settings_for(folder, tmp_path / "out", steps=1),
+          encode_prompts=recording_encoder(tiny_model, seen))
+    assert sorted(p for batch in seen for p in batch) == sorted(distinct)
+    assert len(seen) == 2
 
 
 def count_vae_encodes(model, monkeypatch) -> list:

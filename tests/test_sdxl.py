@@ -223,6 +223,31 @@ def test_each_images_own_size_and_crop_reach_the_unet(sdxl_model, sample_dataset
     assert len({(h, w) for h, w, *_ in image_sizes(sample_dataset).values()}) > 1
 
 
+def test_every_image_trains_with_its_captions_own_encoding(sdxl_model, sample_dataset, tmp_path):
+    """Captions go through the conditioner several to a pass, yet each image's step gets what its caption gives
+    encoded alone: both encoders' tokens and the pooled vector (each image found by its own sizes)."""
+    conds = []
+    unet_forward = sdxl_model.model.forward
+
+    def record(x, t, c, **kwargs):
+        conds.append({k: v.detach().clone() for k, v in c.items()})
+        return unet_forward(x, t, c, **kwargs)
+
+    sdxl_model.model.forward = record
+    train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=8, batch_size=1))  # one epoch, one bucket
+    with torch.no_grad():
+        alone = {caption: conditioning(sdxl_model, [caption], [size])
+                 for caption, size in image_sizes(sample_dataset).items()}
+    trained = []
+    for c in conds:
+        sizes = c["vector"][0, BIGG_WIDTH:]
+        caption, = (k for k, e in alone.items() if torch.equal(sizes, e["vector"][0, BIGG_WIDTH:]))
+        for key in ("crossattn", "vector"):
+            torch.testing.assert_close(c[key], alone[caption][key], rtol=1e-5, atol=1e-6)
+        trained.append(caption)
+    assert sorted(trained) == sorted(alone)
+
+
 def _expected_targets(model, conv: bool, text: bool) -> set[int]:
     """Modules a LoHa must change, enumerated independently of lohatrain's planner: the UNet's attention
     Linears (and with conv, its ResBlock/Down/Upsample layers), CLIP-L's attention and MLP Linears, and each

@@ -15,8 +15,9 @@ from modules import call_queue, processing, shared
 
 
 import lohatrain.demo
+from lohatrain.trainer import train
 
-from test_engine import model_state
+from test_engine import model_state, settings_for
 
 
 def run_body(ui, name: str, **overrides) -> dict:
@@ -256,6 +257,34 @@ def test_captions_go_through_the_hosts_conditioning_with_the_runs_clip_skip_and_
                data_before.get("CLIP_stop_at_last_layers")) for _, _, data in elsewhere)
     assert (shared.opts.emphasis, shared.opts.CLIP_stop_at_last_layers) == ("Original", 1)  # restored
     assert not torch.equal(skip2, host_default)  # the host's wrapper really used the other layer
+
+
+def test_a_caption_past_75_tokens_leaves_the_others_at_their_own_single_chunk(webui_server, tmp_path):
+    """The host pads every caption of a conditioning pass to the longest one's chunk count: with one caption of
+    100 words among short ones, that image trains with its two chunks and every other with its one, each as its
+    caption gives it encoded alone (extra padding keys would change what the UNet attends to)."""
+    from lohatrain.webui import host
+
+    model = shared.sd_model
+    dataset = lohatrain.demo.make_sample_dataset(tmp_path / "dataset")
+    long_caption = " ".join(["dot"] * 100)
+    sorted(dataset.glob("*.txt"))[0].write_text(long_caption)
+    contexts = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(kwargs["context"].detach().clone()), with_kwargs=True)
+    encode = host.prompt_encoder(model, None)
+    try:
+        train(model, settings_for(dataset, tmp_path / "out", steps=8, batch_size=1), encode_prompts=encode)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        alone = {c: encode([c]) for c in (p.read_text().strip() for p in dataset.glob("*.txt"))}
+    assert alone[long_caption].shape[1] == 154 and {c.shape[1] for k, c in alone.items() if k != long_caption} == {77}
+    trained = []
+    for context in contexts:
+        trained += [k for k, c in alone.items() if c.shape == context.shape
+                    and torch.allclose(c, context, rtol=1e-5, atol=1e-6)]
+    assert sorted(trained) == sorted(alone)  # one epoch: each image once, with its own caption's encoding
 
 
 def test_shared_state_drives_the_hosts_progress_bar(webui_server):
