@@ -13,7 +13,9 @@ memory around a run handled by lohatrain.reforge through reForge's memory manage
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import io
 import sys
 import threading
@@ -611,6 +613,18 @@ def run_training(settings: TrainSettings, job: Job) -> TrainResult:
         finally:
             state.end()
             state.interrupted = state.skipped = False  # as the host's own jobs leave it
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_freed_memory()
     return result
+
+
+def release_freed_memory() -> None:
+    """Hand what a run freed back to the system, so the WebUI's process is as large afterwards as before: the GPU's
+    cache, and on Linux the C allocator's free pages (glibc keeps the many mid-sized blocks a run frees; the real
+    reForge stayed 3 GB larger after runs)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (Windows, macOS, musl): the allocator decides for itself
+        pass
