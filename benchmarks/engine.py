@@ -52,7 +52,9 @@ with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; st
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lohatrain import trainer  # noqa: E402
+from lohatrain.families import ldm_parts  # noqa: E402
+from lohatrain import loop, trainer  # noqa: E402
+from lohatrain.trainer import Hooks  # noqa: E402
 from lohatrain.__main__ import demo_settings  # noqa: E402
 from lohatrain.demo import build_tiny_sd1, make_sample_dataset  # noqa: E402
 from lohatrain.families.sd1 import SD1  # noqa: E402
@@ -145,7 +147,7 @@ def run_timed(model, settings, device: torch.device, on_step=None) -> dict:
         last[0] = now
 
     try:
-        result = trainer.train(model, settings, on_progress=on_progress, on_step=on_step)
+        result = trainer.train(ldm_parts(model), settings, Hooks(progress=on_progress, on_step=on_step))
     finally:
         timer.remove()
     return {"result": result, "step_s": step_s, "fwd_s": fwd_s, "bwd_s": bwd_s}
@@ -226,9 +228,10 @@ def forward_style(two_op: bool):
 
     def lycoris_style(module, network, index):
         def forward(x):
-            base = network_module._op(module, x, module.weight, module.bias)
+            linear = network.plans[index].linear
+            base = network_module._op(module, linear, x, module.weight, module.bias)
             delta = network.merged_delta(index, module.weight).to(base.dtype)
-            return base + network_module._op(module, x.to(base.dtype), delta, None)
+            return base + network_module._op(module, linear, x.to(base.dtype), delta, None)
 
         return forward
 
@@ -399,7 +402,7 @@ def training_step_flops(preset, two_op: bool, checkpointing: bool, batch: int = 
     with forward_style(two_op):
         network.attach()
     if checkpointing:
-        trainer._checkpoint_blocks(unet)
+        loop.checkpoint_blocks(unet)
     x, t, context = _inputs(batch)
 
     def step():

@@ -7,10 +7,10 @@ Needs a CUDA build of torch (.venv-stock has torch 2.1.2+cu121, the stock WebUI'
 writes it as JSON (default benchmarks/gpu-results.json; --tiny: gpu-results-tiny.json). Without a CUDA GPU
 it says so, runs the --tiny dry run instead and exits 0. It measures; it asserts nothing about speed.
 
-What a cell runs: lohatrain's own training step (`trainer._step`: batch, noise and timesteps, the UNet under
+What a cell runs: lohatrain's own training step (`lohatrain.loop.step`: batch, noise and timesteps, the UNet under
 fp16 autocast, the loss, GradScaler, fused AdamW, the LR schedule), set up as `trainer.train` sets up a run
 (ModelGuard, the fp16 norm routing, the network of lohatrain.network / lohatrain.methods at the type's
-default "highest" preset, `trainer._checkpoint_blocks`, `trainer._determinism`), on a UNet with random
+default "highest" preset, `loop.checkpoint_blocks`, `trainer._determinism`), on a UNet with random
 weights built in code (speed and memory do not depend on weight values) held in fp16 as the WebUI holds a
 checkpoint. Latents and the caption's conditioning are random tensors of the real shapes, cached as the
 trainer caches them; there is no VAE or text encoder (the trainer moves both off the GPU before the first
@@ -85,7 +85,8 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lohatrain import compat, trainer  # noqa: E402
+from lohatrain import compat, loop, trainer  # noqa: E402
+from lohatrain.cache import Cache, Sample  # noqa: E402
 from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
 from lohatrain.demo_sdxl import (FULL_SDXL, SIZE_KEYS, TINY_SDXL, ConcatTimestepEmbedderND,  # noqa: E402
@@ -96,7 +97,7 @@ from lohatrain.methods import DORA_METHODS  # noqa: E402
 from lohatrain.model_guard import ModelGuard  # noqa: E402
 from lohatrain.network import Network, plan_unet  # noqa: E402
 from lohatrain.precision import COMPUTE_DTYPES, route_low_precision_layers  # noqa: E402
-from lohatrain.run_state import LoopState  # noqa: E402
+from lohatrain.parts import ModelParts  # noqa: E402
 from lohatrain.settings import TRAINING_METHODS, TrainSettings  # noqa: E402
 
 # (device-name pattern, dense fp16 TFLOPS, what it is): first match wins. See the module docstring.
@@ -217,15 +218,15 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tu
     return model.to(dtype).requires_grad_(False), cond
 
 
-def random_cache(spec: ModelSpec, cond, device: torch.device) -> trainer._Cache:
+def random_cache(spec: ModelSpec, cond, device: torch.device) -> Cache:
     """One batch of cached images (random latents, one caption): what the trainer's cache holds."""
     side, latent = spec.resolution, spec.resolution // 8
     gen = torch.Generator().manual_seed(1)
     sizes = (side, side, 0, 0, side, side)
-    samples = [trainer._Sample(ds.ImageItem(Path(f"random-{i}.png"), CAPTION, side, side), (side, side), None,
+    samples = [Sample(ds.ImageItem(Path(f"random-{i}.png"), CAPTION, side, side), (side, side), None,
                                torch.randn(1, 4, latent, latent, generator=gen).to(device), None, sizes, sizes)
                for i in range(spec.batch)]
-    return trainer._Cache(dict(enumerate(samples)), [CAPTION] * len(samples), {CAPTION: cond}, per_step_text=False)
+    return Cache(dict(enumerate(samples)), [CAPTION] * len(samples), {CAPTION: cond}, per_step_text=False)
 
 
 def sdpa_attention_forward(self, x, context=None):
@@ -278,9 +279,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: trainer._Cache, device: torch.device,
+def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: Cache, device: torch.device,
              steps: int, warmup: int, count: bool) -> dict:
-    """Set the cell's run up as trainer._train does (same calls, same order, the UNet's part), then take a
+    """Set the cell's run up as lohatrain.trainer does (same calls, same order, the UNet's part), then take a
     first step (its FLOPs counted if `count`), `warmup` untimed steps and `steps` timed ones."""
     family, unet = spec.family, spec.family.unet(model)
     held_in_fp16 = next(unet.parameters()).dtype == torch.float16
@@ -300,20 +301,22 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: trainer._Cach
             network.attach()
         stack.callback(network.detach)
         if settings.gradient_checkpointing:
-            trainer._checkpoint_blocks(unet)
+            loop.checkpoint_blocks(unet)
         optimizer = torch.optim.AdamW([{"params": network.parameters_of(text_encoder=False),
                                         "lr": settings.learning_rate}], weight_decay=0.01,
                                       fused=compat.fused_adamw_supported(device.type))
-        loop = LoopState(network, optimizer,
-                         torch.optim.lr_scheduler.LambdaLR(optimizer, trainer._lr_lambda(settings)),
+        state = loop.LoopState(network, optimizer,
+                         torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                          compat.grad_scaler(device.type, enabled=compute_dtype == torch.float16),
                          ds.BucketBatchSampler([s.bucket for s in cache.samples.values()], settings.batch_size,
                                                torch.Generator().manual_seed(0)),
                          torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
-        alphas_cumprod = trainer.training_alphas_cumprod(family.alphas_cumprod(model)).to(device)
-        predict = trainer._Prediction(network, partial(family.predict, model))
-        step = partial(trainer._step, model, family, predict, cache, settings, loop, None, False, alphas_cumprod,
-                       False, device, autocast, ALONE)
+        parts = ModelParts(family, unet, None, None, partial(family.predict, model), None, None,
+                           family.alphas_cumprod(model), False, list, False,
+                           condition_on_images=partial(family.condition_on_images, model))
+        setup = loop.Setup(parts, loop.Prediction(network, parts.predict), cache, settings, None, False,
+                           loop.training_alphas_cumprod(parts.alphas_cumprod).to(device), device, autocast, ALONE)
+        step = partial(loop.step, setup, state)
         counter = FlopCounterMode(display=False) if count else None
         with counter or nullcontext():
             step()

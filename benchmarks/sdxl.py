@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lohatrain import trainer  # noqa: E402
+from lohatrain import loop  # noqa: E402
 from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.families.sdxl import SDXL  # noqa: E402
 from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         network = Network(plans, seed=0)
     network.attach()
     if checkpointing:
-        trainer._checkpoint_blocks(unet)
+        loop.checkpoint_blocks(unet)
 
     def step():
         out = unet(x, t, context=context, y=y)

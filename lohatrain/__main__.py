@@ -35,7 +35,8 @@ from .errors import LohatrainError
 from .output import STATE_SUFFIX
 from .run_state import SavedRun, read_state
 from .settings import TrainSettings, read_settings_file
-from .trainer import Progress, train
+from .families import ldm_parts
+from .trainer import Hooks, Progress, train
 
 DEMO_IMAGES = "demo-images"
 
@@ -126,8 +127,9 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
             model, settings, model_name, model_hash = _checkpoint_run(args, resume)
         else:
             model, settings, model_name, model_hash = _demo_run(args, resume, parser, ranks)
-        result = train(model, settings, model_name=model_name, model_hash=model_hash, on_progress=report,
-                       resume=resume, resume_anyway=args.resume_anyway, ranks=ranks)
+        parts = dataclasses.replace(ldm_parts(model), name=model_name, hash=model_hash)
+        result = train(parts, settings, Hooks(progress=report), resume=resume, resume_anyway=args.resume_anyway,
+                       ranks=ranks)
     except LohatrainError as e:
         report.close()
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LohatrainError
+from .preflight import Prepared
 from .settings import TrainSettings
 from .trainer import Progress, TrainResult
 
@@ -34,7 +35,7 @@ class Job:
     """What a running training reports, and how it is asked to stop."""
 
     id: str
-    settings: TrainSettings
+    prepared: Prepared  # what the click's preflight checked: the run trains exactly this
     via: str = "tab"  # "tab" or "api": which password protects the caller (the path rule differs)
     state: str = "running"
     progress: Progress = field(default_factory=lambda: Progress("Waiting for the WebUI's other jobs"))
@@ -53,6 +54,10 @@ class Job:
     # Guards the fields a poller reads together: the final state never shows without its message and file.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def settings(self) -> TrainSettings:
+        return self.prepared.settings
+
     def report(self, progress: Progress) -> None:
         if progress.stage == "Training" and progress.loss is not None:
             self.losses.append(progress.loss)
@@ -67,7 +72,7 @@ class Job:
         self.preview, self.preview_step = str(path), step
 
 
-RunFn = Callable[[TrainSettings, Job], TrainResult]
+RunFn = Callable[[Job], TrainResult]
 
 
 class JobRunner:
@@ -77,14 +82,13 @@ class JobRunner:
         self.job: Job | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, settings: TrainSettings, via: str = "tab", resume=None, resume_anyway: bool = False) -> str:
+    def start(self, prepared: Prepared, via: str = "tab", resume=None, resume_anyway: bool = False) -> str:
         """Start training (or resume a stopped run) in the background; raises Busy while another one runs."""
-        settings.validate()
         with self._lock:
             if self.job is not None and self.job.state == "running":
                 raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
                            "or interrupt it")
-            self.job = Job(uuid.uuid4().hex[:12], settings, via, resume=resume, resume_anyway=resume_anyway)
+            self.job = Job(uuid.uuid4().hex[:12], prepared, via, resume=resume, resume_anyway=resume_anyway)
             self._thread = threading.Thread(target=self._work, args=(self.job,), name="lohatrain", daemon=True)
             self._thread.start()
             return self.job.id
@@ -92,7 +96,7 @@ class JobRunner:
     def _work(self, job: Job) -> None:
         outcome = {}
         try:
-            result = self._run(job.settings, job)
+            result = self._run(job)
             outcome = dict(file=str(result.file) if result.file else None, warnings=result.warnings,
                            activation_text=result.activation_text,
                            state=result.status,

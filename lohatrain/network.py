@@ -29,6 +29,7 @@ from torch import nn
 from . import compat
 from .errors import LohatrainError
 from .methods import METHODS, Adapter
+from .parts import ModelParts
 from .precision import merge
 from .rng import seeded_global_rng
 
@@ -53,24 +54,21 @@ class LayerPlan:
     text_encoder: bool = False
     fused: nn.MultiheadAttention | None = None
     part: str = ""
+    linear: bool | None = None  # a Linear layer (torch's or a host's own class); unless said, any but a Conv2d
 
-
-def is_linear(module: nn.Module) -> bool:
-    """A Linear layer: torch's, or a host's own class that is not an `nn.Linear` subclass but has its fields and
-    maths (Forge 2's `ForgeOperations.Linear`: `in_features`, `out_features`, a 2-D `weight`)."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Linear" and isinstance(weight, torch.Tensor) and weight.dim() == 2
-            and tuple(weight.shape) == (getattr(module, "out_features", None), getattr(module, "in_features", None)))
+    def __post_init__(self):
+        if self.linear is None:
+            object.__setattr__(self, "linear", not isinstance(self.module, nn.Conv2d))
 
 
 def _is_3x3(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
 
 
-def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, conv_alpha: float) -> list[LayerPlan]:
-    """The UNet layers to adapt, in module order, named by the family's key rule."""
+def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, conv_alpha: float,
+              linear_types: tuple[type, ...] = (nn.Linear,)) -> list[LayerPlan]:
+    """The UNet layers to adapt, in module order, named by the family's key rule; `linear_types`: what counts as a
+    Linear layer (a host may have its own class, ModelParts.linear_types)."""
     block_types = family.attention_blocks + (family.conv_blocks if conv_dim > 0 else ())
     plans, seen = [], set()
     for block_path, block in unet.named_modules():
@@ -78,22 +76,23 @@ def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, co
             continue
         for child_path, module in block.named_modules():
             path = f"{block_path}.{child_path}" if child_path else block_path
-            if path in seen or not (is_linear(module) or isinstance(module, nn.Conv2d)):
+            linear = isinstance(module, linear_types)
+            if path in seen or not (linear or isinstance(module, nn.Conv2d)):
                 continue
             seen.add(path)
             if _is_3x3(module):
                 if type(block).__name__ in family.attention_blocks or conv_dim <= 0:
                     continue
-                plans.append(LayerPlan(family.unet_key(unet, path), module, conv_dim, conv_alpha))
+                plans.append(LayerPlan(family.unet_key(unet, path), module, conv_dim, conv_alpha, linear=False))
             else:
-                plans.append(LayerPlan(family.unet_key(unet, path), module, dim, alpha))
+                plans.append(LayerPlan(family.unet_key(unet, path), module, dim, alpha, linear=linear))
     return plans
 
 
-def plan_text_encoder(family, text_encoder: nn.Module, dim: int, alpha: float) -> list[LayerPlan]:
+def plan_text_encoder(parts: ModelParts, dim: int, alpha: float) -> list[LayerPlan]:
     """The family's text-encoder layers; a fused attention among them becomes its four projections."""
     plans = []
-    for key, module in family.text_layers(text_encoder):
+    for key, module in parts.text_layers():
         if isinstance(module, nn.MultiheadAttention):
             plans += plan_fused_attention(key, module, dim, alpha, text_encoder=True)
         else:
@@ -265,6 +264,10 @@ def _merged_forward(module: nn.Module, network: Network, index: int):
     return forward
 
 
+def _linear(network: Network, index: int) -> bool:
+    return network.plans[index].linear
+
+
 class _MergedLayer(torch.autograd.Function):
     """`op(x, W + ΔW)` for a Linear or Conv2d that keeps only x for backward, not the full-size W + ΔW, which
     autograd would hold for every adapted layer from forward to backward (SDXL's deepest block alone: ~0.7 GB
@@ -286,7 +289,7 @@ class _MergedLayer(torch.autograd.Function):
         ctx.dtype, ctx.x_dtype, ctx.delta_dtype = dtype, x.dtype, delta.dtype
         ctx.save_for_backward(x)
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            out = _op(module, x.to(dtype), merged, bias)
+            out = _op(module, _linear(network, index), x.to(dtype), merged, bias)
         # F.linear with a bias on a 3-D input returns a view; autograd forbids changing a custom function's view
         # in place, and Forge's transformer blocks add into its own Linear's output in place (`x += x_skip`).
         # ldm's blocks do not: torch's own Linear layers skip the copy.
@@ -299,7 +302,7 @@ class _MergedLayer(torch.autograd.Function):
         with torch.no_grad():
             merged = merge(module.weight, ctx.network.merged_delta(ctx.index, module.weight), ctx.dtype)
         x, grad = x.to(ctx.dtype), grad.to(ctx.dtype)
-        if is_linear(module):
+        if _linear(ctx.network, ctx.index):
             grad_x = grad @ merged if ctx.needs_input_grad[0] else None
             grad_merged = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1])
         else:
@@ -314,8 +317,9 @@ def _pair(value) -> list[int]:
     return list(value) if isinstance(value, (tuple, list)) else [value, value]
 
 
-def _op(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if is_linear(module):
+def _op(module: nn.Module, linear: bool, x: torch.Tensor, weight: torch.Tensor,
+        bias: torch.Tensor | None) -> torch.Tensor:
+    if linear:
         return F.linear(x, weight, bias)
     return F.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups)
 

@@ -1,6 +1,6 @@
 """A run's state: what a stopped training needs to go on exactly where it stopped.
 
-`LoopState` is what the loop changes from one step to the next: the step, the network's weights (float32), the
+`LoopState` (lohatrain/loop.py) is what the loop changes from one step to the next: the step, the network's weights (float32), the
 optimizer, the schedule, the fp16 loss scaler and every random stream the loop draws from (batch order, noise
 and timesteps, augmentation, tag shuffling). Everything else a run uses is rebuilt the same way from the
 settings and the seed (the images' VAE latents are drawn under per-image seeds), so saving and loading this is
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 
 from . import dataset as ds
 from .errors import LohatrainError
+from .loop import LoopState
 from .output import STATE_SUFFIX, write_atomically
 from .settings import TrainSettings
 
@@ -35,74 +35,53 @@ FORMAT = 1
 HEADER_KEY = "lohatrain_state"
 
 
-class LoopState:
-    """The loop's moving parts, in one object: the loop reads and advances them, and this saves and restores
-    them."""
-
-    def __init__(self, network, optimizer, scheduler, scaler, sampler: ds.BucketBatchSampler,
-                 noise_gen: torch.Generator, aug_gen: torch.Generator, caption_rng: random.Random):
-        self.network, self.optimizer, self.scheduler, self.scaler = network, optimizer, scheduler, scaler
-        self.sampler, self.noise_gen, self.aug_gen, self.caption_rng = sampler, noise_gen, aug_gen, caption_rng
-        self.step = 0
-        self.losses: list[float] = []
-        self.smooth: float | None = None
-
-    def streams(self) -> dict:
-        """The random streams now (cheap: a few kB); a state saved after an error uses the streams from the
-        end of the last whole step."""
-        return {"sampler": self.sampler.state_dict(), "noise": self.noise_gen.get_state(),
-                "aug": self.aug_gen.get_state(), "caption": _jsonable_random_state(self.caption_rng.getstate())}
-
-    def to_tensors_and_info(self, streams: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-        streams = streams or self.streams()
-        tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                   for k, v in self.network.state_dict().items()}
-        optimizer = self.optimizer.state_dict()
-        for index, values in optimizer["state"].items():
-            for key, value in values.items():
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-        tensors["rng.sampler"] = streams["sampler"]["generator"]
-        tensors["rng.noise"] = streams["noise"]
-        tensors["rng.aug"] = streams["aug"]
-        info = {
-            "step": self.step, "losses": self.losses, "smooth": self.smooth,
-            "optimizer_groups": optimizer["param_groups"],
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "sampler_pending": streams["sampler"]["pending"],
-            "caption_rng": streams["caption"],
-        }
-        return tensors, info
-
-    def restore(self, saved: "SavedRun") -> None:
-        tensors, info = saved.tensors, saved.info
-        device = next(self.network.parameters()).device
-        own = self.network.state_dict()
-        theirs = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
-        if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
-            raise LohatrainError(f"{saved.path.name} does not match this run's network (type or size): it cannot be "
-                                 "resumed with these settings")
-        self.network.load_state_dict({k: v.to(device) for k, v in theirs.items()})
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_groups"]})
-        self.scheduler.load_state_dict(info["scheduler"])
-        if self.scaler.is_enabled():
-            self.scaler.load_state_dict(info["scaler"])
-        self.sampler.load_state_dict(saved.sampler_state)
-        self.noise_gen.set_state(tensors["rng.noise"])
-        self.aug_gen.set_state(tensors["rng.aug"])
-        version, internal, gauss = info["caption_rng"]
-        self.caption_rng.setstate((version, tuple(internal), gauss))
-        self.step, self.losses, self.smooth = info["step"], list(info["losses"]), info["smooth"]
+def _tensors_and_info(loop: LoopState, streams: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    streams = streams or loop.streams()
+    tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous()
+               for k, v in loop.network.state_dict().items()}
+    optimizer = loop.optimizer.state_dict()
+    for index, values in optimizer["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["rng.sampler"] = streams["sampler"]["generator"]
+    tensors["rng.noise"] = streams["noise"]
+    tensors["rng.aug"] = streams["aug"]
+    info = {
+        "step": loop.step, "losses": loop.losses, "smooth": loop.smooth,
+        "optimizer_groups": optimizer["param_groups"],
+        "scheduler": loop.scheduler.state_dict(),
+        "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else {},
+        "sampler_pending": streams["sampler"]["pending"],
+        "caption_rng": streams["caption"],
+    }
+    return tensors, info
 
 
-def _jsonable_random_state(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
+def restore(loop: LoopState, saved: "SavedRun") -> None:
+    """Put a saved state into a freshly built loop (the same network type and size)."""
+    tensors, info = saved.tensors, saved.info
+    device = next(loop.network.parameters()).device
+    own = loop.network.state_dict()
+    theirs = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+    if set(own) != set(theirs) or any(own[k].shape != theirs[k].shape for k in own):
+        raise LohatrainError(f"{saved.path.name} does not match this run's network (type or size): it cannot be "
+                             "resumed with these settings")
+    loop.network.load_state_dict({k: v.to(device) for k, v in theirs.items()})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    loop.optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_groups"]})
+    loop.scheduler.load_state_dict(info["scheduler"])
+    if loop.scaler.is_enabled():
+        loop.scaler.load_state_dict(info["scaler"])
+    loop.sampler.load_state_dict(saved.sampler_state)
+    loop.noise_gen.set_state(tensors["rng.noise"])
+    loop.aug_gen.set_state(tensors["rng.aug"])
+    version, internal, gauss = info["caption_rng"]
+    loop.caption_rng.setstate((version, tuple(internal), gauss))
+    loop.step, loop.losses, loop.smooth = info["step"], list(info["losses"]), info["smooth"]
 
 
 @dataclass
@@ -188,7 +167,7 @@ def model_id(model_hash: str, modules) -> str:
 def write_state(path: Path, loop: LoopState, record: RunRecord, streams: dict | None = None,
                 extra: dict | None = None) -> None:
     """Atomically: a kill during the write leaves the previous state whole."""
-    tensors, info = loop.to_tensors_and_info(streams)
+    tensors, info = _tensors_and_info(loop, streams)
     info["format"] = FORMAT
     info["total"] = record.settings.steps
     info["run"] = {"settings": record.settings.to_dict(), "family": record.family, "seed": record.seed,

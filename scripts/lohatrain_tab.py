@@ -1,15 +1,15 @@
-"""WebUI entry point: registers the LoHa training tab, its settings and its REST routes.
+"""WebUI entry point: registers the LoRA training tab, its settings and its REST routes.
 
 When lohatrain cannot run in this WebUI (a torch older than it supports, a dependency missing or failing at
 import in any way), the WebUI still starts: the log and the tab say in one line what is wrong and what to do.
 """
 from modules import script_callbacks
 
-TITLE = "LoHa training"
+TITLE = "LoRA training"
 
 
 def _unavailable(reason: str) -> None:
-    print(f"[lohatrain] the LoHa training tab is unavailable: {reason}", flush=True)
+    print(f"[lohatrain] the LoRA training tab is unavailable: {reason}", flush=True)
 
     def tab():
         import gradio as gr
@@ -33,8 +33,11 @@ try:
 
     problem = torch_too_old()
     if problem is None:
+        import lohatrain.hosts
         import lohatrain.webui as lohatrain_webui
-        import lohatrain.webui.host  # noqa: F401  (fails here, not in the tab, if a dependency is broken)
+        import lohatrain.webui.actions  # noqa: F401  (fails here, not in the tab, if a dependency is broken)
+
+        lohatrain.hosts.current()  # the host's adapter, chosen once: its imports fail here too
 except Exception as e:  # an AttributeError from a package built for a newer torch as much as an ImportError
     problem = _reason(e)
 

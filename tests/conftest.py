@@ -73,3 +73,17 @@ def live_tensor_bytes():
     """A function that measures what all live tensors hold (each storage once): a run holding a second copy of
     the model's weights shows as that much more memory."""
     return _live_tensor_bytes
+
+
+@pytest.fixture
+def run_job():
+    """What a Train click does in the WebUI, on the host the test set up (lohatrain.hosts.current()): the click's
+    preflight, then the job itself. Returns the result and the job (its losses, preview and messages)."""
+    from lohatrain.jobs import Job
+    from lohatrain.webui import actions
+
+    def run(settings, via: str = "tab", **job_fields):
+        job = Job(settings.name, actions.preflight(settings, via=via), **job_fields)
+        return actions.run_training(job), job
+
+    return run

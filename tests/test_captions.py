@@ -17,7 +17,7 @@ if STUB not in sys.path:
 
 from modules import call_queue, shared  # noqa: E402
 
-from lohatrain.webui import host  # noqa: E402
+from lohatrain.webui import actions  # noqa: E402
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -37,7 +37,7 @@ def captions_in(folder: Path) -> dict[str, str]:
 
 
 def deepbooru(folder, options=CaptionOptions(), **tag_options):
-    return list(host.caption_images(str(folder), "deepbooru", options, tag_options, via="tab"))
+    return list(actions.caption_images(str(folder), "deepbooru", options, tag_options, via="tab"))
 
 
 def test_deepbooru_captions_new_images_and_keeps_written_ones(folder):
@@ -68,7 +68,7 @@ def test_append_adds_only_new_tags_and_overwrite_replaces(folder):
 
 
 def test_interrogator_writes_its_sentence_and_ends_its_host_job(folder):
-    steps = list(host.caption_images(str(folder), "interrogator", CaptionOptions(existing="overwrite"), {},
+    steps = list(actions.caption_images(str(folder), "interrogator", CaptionOptions(existing="overwrite"), {},
                                      via="tab"))
     assert [s.outcome for s in steps].count("written") == 3
     assert captions_in(folder)["green"] == "a picture with a lot of green"
@@ -76,14 +76,14 @@ def test_interrogator_writes_its_sentence_and_ends_its_host_job(folder):
 
 
 def test_interrupt_stops_within_one_image(folder):
-    pass_ = host.caption_images(str(folder), "deepbooru", CaptionOptions(existing="overwrite"), {}, via="tab")
+    pass_ = actions.caption_images(str(folder), "deepbooru", CaptionOptions(existing="overwrite"), {}, via="tab")
     first = next(pass_)
-    assert host.interrupt_task()
+    assert actions.interrupt_task()
     assert list(pass_) == []
     assert first.file == "blue.png" and captions_in(folder)["blue"] != "my own words, sky"
     assert set(captions_in(folder)) == {"blue"}
     shared.state.interrupted = False
-    assert not host.interrupt_task()  # nothing runs any more
+    assert not actions.interrupt_task()  # nothing runs any more
 
 
 def test_a_wrong_caption_extension_or_folder_is_refused_before_anything_is_written(folder, tmp_path):

@@ -4,6 +4,8 @@ trained, and give the file the tab path gives on the same model; files that cann
 line that says why."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import hashlib
 import io
@@ -20,6 +22,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lohatrain.families import ldm_parts
 from lohatrain.__main__ import _ProgressReport, main
 from lohatrain.checkpoint import load_model, predicts_v, read_checkpoint
 from lohatrain.cli_settings import merge
@@ -106,7 +109,7 @@ def test_a_checkpoint_trains_to_the_file_the_tab_writes_on_the_same_model(family
     settings = settings_for(sample_dataset, tmp_path / "tab", steps=2)
     model = BUILD[family]()
     use_sdpa(model)  # the WebUI's default cross-attention optimization
-    tab = train(model, settings, model_name="tab-model", model_hash="tab-hash").file
+    tab = train(dataclasses.replace(ldm_parts(model), name="tab-model", hash="tab-hash"), settings).file
     config = tmp_path / "run.json"
     config.write_text(json.dumps({**settings.to_dict(), "output_dir": str(tmp_path / "cli")}))
 

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lohatrain.families import ldm_parts
 from lohatrain.distributed import Ranks
 from lohatrain.errors import LohatrainError
 from lohatrain.run_state import read_state
@@ -63,7 +64,7 @@ def test_two_processes_train_the_file_one_process_trains(tiny_model, seven_image
     skip 2: its last layer's adapters get no gradient); each epoch's last batch holds one image, which both
     processes train."""
     settings = settings_for(seven_images, tmp_path / "one", steps=6, keep_state=True, clip_skip=2, **EVERY_STREAM)
-    alone = train(tiny_model, settings)
+    alone = train(ldm_parts(tiny_model), settings)
     config = tmp_path / "run.json"
     config.write_text(settings.to_json())
 
@@ -90,7 +91,7 @@ def test_two_processes_train_the_file_one_process_trains(tiny_model, seven_image
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tiny_model, sample_dataset, tmp_path):
     with pytest.raises(LohatrainError, match="batch size \\(3\\) .* must divide evenly .* multiple of 2"):
-        train(tiny_model, settings_for(sample_dataset, tmp_path, batch_size=3), ranks=Ranks(0, 2))
+        train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, batch_size=3), ranks=Ranks(0, 2))
     assert not list(tmp_path.glob("*.safetensors"))
 
 

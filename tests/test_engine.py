@@ -14,9 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lohatrain.families import ldm_parts
 from lohatrain.errors import LohatrainError
 from lohatrain.settings import TrainSettings
-from lohatrain.trainer import train
+from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file, find_module, group_keys
 
@@ -68,7 +69,7 @@ def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
 def test_training_lowers_the_loss_and_the_file_carries_it(tiny_model, sample_dataset, tmp_path):
     fresh = copy.deepcopy(tiny_model)
     before = denoising_loss(fresh, sample_dataset)
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2))
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2))
     assert result.status == "done" and result.file == tmp_path / "test-loha.safetensors"
     unmatched = apply_file(fresh, load_file(result.file))
     assert unmatched == []
@@ -87,7 +88,7 @@ def test_applying_the_file_reproduces_the_trained_models_output(tiny_model, samp
             seen["trained"] = tiny_model.apply_model(x, t, tiny_model.get_learned_conditioning(["blue circle"]))
 
     s = settings_for(sample_dataset, tmp_path, steps=5, text_encoder_lr=1e-3, conv_dim=2, conv_alpha=1)
-    train(tiny_model, s, on_step=capture)
+    train(ldm_parts(tiny_model), s, Hooks(on_step=capture))
     base_out = fresh.apply_model(x, t, fresh.get_learned_conditioning(["blue circle"]))
     assert apply_file(fresh, load_file(tmp_path / "test-loha.safetensors")) == []
     with torch.no_grad():
@@ -143,7 +144,7 @@ def _expected_targets(model, conv: bool, text: bool) -> set[int]:
 def test_every_key_matches_a_module_under_the_hosts_rules(tiny_model, sample_dataset, tmp_path, conv, text):
     s = settings_for(sample_dataset, tmp_path, steps=1, conv_dim=4 if conv else 0, conv_alpha=2,
                      text_encoder_lr=1e-4 if text else 0.0)
-    result = train(tiny_model, s)
+    result = train(ldm_parts(tiny_model), s)
     tensors = load_file(result.file)
     covered, _ = modules_the_host_loads(tiny_model, tensors)
     assert covered == _expected_targets(tiny_model, conv, text)
@@ -160,24 +161,23 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(tiny_model, sa
     files = []
     for i, seed in enumerate((11, 11, 12)):
         s = settings_for(sample_dataset, tmp_path / str(i), seed=seed, steps=3, shuffle_tags=True, flip_aug=True)
-        files.append(train(copy.deepcopy(template), s).file.read_bytes())
+        files.append(train(ldm_parts(copy.deepcopy(template)), s).file.read_bytes())
     assert files[0] == files[1]
     assert files[0] != files[2]
 
 
 def test_random_seed_is_recorded_and_replays(tiny_model, sample_dataset, tmp_path):
     template = copy.deepcopy(tiny_model)
-    first = train(tiny_model, settings_for(sample_dataset, tmp_path / "a", seed=-1, steps=2))
+    first = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "a", seed=-1, steps=2))
     saved = json.loads((tmp_path / "a" / "test-loha.lohatrain.json").read_text())
     assert saved["seed"] == first.seed >= 0
-    replay = train(template, TrainSettings.from_dict({**saved, "output_dir": str(tmp_path / "b")}))
+    replay = train(ldm_parts(template), TrainSettings.from_dict({**saved, "output_dir": str(tmp_path / "b")}))
     a, b = load_file(first.file), load_file(replay.file)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_metadata_is_what_the_webui_reads(tiny_model, sample_dataset, tmp_path):
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=2),
-                   model_name="tiny.safetensors", model_hash="abc123")
+    result = train(dataclasses.replace(ldm_parts(tiny_model), name="tiny.safetensors", hash="abc123"), settings_for(sample_dataset, tmp_path, steps=2))
     with safe_open(result.file, "pt") as f:
         meta = f.metadata()
     assert meta["ss_output_name"] == "test-loha"
@@ -201,7 +201,7 @@ def test_metadata_is_what_the_webui_reads(tiny_model, sample_dataset, tmp_path):
 @pytest.mark.parametrize("save_dtype,torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16),
                                                      ("fp32", torch.float32)])
 def test_save_dtype_is_honoured(tiny_model, sample_dataset, tmp_path, save_dtype, torch_dtype):
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=1, save_dtype=save_dtype))
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=1, save_dtype=save_dtype))
     assert {t.dtype for t in load_file(result.file).values()} == {torch_dtype}
 
 
@@ -210,7 +210,7 @@ def test_train_dtype_is_the_unets_compute_dtype(tiny_model, sample_dataset, tmp_
     seen = set()
     hook = tiny_model.model.diffusion_model.out.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
     try:
-        train(tiny_model, settings_for(sample_dataset, tmp_path, steps=2, train_dtype=train_dtype))
+        train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=2, train_dtype=train_dtype))
     finally:
         hook.remove()
     assert seen == {torch_dtype}
@@ -218,8 +218,8 @@ def test_train_dtype_is_the_unets_compute_dtype(tiny_model, sample_dataset, tmp_
 
 def test_gradient_checkpointing_gives_the_same_result(tiny_model, sample_dataset, tmp_path):
     template = copy.deepcopy(tiny_model)
-    plain = train(tiny_model, settings_for(sample_dataset, tmp_path / "a", steps=3))
-    checkpointed = train(template, settings_for(sample_dataset, tmp_path / "b", steps=3,
+    plain = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "a", steps=3))
+    checkpointed = train(ldm_parts(template), settings_for(sample_dataset, tmp_path / "b", steps=3,
                                                 gradient_checkpointing=True))
     a, b = load_file(plain.file), load_file(checkpointed.file)
     assert a.keys() == b.keys()
@@ -244,15 +244,15 @@ def test_model_is_left_exactly_as_found(tiny_model, sample_dataset, tmp_path, en
     steps_seen = []
     stop = lambda: ending == "interrupted" and len(steps_seen) >= 2  # noqa: E731
     if ending in ("done", "interrupted"):
-        result = train(tiny_model, s, on_step=lambda st, n: steps_seen.append(st), should_stop=stop)
+        result = train(ldm_parts(tiny_model), s, Hooks(on_step=lambda st, n: steps_seen.append(st), stop=stop))
         assert result.status == ending
         assert result.steps_done == (4 if ending == "done" else 2)
     elif ending == "error":
         with pytest.raises(RuntimeError, match="boom"):
-            train(tiny_model, s, on_step=on_step)
+            train(ldm_parts(tiny_model), s, Hooks(on_step=on_step))
     else:
         with pytest.raises(LohatrainError, match="out of GPU memory"):
-            train(tiny_model, s, on_step=on_step)
+            train(ldm_parts(tiny_model), s, Hooks(on_step=on_step))
     assert model_state(tiny_model) == before
     files = sorted(p.name for p in out.iterdir())
     if ending in ("error", "out of memory"):
@@ -266,15 +266,14 @@ def test_model_is_left_exactly_as_found(tiny_model, sample_dataset, tmp_path, en
 
 def test_interrupted_file_records_the_steps_it_has(tiny_model, sample_dataset, tmp_path):
     done = []
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=50),
-                   on_step=lambda s, n: done.append(s), should_stop=lambda: len(done) >= 3)
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=50), Hooks(on_step=lambda s, n: done.append(s), stop=lambda: len(done) >= 3))
     assert result.status == "interrupted" and result.steps_done == 3
     with safe_open(result.file, "pt") as f:
         assert f.metadata()["ss_steps"] == "3"
 
 
 def test_save_every_steps_writes_intermediate_files(tiny_model, sample_dataset, tmp_path):
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=5, save_every_steps=2))
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=5, save_every_steps=2))
     assert [p.name for p in result.files] == ["test-loha-2.safetensors", "test-loha-4.safetensors",
                                               "test-loha.safetensors"]
     with safe_open(tmp_path / "test-loha-2.safetensors", "pt") as f:
@@ -283,7 +282,7 @@ def test_save_every_steps_writes_intermediate_files(tiny_model, sample_dataset, 
 
 def test_progress_reports_step_loss_rate_and_eta(tiny_model, sample_dataset, tmp_path):
     seen = []
-    train(tiny_model, settings_for(sample_dataset, tmp_path, steps=3), on_progress=seen.append)
+    train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=3), Hooks(progress=seen.append))
     steps = [p for p in seen if p.stage == "Training"]
     assert [p.step for p in steps] == [1, 2, 3] and all(p.total == 3 for p in steps)
     assert all(p.loss > 0 and p.smooth_loss > 0 and p.it_per_s > 0 and p.eta_s >= 0 for p in steps)
@@ -297,8 +296,8 @@ def test_progress_reports_step_loss_rate_and_eta(tiny_model, sample_dataset, tmp
 ])
 def test_learning_rate_schedule(tiny_model, sample_dataset, tmp_path, schedule, warmup, expected):
     seen = []
-    train(tiny_model, settings_for(sample_dataset, tmp_path, steps=4, lr_scheduler=schedule,
-                                   lr_warmup_steps=warmup, learning_rate=1e-3), on_progress=seen.append)
+    train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=4, lr_scheduler=schedule,
+                                   lr_warmup_steps=warmup, learning_rate=1e-3), Hooks(progress=seen.append))
     lrs = [p.lr / 1e-3 for p in seen if p.stage == "Training"]
     # The rate reported after step k is the one the next step uses.
     assert lrs[:3] == pytest.approx(expected[1:], abs=1e-3)

@@ -2,6 +2,8 @@
 wrong stops the run with a clear message, nothing written and the model untouched."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import shutil
@@ -12,10 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lohatrain.families import ldm_parts
 from lohatrain import compat
 from lohatrain.errors import LohatrainError
 from lohatrain.settings import SettingsError
-from lohatrain.trainer import CAPTION_BATCH, train
+from lohatrain.cache import CAPTION_BATCH
+from lohatrain.trainer import train
 
 from test_engine import model_state, settings_for
 
@@ -34,8 +38,7 @@ def captions_of(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("mode,phrase", [("none", ""), ("phrase", "sks cat"), ("txt", "")])
 def test_caption_mode_decides_what_each_image_is_trained_with(tiny_model, sample_dataset, tmp_path, mode, phrase):
     seen: list = []
-    train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=2, caption_mode=mode, caption_phrase=phrase),
-          encode_prompts=recording_encoder(tiny_model, seen))
+    train(dataclasses.replace(ldm_parts(tiny_model), prompt_encoder=lambda _skip: recording_encoder(tiny_model, seen)), settings_for(sample_dataset, tmp_path / "out", steps=2, caption_mode=mode, caption_phrase=phrase))
     prompts = {p for batch in seen for p in batch}
     expected = {"none": {""}, "phrase": {"sks cat"}, "txt": set(captions_of(sample_dataset).values())}[mode]
     assert prompts == expected
@@ -43,8 +46,7 @@ def test_caption_mode_decides_what_each_image_is_trained_with(tiny_model, sample
 
 def test_shuffled_tags_keep_the_first_tokens_and_change_order(tiny_model, sample_dataset, tmp_path):
     seen: list = []
-    train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=12, shuffle_tags=True, keep_tokens=1),
-          encode_prompts=recording_encoder(tiny_model, seen))
+    train(dataclasses.replace(ldm_parts(tiny_model), prompt_encoder=lambda _skip: recording_encoder(tiny_model, seen)), settings_for(sample_dataset, tmp_path / "out", steps=12, shuffle_tags=True, keep_tokens=1))
     originals = {tuple(sorted(c.split(", "))): c for c in captions_of(sample_dataset).values()}
     reordered = 0
     for prompt in (p for batch in seen for p in batch):
@@ -67,8 +69,7 @@ def test_each_distinct_caption_goes_through_the_text_encoder_once_in_batched_pas
         shutil.copy(images[i % len(images)], folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(distinct[i // 2])
     seen: list = []
-    train(tiny_model, settings_for(folder, tmp_path / "out", steps=1),
-          encode_prompts=recording_encoder(tiny_model, seen))
+    train(dataclasses.replace(ldm_parts(tiny_model), prompt_encoder=lambda _skip: recording_encoder(tiny_model, seen)), settings_for(folder, tmp_path / "out", steps=1))
     assert sorted(p for batch in seen for p in batch) == sorted(distinct)
     assert len(seen) == 2
 
@@ -88,13 +89,13 @@ def count_vae_encodes(model, monkeypatch) -> list:
 def test_augmentations_cost_the_vae_passes_the_docs_say(tiny_model, sample_dataset, tmp_path, monkeypatch,
                                                         flip, color, expected):
     calls = count_vae_encodes(tiny_model, monkeypatch)
-    train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=3, flip_aug=flip, color_aug=color))
+    train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "out", steps=3, flip_aug=flip, color_aug=color))
     assert sum(calls) == expected
 
 
 @pytest.mark.parametrize("bucketing", [True, False])
 def test_bucketing_groups_images_by_aspect_ratio(tiny_model, sample_dataset, tmp_path, bucketing):
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=1, bucketing=bucketing,
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "out", steps=1, bucketing=bucketing,
                                             resolution=256, bucket_max_side=512))
     with safe_open(result.file, "pt") as f:
         buckets = json.loads(f.metadata()["ss_bucket_info"])["buckets"].values()
@@ -109,7 +110,7 @@ def test_bucketing_groups_images_by_aspect_ratio(tiny_model, sample_dataset, tmp
 def _assert_refused(model, settings, message, out: Path):
     before = model_state(model)
     with pytest.raises(LohatrainError, match=message):
-        train(model, settings)
+        train(ldm_parts(model), settings)
     assert model_state(model) == before
     assert not out.exists() or [p.name for p in out.iterdir()] in ([], ["test-loha.safetensors"])
 
@@ -136,7 +137,7 @@ def test_missing_captions_are_named(tiny_model, sample_dataset, tmp_path):
 @pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", "..", "CON", "x\\y"])
 def test_names_that_would_leave_the_lora_folder_are_refused(tiny_model, sample_dataset, tmp_path, name):
     with pytest.raises(SettingsError, match="name"):
-        train(tiny_model, settings_for(sample_dataset, tmp_path / "out", name=name))
+        train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "out", name=name))
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil.safetensors").exists()
 
 
@@ -146,7 +147,7 @@ def test_existing_file_is_not_overwritten_unless_asked(tiny_model, sample_datase
     (out / "test-loha.safetensors").write_bytes(b"precious")
     _assert_refused(tiny_model, settings_for(sample_dataset, out), "already exists", out)
     assert (out / "test-loha.safetensors").read_bytes() == b"precious"
-    train(tiny_model, settings_for(sample_dataset, out, steps=1, overwrite=True))
+    train(ldm_parts(tiny_model), settings_for(sample_dataset, out, steps=1, overwrite=True))
     assert (out / "test-loha.safetensors").read_bytes() != b"precious"
 
 
@@ -171,7 +172,7 @@ def small_disk(tmp_path):
 def test_full_disk_leaves_nothing_half_written(tiny_model, sample_dataset, small_disk):
     before = model_state(tiny_model)
     with pytest.raises(LohatrainError, match="disk holding .* is full"):
-        train(tiny_model, settings_for(sample_dataset, small_disk, steps=1).with_preset("highest"))
+        train(ldm_parts(tiny_model), settings_for(sample_dataset, small_disk, steps=1).with_preset("highest"))
     assert list(small_disk.iterdir()) == []
     assert model_state(tiny_model) == before
 
@@ -187,6 +188,6 @@ def test_a_vae_that_overflows_in_fp16_encodes_again_in_float32(tiny_model, sampl
         vae.half()
         assert not torch.isfinite(tiny_model.encode_first_stage(torch.zeros(1, 3, 64, 64).half()).mean).all()
     before = model_state(tiny_model)
-    result = train(tiny_model, settings_for(sample_dataset, tmp_path, steps=2, train_dtype="fp16"))
+    result = train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path, steps=2, train_dtype="fp16"))
     assert result.status == "done" and all(math.isfinite(loss) for loss in result.losses)
     assert model_state(tiny_model) == before and next(vae.parameters()).dtype == torch.float16

@@ -16,6 +16,7 @@ import torch
 import lohatrain.demo  # noqa: F401  (sets up ldm before the stand-in imports it)
 
 sys.path.insert(0, str(Path(__file__).parent / "forge_stub"))
+sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))  # Forge keeps A1111's `modules`
 
 from backend import memory_management  # noqa: E402
 from backend.loader import forge_loader  # noqa: E402
@@ -23,9 +24,9 @@ from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora
 from safetensors.torch import load_file  # noqa: E402
 
 from lohatrain.errors import LohatrainError  # noqa: E402
-from lohatrain.forge.model import unet_session  # noqa: E402
+from lohatrain.hosts.forge import ForgeHost  # noqa: E402
 from lohatrain.settings import TrainSettings  # noqa: E402
-from lohatrain.trainer import train  # noqa: E402
+from lohatrain.trainer import Hooks, train  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,14 @@ def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
                          train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
                          ).with_preset("small")
     return dataclasses.replace(base, **overrides)
+
+
+def train_on(engine, settings: TrainSettings, **hooks):
+    """A run on Forge's engine as lohatrain's Forge host makes it: the engine's parts, in the host's session."""
+    host = ForgeHost()
+    parts = host.parts_of(engine)
+    with host.session(parts) as load_unet:
+        return train(parts, settings, Hooks(load_unet=load_unet, **hooks))
 
 
 def unet_of(engine):
@@ -169,8 +178,7 @@ def test_training_leaves_forges_model_as_found_and_the_file_reproduces_it(kind, 
             seen["trained"] = unet_output(engine, kind, inputs)
 
     settings = settings_for(sample_dataset, tmp_path, training_method=method, **extra)
-    with unet_session(engine) as load_unet:
-        result = train(engine, settings, load_unet=load_unet, on_step=on_step)
+    result = train_on(engine, settings, on_step=on_step)
     assert result.status == "done" and result.steps_done == 4
 
     after = forge_state(engine)
@@ -203,8 +211,7 @@ def test_a_run_holds_no_second_copy_of_forges_weights(sample_dataset, tmp_path, 
         engine.get_learned_conditioning(["a preview"])  # the host moves the model meanwhile, as for a preview
         during.append(live_tensor_bytes() - before)
 
-    with unet_session(engine) as load_unet:
-        train(engine, settings_for(sample_dataset, tmp_path), load_unet=load_unet, on_step=on_step)
+    train_on(engine, settings_for(sample_dataset, tmp_path), on_step=on_step)
     # What the run adds is the network, its optimizer state and the cached latents: far less than the UNet.
     assert max(during) < unet_bytes / 2, (max(during), unet_bytes)
 
@@ -216,8 +223,7 @@ def test_a_unet_forge_cannot_fit_whole_is_refused_and_left_as_found(sample_datas
     memory_management.total_vram = memory_management.module_size(engine.forge_objects.unet.model) - 1
     before = forge_state(engine)
     with pytest.raises(LohatrainError, match="could not fit the whole UNet"):
-        with unet_session(engine) as load_unet:
-            train(engine, settings_for(sample_dataset, tmp_path), load_unet=load_unet)
+        train_on(engine, settings_for(sample_dataset, tmp_path))
     after = forge_state(engine)
     assert {**after, "unet_loaded": None} == {**before, "unet_loaded": None}
 
@@ -225,7 +231,7 @@ def test_a_unet_forge_cannot_fit_whole_is_refused_and_left_as_found(sample_datas
 def test_the_text_encoder_is_not_trained_on_forge_and_the_refusal_says_why(sample_dataset, tmp_path):
     engine = forge_loader("sd1")
     with pytest.raises(LohatrainError, match="inference_mode"):
-        train(engine, settings_for(sample_dataset, tmp_path, text_encoder_lr=1e-4))
+        train_on(engine, settings_for(sample_dataset, tmp_path, text_encoder_lr=1e-4))
 
 
 @pytest.fixture
@@ -238,10 +244,10 @@ def forge_host(tmp_path, monkeypatch):
         sys.path.insert(0, stub)
     from modules import sd_models, shared
 
-    from lohatrain.forge import host as forge
-    from lohatrain.webui import host
+    from lohatrain import hosts
 
-    monkeypatch.setattr(host, "_forge", forge)
+    host = ForgeHost()
+    monkeypatch.setattr(hosts, "_current", host)
     monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
     monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
     (tmp_path / "Lora").mkdir()
@@ -282,12 +288,12 @@ def forge_lora_extension(monkeypatch):
 
 
 def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_it_as_found(forge_host,
-                                                                                            sample_dataset):
+                                                                                            sample_dataset, run_job):
     from types import SimpleNamespace
 
     from safetensors import safe_open
 
-    from lohatrain.jobs import Job
+    from lohatrain.webui import actions
 
     host, shared, _ = forge_host
     engine = forge_loader("sd1")
@@ -298,16 +304,15 @@ def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_
         memory_management.load_models_gpu([engine.forge_objects.unet])
     before = forge_state(engine)
 
-    encode = host.prompt_encoder(engine, 2)
-    skipped, plain = encode(["blue circle"]), host.prompt_encoder(engine, 1)(["blue circle"])
+    encode = host.parts_of(engine).prompt_encoder(2)
+    skipped, plain = encode(["blue circle"]), host.parts_of(engine).prompt_encoder(1)(["blue circle"])
     assert not skipped.is_inference() and not torch.allclose(skipped, plain)
     engine.set_clip_skip(2)
     torch.testing.assert_close(skipped, engine.get_learned_conditioning(["blue circle"]))
     engine.set_clip_skip(1)
 
     settings = settings_for(sample_dataset, Path("unused"), name="forge_job", steps=2, clip_skip=2)
-    job = Job("forge", settings)
-    result = host.run_training(settings, job)
+    result, job = run_job(settings)
     assert result.status == "done" and len(job.losses) == 2
     assert result.file.parent == Path(shared.cmd_opts.lora_dir)
     with safe_open(str(result.file), "pt") as f:
@@ -315,41 +320,39 @@ def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_
     assert engine.text_processing_engine.clip_skip == 1  # the engine's own setting back
     assert forge_state(engine) == before
     with pytest.raises(LohatrainError, match="inference_mode"):
-        host.preflight(dataclasses.replace(settings, text_encoder_lr=1e-4), via="tab")
+        actions.preflight(dataclasses.replace(settings, text_encoder_lr=1e-4), via="tab")
 
 
 def test_before_forge_loads_the_checkpoint_the_tab_says_so_and_the_job_loads_it(forge_host, sample_dataset):
     from lohatrain.jobs import Job
+    from lohatrain.webui import actions
 
     host, shared, monkeypatch = forge_host
     engine = forge_loader("sd1")
     shared.sd_model = object()  # Forge's FakeInitialModel, until the first generation
     assert "not loaded yet" in host.model_summary()["problem"]
     settings = settings_for(sample_dataset, Path("unused"), name="lazy", steps=1)
-    host.preflight(settings, via="tab")  # the model's checks wait for the job, which loads it
+    prepared = actions.preflight(settings, via="tab")  # the model's checks wait for the job, which loads it
     from modules import sd_models
     monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (engine, True))
-    assert host.run_training(settings, Job("lazy", settings)).status == "done"
+    assert actions.run_training(Job("lazy", prepared)).status == "done"
 
 
-def test_the_host_is_told_apart_at_start_up(tmp_path):
-    """Forge 2 (modules_forge and backend.diffusion_engine) gets the Forge adapter; reForge's main (modules_forge
-    on Forge's first backend, ldm_patched) and A1111 (neither) the A1111 one; the tab names what Forge lacks."""
+@pytest.mark.parametrize("packages,kind", [(("modules_forge", "backend", "backend/diffusion_engine"), "forge"),
+                                            (("modules_forge", "ldm_patched"), "reforge"), ((), "a1111")])
+def test_the_host_is_told_apart_at_start_up(tmp_path, packages, kind):
+    """Forge 2 has modules_forge and its own backend, reForge's main modules_forge on Forge's first backend
+    (ldm_patched), A1111 neither: each gets its own host."""
     import subprocess
 
-    def host_with(*packages):
-        root = tmp_path / "_".join(packages or ("a1111",))
-        for package in packages:
-            (root / package).mkdir(parents=True)
-            (root / package / "__init__.py").touch()
-        code = "from lohatrain.forge import is_forge_host; print(is_forge_host())"
-        env = {"PYTHONPATH": f"{root}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    assert host_with("modules_forge", "backend", "backend/diffusion_engine") == "True"
-    assert host_with("modules_forge", "ldm_patched") == "False"
-    assert host_with() == "False"
+    root = tmp_path / "webui"
+    for package in packages:
+        (root / package).mkdir(parents=True)
+        (root / package / "__init__.py").touch()
+    env = {"PYTHONPATH": f"{root}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
+    found = subprocess.run([sys.executable, "-c", "from lohatrain.hosts import kind; print(kind())"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == kind
 
 
 def test_the_tab_says_what_forge_cannot_do(forge_host):
@@ -364,5 +367,4 @@ def test_a_unet_forge_holds_quantised_is_refused(sample_dataset, tmp_path):
     engine = forge_loader("sd1")
     engine.forge_objects.unet.model.storage_dtype = "nf4"  # Forge's "Diffusion in Low Bits" NF4
     with pytest.raises(LohatrainError, match="Diffusion in Low Bits"):
-        with unet_session(engine) as load_unet:
-            train(engine, settings_for(sample_dataset, tmp_path), load_unet=load_unet)
+        train_on(engine, settings_for(sample_dataset, tmp_path))

@@ -26,6 +26,7 @@ from backend.loader import forge_loader  # noqa: E402
 
 from lohatrain.errors import LohatrainError  # noqa: E402
 from lohatrain.jobs import Job  # noqa: E402
+from lohatrain.webui import actions  # noqa: E402
 
 
 USERS_TEXT_LAYER = "transformer.text_model.encoder.layers.0.self_attn.q_proj"
@@ -92,7 +93,7 @@ def as_found(engine) -> dict:
 def run(forge, sample_dataset, name: str, **overrides):
     settings = settings_for(sample_dataset, Path("unused"), name=name, learning_rate=2e-2, preview_steps=3,
                             preview_seed=11, preview_prompts=["blue circle"], **overrides)
-    result = forge.host.run_training(settings, Job(name, settings))
+    result = actions.run_training(Job(name, actions.preflight(settings, via="tab")))
     assert result.status == "done"
     return result
 
@@ -134,7 +135,7 @@ def trained(forge, sample_dataset):
 
 def test_the_grid_on_forge_is_forges_own_images_and_leaves_the_model_as_found(trained):
     before = as_found(trained.engine)
-    made = trained.host.make_grid("grid-run", strengths=[0, 1], seed=5)
+    made = actions.make_grid("grid-run", strengths=[0, 1], seed=5)
     assert as_found(trained.engine) == before
     assert [c.label for c in made.plan.columns] == ["No LoRA", "Step 2", "Step 4"]
     (cells,) = made.cells
@@ -156,7 +157,7 @@ def test_a_file_rewritten_since_forge_read_it_is_read_again_by_the_grid(trained)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     save_file({k: v * 0 for k, v in load_file(str(path)).items()}, str(path), metadata=metadata)
-    made = trained.host.make_grid("grid-run", strengths=[1], seed=5)
+    made = actions.make_grid("grid-run", strengths=[1], seed=5)
     np.testing.assert_array_equal(pixels(made.cells[0][0][2]), pixels(made.cells[0][0][0]))
 
 
@@ -173,12 +174,12 @@ def test_interrupt_during_the_forge_grid_saves_nothing_and_leaves_the_model_as_f
 
     def interrupted_at_step_4(names, *args, **kwargs):  # the user presses Interrupt while step 4's cell renders
         if names == ["grid-run"]:
-            assert trained.host.interrupt_task()
+            assert actions.interrupt_task()
         return load_networks(names, *args, **kwargs)
 
     monkeypatch.setattr(trained.networks, "load_networks", interrupted_at_step_4)
     with pytest.raises(LohatrainError, match="Interrupted: no grid was saved"):
-        trained.host.make_grid("grid-run", strengths=[0.5, 1], seed=5)
+        actions.make_grid("grid-run", strengths=[0.5, 1], seed=5)
     assert not list(trained.lora_dir.glob("*.png"))
     assert as_found(trained.engine) == before
     assert not trained.shared.state.interrupted

@@ -9,8 +9,9 @@ from test_webui_stub import loaded, webui  # noqa: F401  (webui is a fixture)
 
 from lohatrain import grid
 from lohatrain.errors import LohatrainError
+from lohatrain.families import ldm_parts
 from lohatrain.trainer import train
-from lohatrain.webui import host
+from lohatrain.webui import actions
 from modules import processing, shared
 
 
@@ -20,13 +21,13 @@ def trained(webui, sample_dataset):  # noqa: F811
     model = loaded(webui)
     settings = settings_for(sample_dataset, webui / "Lora", name="grid-run", steps=4, save_every_steps=2,
                             learning_rate=2e-2, preview_steps=3, preview_seed=11, preview_prompts=["blue circle"])
-    train(model, settings)
+    train(ldm_parts(model), settings)
     return webui
 
 
 def test_grid_has_a_column_per_saved_step_and_a_row_per_strength(trained):
     before = model_state(shared.sd_model)
-    made = host.make_grid("grid-run", strengths=[0, 1], seed=5)
+    made = actions.make_grid("grid-run", strengths=[0, 1], seed=5)
     assert model_state(shared.sd_model) == before
     assert [c.label for c in made.plan.columns] == ["No LoRA", "Step 2", "Step 4"]
     assert made.plan.prompts == ["blue circle"] and made.plan.strengths == [0.0, 1.0]
@@ -63,7 +64,7 @@ def test_a_grid_that_cannot_be_made_says_why_and_saves_nothing(trained):
                                   ("grid-run", {"strengths": [0.5, 9]}, "between -4 and 4"),
                                   ("grid-run", {"strengths": [0.1] * 61}, "more than 120 images")]:
         with pytest.raises(LohatrainError, match=message):
-            host.make_grid(name, **kwargs)
+            actions.make_grid(name, **kwargs)
     assert not list((trained / "Lora").glob("*.png"))
 
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lohatrain.trainer import train
+from lohatrain.families import ldm_parts
+from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file, delta, group_keys, module_map, resolve
 from test_engine import denoising_loss, settings_for
@@ -44,8 +45,7 @@ def test_each_type_learns_and_its_file_reproduces_the_trained_model(tiny_model, 
         if step == 12:
             seen["trained"] = tiny_model.apply_model(x, t, tiny_model.get_learned_conditioning(["blue circle"]))
 
-    result = train(tiny_model, type_settings(sample_dataset, tmp_path, method, dora, steps=12, text_encoder_lr=1e-3),
-                   on_step=capture)
+    result = train(ldm_parts(tiny_model), type_settings(sample_dataset, tmp_path, method, dora, steps=12, text_encoder_lr=1e-3), Hooks(on_step=capture))
     assert apply_file(fresh, load_file(result.file)) == []
     with torch.no_grad():
         file_out = fresh.apply_model(x, t, fresh.get_learned_conditioning(["blue circle"]))
@@ -59,7 +59,7 @@ def test_each_type_learns_and_its_file_reproduces_the_trained_model(tiny_model, 
                          ids=["lora", "locon+dora", "loha+dora"])
 def test_each_type_repeats_byte_for_byte(tiny_model, sample_dataset, tmp_path, monkeypatch, method, dora):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    files = [train(copy.deepcopy(tiny_model), type_settings(sample_dataset, tmp_path / str(i), method, dora,
+    files = [train(ldm_parts(copy.deepcopy(tiny_model)), type_settings(sample_dataset, tmp_path / str(i), method, dora,
                                                             steps=2)).file.read_bytes() for i in range(2)]
     assert files[0] == files[1]
 
@@ -73,7 +73,7 @@ def test_each_type_repeats_byte_for_byte(tiny_model, sample_dataset, tmp_path, m
     ("locon", True, "lycoris.kohya", "locon"), ("loha", True, "lycoris.kohya", "loha")],
     ids=["lora", "locon", "lokr", "lora+dora", "locon+dora", "loha+dora"])
 def test_metadata_names_the_type(tiny_model, sample_dataset, tmp_path, method, dora, module, algo):
-    result = train(tiny_model, type_settings(sample_dataset, tmp_path, method, dora, steps=1))
+    result = train(ldm_parts(tiny_model), type_settings(sample_dataset, tmp_path, method, dora, steps=1))
     with safe_open(result.file, "pt") as f:
         meta = f.metadata()
     args = json.loads(meta["ss_network_args"])
@@ -121,7 +121,7 @@ def test_lycoris_reads_a_dora_file_with_its_metadata_as_the_webui_applies_it(tin
                  "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME"):
         monkeypatch.setattr(LycorisNetworkKohya, attr, getattr(LycorisNetworkKohya, attr))  # a preset sets these
     fresh = copy.deepcopy(tiny_model)
-    result = train(tiny_model, type_settings(sample_dataset, tmp_path, method, True, steps=2, text_encoder_lr=1e-3))
+    result = train(ldm_parts(tiny_model), type_settings(sample_dataset, tmp_path, method, True, steps=2, text_encoder_lr=1e-3))
     network, state = _lycoris_network_from_file(fresh, result.file, tmp_path / "preset.toml")
     assert state == {}  # every tensor of the file found its place
     layers = group_keys(load_file(result.file))
@@ -157,7 +157,7 @@ def test_each_type_repeats_byte_for_byte_on_sd2_and_sdxl(sample_dataset, tmp_pat
                                                          dora):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     template = _family_model(family)
-    files = [train(copy.deepcopy(template), type_settings(sample_dataset, tmp_path / str(i), method, dora, steps=2,
+    files = [train(ldm_parts(copy.deepcopy(template)), type_settings(sample_dataset, tmp_path / str(i), method, dora, steps=2,
                                                           text_encoder_lr=1e-3)).file.read_bytes() for i in range(2)]
     assert files[0] == files[1]
 
@@ -175,7 +175,7 @@ def test_types_with_convolutions_learn_on_sd2_and_sdxl(sample_dataset, tmp_path,
     template = _family_model(family)
     fresh = copy.deepcopy(template)
     before = loss_of(fresh, sample_dataset)
-    result = train(template, type_settings(sample_dataset, tmp_path, method, False, steps=15))
+    result = train(ldm_parts(template), type_settings(sample_dataset, tmp_path, method, False, steps=15))
     assert apply_file(fresh, load_file(result.file)) == []
     after = loss_of(fresh, sample_dataset)
     assert after < 0.97 * before, (before, after)

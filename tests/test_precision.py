@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from lohatrain.families import ldm_parts
 from lohatrain import compat
 from lohatrain.errors import LohatrainError
 from lohatrain.network import LayerPlan, Network
@@ -51,10 +52,10 @@ def test_a_model_held_in_low_precision_trains_and_is_left_bit_identical(tiny_mod
                      conv_dim=2, conv_alpha=1)
     if train_dtype == "fp16" and not CPU_FP16:
         with pytest.raises(LohatrainError, match=r"cannot train in fp16 on the CPU: set Train format to bf16"):
-            train(model, s)
+            train(ldm_parts(model), s)
         assert not (tmp_path / "out").exists()
     else:
-        result = train(model, s)
+        result = train(ldm_parts(model), s)
         assert result.status == "done" and len(result.losses) == 2
         assert all(0 < loss < 10 for loss in result.losses)
         tensors = load_file(result.file)
@@ -69,7 +70,7 @@ def test_fp32_on_a_low_precision_model_says_what_to_do(tiny_model, sample_datase
     model = hold_like_the_webui(tiny_model, held)
     before = model_state(model)
     with pytest.raises(LohatrainError, match="set Train format to fp16 or bf16") as error:
-        train(model, settings_for(sample_dataset, tmp_path / "out", steps=2, train_dtype="fp32"))
+        train(ldm_parts(model), settings_for(sample_dataset, tmp_path / "out", steps=2, train_dtype="fp32"))
     assert setting in str(error.value)
     assert not (tmp_path / "out").exists()
     assert model_state(model) == before
@@ -111,7 +112,7 @@ def test_an_error_in_the_middle_of_a_step_reaches_the_user_as_itself(tiny_model,
     hook = tiny_model.model.diffusion_model.middle_block.register_forward_pre_hook(fail_on_second_call)
     try:
         with pytest.raises(RuntimeError, match="CUDNN_STATUS_INTERNAL_ERROR"):
-            train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=3))
+            train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "out", steps=3))
     finally:
         hook.remove()
     assert model_state(tiny_model) == before

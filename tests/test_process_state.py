@@ -8,9 +8,11 @@ import threading
 import pytest
 import torch
 
+from lohatrain.families import ldm_parts
 from lohatrain.jobs import Job, JobRunner
 from lohatrain.network import LayerPlan, Network
 from lohatrain.output import write_atomically
+from lohatrain.preflight import Prepared
 from lohatrain.trainer import TrainResult, _determinism, train
 
 from test_engine import settings_for
@@ -35,7 +37,7 @@ def test_training_leaves_the_global_generators_where_they_were(tiny_model, sampl
     torch.manual_seed(1234)
     expected = torch.rand(4)
     torch.manual_seed(1234)
-    train(tiny_model, settings_for(sample_dataset, tmp_path / "out", steps=1))
+    train(ldm_parts(tiny_model), settings_for(sample_dataset, tmp_path / "out", steps=1))
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -76,7 +78,7 @@ def test_a_job_never_shows_its_final_state_without_its_message(tmp_path, monkeyp
     monkeypatch.setattr(Job, "__setattr__", observe)
     finished = threading.Event()
 
-    def run(settings, job):
+    def run(job):
         try:
             if ending == "error":
                 raise RuntimeError("boom")
@@ -85,7 +87,7 @@ def test_a_job_never_shows_its_final_state_without_its_message(tmp_path, monkeyp
             finished.set()
 
     runner = JobRunner(run)
-    runner.start(settings_for(tmp_path, tmp_path))
+    runner.start(Prepared(settings_for(tmp_path, tmp_path), None, []))
     assert finished.wait(60)
     runner._thread.join(60)
     final = [s for s in seen if s["state"] != "running"]

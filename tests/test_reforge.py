@@ -19,6 +19,7 @@ import torch
 import lohatrain.demo  # noqa: F401  (sets up ldm before the stand-in imports it)
 
 sys.path.insert(0, str(Path(__file__).parent / "reforge_stub"))
+sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))  # reForge keeps A1111's `modules`
 
 import reforge_host  # noqa: E402
 from ldm_patched.modules import model_management as memory  # noqa: E402
@@ -28,10 +29,10 @@ from users_loras import text_encoder_lora  # noqa: E402
 
 from lohatrain.errors import LohatrainError  # noqa: E402
 from lohatrain.jobs import Job  # noqa: E402
-from lohatrain.families import detect  # noqa: E402
-from lohatrain.reforge import unet_session  # noqa: E402
+from lohatrain.hosts.reforge import ReForgeHost  # noqa: E402
 from lohatrain.settings import TrainSettings  # noqa: E402
-from lohatrain.trainer import train  # noqa: E402
+from lohatrain.trainer import Hooks, train  # noqa: E402
+from lohatrain.webui import actions  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +49,14 @@ def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
                          train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
                          ).with_preset("small")
     return dataclasses.replace(base, **overrides)
+
+
+def train_on(sd_model, settings: TrainSettings, **hooks):
+    """A run on reForge's model as lohatrain's reForge host makes it: the model's parts, in the host's session."""
+    host = ReForgeHost(memory)
+    parts = host.parts_of(sd_model)
+    with host.session(parts) as load_unet:
+        return train(parts, settings, Hooks(load_unet=load_unet, **hooks))
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -136,9 +145,9 @@ def test_the_users_lora_is_off_for_the_run_and_back_after(previews, sample_datas
         weights = base.diffusion_model.state_dict()
         seen.append(all(torch.equal(weights[k], checkpoint[k]) for k in checkpoint))
 
-    assert detect(sd_model).name == "sd1" and detect(sd_model).host_managed
-    with unet_session(sd_model, memory) as load_unet:
-        result = train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    parts = ReForgeHost(memory).parts_of(sd_model)
+    assert parts.family.name == "sd1" and parts.managed
+    result = train_on(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step)
     assert result.status == "done" and seen == [True] * 3  # trained on the checkpoint's weights, LoRA off
     # Loading the user's patcher again merged its LoRA again (into new Parameters, as reForge's every load does).
     assert reforge_state(sd_model) == before
@@ -164,8 +173,7 @@ def test_a_unet_left_in_cpu_memory_is_loaded_whole_for_the_run_and_unloaded_afte
                       and not any(p.is_inference() for p in base.parameters()))
         reforge_host.txt2img(sd_model, "a preview")  # unloads the UNet again (for the VAE)
 
-    with unet_session(sd_model, memory) as load_unet:
-        result = train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    result = train_on(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step)
     assert result.status == "done" and on_gpu == [True] * 3 and all(math.isfinite(x) for x in result.losses)
     assert reforge_state(sd_model) == before and parameter_objects(sd_model) == objects
 
@@ -183,8 +191,7 @@ def test_a_run_holds_no_second_copy_of_reforges_weights(sample_dataset, tmp_path
             memory.unload_all_models()
         during.append(live_tensor_bytes() - before)
 
-    with unet_session(sd_model, memory) as load_unet:
-        train(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step, load_unet=load_unet)
+    train_on(sd_model, settings_for(sample_dataset, tmp_path), on_step=on_step)
     assert max(during) < unet_bytes / 2, (max(during), unet_bytes)  # the network, its optimizer, the latents
     assert live_tensor_bytes() - before < unet_bytes / 2  # and nothing of the run is kept afterwards
 
@@ -197,15 +204,14 @@ def test_a_unet_reforge_would_load_only_in_part_is_refused_and_left_as_found(sam
     memory.total_vram = 2.5 * memory.module_size(sd_model.forge_objects_original.unet.model)
     before, objects = reforge_state(sd_model), parameter_objects(sd_model)
     with pytest.raises(LohatrainError, match="could not fit the whole UNet"):
-        with unet_session(sd_model, memory) as load_unet:
-            train(sd_model, settings_for(sample_dataset, tmp_path), load_unet=load_unet)
+        train_on(sd_model, settings_for(sample_dataset, tmp_path))
     assert reforge_state(sd_model) == before and parameter_objects(sd_model) == objects
 
 
 def test_sd2_trains_through_reforges_transformers_clip_and_the_file_loads_with_its_rules(sample_dataset, tmp_path):
     sd_model = reforge_host.load_model_for_a1111("sd2")
-    family = detect(sd_model)
-    assert family.name == "sd2" and family.text_encoder(sd_model) is sd_model.cond_stage_model.wrapped.transformer
+    parts = ReForgeHost(memory).parts_of(sd_model)
+    assert parts.family.name == "sd2" and parts.text_encoder is sd_model.cond_stage_model.wrapped.transformer
     reforge_host.txt2img(sd_model, "blue circle")
     before = reforge_state(sd_model)
     probe = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
@@ -216,8 +222,7 @@ def test_sd2_trains_through_reforges_transformers_clip_and_the_file_loads_with_i
             seen["trained"] = sd_model.apply_model(*probe, sd_model.get_learned_conditioning(["red square"]))
 
     settings = settings_for(sample_dataset, tmp_path, training_method="lora", text_encoder_lr=1e-3)
-    with unet_session(sd_model, memory) as load_unet:
-        result = train(sd_model, settings, on_step=on_step, load_unet=load_unet)
+    result = train_on(sd_model, settings, on_step=on_step)
     assert result.status == "done" and result.metadata["ss_v2"] == "True"
     assert result.metadata["ss_v_parameterization"] == "True"
     assert reforge_state(sd_model) == before
@@ -254,9 +259,10 @@ def reforge_job_host(tmp_path, monkeypatch):
     import reforge_webui
     from modules import sd_models, shared
 
-    from lohatrain.webui import host
+    from lohatrain import hosts
 
-    monkeypatch.setattr(host, "_reforge_memory", memory)
+    host = ReForgeHost(memory)
+    monkeypatch.setattr(hosts, "_current", host)
     monkeypatch.setattr(networks, "load_lora_state_dict", reforge_webui.load_lora_state_dict, raising=False)
     reforge_webui.load_lora_state_dict.cache_clear()
     monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
@@ -268,9 +274,6 @@ def reforge_job_host(tmp_path, monkeypatch):
 def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_found(reforge_job_host, sample_dataset):
     from types import SimpleNamespace
 
-    from lohatrain.jobs import Job
-    from lohatrain.reforge import REFORGE_NOTES
-
     host, shared = reforge_job_host
     sd_model = reforge_host.load_model_for_a1111("sd1")
     sd_model.sd_checkpoint_info = SimpleNamespace(filename="/models/tiny.safetensors", sha256="f0f0", name="tiny")
@@ -281,7 +284,7 @@ def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_fou
     before = reforge_state(sd_model)
 
     settings = settings_for(sample_dataset, Path("unused"), name="reforge_job", steps=2, shuffle_tags=True)
-    job = Job("reforge", settings)
+    job = Job("reforge", actions.preflight(settings, via="tab"))
     job_report = job.report
 
     def report(progress):  # every step: the checkpoint's weights under the network, the UNet whole on the GPU
@@ -291,10 +294,10 @@ def test_the_hosts_job_takes_the_users_lora_off_and_leaves_reforges_model_as_fou
         job_report(progress)
 
     job.report = report
-    result = host.run_training(settings, job)
+    result = actions.run_training(job)
     assert result.status == "done" and len(job.losses) == 2
     assert reforge_state(sd_model) == before
-    assert host.host_notes() == REFORGE_NOTES and "SDXL text encoders" in REFORGE_NOTES[0]
+    assert "SDXL text encoders" in host.notes[0]
 
 
 @pytest.fixture
@@ -341,13 +344,12 @@ def test_the_grid_on_reforge_is_its_own_images_and_leaves_its_lora_state_as_foun
     host, sd_model, lora_dir = reforge_txt2img
     settings = settings_for(sample_dataset, lora_dir, name="grid-run", steps=2, save_every_steps=1,
                             learning_rate=2e-2, preview_steps=3, preview_seed=5, preview_prompts=["blue circle"])
-    with unet_session(sd_model, memory) as load_unet:
-        assert train(sd_model, settings, load_unet=load_unet).status == "done"
+    assert train_on(sd_model, settings).status == "done"
     save_file(a_users_lora(sd_model), str(lora_dir / "users.safetensors"))
     with_users = generate("blue circle <lora:users:1>")  # the user's last generation: their LoRA merged
     before = as_found(sd_model)
 
-    made = host.make_grid("grid-run", strengths=[0.5, 1], seed=5)
+    made = actions.make_grid("grid-run", strengths=[0.5, 1], seed=5)
     assert as_found(sd_model) == before
     # Extra networks off (a preview, an API call): reForge samples the user's LoRA again, not the grid's last cell.
     np.testing.assert_array_equal(generate("blue circle", disable_extra_networks=True), with_users)
@@ -360,21 +362,22 @@ def test_the_grid_on_reforge_is_its_own_images_and_leaves_its_lora_state_as_foun
     np.testing.assert_array_equal(rows[1][2], generate("blue circle <lora:grid-run:1>"))
 
 
-def test_previews_on_reforge_go_through_its_txt2img_and_the_run_writes_its_file(reforge_txt2img, sample_dataset):
+def test_previews_on_reforge_go_through_its_txt2img_and_the_run_writes_its_file(reforge_txt2img, sample_dataset,
+                                                                                 run_job):
     """reForge's processing reads `p.scripts` unchecked: a preview without a scripts runner ended the run in error
     after step 1, with no file written."""
     host, sd_model, lora_dir = reforge_txt2img
     settings = settings_for(sample_dataset, lora_dir, name="previewed", steps=2, preview_every_steps=1,
                             preview_steps=3, preview_prompts=["blue circle"])
-    job = Job("previewed", settings)
-    result = host.run_training(settings, job)
+    result, job = run_job(settings)
     assert result.status == "done" and result.file == lora_dir / "previewed.safetensors" and result.file.is_file()
     previews = sorted((lora_dir / "previewed.previews").glob("step-*.png"))
     assert [p.name for p in previews] == ["step-000001.png", "step-000002.png"]
     assert Path(job.preview) == previews[-1]
 
 
-def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(reforge_txt2img, sample_dataset):
+def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(reforge_txt2img, sample_dataset,
+                                                                             run_job):
     """The real reForge: step-1 loss 0.99362 right after a `<lora:…>` generation with text-encoder layers, 1.11601
     after a plain one. Its text path loads `forge_objects.clip.patcher`, the last prompt's LoRA clone."""
     host, sd_model, lora_dir = reforge_txt2img
@@ -384,7 +387,7 @@ def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(ref
 
     def first_loss(name: str) -> float:
         run = dataclasses.replace(settings, name=name)
-        return host.run_training(run, Job(name, run)).losses[0]
+        return run_job(run)[0].losses[0]
 
     generate("blue circle <lora:users:1>")
     assert sd_model.forge_objects.clip.patcher.patches  # reForge merged the user's text-encoder LoRA
@@ -411,14 +414,3 @@ def test_a_file_a_run_rewrote_is_read_again_after_the_lora_list_refresh(reforge_
     generate("blue circle")  # another prompt in between: reForge compares it with the last one, not the files
     rewritten = generate("blue circle <lora:users:1>")
     assert not np.array_equal(first, rewritten)
-
-
-def test_reforge_is_told_apart_at_start_up(tmp_path, monkeypatch):
-    """reForge `main`: `modules_forge` beside `ldm_patched` (Forge 2 has `backend` instead; A1111 neither)."""
-    from lohatrain.reforge import is_reforge_host
-
-    assert not is_reforge_host()  # the stand-in's ldm_patched alone
-    (tmp_path / "modules_forge").mkdir()
-    (tmp_path / "modules_forge" / "__init__.py").touch()
-    monkeypatch.syspath_prepend(str(tmp_path))
-    assert is_reforge_host()

@@ -3,6 +3,8 @@ that never stopped; what cannot be resumed exactly is refused with what changed;
 from a file of the same type and size."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 import os
@@ -22,7 +24,8 @@ from safetensors.torch import load_file
 from lohatrain.compat import autocast_supports
 from lohatrain.errors import LohatrainError
 from lohatrain.run_state import list_resumable, read_state
-from lohatrain.trainer import train
+from lohatrain.families import ldm_parts
+from lohatrain.trainer import Hooks, train
 
 from test_engine import settings_for
 
@@ -36,15 +39,15 @@ def fixed_clock(monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
 
 
-def stopping_at(step: int):
-    """should_stop and on_step that stop a run after `step` steps, as the Interrupt button does."""
+def stopping_at(step: int) -> Hooks:
+    """Hooks that stop a run after `step` steps, as the Interrupt button does."""
     done = []
-    return dict(on_step=lambda s, network: done.append(s), should_stop=lambda: len(done) >= step)
+    return Hooks(on_step=lambda s, network: done.append(s), stop=lambda: len(done) >= step)
 
 
-def resume_run(model, folder: Path, name: str = "test-loha", **kwargs):
+def resume_run(model, folder: Path, name: str = "test-loha"):
     saved = read_state(folder / f"{name}.lohatrain-state")
-    return train(model, saved.record.settings, resume=saved, **kwargs)
+    return train(ldm_parts(model), saved.record.settings, resume=saved)
 
 
 def lora_files(folder: Path) -> dict[str, bytes]:
@@ -56,11 +59,11 @@ def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(ti
     text-encoder training, a warm-up and cosine schedule and intermediate saves: after the first step, between
     two saves (the middle), and one before the last (at a save)."""
     kw = dict(steps=5, save_every_steps=2, **EVERY_STREAM)
-    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    reference = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
     for stop in (1, 3, 4):
         out = tmp_path / f"stopped-{stop}"
-        first = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, out, **kw), **stopping_at(stop))
+        first = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, out, **kw), stopping_at(stop))
         assert first.status == "interrupted" and first.steps_done == stop
         assert [r["name"] for r in list_resumable(out)] == ["test-loha"]
         assert list_resumable(out)[0]["step"] == stop and list_resumable(out)[0]["total"] == 5
@@ -74,7 +77,7 @@ def test_an_error_keeps_the_last_whole_step_and_resumes_from_it(tiny_model, samp
     """An error in the middle of step 4 (here the text encoder fails) saves the state of step 3, not a step
     whose random draws were half made."""
     kw = dict(steps=5, **EVERY_STREAM)
-    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    reference = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     model = copy.deepcopy(tiny_model)
     calls = []
     real_encode = model.get_learned_conditioning
@@ -86,7 +89,7 @@ def test_an_error_keeps_the_last_whole_step_and_resumes_from_it(tiny_model, samp
         return real_encode(prompts)
 
     with pytest.raises(RuntimeError, match="text encoder failed"):
-        train(model, settings_for(sample_dataset, tmp_path / "failed", **kw), encode_prompts=failing_encoder)
+        train(dataclasses.replace(ldm_parts(model), prompt_encoder=lambda _skip: failing_encoder), settings_for(sample_dataset, tmp_path / "failed", **kw))
     assert read_state(tmp_path / "failed" / "test-loha.lohatrain-state").step == 3
     result = resume_run(copy.deepcopy(tiny_model), tmp_path / "failed")
     assert result.file.read_bytes() == reference.file.read_bytes()
@@ -98,8 +101,8 @@ def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
 
     template = _family_model(family)
     kw = dict(steps=4, text_encoder_lr=1e-3, flip_aug=True, conv_dim=2, conv_alpha=1)
-    reference = train(copy.deepcopy(template), settings_for(sample_dataset, tmp_path / "whole", **kw))
-    train(copy.deepcopy(template), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(2))
+    reference = train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "stopped", **kw), stopping_at(2))
     result = resume_run(copy.deepcopy(template), tmp_path / "stopped")
     assert result.file.read_bytes() == reference.file.read_bytes()
 
@@ -107,8 +110,8 @@ def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
 @pytest.mark.skipif(not autocast_supports("cpu", torch.float16), reason="CPU fp16 autocast needs torch 2.3")
 def test_resume_is_exact_in_fp16_with_its_loss_scaler(tiny_model, sample_dataset, tmp_path):
     kw = dict(steps=3, train_dtype="fp16", save_dtype="fp16")
-    reference = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "whole", **kw))
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "stopped", **kw), **stopping_at(1))
+    reference = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "stopped", **kw), stopping_at(1))
     saved = read_state(tmp_path / "stopped" / "test-loha.lohatrain-state")
     assert saved.info["scaler"]["scale"] > 0  # the scaler's state travels with the run
     assert resume_run(copy.deepcopy(tiny_model), tmp_path / "stopped").file.read_bytes() == reference.file.read_bytes()
@@ -117,7 +120,7 @@ def test_resume_is_exact_in_fp16_with_its_loss_scaler(tiny_model, sample_dataset
 def test_any_file_a_run_saved_resumes_from_its_state_another_runs_or_an_older_state_is_refused(
         tiny_model, sample_dataset, tmp_path, monkeypatch):
     kw = dict(steps=6, save_every_steps=2)
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "run", **kw), **stopping_at(4))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "run", **kw), stopping_at(4))
     assert read_state(tmp_path / "run" / "test-loha-4.safetensors").step == 4
     older = read_state(tmp_path / "run" / "test-loha-2.safetensors")
     assert older.step == 4
@@ -125,7 +128,7 @@ def test_any_file_a_run_saved_resumes_from_its_state_another_runs_or_an_older_st
                           "test-loha.lohatrain-state at step 4")
 
     # The same run's state from step 2 copied over the newer one: it does not hold the step-4 file's weights.
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / "early", **kw), **stopping_at(2))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "early", **kw), stopping_at(2))
     shutil.copy(tmp_path / "early" / "test-loha.lohatrain-state", tmp_path / "run")
     with pytest.raises(LohatrainError, match=r"test-loha-4.safetensors was saved at step 4, but its run's state "
                                              r"\(test-loha.lohatrain-state\) is older, at step 2"):
@@ -135,8 +138,7 @@ def test_any_file_a_run_saved_resumes_from_its_state_another_runs_or_an_older_st
     # Another run of the name (started later, or with another seed) replaced the state: the old files are refused.
     for folder, seed, started_at in (("later", 7, "1700000600"), ("reseeded", 8, "1700000000")):
         monkeypatch.setenv("SOURCE_DATE_EPOCH", started_at)
-        train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path / folder, seed=seed, **kw),
-              **stopping_at(4))
+        train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / folder, seed=seed, **kw), stopping_at(4))
         shutil.copy(tmp_path / folder / "test-loha.lohatrain-state", tmp_path / "run")
         with pytest.raises(LohatrainError, match=f"test-loha-2.safetensors is from another run than "
                                                  f"test-loha.lohatrain-state .*with seed {seed}"):
@@ -146,7 +148,7 @@ def test_any_file_a_run_saved_resumes_from_its_state_another_runs_or_an_older_st
 def test_a_changed_dataset_is_refused_with_the_files_named_unless_resumed_anyway(tiny_model, sample_dataset,
                                                                               tmp_path):
     out = tmp_path / "out"
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, out, steps=4), **stopping_at(2))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, out, steps=4), stopping_at(2))
     caption = next(sample_dataset.glob("*.txt"))
     caption.write_text("something else entirely")
     shutil.copy(next(sample_dataset.glob("*.png")), sample_dataset / "zz-new.png")
@@ -160,7 +162,7 @@ def test_a_changed_dataset_is_refused_with_the_files_named_unless_resumed_anyway
     assert (lora_files(out), (out / "test-loha.lohatrain-state").read_bytes()) == before  # nothing written
 
     saved = read_state(out / "test-loha.lohatrain-state")
-    result = train(copy.deepcopy(tiny_model), saved.record.settings, resume=saved, resume_anyway=True)
+    result = train(ldm_parts(copy.deepcopy(tiny_model)), saved.record.settings, resume=saved, resume_anyway=True)
     assert result.status == "done" and result.steps_done == 4
     with safe_open(result.file, "pt") as f:
         assert "zz-new.png" in f.metadata()["lohatrain_resumed_with_changes"]
@@ -169,7 +171,7 @@ def test_a_changed_dataset_is_refused_with_the_files_named_unless_resumed_anyway
 def test_another_model_is_refused(tiny_model, sample_dataset, tmp_path):
     from lohatrain.demo import build_tiny_sd1
 
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, steps=4), stopping_at(2))
     with pytest.raises(LohatrainError, match="another checkpoint is loaded"):
         resume_run(build_tiny_sd1(1), tmp_path)
 
@@ -177,16 +179,16 @@ def test_another_model_is_refused(tiny_model, sample_dataset, tmp_path):
 def test_a_resume_keeps_the_runs_settings_but_may_extend_it(tiny_model, sample_dataset, tmp_path):
     import dataclasses
 
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, steps=4), stopping_at(2))
     saved = read_state(tmp_path / "test-loha.lohatrain-state")
     with pytest.raises(LohatrainError, match="learning_rate"):
-        train(copy.deepcopy(tiny_model), dataclasses.replace(saved.record.settings, learning_rate=0.1), resume=saved)
-    longer = train(copy.deepcopy(tiny_model), dataclasses.replace(saved.record.settings, steps=7), resume=saved)
+        train(ldm_parts(copy.deepcopy(tiny_model)), dataclasses.replace(saved.record.settings, learning_rate=0.1), resume=saved)
+    longer = train(ldm_parts(copy.deepcopy(tiny_model)), dataclasses.replace(saved.record.settings, steps=7), resume=saved)
     assert longer.steps_done == 7 and len(longer.losses) == 7
 
 
 def test_a_damaged_state_is_refused(tiny_model, sample_dataset, tmp_path):
-    train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, steps=4), **stopping_at(2))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, steps=4), stopping_at(2))
     state = tmp_path / "test-loha.lohatrain-state"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with pytest.raises(LohatrainError, match="damaged"):
@@ -196,8 +198,8 @@ def test_a_damaged_state_is_refused(tiny_model, sample_dataset, tmp_path):
 
 def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(tiny_model, sample_dataset,
                                                                                  tmp_path):
-    first = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="yesterday", steps=3))
-    more = train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="today", steps=1,
+    first = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, name="yesterday", steps=3))
+    more = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, name="today", steps=1,
                                                         init_from="yesterday.safetensors", learning_rate=1e-9))
     old, new = load_file(first.file), load_file(more.file)
     assert old.keys() == new.keys()
@@ -209,11 +211,11 @@ def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(
              ({"dora": True}, "without DoRA")]
     for overrides, message in cases:
         with pytest.raises(LohatrainError, match=message):
-            train(copy.deepcopy(tiny_model), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+            train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                           init_from="yesterday.safetensors", **overrides))
     from test_methods import _family_model
     with pytest.raises(LohatrainError, match="another model family"):
-        train(_family_model("sdxl"), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+        train(ldm_parts(_family_model("sdxl")), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                   init_from="yesterday.safetensors"))
     assert not (tmp_path / "x.safetensors").exists()
 

@@ -3,6 +3,8 @@ loss goes down, files load under the host's SD2 rules and reproduce the trained 
 file says SD2, the model is left exactly as found, and the zero-terminal-SNR schedule does what it says."""
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 
@@ -12,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from lohatrain.families import ldm_parts
 from lohatrain.demo import build_tiny_sd1, build_tiny_sd2
 from lohatrain.errors import LohatrainError
 from lohatrain.families import detect
@@ -19,7 +22,8 @@ from lohatrain.families.sd1 import SD1
 from lohatrain.families.sd2 import SD2
 from lohatrain.network import Network, plan_fused_attention
 from lohatrain.settings import TrainSettings
-from lohatrain.trainer import rescale_zero_terminal_snr, train
+from lohatrain.loop import rescale_zero_terminal_snr
+from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file
 from test_engine import denoising_loss, expected_unet_targets, model_state, modules_the_host_loads, settings_for
@@ -69,7 +73,7 @@ def test_sd2_is_detected_with_or_without_the_hosts_flag(sd2_model):
 def test_training_lowers_the_v_loss_and_the_file_carries_it(sd2_model, sample_dataset, tmp_path):
     fresh = copy.deepcopy(sd2_model)
     before = denoising_loss(fresh, sample_dataset)
-    result = train(sd2_model, settings_for(sample_dataset, tmp_path, steps=40, learning_rate=1e-2))
+    result = train(ldm_parts(sd2_model), settings_for(sample_dataset, tmp_path, steps=40, learning_rate=1e-2))
     assert apply_file(fresh, load_file(result.file)) == []
     after = denoising_loss(fresh, sample_dataset)
     assert after < 0.9 * before, (before, after)
@@ -88,7 +92,7 @@ def test_applying_the_file_reproduces_the_trained_models_output(sd2_model, sampl
 
     s = settings_for(sample_dataset, tmp_path, steps=5, learning_rate=1e-2, text_encoder_lr=1e-2, conv_dim=2,
                      conv_alpha=1)
-    train(sd2_model, s, on_step=capture)
+    train(ldm_parts(sd2_model), s, Hooks(on_step=capture))
     with torch.no_grad():
         base_cond = fresh.get_learned_conditioning(["blue circle"])
         base_out = fresh.apply_model(x, t, base_cond)
@@ -119,7 +123,7 @@ def _expected_targets(model, conv: bool, text: bool) -> set[int]:
 def test_every_key_matches_a_module_under_the_hosts_sd2_rules(sd2_model, sample_dataset, tmp_path, conv, text):
     s = settings_for(sample_dataset, tmp_path, steps=1, conv_dim=4 if conv else 0, conv_alpha=2,
                      text_encoder_lr=1e-4 if text else 0.0)
-    tensors = load_file(train(sd2_model, s).file)
+    tensors = load_file(train(ldm_parts(sd2_model), s).file)
     covered, attention_parts = modules_the_host_loads(sd2_model, tensors)
     assert covered == _expected_targets(sd2_model, conv, text)
     # The host applies a fused attention's LoHa only when q, k, v (and out) are all there.
@@ -137,7 +141,7 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(sd2_model, sam
     for i, seed in enumerate((11, 11, 12)):
         s = settings_for(sample_dataset, tmp_path / str(i), seed=seed, steps=3, text_encoder_lr=1e-3,
                          min_snr_gamma=5.0)
-        files.append(train(copy.deepcopy(sd2_model), s).file.read_bytes())
+        files.append(train(ldm_parts(copy.deepcopy(sd2_model)), s).file.read_bytes())
     assert files[0] == files[1]
     assert files[0] != files[2]
 
@@ -145,8 +149,7 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(sd2_model, sam
 @pytest.mark.parametrize("v_prediction", [True, False])
 def test_metadata_marks_sd2(sample_dataset, tmp_path, v_prediction):
     model = build_tiny_sd2(0, v_prediction=v_prediction)
-    result = train(model, settings_for(sample_dataset, tmp_path, steps=1, clip_skip=2),
-                   model_name="tiny-v2.safetensors")
+    result = train(dataclasses.replace(ldm_parts(model), name="tiny-v2.safetensors"), settings_for(sample_dataset, tmp_path, steps=1, clip_skip=2))
     with safe_open(result.file, "pt") as f:
         meta = f.metadata()
     # The host's Lora tab: ss_v2 "True" = SD2 (shown on SD2 models); kohya's base version and v flag.
@@ -168,10 +171,10 @@ def test_model_is_left_exactly_as_found(sd2_model, sample_dataset, tmp_path, end
             raise RuntimeError("boom")
 
     if ending == "done":
-        assert train(sd2_model, s, on_step=on_step).status == "done"
+        assert train(ldm_parts(sd2_model), s, Hooks(on_step=on_step)).status == "done"
     else:
         with pytest.raises(RuntimeError, match="boom"):
-            train(sd2_model, s, on_step=on_step)
+            train(ldm_parts(sd2_model), s, Hooks(on_step=on_step))
     assert model_state(sd2_model) == before
 
 
@@ -187,8 +190,8 @@ def test_zero_terminal_snr_schedule():
 
 def test_zero_terminal_snr_changes_the_run_and_leaves_the_schedule(sd2_model, sample_dataset, tmp_path):
     schedule = sd2_model.alphas_cumprod.clone()
-    plain = train(copy.deepcopy(sd2_model), settings_for(sample_dataset, tmp_path / "a", steps=3))
-    zsnr = train(sd2_model, settings_for(sample_dataset, tmp_path / "b", steps=3, zero_terminal_snr=True))
+    plain = train(ldm_parts(copy.deepcopy(sd2_model)), settings_for(sample_dataset, tmp_path / "a", steps=3))
+    zsnr = train(ldm_parts(sd2_model), settings_for(sample_dataset, tmp_path / "b", steps=3, zero_terminal_snr=True))
     assert plain.losses != zsnr.losses
     a, b = load_file(plain.file), load_file(zsnr.file)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -200,10 +203,10 @@ def test_zero_terminal_snr_changes_the_run_and_leaves_the_schedule(sd2_model, sa
 def test_training_uses_the_checkpoints_schedule_not_the_hosts_sampling_copy(sd2_model, sample_dataset, tmp_path):
     """The host keeps the checkpoint's schedule in `alphas_cumprod_original` and rewrites `alphas_cumprod`
     before sampling when its "Zero Terminal SNR" noise-schedule option is on."""
-    plain = train(copy.deepcopy(sd2_model), settings_for(sample_dataset, tmp_path / "a", steps=2))
+    plain = train(ldm_parts(copy.deepcopy(sd2_model)), settings_for(sample_dataset, tmp_path / "a", steps=2))
     sd2_model.alphas_cumprod_original = sd2_model.alphas_cumprod
     sd2_model.alphas_cumprod = rescale_zero_terminal_snr(sd2_model.alphas_cumprod.double()).float()
-    hosted = train(sd2_model, settings_for(sample_dataset, tmp_path / "b", steps=2))
+    hosted = train(ldm_parts(sd2_model), settings_for(sample_dataset, tmp_path / "b", steps=2))
     assert hosted.losses == plain.losses
 
 
@@ -212,7 +215,7 @@ def test_zero_terminal_snr_is_refused_on_eps_models(build, sample_dataset, tmp_p
     model = build()
     before = model_state(model)
     with pytest.raises(LohatrainError, match="zero_terminal_snr needs a v-prediction model"):
-        train(model, settings_for(sample_dataset, tmp_path / "out", steps=2, zero_terminal_snr=True))
+        train(ldm_parts(model), settings_for(sample_dataset, tmp_path / "out", steps=2, zero_terminal_snr=True))
     assert not (tmp_path / "out").exists() and model_state(model) == before
 
 

@@ -9,6 +9,8 @@ following sgm's code (see that module's docstring).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 
@@ -18,13 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from lohatrain.families import ldm_parts
 from lohatrain import dataset as ds
 from lohatrain.demo import build_tiny_sd1, build_tiny_sd2
 from lohatrain.demo_sdxl import SIZE_KEYS, ConcatTimestepEmbedderND, build_tiny_sdxl
 from lohatrain.errors import LohatrainError
 from lohatrain.families import detect
 from lohatrain.families.sdxl import SDXL
-from lohatrain.trainer import train
+from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file
 from test_engine import expected_unet_targets, model_state, modules_the_host_loads, settings_for
@@ -150,7 +153,7 @@ def test_checkpoints_it_cannot_train_are_refused_by_name(build, named, sample_da
     model = build()
     before = model_state(model)
     with pytest.raises(LohatrainError, match=f"cannot train on the loaded model: it is {named}.*SDXL base"):
-        train(model, settings_for(sample_dataset, tmp_path / "out", steps=2))
+        train(ldm_parts(model), settings_for(sample_dataset, tmp_path / "out", steps=2))
     assert not (tmp_path / "out").exists() and model_state(model) == before
 
 
@@ -159,7 +162,7 @@ def test_training_lowers_the_loss_and_the_file_carries_it(sdxl_model, sample_dat
     before = denoising_loss(fresh, sample_dataset)
     # With conv layers, as the default preset: SDXL has no attention on its full-resolution level, and in a
     # tiny random model a few dozen steps of attention-only LoHa barely move the loss.
-    result = train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2, conv_dim=4,
+    result = train(ldm_parts(sdxl_model), settings_for(sample_dataset, tmp_path, steps=15, learning_rate=1e-2, conv_dim=4,
                                             conv_alpha=2))
     assert apply_file(fresh, load_file(result.file)) == []
     after = denoising_loss(fresh, sample_dataset)
@@ -180,7 +183,7 @@ def test_applying_the_file_reproduces_the_trained_models_output(sdxl_model, samp
 
     s = settings_for(sample_dataset, tmp_path, steps=4, learning_rate=1e-2, text_encoder_lr=1e-2, conv_dim=2,
                      conv_alpha=1)
-    train(sdxl_model, s, on_step=capture)
+    train(ldm_parts(sdxl_model), s, Hooks(on_step=capture))
     with torch.no_grad():
         base_cond = conditioning(fresh, ["blue circle"], sizes)
         base_out = fresh.model(x, t, base_cond)
@@ -210,7 +213,7 @@ def test_each_images_own_size_and_crop_reach_the_unet(sdxl_model, sample_dataset
 
     sdxl_model.model.forward = record
     s = settings_for(sample_dataset, tmp_path, steps=12, batch_size=1, flip_aug=True)
-    train(sdxl_model, s)
+    train(ldm_parts(sdxl_model), s)
     expected = []
     for caption, (h, w, top, left, th, tw) in image_sizes(sample_dataset).items():
         resized_w = round(w * max(64 / w, 64 / h))
@@ -234,7 +237,7 @@ def test_every_image_trains_with_its_captions_own_encoding(sdxl_model, sample_da
         return unet_forward(x, t, c, **kwargs)
 
     sdxl_model.model.forward = record
-    train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=8, batch_size=1))  # one epoch, one bucket
+    train(ldm_parts(sdxl_model), settings_for(sample_dataset, tmp_path, steps=8, batch_size=1))  # one epoch, one bucket
     with torch.no_grad():
         alone = {caption: conditioning(sdxl_model, [caption], [size])
                  for caption, size in image_sizes(sample_dataset).items()}
@@ -266,7 +269,7 @@ def _expected_targets(model, conv: bool, text: bool) -> set[int]:
 def test_every_key_matches_a_module_under_the_hosts_sdxl_rules(sdxl_model, sample_dataset, tmp_path, conv, text):
     s = settings_for(sample_dataset, tmp_path, steps=1, conv_dim=4 if conv else 0, conv_alpha=2,
                      text_encoder_lr=1e-4 if text else 0.0)
-    tensors = load_file(train(sdxl_model, s).file)
+    tensors = load_file(train(ldm_parts(sdxl_model), s).file)
     covered, attention_parts = modules_the_host_loads(sdxl_model, tensors)
     assert covered == _expected_targets(sdxl_model, conv, text)
     assert all(parts == {"q", "k", "v"} for parts in attention_parts.values())  # complete sets only
@@ -283,14 +286,13 @@ def test_same_seed_gives_the_same_bytes_and_another_seed_does_not(sdxl_model, sa
     for i, seed in enumerate((11, 11, 12)):
         s = settings_for(sample_dataset, tmp_path / str(i), seed=seed, steps=3, text_encoder_lr=1e-3,
                          flip_aug=True)
-        files.append(train(copy.deepcopy(sdxl_model), s).file.read_bytes())
+        files.append(train(ldm_parts(copy.deepcopy(sdxl_model)), s).file.read_bytes())
     assert files[0] == files[1]
     assert files[0] != files[2]
 
 
 def test_metadata_marks_sdxl(sdxl_model, sample_dataset, tmp_path):
-    result = train(sdxl_model, settings_for(sample_dataset, tmp_path, steps=1, clip_skip=2),
-                   model_name="tiny-xl.safetensors")
+    result = train(dataclasses.replace(ldm_parts(sdxl_model), name="tiny-xl.safetensors"), settings_for(sample_dataset, tmp_path, steps=1, clip_skip=2))
     with safe_open(result.file, "pt") as f:
         meta = f.metadata()
     # The host's Lora tab: a base version starting with "sdxl_" = SDXL (shown on SDXL models).
@@ -311,10 +313,10 @@ def test_model_is_left_exactly_as_found(sdxl_model, sample_dataset, tmp_path, en
             raise RuntimeError("boom")
 
     if ending == "done":
-        assert train(sdxl_model, s, on_step=on_step).status == "done"
+        assert train(ldm_parts(sdxl_model), s, Hooks(on_step=on_step)).status == "done"
     else:
         with pytest.raises(RuntimeError, match="boom"):
-            train(sdxl_model, s, on_step=on_step)
+            train(ldm_parts(sdxl_model), s, Hooks(on_step=on_step))
     assert model_state(sdxl_model) == before
     assert [e.is_trainable for e in sdxl_model.conditioner.embedders] == trainable
 

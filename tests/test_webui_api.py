@@ -1,6 +1,8 @@
 """The REST routes and the host integration, over real HTTP against the page served on the host stand-in."""
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 
@@ -15,6 +17,7 @@ from modules import call_queue, processing, shared
 
 
 import lohatrain.demo
+from lohatrain.families import ldm_parts
 from lohatrain.trainer import train
 
 from test_engine import model_state, settings_for
@@ -97,17 +100,18 @@ def test_a_dataset_problem_is_refused_before_a_job_starts(webui_server, tmp_path
 
 
 def test_a_dataset_that_breaks_after_the_start_ends_the_job_with_its_message(webui_server, tmp_path):
-    """Checked at the start, then the job waits for the GPU: what changed meanwhile is found by the job."""
+    """Checked once, at the start; then the job waits for the GPU: an image removed meanwhile ends it with a
+    message naming the image, and nothing is written."""
     ui = webui_server
     lohatrain.demo.make_sample_dataset(tmp_path / "images")
     with call_queue.queue_lock:  # a generation is running: the job waits
         r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "broken-later",
                                                                     dataset_dir=str(tmp_path / "images")))
         assert r.status_code == 200
-        for caption in (tmp_path / "images").glob("*.txt"):
-            caption.unlink()
+        removed = sorted((tmp_path / "images").glob("*.png"))[0]
+        removed.unlink()
     status = wait_until(ui, finished)
-    assert status["state"] == "error" and "caption file(s) are missing" in status["message"]
+    assert status["state"] == "error" and f"{removed.name} cannot be read" in status["message"]
     assert not (ui.lora_dir / "broken-later.safetensors").exists()
 
 
@@ -207,15 +211,15 @@ def test_low_memory_modes_are_refused_with_the_reason(webui_server, monkeypatch,
 
 
 def test_medvram_sdxl_is_refused_only_while_an_sdxl_model_is_loaded(webui_server, monkeypatch):
+    from lohatrain import hosts
     from lohatrain.demo_sdxl import build_tiny_sdxl
     from lohatrain.errors import LohatrainError
-    from lohatrain.webui import host
 
     monkeypatch.setattr(shared.cmd_opts, "medvram_sdxl", True)
-    host.check_memory_mode()  # an SD1 model: the host does not swap it under --medvram-sdxl
+    hosts.current().check_memory_mode()  # an SD1 model: the host does not swap it under --medvram-sdxl
     monkeypatch.setattr(shared, "sd_model", build_tiny_sdxl(0))
     with pytest.raises(LohatrainError, match="--medvram-sdxl with an SDXL model loaded"):
-        host.check_memory_mode()
+        hosts.current().check_memory_mode()
 
 
 def test_a_checkpoint_that_cannot_be_trained_is_refused_before_a_job_starts(webui_server, monkeypatch):
@@ -229,7 +233,7 @@ def test_a_checkpoint_that_cannot_be_trained_is_refused_before_a_job_starts(webu
 
 def test_captions_go_through_the_hosts_conditioning_with_the_runs_clip_skip_and_no_emphasis(webui_server,
                                                                                             monkeypatch):
-    from lohatrain.webui import host
+    from lohatrain import hosts
 
     model = shared.sd_model
     seen = []
@@ -248,8 +252,9 @@ def test_captions_go_through_the_hosts_conditioning_with_the_runs_clip_skip_and_
 
     monkeypatch.setattr(model, "get_learned_conditioning", recording)
     data_before = dict(shared.opts.data)
-    skip2 = host.prompt_encoder(model, 2)(["(red:1.5) circle"])
-    host_default = host.prompt_encoder(model, None)(["(red:1.5) circle"])
+    parts = hosts.current().parts()
+    skip2 = parts.prompt_encoder(2)(["(red:1.5) circle"])
+    host_default = parts.prompt_encoder(None)(["(red:1.5) circle"])
     # The host parses (word:1.2) and BREAK only when emphasis is not "None"; CLIP skip is its option.
     assert seen == [("None", 2), ("None", 1)]
     assert [(e, c) for e, c, _ in elsewhere] == [("Original", 1)] * 2
@@ -263,7 +268,7 @@ def test_a_caption_past_75_tokens_leaves_the_others_at_their_own_single_chunk(we
     """The host pads every caption of a conditioning pass to the longest one's chunk count: with one caption of
     100 words among short ones, that image trains with its two chunks and every other with its one, each as its
     caption gives it encoded alone (extra padding keys would change what the UNet attends to)."""
-    from lohatrain.webui import host
+    from lohatrain import hosts
 
     model = shared.sd_model
     dataset = lohatrain.demo.make_sample_dataset(tmp_path / "dataset")
@@ -272,9 +277,10 @@ def test_a_caption_past_75_tokens_leaves_the_others_at_their_own_single_chunk(we
     contexts = []
     hook = model.model.diffusion_model.register_forward_pre_hook(
         lambda module, args, kwargs: contexts.append(kwargs["context"].detach().clone()), with_kwargs=True)
-    encode = host.prompt_encoder(model, None)
+    parts = hosts.current().parts()
+    encode = parts.prompt_encoder(None)
     try:
-        train(model, settings_for(dataset, tmp_path / "out", steps=8, batch_size=1), encode_prompts=encode)
+        train(parts, settings_for(dataset, tmp_path / "out", steps=8, batch_size=1))
     finally:
         hook.remove()
     with torch.no_grad():
@@ -292,7 +298,7 @@ def test_shared_state_drives_the_hosts_progress_bar(webui_server):
     httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "progress", steps=5000))
     status = wait_until(ui, lambda s: s["step"] >= 2)
     assert shared.state.job == "lohatrain" and shared.state.sampling_steps == 5000
-    assert 1 <= shared.state.sampling_step <= 5000 and "LoHa training: step" in shared.state.textinfo
+    assert 1 <= shared.state.sampling_step <= 5000 and "LoRA training: step" in shared.state.textinfo
     httpx.post(f"{ui.url}/lohatrain/v1/interrupt")
     assert wait_until(ui, finished)["state"] == "interrupted" and status["step"] >= 2
     assert shared.state.job == ""

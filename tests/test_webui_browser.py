@@ -323,13 +323,13 @@ def test_the_panel_follows_the_job_it_started_not_the_last_one(page, webui_serve
     httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "earlier", steps=1))
     assert wait_until(webui_server, finished)["state"] == "done"
     release = threading.Event()
-    real_preflight = tab.host.preflight
+    real_preflight = tab.actions.preflight
 
     def slow_preflight(settings, via, **kwargs):
         assert release.wait(120)
         return real_preflight(settings, via, **kwargs)
 
-    monkeypatch.setattr(tab.host, "preflight", slow_preflight)
+    monkeypatch.setattr(tab.actions, "preflight", slow_preflight)
     fill_small_run(page, webui_server, "followed", steps=3)
     page.locator("#lohatrain_train").click()
     # while the new job is still being checked, the panel waits for it, not showing the earlier job's end

@@ -268,14 +268,11 @@ def test_loha_in_prompt_changes_image_and_weights_come_back_exactly(webui):
     assert all(torch.equal(current[k], v) for k, v in pure.items()), "weights must be restored bit-exactly"
 
 
-def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(webui, sample_dataset):
+def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(webui, sample_dataset, run_job):
     """The last generation's LoRA on the text encoder (A1111 merges it into the weights while the prompt encodes)
     changes nothing in the run: the same step-1 loss as after a plain generation."""
     from test_engine import settings_for
     from users_loras import text_encoder_lora
-
-    from lohatrain.jobs import Job
-    from lohatrain.webui import host
 
     model = loaded(webui)
     save_file(text_encoder_lora(model.cond_stage_model.wrapped.transformer), str(webui / "Lora" / "users.safetensors"))
@@ -284,7 +281,7 @@ def test_the_users_text_encoder_lora_is_off_while_a_run_encodes_its_captions(web
 
     def first_loss(name: str) -> float:
         run = dataclasses.replace(settings, name=name)
-        return host.run_training(run, Job(name, run)).losses[0]
+        return run_job(run)[0].losses[0]
 
     with_lora = generate("blue circle <lora:users:1>")
     after_lora = first_loss("after-lora")
@@ -483,6 +480,7 @@ def _trained_file_through_the_host(model, webui, sample_dataset, name: str, **se
     of the weights the file changed."""
     from test_engine import settings_for
 
+    from lohatrain.families import ldm_parts
     from lohatrain.trainer import train
 
     pure = _weights(model)
@@ -490,7 +488,7 @@ def _trained_file_through_the_host(model, webui, sample_dataset, name: str, **se
     settings = settings_for(sample_dataset, webui / "Lora", **{
         "name": name, "steps": 2, "learning_rate": 1e-2, "text_encoder_lr": 1e-2, "conv_dim": 2, "conv_alpha": 1,
         **settings})
-    result = train(model, settings)
+    result = train(ldm_parts(model), settings)
     assert _weights(model).keys() == pure.keys() and all(torch.equal(v, pure[k]) for k, v in _weights(model).items())
     tensors = load_file(result.file)
 
@@ -557,29 +555,24 @@ def test_fused_attention_takes_a_loha_only_with_all_four_parts(webui):
     assert not torch.equal(blocks[1].attn.in_proj_weight, before[1][0])
 
 
-def test_run_training_on_the_loaded_sdxl_model_leaves_it_exactly_as_found(webui, sample_dataset):
+def test_run_training_on_the_loaded_sdxl_model_leaves_it_exactly_as_found(webui, sample_dataset, run_job):
     """The adapter's whole job on an SDXL checkpoint in the host: the conditioning through the host's wrappers,
     a preview through the host's txt2img, the file in the Lora folder and listed, the model untouched."""
     from test_engine import model_state, settings_for
-
-    from lohatrain.jobs import Job
-    from lohatrain.webui import host
 
     model = loaded_sdxl(webui)
     before = model_state(model)
     wrappers = list(model.conditioner.embedders)
     settings = settings_for(sample_dataset, webui / "unused", name="xl_job", steps=2, text_encoder_lr=1e-3,
                             conv_dim=2, conv_alpha=1, preview_every_steps=2, clip_skip=2)
-    job = Job("xl", settings)
     shared.opts.sdxl_clip_l_skip = True  # Settings → "Clip skip SDXL": the host applies CLIP skip to CLIP-L
     try:
-        result = host.run_training(settings, job)
+        result, job = run_job(settings)
     finally:
         shared.opts.sdxl_clip_l_skip = False
     with safe_open(str(result.file), "pt") as f:
         assert f.metadata()["ss_clip_skip"] == "2"
-    plain = host.run_training(dataclasses.replace(settings, name="xl_plain", steps=1, preview_every_steps=0),
-                              Job("xl2", settings))
+    plain, _ = run_job(dataclasses.replace(settings, name="xl_plain", steps=1, preview_every_steps=0))
     with safe_open(str(plain.file), "pt") as f:
         assert f.metadata()["ss_clip_skip"] == "None"  # by default the host ignores CLIP skip on SDXL
     assert result.status == "done" and result.steps_done == 2 and len(job.losses) == 2
@@ -771,22 +764,18 @@ def test_loha_trained_on_sd2_applies_through_the_hosts_sd2_rules(webui, sample_d
     assert any(k.startswith("model.diffusion_model.input_blocks.1.1.proj_in.") for k in changed)  # linear proj
 
 
-def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, sample_dataset):
+def test_run_training_on_the_loaded_sd2_model_leaves_it_exactly_as_found(webui, sample_dataset, run_job):
     """The adapter's whole job on an SD2 checkpoint in the host: the conditioning through the host's OpenCLIP
     wrapper, a preview through the host's txt2img (v-prediction), the file in the Lora folder and listed as SD2,
     the model untouched."""
     from test_engine import model_state, settings_for
-
-    from lohatrain.jobs import Job
-    from lohatrain.webui import host
 
     model = loaded_sd2(webui)
     before = model_state(model)
     wrapper = model.cond_stage_model
     settings = settings_for(sample_dataset, webui / "unused", name="sd2_job", steps=2, text_encoder_lr=1e-3,
                             conv_dim=2, conv_alpha=1, preview_every_steps=2)
-    job = Job("sd2", settings)
-    result = host.run_training(settings, job)
+    result, job = run_job(settings)
     assert result.status == "done" and result.steps_done == 2 and len(job.losses) == 2
     assert result.file == webui / "Lora" / "sd2_job.safetensors" and "sd2_job" in networks.available_networks
     assert networks.available_networks["sd2_job"].sd_version == networks.SdVersion.SD2

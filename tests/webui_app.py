@@ -85,9 +85,9 @@ def _load_forge_model(info) -> None:
     for path in FORGE_PATHS:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
-    adapter = sys.modules.get("lohatrain.webui.host")
-    if adapter is not None and adapter._forge is None:
-        raise RuntimeError("lohatrain's A1111 adapter is already loaded in this process: start the Forge host "
+    from lohatrain import hosts
+    if hosts._current is not None and hosts._current.name != "Forge":
+        raise RuntimeError("lohatrain's A1111 adapter is already chosen in this process: start the Forge host "
                            "in a process of its own")
     import pytest
     import torch

@@ -1,17 +1,17 @@
-"""What differs between model families (SD1, SD2, SDXL): one small module each, chosen by `detect`; the same
-three as Forge 2 holds them are in `forge`, as reForge `main` holds them in `reforge`."""
+"""What differs between model families (SD1, SD2, SDXL): one small module each. `detect` tells an ldm/sgm model's
+family (or why it cannot be trained); `ldm_parts` gives the engine's view of it. Hosts that hold a model their own
+way (lohatrain/hosts/) use the same families' rules."""
 from __future__ import annotations
 
 from ..errors import LohatrainError
-from .forge import ForgeSD1, ForgeSD2, ForgeSDXL, is_forge_engine
-from .reforge import ReForgeSD1, ReForgeSD2, ReForgeSDXL
+from ..parts import ModelParts
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
 
-# Most specific first: SD2 also has everything SD1.matches looks for; reForge's models also look like A1111's.
-FAMILIES = (ForgeSDXL, ForgeSD2, ForgeSD1, ReForgeSDXL, ReForgeSD2, ReForgeSD1, SDXL, SD2, SD1)
-BY_NAME = {f.name: f for f in (SDXL, SD2, SD1)}
+# Most specific first: SD2 also has everything SD1.matches looks for.
+FAMILIES = (SDXL, SD2, SD1)
+BY_NAME = {f.name: f for f in FAMILIES}
 
 # Why a kind of checkpoint cannot be trained, in one phrase each: said of a loaded model here, and of a file's
 # keys by lohatrain.checkpoint. What a UNet's input channels beyond the 4 latent ones say about the checkpoint:
@@ -38,14 +38,14 @@ def describe(model) -> str:
     return kind
 
 
-def unsupported_reason(model) -> str | None:
-    """Why a loaded model of a known kind cannot be trained (a variant needing inputs a caption set lacks)."""
+def unsupported_reason(model, unet=None) -> str | None:
+    """Why a loaded model of a known kind cannot be trained (a variant needing inputs a caption set lacks); `unet`
+    where the host keeps it elsewhere than ldm's `model.diffusion_model`."""
     if getattr(model, "is_sd3", False):
         return SD3
     if "flux" in describe(model).lower():
         return FLUX
-    unet = (ForgeSD1.unet(model) if is_forge_engine(model)
-            else getattr(getattr(model, "model", None), "diffusion_model", None))
+    unet = unet if unet is not None else getattr(getattr(model, "model", None), "diffusion_model", None)
     channels = getattr(unet, "in_channels", 4)
     if channels in EXTRA_INPUTS or getattr(model, "is_sdxl_inpaint", False) or getattr(model, "is_inpaint", False):
         return EXTRA_INPUTS.get(channels, EXTRA_INPUTS[9])
@@ -58,14 +58,23 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def cannot_train(reason: str) -> LohatrainError:
+    return LohatrainError(
+        f"lohatrain cannot train on the loaded model: it is {reason}. Load a Stable Diffusion 1.x, 2.x or SDXL "
+        "base checkpoint (or a model fine-tuned or merged from one, such as Pony or Illustrious) and try again.")
+
+
 def detect(model):
-    """The family object for a loaded model, or a clear error naming what cannot be trained."""
+    """The family of an ldm/sgm model, or a clear error naming what cannot be trained."""
     reason = unsupported_reason(model)
     if reason is None:
         for family in FAMILIES:
             if family.matches(model):
                 return family
         reason = f"a model of a kind it does not know, {describe(model)}"
-    raise LohatrainError(
-        f"lohatrain cannot train on the loaded model: it is {reason}. Load a Stable Diffusion 1.x, 2.x or SDXL "
-        "base checkpoint (or a model fine-tuned or merged from one, such as Pony or Illustrious) and try again.")
+    raise cannot_train(reason)
+
+
+def ldm_parts(model) -> ModelParts:
+    """The engine's view of an ldm/sgm model (the command line's, the tests', A1111's)."""
+    return detect(model).parts(model)

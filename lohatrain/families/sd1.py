@@ -1,16 +1,24 @@
-"""Stable Diffusion 1.x: an ldm LatentDiffusion with a CLIP ViT-L text encoder, predicting noise (eps).
+"""Stable Diffusion 1.x: a UNet conditioned on a CLIP ViT-L text encoder, predicting noise (eps).
 
-Keys are written the way kohya's tools write SD1 files (`lora_unet_<diffusers path>`,
-`lora_te_text_model_…`), which A1111's Lora extension, ComfyUI and kohya's scripts all read. A UNet whose
-layout is not SD1's (2 res blocks on each of 4 levels) keeps the ldm path, which the host also matches.
+The family's rules, which hold however a host keeps the model: which UNet blocks hold the layers a network adapts,
+how a layer's file key is written, how cached captions stack into a batch, the file's metadata. Keys are written the
+way kohya's tools write SD1 files (`lora_unet_<diffusers path>`, `lora_te_text_model_…`), which A1111's Lora
+extension, ComfyUI and kohya's scripts all read. A UNet whose layout is not SD1's (2 res blocks on each of 4 levels)
+keeps the ldm path, which the host also matches.
+
+And the reference model of the family, an ldm LatentDiffusion (the WebUI's model, the command line's and the
+tests'): `parts(model)` answers the engine's questions from it.
 """
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
+
+from ..parts import ModelParts
 
 # The UNet blocks that hold what LoHa adapts, by ldm class name (the host's own classes are ldm's).
 ATTENTION_BLOCKS = ("SpatialTransformer",)
@@ -70,7 +78,7 @@ def clip_layers(transformer: nn.Module, prefix: str) -> list[tuple[str, nn.Modul
 
 
 class SD1:
-    """The SD1 family. Stateless: every method takes the model object."""
+    """The SD1 family. Stateless: the rules take what they need, the ldm accessors take the model object."""
 
     name = "sd1"
     # Which UNet blocks hold the layers a network adapts (ldm class names; SD2 and SDXL's UNets are ldm's too)
@@ -79,8 +87,41 @@ class SD1:
     label = "SD 1.x"
     card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
     applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
-    host_managed = False  # the host's memory manager moves the model's parts (Forge), not the trainer
-    text_training_refusal: str | None = None  # why the text encoder cannot be trained on this host, if so
+
+    # --- the family's rules -----------------------------------------------------------------------------------
+
+    @classmethod
+    def unet_key(cls, unet: nn.Module, path: str) -> str:
+        diffusers = ldm_to_diffusers(path) if _is_sd1_layout(unet) else None
+        return "lora_unet_" + (diffusers or path).replace(".", "_")
+
+    @staticmethod
+    def stack_conditioning(conds: list[torch.Tensor], empty: torch.Tensor | None) -> torch.Tensor:
+        """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
+        are padded with the empty caption's chunk (cached whenever lengths differ), as the host pads cond and
+        uncond to the same length."""
+        longest = max(c.shape[1] for c in conds)
+        return torch.cat([c if c.shape[1] == longest else
+                          torch.cat([c, empty.repeat(1, (longest - c.shape[1]) // empty.shape[1], 1)], dim=1)
+                          for c in conds])
+
+    @staticmethod
+    def metadata(v_prediction: bool) -> dict[str, str]:
+        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}
+
+    # --- the ldm model ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def parts(cls, model) -> ModelParts:
+        """The engine's view of an ldm model of this family."""
+        text_encoder = cls.text_encoder(model)
+        return ModelParts(
+            family=cls, unet=cls.unet(model), vae=model.first_stage_model, text_encoder=text_encoder,
+            predict=partial(cls.predict, model), prompt_encoder=partial(cls.prompt_encoder, model),
+            encode_images=partial(cls.encode_images, model), alphas_cumprod=cls.alphas_cumprod(model),
+            v_prediction=cls.v_prediction(model), text_layers=partial(cls.text_layers, text_encoder),
+            applies_clip_skip=cls.applies_clip_skip, condition_on_images=partial(cls.condition_on_images, model),
+            root=model, text_training=partial(cls.text_training, model))
 
     @staticmethod
     def matches(model) -> bool:
@@ -105,44 +146,23 @@ class SD1:
         return original if original is not None else model.alphas_cumprod
 
     @staticmethod
-    @contextmanager
-    def unet_training(unet: nn.Module):
-        """Whatever the UNet's own forward needs for a backward pass; nothing here."""
-        yield
-
-    @staticmethod
-    def vae(model) -> nn.Module:
-        return model.first_stage_model
-
-    @staticmethod
     def text_encoder(model) -> nn.Module:
         """The transformers CLIPTextModel, inside the host's wrapper (`.wrapped`) or ldm's embedder."""
         stage = model.cond_stage_model
         return getattr(stage, "wrapped", stage).transformer
 
-    @classmethod
-    def unet_key(cls, unet: nn.Module, path: str) -> str:
-        diffusers = ldm_to_diffusers(path) if _is_sd1_layout(unet) else None
-        return "lora_unet_" + (diffusers or path).replace(".", "_")
-
     @staticmethod
     def text_layers(text_encoder: nn.Module) -> list[tuple[str, nn.Module]]:
         return clip_layers(text_encoder, "lora_te_")
 
-    @staticmethod
-    def prompt_encoder(model):
-        """captions → conditioning, when the caller (the WebUI adapter) does not bring its own."""
-        return model.get_learned_conditioning
+    @classmethod
+    def prompt_encoder(cls, model, clip_skip: int | None):
+        """captions → conditioning through the model's own `get_learned_conditioning`, at this CLIP skip."""
+        def encode(captions: list[str]):
+            with cls.clip_skip(model, clip_skip):
+                return model.get_learned_conditioning(captions)
 
-    @staticmethod
-    def stack_conditioning(conds: list[torch.Tensor], empty: torch.Tensor | None) -> torch.Tensor:
-        """One batch of cached captions. A caption past 75 tokens encodes to more 77-token chunks; shorter ones
-        are padded with the empty caption's chunk (cached whenever lengths differ), as the host pads cond and
-        uncond to the same length."""
-        longest = max(c.shape[1] for c in conds)
-        return torch.cat([c if c.shape[1] == longest else
-                          torch.cat([c, empty.repeat(1, (longest - c.shape[1]) // empty.shape[1], 1)], dim=1)
-                          for c in conds])
+        return encode
 
     @staticmethod
     def condition_on_images(model, cond, sizes: list[tuple[int, ...]]):
@@ -152,7 +172,7 @@ class SD1:
     @staticmethod
     @contextmanager
     def text_training(model):
-        """Whatever the text path needs to pass gradients to a text-encoder LoHa; nothing here."""
+        """Whatever the text path needs to pass gradients to a text-encoder network; nothing here."""
         yield
 
     @staticmethod
@@ -178,7 +198,3 @@ class SD1:
     @staticmethod
     def predict(model, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         return model.apply_model(noisy, timesteps, cond)
-
-    @staticmethod
-    def metadata(model) -> dict[str, str]:
-        return {"ss_base_model_version": "sd_v1", "ss_v2": "False"}

@@ -83,6 +83,5 @@ class SD2(SD1):
         yield
 
     @staticmethod
-    def metadata(model) -> dict[str, str]:
-        v = getattr(model, "parameterization", "eps") == "v"
-        return {"ss_base_model_version": "sd_v2", "ss_v2": "True", "ss_v_parameterization": str(v)}
+    def metadata(v_prediction: bool) -> dict[str, str]:
+        return {"ss_base_model_version": "sd_v2", "ss_v2": "True", "ss_v_parameterization": str(v_prediction)}

@@ -77,9 +77,9 @@ class SDXL(SD1):
                 + openclip_layers(_inner(embedders[1]).model, "lora_te2_"))
 
     @staticmethod
-    def prompt_encoder(model):
+    def prompt_encoder(model, clip_skip: int | None):
         """sgm's conditioner on the captions, as the WebUI's `get_learned_conditioning` calls it (the sizes
-        are placeholders: `condition_on_images` puts each image's own in)."""
+        are placeholders: `condition_on_images` puts each image's own in). CLIP skip does not apply (see above)."""
         def encode(captions: list[str]) -> dict:
             device = next(model.conditioner.parameters()).device
             size = torch.tensor([DEFAULT_SIZE, DEFAULT_SIZE], device=device).repeat(len(captions), 1)
@@ -120,11 +120,6 @@ class SDXL(SD1):
                 e.is_trainable = value
 
     @staticmethod
-    @contextmanager
-    def clip_skip(model, skip: int | None):
-        yield
-
-    @staticmethod
     def encode_images(model, images: torch.Tensor) -> torch.Tensor:
         """sgm's `encode_first_stage` already samples and scales (by 0.13025)."""
         return model.encode_first_stage(images)
@@ -135,5 +130,5 @@ class SDXL(SD1):
         return model.model(noisy, timesteps, cond)
 
     @staticmethod
-    def metadata(model) -> dict[str, str]:
+    def metadata(v_prediction: bool) -> dict[str, str]:
         return {"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}

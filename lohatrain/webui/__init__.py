@@ -1,8 +1,10 @@
-"""The WebUI side of lohatrain. Only `host.py` imports the WebUI's own modules."""
+"""The WebUI side of lohatrain: the tab (ui.py), the REST routes (api.py) and what they do (actions.py), on
+whichever host this process runs in (lohatrain.hosts, the only code that imports the WebUI's own modules)."""
 from __future__ import annotations
 
 from ..jobs import JobRunner
 
+TITLE = "LoRA training"
 _runner: JobRunner | None = None
 
 
@@ -10,14 +12,14 @@ def runner() -> JobRunner:
     """The one JobRunner of this WebUI process, shared by the tab and the REST routes."""
     global _runner
     if _runner is None:
-        from .host import run_training
+        from .actions import run_training
         _runner = JobRunner(run_training)
     return _runner
 
 
 def on_ui_tabs():
     from .ui import build_tab
-    return [(build_tab(runner()), "LoHa training", "lohatrain")]
+    return [(build_tab(runner()), TITLE, "lohatrain")]
 
 
 def on_app_started(_demo, app) -> None:
@@ -26,5 +28,5 @@ def on_app_started(_demo, app) -> None:
 
 
 def on_ui_settings() -> None:
-    from .host import register_settings
-    register_settings()
+    from .. import hosts
+    hosts.current().register_settings()

@@ -37,7 +37,8 @@ from .. import doctor
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
 from ..settings import PRESETS_BY_METHOD, SettingsError, TrainSettings
-from . import host
+from .. import hosts
+from . import actions
 
 PREFIX = "/lohatrain/v1"
 
@@ -47,7 +48,7 @@ def caller_guard(app: FastAPI):
     basic = HTTPBasic(auto_error=False)
 
     def guard(request: Request, credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
-        refusal = host.api_refusal(credentials and (credentials.username, credentials.password),
+        refusal = actions.api_refusal(credentials and (credentials.username, credentials.password),
                                    logged_in_to_tab=_logged_in(app, request))
         if refusal is not None:
             status, message = refusal
@@ -77,10 +78,10 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             if "resume" in body:
                 job_id = _resume(body)
             else:
+                host = hosts.current()
                 settings = TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
-                                                   family=host.loaded_family())
-                host.preflight(settings, via="api")
-                job_id = runner.start(settings, via="api")
+                                                   family=actions.loaded_family())
+                job_id = runner.start(actions.preflight(settings, via="api"), via="api")
         except SettingsError as e:
             return JSONResponse({"detail": e.problems}, status_code=422)
         except Busy as e:
@@ -99,12 +100,12 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             problems.append("steps must be a whole number of at least 1")
         if problems:
             raise SettingsError(problems)
-        settings, saved = host.resume_settings(body["resume"], steps)
-        host.preflight(settings, via="api", resuming=True)
-        return runner.start(settings, via="api", resume=saved, resume_anyway=body.get("resume_anyway", False))
+        settings, saved = actions.resume_settings(body["resume"], steps)
+        return runner.start(actions.preflight(settings, via="api", resuming=True), via="api", resume=saved,
+                            resume_anyway=body.get("resume_anyway", False))
 
     def runs():
-        return {"runs": host.resumable_runs()}
+        return {"runs": actions.resumable_runs()}
 
     def check_dataset(body=Body(...)):
         known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
@@ -117,7 +118,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         if problems:
             return JSONResponse({"detail": problems}, status_code=422)
         try:
-            host.check_dataset_path(body.get("dataset_dir", ""), via="api")
+            actions.check_dataset_path(body.get("dataset_dir", ""), via="api")
             report = doctor.check(body.get("dataset_dir", ""), body.get("caption_mode", "txt"),
                                   body.get("caption_ext", ".txt"), body.get("caption_phrase", ""),
                                   body.get("resolution", 512), body.get("batch_size", 1))
@@ -140,7 +141,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             return JSONResponse({"detail": ["a training is running: make the grid when it has finished"]},
                                 status_code=409)
         try:
-            made = host.make_grid(body["name"], body.get("prompts"), body.get("strengths"), body.get("seed"))
+            made = actions.make_grid(body["name"], body.get("prompts"), body.get("strengths"), body.get("seed"))
         except LohatrainError as e:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
         encoded = [base64.b64encode(f.read_bytes()).decode() for f in made.files]  # the PNGs as saved
@@ -151,10 +152,10 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         return public_status(runner.status())
 
     def interrupt():
-        return {"interrupted": runner.interrupt() or host.interrupt_task()}
+        return {"interrupted": runner.interrupt() or actions.interrupt_task()}
 
     def presets(method: str = "loha"):
-        family = host.loaded_family()
+        family = actions.loaded_family()
         if method not in PRESETS_BY_METHOD:
             return JSONResponse({"detail": [f"method must be one of {', '.join(PRESETS_BY_METHOD)}"]},
                                 status_code=422)

@@ -27,7 +27,8 @@ from ..jobs import JobRunner
 from ..methods import DORA_METHODS, LABELS as METHOD_LABELS
 from ..settings import (CUSTOM_PRESET, DTYPES, PRESETS_BY_METHOD, SCHEDULERS, TrainSettings, bucket_sides_for,
                         check_file_name, presets_for)
-from . import host
+from .. import hosts
+from . import actions
 from .api import public_status
 
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
@@ -38,7 +39,7 @@ CUSTOM_LABEL = "Custom (set the sizes below)"
 # the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
 METHOD_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "lokr_factor", "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
-SAVED_PRESETS_DIR = host.EXTENSION_DIR / "presets"
+SAVED_PRESETS_DIR = actions.EXTENSION_DIR / "presets"
 BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
@@ -69,9 +70,9 @@ def settings_from_form(values: list) -> TrainSettings:
     for key in ("bucket_min_side", "bucket_max_side"):  # 0: follow the resolution (half and twice it)
         if not data[key]:
             del data[key]
-    data["output_dir"] = str(host.lora_dir())
+    data["output_dir"] = str(hosts.current().lora_dir())
     # sizes that differ from the chosen preset make it "custom"
-    return TrainSettings.from_dict(data, family=host.loaded_family())
+    return TrainSettings.from_dict(data, family=actions.loaded_family())
 
 
 def form_values(settings: TrainSettings) -> list:
@@ -80,7 +81,7 @@ def form_values(settings: TrainSettings) -> list:
     for key in FIELDS:
         value = getattr(settings, key)
         if key == "network_preset":
-            value = preset_labels(host.loaded_family(), settings.training_method)[value]
+            value = preset_labels(actions.loaded_family(), settings.training_method)[value]
         elif key == "training_method":
             value = METHOD_LABELS[value]
         elif key == "caption_mode":
@@ -88,7 +89,7 @@ def form_values(settings: TrainSettings) -> list:
         elif key == "preview_prompts":
             value = "\n".join(value)
         elif key == "clip_skip" and value is None:
-            value = host.host_clip_skip()
+            value = hosts.current().clip_skip()
         values.append(value)
     return values
 
@@ -123,9 +124,9 @@ _JS = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
 
 
 def _model_markdown() -> str:
-    s = host.model_summary()
+    s = hosts.current().model_summary()
     text = f"**Loaded checkpoint:** {s['name']}" + (f" `[{s['hash']}]`" if s["hash"] else "")
-    notes = "".join(f"\n\nℹ️ {note}" for note in host.host_notes())
+    notes = "".join(f"\n\nℹ️ {note}" for note in hosts.current().notes)
     if s["family"]:
         return text + f" — {s['family']}" + notes
     return text + f"\n\n⚠️ {s['problem']}" + notes
@@ -141,8 +142,7 @@ def _answer(text: str, kind: str = "info", job_id: str | None = None) -> str:
 def start_training(runner: JobRunner, *values) -> str:
     try:
         settings = settings_from_form(list(values))
-        host.preflight(settings, via="tab")
-        job_id = runner.start(settings, via="tab")
+        job_id = runner.start(actions.preflight(settings, via="tab"), via="tab")
     except LohatrainError as e:
         return _answer(str(e), "error")
     return _answer(f"Training {settings.name} started: progress below.", job_id=job_id)
@@ -156,7 +156,7 @@ def _run_label(run: dict) -> str:
 
 def resume_choices() -> list[str]:
     try:
-        return [_run_label(r) for r in host.resumable_runs()]
+        return [_run_label(r) for r in actions.resumable_runs()]
     except LohatrainError:
         return []
 
@@ -164,7 +164,7 @@ def resume_choices() -> list[str]:
 def lora_file_names() -> list[str]:
     """The .safetensors files in the Lora folder a new run can start from (`init_from`)."""
     try:
-        return [""] + sorted(p.name for p in host.lora_dir().glob("*.safetensors"))
+        return [""] + sorted(p.name for p in hosts.current().lora_dir().glob("*.safetensors"))
     except (LohatrainError, OSError):
         return [""]
 
@@ -172,12 +172,12 @@ def lora_file_names() -> list[str]:
 def resume_training(runner: JobRunner, label, anyway) -> str:
     """Resume the chosen stopped run with its own settings; the answer is marked as Train's (`_answer`)."""
     try:
-        run = next((r for r in host.resumable_runs() if _run_label(r) == label), None)
+        run = next((r for r in actions.resumable_runs() if _run_label(r) == label), None)
         if run is None:
             raise LohatrainError("Choose a stopped run to resume (🔄 lists them again).")
-        settings, saved = host.resume_settings(run["name"])
-        host.preflight(settings, via="tab", resuming=True)
-        job_id = runner.start(settings, via="tab", resume=saved, resume_anyway=bool(anyway))
+        settings, saved = actions.resume_settings(run["name"])
+        job_id = runner.start(actions.preflight(settings, via="tab", resuming=True), via="tab", resume=saved,
+                              resume_anyway=bool(anyway))
     except LohatrainError as e:
         return _answer(str(e), "error")
     return _answer(f"Resuming {settings.name} at step {saved.step} of {settings.steps}: progress below.",
@@ -202,7 +202,7 @@ def poll_status(runner: JobRunner, sent_preview):
 def interrupt(runner: JobRunner) -> str:
     if runner.interrupt():
         return _message("Stopping after the current step; what was trained so far will be saved.")
-    if host.interrupt_task():
+    if actions.interrupt_task():
         return _message("Stopping after the current image.")
     return _message("Nothing is running.")
 
@@ -221,7 +221,7 @@ def caption_dataset(runner: JobRunner, dataset_dir, tagger_label, existing_label
                    "deepbooru_use_spaces": bool(use_spaces), "deepbooru_escape": bool(escape)}
     counts, step = Counter(), None
     try:
-        for step in host.caption_images(dataset_dir, _key_for(TAGGER_LABELS, tagger_label), options, tag_options,
+        for step in actions.caption_images(dataset_dir, _key_for(TAGGER_LABELS, tagger_label), options, tag_options,
                                         via="tab"):
             counts[step.outcome] += 1
             yield _message(f"Captioning {step.done} of {step.total}: {step.file}"), gr.update(), gr.update()
@@ -236,7 +236,7 @@ def caption_dataset(runner: JobRunner, dataset_dir, tagger_label, existing_label
 
 
 def make_grid(runner: JobRunner, name, prompts, strengths, seed):
-    """The steps × strength grid of the run named in the form (lohatrain/grid.py, host.make_grid)."""
+    """The steps × strength grid of the run named in the form (lohatrain/grid.py, actions.make_grid)."""
     if runner.job is not None and runner.job.state == "running":
         return _message("A training is running: make the grid when it has finished.", "error"), gr.update()
     try:
@@ -244,7 +244,7 @@ def make_grid(runner: JobRunner, name, prompts, strengths, seed):
     except ValueError:
         return _message("Strengths are numbers separated by commas, such as 0.5, 0.75, 1", "error"), gr.update()
     try:
-        made = host.make_grid(name, [p for p in (prompts or "").splitlines() if p.strip()], values,
+        made = actions.make_grid(name, [p for p in (prompts or "").splitlines() if p.strip()], values,
                               int(seed) if seed not in (None, "") and int(seed) >= 0 else None)
     except LohatrainError as e:
         return _message(str(e), "error"), gr.update()
@@ -285,7 +285,7 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
     low, high = bucket_sides_for(int(resolution))
     min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
     try:
-        host.check_dataset_path(dataset_dir, via="tab")
+        actions.check_dataset_path(dataset_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
                              int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
@@ -327,7 +327,7 @@ def caption_fields(caption_label):
 
 
 def preset_sizes(label, method_label):
-    p = presets_for(_key_for(METHOD_LABELS, method_label), host.loaded_family()).get(_preset_key(label))
+    p = presets_for(_key_for(METHOD_LABELS, method_label), actions.loaded_family()).get(_preset_key(label))
     if p is None:
         return [gr.update()] * 5
     return [p.dim, p.alpha, p.conv_dim, p.conv_alpha, p.factor]
@@ -365,7 +365,7 @@ def load_preset(preset_name):
 
 def default_values(family: str, method: str, fields: list[str]) -> list:
     """`fields`' values for the defaults of a family and method (the preset dropdown with their labels)."""
-    d = dataclasses.replace(TrainSettings.defaults_for(family, method), **host.device_defaults())
+    d = dataclasses.replace(TrainSettings.defaults_for(family, method), **hosts.current().device_defaults())
     labels = preset_labels(family, method)
     return [gr.update(choices=list(labels.values()), value=labels[d.network_preset])] + [
         0 if key in BUCKET_FIELDS else getattr(d, key) for key in fields[1:]]
@@ -375,18 +375,18 @@ def method_changed(method_label):
     """Another training method: its presets, sizes and learning rate; DoRA only where it applies."""
     method = _key_for(METHOD_LABELS, method_label)
     dora = gr.update(interactive=True) if method in DORA_METHODS else gr.update(interactive=False, value=False)
-    return [dora] + default_values(host.loaded_family(), method, METHOD_FIELDS)
+    return [dora] + default_values(actions.loaded_family(), method, METHOD_FIELDS)
 
 
 def load_checkpoint(title, method_label):
     """Load through the host; when the family changes (say SD1 → SDXL), the family's defaults replace the
     sizes, resolution, batch and rate, and the message says so."""
-    before = host.loaded_family()
+    before = actions.loaded_family()
     try:
-        host.load_checkpoint(title)
+        hosts.current().load_checkpoint(title)
     except LohatrainError as e:
         return [_model_markdown(), _message(str(e), "error")] + [gr.update()] * len(FAMILY_FIELDS)
-    after = host.loaded_family()
+    after = actions.loaded_family()
     if after == before:
         return [_model_markdown(), _message(f"Loaded {title}.")] + [gr.update()] * len(FAMILY_FIELDS)
     return [_model_markdown(), _message(
@@ -396,8 +396,8 @@ def load_checkpoint(title, method_label):
 
 
 def build_tab(runner: JobRunner) -> gr.Blocks:
-    family = host.loaded_family()
-    d = dataclasses.replace(TrainSettings.defaults_for(family), **host.device_defaults())
+    family = actions.loaded_family()
+    d = dataclasses.replace(TrainSettings.defaults_for(family), **hosts.current().device_defaults())
     labels = preset_labels(family)
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(elem_id="lohatrain_tab"):
@@ -411,7 +411,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                 with gr.Row():
                     model_md = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
                 with gr.Row():
-                    ckpt = gr.Dropdown(host.checkpoint_titles(), value=host.model_summary()["title"] or None,
+                    ckpt = gr.Dropdown(hosts.current().checkpoint_titles(), value=hosts.current().model_summary()["title"] or None,
                                        label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
                     refresh_ckpt = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
                     load_ckpt = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
@@ -419,7 +419,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                     preset = gr.Dropdown(list(labels.values()), value=labels[d.network_preset],
                                          label="Network preset", elem_id="lohatrain_preset")
                     # a callable value: each page load shows the WebUI's CLIP-skip setting as it is then
-                    clip_skip = gr.Slider(1, 12, step=1, value=host.host_clip_skip, label="CLIP skip",
+                    clip_skip = gr.Slider(1, 12, step=1, value=hosts.current().clip_skip, label="CLIP skip",
                                           elem_id="lohatrain_clip_skip")
                 with gr.Accordion("Network size", open=False):
                     with gr.Row():
@@ -452,14 +452,14 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                     # the host's own DeepBooru options (Settings → Interrogate) as they are when the page loads;
                     # a change here holds for this pass only
                     with gr.Row():
-                        threshold = gr.Slider(0, 1, step=0.01, value=lambda: host.tag_options()[
+                        threshold = gr.Slider(0, 1, step=0.01, value=lambda: hosts.current().tag_options()[
                             "interrogate_deepbooru_score_threshold"], label="DeepBooru score threshold",
                             elem_id="lohatrain_tag_threshold")
-                        sort_alpha = gr.Checkbox(lambda: host.tag_options()["deepbooru_sort_alpha"],
+                        sort_alpha = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_sort_alpha"],
                                                  label="Sort tags alphabetically")
-                        use_spaces = gr.Checkbox(lambda: host.tag_options()["deepbooru_use_spaces"],
+                        use_spaces = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_use_spaces"],
                                                  label="Spaces instead of underscores", elem_id="lohatrain_tag_spaces")
-                        escape = gr.Checkbox(lambda: host.tag_options()["deepbooru_escape"],
+                        escape = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_escape"],
                                              label="Escape brackets")
                     with gr.Row():
                         caption_btn = gr.Button("Caption", scale=0, min_width=120, elem_id="lohatrain_caption")
@@ -517,7 +517,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
                                                  elem_id="lohatrain_preview_seed")
                         preview_steps = gr.Number(d.preview_steps, label="Preview sampling steps", precision=0,
                                                   elem_id="lohatrain_preview_steps")
-                        preview_sampler = gr.Dropdown(host.sampler_names(), value=d.preview_sampler,
+                        preview_sampler = gr.Dropdown(hosts.current().sampler_names(), value=d.preview_sampler,
                                                       label="Preview sampler", elem_id="lohatrain_preview_sampler")
                 with gr.Accordion("Resume a stopped run, or train a file further", open=False,
                                   elem_id="lohatrain_resume_box"):
@@ -605,7 +605,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
         load_ckpt.click(load_checkpoint, [ckpt, training_method],
                         [model_md, message, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate,
                          resolution, batch_size, bucket_min_side, bucket_max_side])
-        refresh_ckpt.click(lambda: gr.update(choices=host.checkpoint_titles()), [], [ckpt])
+        refresh_ckpt.click(lambda: gr.update(choices=hosts.current().checkpoint_titles()), [], [ckpt])
         save_btn.click(save_preset, [preset_name, *form], [message, saved])
         load_btn.click(load_preset, [saved], [message, *form])
         send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
