@@ -92,12 +92,12 @@ from lohatrain.demo_sdxl import (FULL_SDXL, SIZE_KEYS, TINY_SDXL, ConcatTimestep
                                  GeneralConditioner, OpenAIWrapper, build_unet, conditioning_widths)
 from lohatrain.distributed import ALONE  # noqa: E402
 from lohatrain.families import SD1, SDXL  # noqa: E402
-from lohatrain.methods import DORA_METHODS  # noqa: E402
+from lohatrain.methods import TYPES  # noqa: E402
 from lohatrain.model_guard import ModelGuard  # noqa: E402
 from lohatrain.network import Network, plan_unet  # noqa: E402
 from lohatrain.precision import COMPUTE_DTYPES, route_low_precision_layers  # noqa: E402
 from lohatrain.run_state import LoopState  # noqa: E402
-from lohatrain.settings import TRAINING_METHODS, TrainSettings  # noqa: E402
+from lohatrain.settings import TrainSettings  # noqa: E402
 
 # (device-name pattern, dense fp16 TFLOPS, what it is): first match wins. See the module docstring.
 PEAK_TFLOPS = (
@@ -154,7 +154,7 @@ class Cell:
         return self.method + ("+dora" if self.dora else "")
 
 
-NETWORK_TYPES = [(m, False) for m in TRAINING_METHODS] + [(m, True) for m in DORA_METHODS]
+NETWORK_TYPES = [(m, False) for m in TYPES] + [(m, True) for m, t in TYPES.items() if t.dora]
 
 
 def full_matrix(models: list[str]) -> list[Cell]:

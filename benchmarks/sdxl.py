@@ -40,8 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lohatrain import trainer  # noqa: E402
 from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.families.sdxl import SDXL  # noqa: E402
+from lohatrain.methods import TYPES  # noqa: E402
 from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
-from lohatrain.settings import SDXL_PRESETS  # noqa: E402
+
+SDXL_PRESETS = TYPES["loha"].presets["sdxl"]  # LoHa's, the default type
 
 GB = 1e9
 

@@ -36,7 +36,8 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from .. import doctor
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
-from ..settings import PRESETS_BY_METHOD, SettingsError, TrainSettings
+from ..methods import TYPES
+from ..settings import SettingsError, TrainSettings
 from . import host
 
 PREFIX = "/lohatrain/v1"
@@ -155,13 +156,13 @@ def register(app: FastAPI, runner: JobRunner) -> None:
 
     def presets(method: str = "loha"):
         family = host.loaded_family()
-        if method not in PRESETS_BY_METHOD:
-            return JSONResponse({"detail": [f"method must be one of {', '.join(PRESETS_BY_METHOD)}"]},
+        if method not in TYPES:
+            return JSONResponse({"detail": [f"method must be one of {', '.join(TYPES)}"]},
                                 status_code=422)
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
                       "conv_alpha": p.conv_alpha, "lokr_factor": p.factor, "file_mb": p.file_mb, "family": family,
                       "training_method": method}
-                for key, p in PRESETS_BY_METHOD[method][family].items()}
+                for key, p in TYPES[method].presets[family].items()}
 
     def preview():
         job = runner.job
