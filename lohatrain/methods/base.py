@@ -77,7 +77,7 @@ class NetworkType:
     convolutions: bool  # adapts 3x3 convolutions (conv_dim > 0)
     learning_rate: float  # the default on SD 1.x and 2.x; SDXL halves it (its batch of 1 makes each step noisier)
     presets: dict[str, dict[str, Preset]]  # family → preset name → size, smallest first
-    max_dim: int = 1024
+    max_dim: int = 1024  # the largest `dim` the settings accept
     sized_by_factor: bool = False  # lokr_factor belongs to its presets (another factor makes the preset custom)
     kohya_module: str = ""  # the kohya module of its files without DoRA, when not LyCORIS' `lycoris.kohya`
     network_args: Callable[[TrainSettings], dict[str, str]] = _no_args  # its own `ss_network_args`

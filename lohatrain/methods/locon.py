@@ -8,7 +8,7 @@ from .lora import LORA, LoRA
 # LoRA's ranks, with half that rank on the 3x3 convs; LoRA's rate.
 LOCON = NetworkType(
     name="locon", label="LoCon (LoRA + convolutions)",
-    summary="LoRA on the convolutions too: styles and fine detail, in files about twice a LoRA's",
+    summary="LoRA on the convolutions too: styles and textures, in files about twice a LoRA's",
     adapter=LoRA, suffixes=LORA.suffixes, file_kind=LORA.file_kind,
     dora=True, convolutions=True, learning_rate=LORA.learning_rate,
     presets=by_family({

@@ -43,7 +43,7 @@ class LoHa(Adapter):
 # at about ten times LoRA's rate).
 LOHA = NetworkType(
     name="loha", label="LoHa",
-    summary="Two low-rank products multiplied: more detail per megabyte than LoRA, for styles and complex concepts",
+    summary="Flexible characters that change style easily; more detail per megabyte than LoRA",
     adapter=LoHa, suffixes=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), file_kind="LoHa",
     dora=True, convolutions=True, learning_rate=1e-3,
     presets=by_family({

@@ -58,7 +58,7 @@ def _problems(settings) -> list[str]:
 # files): dim 10000 keeps every w2 whole, and conv_dim only switches the convolutions on. LoHa's rate.
 LOKR = NetworkType(
     name="lokr", label="LoKr",
-    summary="A Kronecker product: the smallest files (a few MB at factor 16), up to styles at factor 4",
+    summary="The smallest files (a few MB at factor 16), or high fidelity at factor 4 to 8",
     adapter=LoKr, suffixes=("lokr_w1",), file_kind="LoKr",
     dora=False, convolutions=True, learning_rate=1e-3, max_dim=100_000, sized_by_factor=True,
     network_args=lambda settings: {"factor": str(settings.lokr_factor)}, problems=_problems,

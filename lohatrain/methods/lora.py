@@ -42,7 +42,7 @@ def _problems(settings) -> list[str]:
 # guidelines compare them at equal file size), half on SDXL. 1e-4 is kohya sd-scripts' usual LoRA rate.
 LORA = NetworkType(
     name="lora", label="LoRA",
-    summary="Read by every tool; attention layers only: faces, characters and objects in small to mid-size files",
+    summary="The most widely shared format: fidelity in small files (attention layers only)",
     adapter=LoRA, suffixes=("lora_down.weight", "lora_up.weight"), file_kind="LoRA/LoCon",
     dora=True, convolutions=False, learning_rate=1e-4, kohya_module="networks.lora", problems=_problems,
     presets=by_family({
