@@ -20,10 +20,11 @@ from torch import nn
 
 from lohatrain import dataset as ds
 from lohatrain.demo import build_tiny_sd1, build_tiny_sd2
-from lohatrain.demo_sdxl import SIZE_KEYS, ConcatTimestepEmbedderND, build_tiny_sdxl
+from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.errors import LohatrainError
 from lohatrain.families import detect
 from lohatrain.families.sdxl import SDXL
+from lohatrain.sgm_standin import SIZE_KEYS, ConcatTimestepEmbedderND
 from lohatrain.trainer import train
 
 from host_rules import apply_file
