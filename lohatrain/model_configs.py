@@ -197,12 +197,12 @@ def _sdxl_embedder(entry: dict, weights: dict, prefix: str) -> nn.Module:
         embedder = _instantiate({"target": target, "params": params})
     elif kind == "FrozenCLIPEmbedder":
         embedder = SDXLCLIPEmbedder(**clip_sizes(weights, prefix + "transformer.text_model."),
-                                        layer=params.get("layer", "last"), layer_idx=params.get("layer_idx"))
+                                    layer=params.get("layer", "last"), layer_idx=params.get("layer_idx"))
     elif kind == "FrozenOpenCLIPEmbedder2":
         if not params.get("always_return_pooled", False) or params.get("legacy", True):
             raise LohatrainError("the config's OpenCLIP embedder is not SDXL base's (pooled output, not legacy)")
         embedder = OpenCLIPEmbedder2(**openclip_sizes(weights, prefix + "model."),
-                                         layer=params.get("layer", "penultimate"))
+                                     layer=params.get("layer", "penultimate"))
     elif kind == "ConcatTimestepEmbedderND":
         embedder = ConcatTimestepEmbedderND(params["outdim"], entry["input_key"])
     else:
