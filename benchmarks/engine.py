@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries only figures
-    import lohatrain.demo  # noqa: E402,F401  (first: installs the torchvision stand-in that ldm's import needs)
+    import lohatrain.ldm_importable  # noqa: E402,F401  (first: installs the torchvision stand-in that ldm's import needs)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

@@ -75,7 +75,7 @@ for _path in (BENCHMARKS.parent, BENCHMARKS):
         sys.path.insert(0, str(_path))
 
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries the table
-    import lohatrain.demo  # noqa: F401  (first: sets up ldm's imports)
+    import lohatrain.ldm_importable  # noqa: F401  (first: sets up ldm's imports)
     from engine import SD15_UNET, forward_style
 import ldm.modules.attention  # noqa: E402
 import torch  # noqa: E402
@@ -88,8 +88,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lohatrain import compat, trainer  # noqa: E402
 from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
-from lohatrain.demo_sdxl import (FULL_SDXL, SIZE_KEYS, TINY_SDXL, ConcatTimestepEmbedderND,  # noqa: E402
-                                 GeneralConditioner, OpenAIWrapper, build_unet, conditioning_widths)
+from lohatrain.demo_sdxl import FULL_SDXL, TINY_SDXL, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.distributed import ALONE  # noqa: E402
 from lohatrain.families import SD1, SDXL  # noqa: E402
 from lohatrain.methods import TYPES  # noqa: E402
@@ -98,6 +97,7 @@ from lohatrain.network import Network, plan_unet  # noqa: E402
 from lohatrain.precision import COMPUTE_DTYPES, route_low_precision_layers  # noqa: E402
 from lohatrain.run_state import LoopState  # noqa: E402
 from lohatrain.settings import TrainSettings  # noqa: E402
+from lohatrain.sgm_standin import SIZE_KEYS, ConcatTimestepEmbedderND, GeneralConditioner, OpenAIWrapper  # noqa: E402
 
 # (device-name pattern, dense fp16 TFLOPS, what it is): first match wins. See the module docstring.
 PEAK_TFLOPS = (
