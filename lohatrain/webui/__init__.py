@@ -17,7 +17,7 @@ def runner() -> JobRunner:
 
 def on_ui_tabs():
     from .ui import build_tab
-    return [(build_tab(runner()), "LoHa training", "lohatrain")]
+    return [(build_tab(runner()), "LoRA training", "lohatrain")]
 
 
 def on_app_started(_demo, app) -> None:

@@ -22,7 +22,7 @@ Who may call them: the routes are added the way the WebUI's own `Api.add_api_rou
 modules/api/api.py): with `--api-auth` every call needs those HTTP Basic credentials. Unlike the WebUI's own
 routes they also refuse everyone else while the WebUI is reachable from the network without `--api-auth`,
 except the tab's own page when it is behind `--gradio-auth` (its login cookie) or when an administrator
-allows it in Settings → LoHa training.
+allows it in Settings → LoRA training.
 """
 from __future__ import annotations
 

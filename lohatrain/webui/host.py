@@ -46,7 +46,7 @@ from ..settings import TrainSettings, check_file_name
 from ..trainer import Progress, TrainResult, train
 
 EXTENSION_DIR = Path(__file__).resolve().parents[2]
-SETTINGS_SECTION = ("lohatrain", "LoHa training")
+SETTINGS_SECTION = ("lohatrain", "LoRA training")
 
 if is_forge_host():
     from ..forge import host as _forge

@@ -1,4 +1,4 @@
-"""The "LoHa training" tab, built with the host's Gradio (3.41), laid out like the original product.
+"""The "LoRA training" tab, built with the host's Gradio (3.41), laid out like the original product.
 
 The form maps one-to-one onto TrainSettings; Train starts a job in the shared JobRunner and returns at once.
 The live panel (progress bar, loss chart, preview) is drawn by javascript/lohatrain.js from the job's status,
