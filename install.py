@@ -67,7 +67,7 @@ def missing_requirements():
     wanted = lycoris_for(torch_version)
     if wanted is None:
         print(f"[lohatrain] torch {torch_version} is older than lohatrain supports (2.1): update the WebUI "
-              "(v1.10 installs torch 2.1.2); the LoHa training tab will say the same", flush=True)
+              "(v1.10 installs torch 2.1.2); the LoRA training tab will say the same", flush=True)
         return []
     missing = []
     lycoris = installed_version(LYCORIS)
@@ -121,7 +121,7 @@ def main():
     except Exception as error:  # never stop the WebUI from starting
         what = ", ".join(requirements) or "its requirements"
         print(f"[lohatrain] could not install {what} ({one_line_reason(error)}): "
-              f"the LoHa training tab will be unavailable until it is installed", flush=True)
+              f"the LoRA training tab will be unavailable until it is installed", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries only figures
-    import lohatrain.demo  # noqa: E402,F401  (first: installs the torchvision stand-in that ldm's import needs)
+    import lohatrain.ldm_importable  # noqa: E402,F401  (first: installs the torchvision stand-in that ldm's import needs)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -58,9 +58,12 @@ from lohatrain.trainer import Hooks  # noqa: E402
 from lohatrain.__main__ import demo_settings  # noqa: E402
 from lohatrain.demo import build_tiny_sd1, make_sample_dataset  # noqa: E402
 from lohatrain.families.sd1 import SD1  # noqa: E402
+from lohatrain.methods import TYPES  # noqa: E402
 from lohatrain import network as network_module  # noqa: E402
 from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
-from lohatrain.settings import PRESETS, TRAINING_METHODS, TrainSettings, presets_for  # noqa: E402
+from lohatrain.settings import TrainSettings  # noqa: E402
+
+PRESETS = TYPES["loha"].presets["sd1"]  # LoHa's, the default type
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -455,8 +458,8 @@ def cmd_flops(args) -> None:
     # merged floor (ΔW given, only applied) that ours should stay within 5% of.
     batch = TrainSettings().batch_size
     emit("per_type_batch", batch)
-    for method in TRAINING_METHODS:
-        typed = presets_for(method, "sd1")["highest"]
+    for method, kind in TYPES.items():
+        typed = kind.presets["sd1"]["highest"]
         emit(f"{method}_highest_fp16_file_mb", round(preset_file_mb(unet, typed, method)[1], 2))
         ours = training_step_flops(typed, False, False, batch=batch, method=method)
         lycoris = training_step_flops(typed, True, False, batch=batch, method=method)
@@ -478,7 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-forward", action="store_true", help="merged vs two-op forward, per dtype")
     parser.add_argument("--steps", type=int, help="training steps (default 30; 60 with --compare-forward)")
     parser.add_argument("--preset", default="small", choices=list(PRESETS), help="network size (default: demo's)")
-    parser.add_argument("--method", default="loha", choices=TRAINING_METHODS, help="timing mode: network type")
+    parser.add_argument("--method", default="loha", choices=list(TYPES), help="timing mode: network type")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="timing mode: checkpoint UNet blocks")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="--compare-forward (default 3e-3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -75,7 +75,7 @@ for _path in (BENCHMARKS.parent, BENCHMARKS):
         sys.path.insert(0, str(_path))
 
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries the table
-    import lohatrain.demo  # noqa: F401  (first: sets up ldm's imports)
+    import lohatrain.ldm_importable  # noqa: F401  (first: sets up ldm's imports)
     from engine import SD15_UNET, forward_style
 import ldm.modules.attention  # noqa: E402
 import torch  # noqa: E402
@@ -89,16 +89,16 @@ from lohatrain import compat, loop, trainer  # noqa: E402
 from lohatrain.cache import Cache, Sample  # noqa: E402
 from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
-from lohatrain.demo_sdxl import (FULL_SDXL, SIZE_KEYS, TINY_SDXL, ConcatTimestepEmbedderND,  # noqa: E402
-                                 GeneralConditioner, OpenAIWrapper, build_unet, conditioning_widths)
+from lohatrain.demo_sdxl import FULL_SDXL, TINY_SDXL, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.distributed import ALONE  # noqa: E402
 from lohatrain.families import SD1, SDXL  # noqa: E402
-from lohatrain.methods import DORA_METHODS  # noqa: E402
+from lohatrain.methods import TYPES  # noqa: E402
 from lohatrain.model_guard import ModelGuard  # noqa: E402
 from lohatrain.network import Network, plan_unet  # noqa: E402
 from lohatrain.precision import COMPUTE_DTYPES, route_low_precision_layers  # noqa: E402
 from lohatrain.parts import ModelParts  # noqa: E402
-from lohatrain.settings import TRAINING_METHODS, TrainSettings  # noqa: E402
+from lohatrain.settings import TrainSettings  # noqa: E402
+from lohatrain.sgm_standin import SIZE_KEYS, ConcatTimestepEmbedderND, GeneralConditioner, OpenAIWrapper  # noqa: E402
 
 # (device-name pattern, dense fp16 TFLOPS, what it is): first match wins. See the module docstring.
 PEAK_TFLOPS = (
@@ -155,7 +155,7 @@ class Cell:
         return self.method + ("+dora" if self.dora else "")
 
 
-NETWORK_TYPES = [(m, False) for m in TRAINING_METHODS] + [(m, True) for m in DORA_METHODS]
+NETWORK_TYPES = [(m, False) for m in TYPES] + [(m, True) for m, t in TYPES.items() if t.dora]
 
 
 def full_matrix(models: list[str]) -> list[Cell]:

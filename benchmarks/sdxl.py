@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 with contextlib.redirect_stdout(sys.stderr):  # ldm prints notices at import; stdout carries only figures
-    import lohatrain.demo  # noqa: F401  (first: sets up ldm's imports)
+    import lohatrain.ldm_importable  # noqa: F401  (first: sets up ldm's imports)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -38,10 +38,13 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lohatrain import loop  # noqa: E402
-from lohatrain.demo_sdxl import FULL_SDXL, SDXLUNet, build_unet, conditioning_widths  # noqa: E402
+from lohatrain.demo_sdxl import FULL_SDXL, build_unet, conditioning_widths  # noqa: E402
 from lohatrain.families.sdxl import SDXL  # noqa: E402
+from lohatrain.methods import TYPES  # noqa: E402
 from lohatrain.network import Network, count_parameters, plan_unet  # noqa: E402
-from lohatrain.settings import SDXL_PRESETS  # noqa: E402
+from lohatrain.sgm_standin import SDXLUNet  # noqa: E402
+
+SDXL_PRESETS = TYPES["loha"].presets["sdxl"]  # LoHa's, the default type
 
 GB = 1e9
 

@@ -6,10 +6,10 @@ SD 1.x and 2.x, sgm's `DiffusionEngine` (sd_xl_base.yaml) for SDXL; the built-in
 those files. Two parts cannot be built as those configs name them, so they are built as lohatrain's offline
 equivalents, with the same module names and so the same checkpoint keys:
 - the text encoders: ldm's and sgm's download their weights and tokenizer (`from_pretrained`, open_clip's
-  pretrained tags); lohatrain's (`demo.TinyCLIPEmbedder`, `demo.TinyOpenCLIPEmbedder` and their SDXL
-  variants, sized by their arguments, not only tiny) take the tokenizer from files the packages ship, and their
-  sizes from the checkpoint's own weights (heads 64 wide, as in every CLIP and OpenCLIP text model);
-- SDXL: sgm is not on the registries, so `demo_sdxl`'s stand-in (held against sgm by
+  pretrained tags); lohatrain's (lohatrain.text_encoders, and their SDXL variants in lohatrain.sgm_standin)
+  take the tokenizer from files the packages ship, and their sizes from the checkpoint's own weights (heads 64
+  wide, as in every CLIP and OpenCLIP text model);
+- SDXL: sgm is not on the registries, so lohatrain.sgm_standin (held against sgm by
   tools/check_sgm_standin.py) is built from the sgm config's sizes.
 A config may also name lohatrain's text encoders directly (with explicit sizes), which is how tests describe
 their tiny models. A config makes lohatrain import nothing but the classes in `_IMPORTABLE`, and no other file is
@@ -23,10 +23,11 @@ import io
 
 from torch import nn
 
-from .demo import TinyCLIPEmbedder, TinyOpenCLIPEmbedder  # first: makes ldm importable
-from .demo_sdxl import (SIZE_KEYS, ConcatTimestepEmbedderND, GeneralConditioner, SDXLEngine, SDXLUNet,  # noqa: E402
-                        TinyOpenCLIPEmbedder2, TinySDXLCLIPEmbedder)
-from .errors import LohatrainError  # noqa: E402
+from . import ldm_importable  # noqa: F401  (first: makes ldm importable)
+from .errors import LohatrainError
+from .sgm_standin import (SIZE_KEYS, ConcatTimestepEmbedderND, GeneralConditioner, OpenCLIPEmbedder2,
+                          SDXLCLIPEmbedder, SDXLEngine, SDXLUNet)
+from .text_encoders import CLIPEmbedder, OpenCLIPEmbedder
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -42,7 +43,7 @@ def _path(cls: type) -> str:
 # What a config may make lohatrain import; sgm's names (and ldm's text encoders) are read, never imported.
 _IMPORTABLE = {LATENT_DIFFUSION, "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                "ldm.models.autoencoder.AutoencoderKL", "torch.nn.Identity",
-               *map(_path, (TinyCLIPEmbedder, TinyOpenCLIPEmbedder, TinySDXLCLIPEmbedder, TinyOpenCLIPEmbedder2,
+               *map(_path, (CLIPEmbedder, OpenCLIPEmbedder, SDXLCLIPEmbedder, OpenCLIPEmbedder2,
                             ConcatTimestepEmbedderND))}
 
 # SD's VAE (every family's: SDXL's differs only in its weights).
@@ -151,11 +152,11 @@ def _ldm_text_encoder(stage: dict, weights: dict) -> dict:
     target, params = stage["target"], stage.get("params") or {}
     if target == _LDM + "FrozenCLIPEmbedder":
         sizes = clip_sizes(weights, "cond_stage_model.transformer.text_model.")
-        return {"target": _path(TinyCLIPEmbedder), "params": {
+        return {"target": _path(CLIPEmbedder), "params": {
             **sizes, "layer": params.get("layer", "last"), "layer_idx": params.get("layer_idx")}}
     if target == _LDM + "FrozenOpenCLIPEmbedder":
         sizes = openclip_sizes(weights, "cond_stage_model.model.")
-        return {"target": _path(TinyOpenCLIPEmbedder), "params": {
+        return {"target": _path(OpenCLIPEmbedder), "params": {
             **sizes, "freeze": True, "layer": params.get("layer", "last")}}
     if target.startswith("lohatrain."):
         return stage
@@ -195,13 +196,13 @@ def _sdxl_embedder(entry: dict, weights: dict, prefix: str) -> nn.Module:
     if target.startswith("lohatrain."):
         embedder = _instantiate({"target": target, "params": params})
     elif kind == "FrozenCLIPEmbedder":
-        embedder = TinySDXLCLIPEmbedder(**clip_sizes(weights, prefix + "transformer.text_model."),
-                                        layer=params.get("layer", "last"), layer_idx=params.get("layer_idx"))
+        embedder = SDXLCLIPEmbedder(**clip_sizes(weights, prefix + "transformer.text_model."),
+                                    layer=params.get("layer", "last"), layer_idx=params.get("layer_idx"))
     elif kind == "FrozenOpenCLIPEmbedder2":
         if not params.get("always_return_pooled", False) or params.get("legacy", True):
             raise LohatrainError("the config's OpenCLIP embedder is not SDXL base's (pooled output, not legacy)")
-        embedder = TinyOpenCLIPEmbedder2(**openclip_sizes(weights, prefix + "model."),
-                                         layer=params.get("layer", "penultimate"))
+        embedder = OpenCLIPEmbedder2(**openclip_sizes(weights, prefix + "model."),
+                                     layer=params.get("layer", "penultimate"))
     elif kind == "ConcatTimestepEmbedderND":
         embedder = ConcatTimestepEmbedderND(params["outdim"], entry["input_key"])
     else:

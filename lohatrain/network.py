@@ -28,7 +28,7 @@ from torch import nn
 
 from . import compat
 from .errors import LohatrainError
-from .methods import METHODS, Adapter
+from .methods import TYPES, Adapter
 from .parts import ModelParts
 from .precision import merge
 from .rng import seeded_global_rng
@@ -136,7 +136,7 @@ class Network(nn.Module):
         with seeded_global_rng(seed):  # the same seed always gives the same start
             for index, plan in enumerate(plans):
                 shape = tuple(plan.module.weight.shape)
-                self.adapters.append(METHODS[method](shape, plan.dim, plan.alpha, factor))
+                self.adapters.append(TYPES[method].adapter(shape, plan.dim, plan.alpha, factor))
                 if dora and plan.fused is None:
                     self.dora_scales[str(index)] = nn.Parameter(_column_norms(plan.module.weight))
         self.float()
@@ -221,13 +221,10 @@ class Network(nn.Module):
             p.numel() for p in self.dora_scales.values())
 
 
-_TYPE_OF_SUFFIX = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_down.weight": "LoRA/LoCon"}
-
-
 def _file_mismatch(own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str | None:
     def kind(tensors):
         suffixes = {k.split(".", 1)[1] for k in tensors}
-        types = sorted({t for s, t in _TYPE_OF_SUFFIX.items() if s in suffixes})
+        types = sorted({t.file_kind for t in TYPES.values() if suffixes.issuperset(t.suffixes)})
         return " + ".join(types) or "an unknown type", "dora_scale" in suffixes
 
     (own_type, own_dora), (their_type, their_dora) = kind(own), kind(theirs)

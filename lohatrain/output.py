@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import LohatrainError
+from .methods import TYPES
 from .settings import TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -89,7 +90,7 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
 
     `processes`: how many data-parallel processes shared each batch (lohatrain.distributed)."""
     dataset = Path(settings.dataset_dir).name or "dataset"
-    module, args = network_module_and_args(settings)
+    module, args = TYPES[settings.training_method].network_module_and_args(settings)
     meta = {
         "ss_network_module": module,
         "ss_network_args": json.dumps(args, sort_keys=True),
@@ -137,23 +138,6 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
     meta.update(family_metadata)
     meta.update(extra or {})
     return meta
-
-
-def network_module_and_args(settings: TrainSettings) -> tuple[str, dict[str, str]]:
-    """What kohya's tools and the WebUI's Lora tab read about the type. A plain LoRA is kohya's own
-    `networks.lora`; the other types, and every type with DoRA (which kohya's module lacks), are LyCORIS'
-    `lycoris.kohya` with its `algo` name (lora, locon, loha, lokr). DoRA adds `dora_wd` and `wd_on_output`
-    "False": our `dora_scale` is per input channel (the WebUI's axis), LyCORIS' default is per output."""
-    method = settings.training_method
-    args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)} if settings.conv_dim else {}
-    if settings.dora:
-        args.update(dora_wd="True", wd_on_output="False")
-    elif method == "lora":
-        return "networks.lora", args
-    args["algo"] = method
-    if method == "lokr":
-        args["factor"] = str(settings.lokr_factor)
-    return "lycoris.kohya", args
 
 
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:

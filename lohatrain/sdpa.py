@@ -9,9 +9,11 @@ nothing leaks into other models), the same maths as ldm's (tested against it wit
 from __future__ import annotations
 
 import torch.nn.functional as F
-from ldm.modules.attention import CrossAttention, MemoryEfficientCrossAttention
-from ldm.modules.diffusionmodules.model import AttnBlock
 from torch import nn
+
+from . import ldm_importable  # noqa: F401  (first: makes ldm importable)
+from ldm.modules.attention import CrossAttention, MemoryEfficientCrossAttention  # noqa: E402
+from ldm.modules.diffusionmodules.model import AttnBlock  # noqa: E402
 
 
 def use_sdpa(model: nn.Module) -> int:

@@ -14,103 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LohatrainError
+from .methods import TYPES, NetworkType
 
 CAPTION_MODES = ("none", "phrase", "txt")
 DTYPES = ("fp16", "bf16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
+DEFAULT_METHOD = "loha"
 
 
-TRAINING_METHODS = ("lora", "locon", "loha", "lokr")  # lohatrain.methods.METHODS, which imports torch
+def network_type(method: str) -> NetworkType:
+    """The type a `training_method` names; the default type's for one that does not exist (validation says so)."""
+    return TYPES.get(method, TYPES[DEFAULT_METHOD])
 
-
-@dataclass(frozen=True)
-class Preset:
-    """A network size: rank and alpha for linear layers and (when conv_dim > 0) 3x3 convs; LoKr's factor."""
-
-    label: str
-    dim: int
-    alpha: float
-    conv_dim: int
-    conv_alpha: float
-    file_mb: float  # fp16 file size (MB) on the family's full-size UNet; checked in tests/test_presets.py
-    factor: int = -1
-
-
-# Smallest and fastest first. "highest" is the seed's recommendation and the default. SD 1.x and 2.x share
-# them (their UNets' adapted layers differ in size by under 2%; the sizes are SD1.5's).
-PRESETS: dict[str, Preset] = {
-    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 6.8),
-    "medium": Preset("Medium: characters", 8, 4, 0, 0, 13.6),
-    "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 41.1),
-    "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 82.3),
-}
-# SDXL's UNet has about 3x SD1.5's attention (wider, and 10 transformer blocks deep at its lowest level):
-# SD1's ranks would give 180-360 MB files, so SDXL's presets use half the ranks.
-SDXL_PRESETS: dict[str, Preset] = {
-    "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 42.6),
-    "medium": Preset("Medium: characters", 8, 4, 0, 0, 85.1),
-    "high": Preset("High: characters with details, styles", 8, 4, 4, 2, 92.7),
-    "highest": Preset("Highest quality: styles and complex concepts", 16, 8, 8, 4, 185.4),
-}
-PRESETS_BY_FAMILY = {"sd1": PRESETS, "sd2": PRESETS, "sdxl": SDXL_PRESETS}  # keyed by lohatrain.families' names
-
-
-def _by_family(sd1: dict[str, Preset], sdxl: dict[str, Preset]) -> dict[str, dict[str, Preset]]:
-    return {"sd1": sd1, "sd2": sd1, "sdxl": sdxl}
-
-
-# The other types' sizes, smallest first, each checked on the full-size UNets like LoHa's. LoRA is rank
-# 8-64 on SD1 (kohya's usual range; a LoRA needs twice LoHa's rank for the same expressiveness, LyCORIS'
-# guidelines compare them at equal file size), half on SDXL; LoCon adds half that rank on the 3x3 convs. LoKr's
-# size is set by its factor (LyCORIS' guidelines: full dimension, factor 4-8 for fidelity, higher for small
-# files); dim 10000 keeps every w2 whole, and its conv_dim only switches the convolutions on.
-PRESETS_BY_METHOD: dict[str, dict[str, dict[str, Preset]]] = {
-    "lora": _by_family({
-        "small": Preset("Small: fast, faces and simple objects", 8, 4, 0, 0, 6.8),
-        "medium": Preset("Medium: characters", 16, 8, 0, 0, 13.6),
-        "high": Preset("High: characters with details, styles", 32, 16, 0, 0, 27.1),
-        "highest": Preset("Highest quality: styles and complex concepts", 64, 32, 0, 0, 54.3),
-    }, {
-        "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 21.3),
-        "medium": Preset("Medium: characters", 8, 4, 0, 0, 42.6),
-        "high": Preset("High: characters with details, styles", 16, 8, 0, 0, 85.1),
-        "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 0, 0, 170.2),
-    }),
-    "locon": _by_family({
-        "small": Preset("Small: fast, faces and simple objects", 8, 4, 4, 2, 12.5),
-        "medium": Preset("Medium: characters", 16, 8, 8, 4, 24.9),
-        "high": Preset("High: characters with details, styles", 32, 16, 16, 8, 49.8),
-        "highest": Preset("Highest quality: styles and complex concepts", 64, 32, 32, 16, 99.7),
-    }, {
-        "small": Preset("Small: fast, faces and simple objects", 4, 2, 2, 1, 23.2),
-        "medium": Preset("Medium: characters", 8, 4, 4, 2, 46.3),
-        "high": Preset("High: characters with details, styles", 16, 8, 8, 4, 92.7),
-        "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 16, 8, 185.4),
-    }),
-    "loha": PRESETS_BY_FAMILY,
-    "lokr": _by_family({
-        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 2.2, 16),
-        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 8.4, 8),
-        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 26.8, 8),
-        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 33.4, 4),
-    }, {
-        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 17.6, 16),
-        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 69.1, 8),
-        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 80.1, 8),
-        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 276.0, 4),
-    }),
-}
-
-
-def presets_for(method: str, family: str) -> dict[str, Preset]:
-    """The presets of a training method on a model family (LoHa's for a method that does not exist)."""
-    return PRESETS_BY_METHOD.get(method, PRESETS_BY_METHOD["loha"])[family]
-
-
-# Learning rates: LoRA's and LoCon's 1e-4 is kohya sd-scripts' usual LoRA rate; LoHa keeps the original
-# product's 1e-3, and LoKr takes LoHa's (LyCORIS' own types train at about ten times LoRA's rate).
-# SDXL halves each (its batch of 1 makes each step noisier).
-METHOD_LEARNING_RATE = {"lora": 1e-4, "locon": 1e-4, "loha": 1e-3, "lokr": 1e-3}
 
 # What else differs by family: its native resolution (and buckets around it), a batch that fits 8 GB with
 # gradient checkpointing.
@@ -127,9 +42,9 @@ def bucket_sides_for(resolution: int) -> tuple[int, int]:
     return max(64, resolution // 2 // 64 * 64), resolution * 2
 
 
-def default_learning_rate(method: str, family: str) -> float:
-    return METHOD_LEARNING_RATE.get(method, 1e-3) * (0.5 if family == "sdxl" else 1.0)
-DEFAULT_PRESET = "highest"
+DEFAULT_PRESET = "highest"  # the original product's recommendation
+PRESET_NAMES = tuple(TYPES[DEFAULT_METHOD].presets["sd1"])  # every type's, on every family
+_DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
 
@@ -152,7 +67,7 @@ class TrainSettings:
     name: str = "my-loha"
     dataset_dir: str = ""
     output_dir: str = ""  # the WebUI fills in its Lora folder; the command line requires it
-    training_method: str = "loha"  # lora, locon, loha or lokr (lohatrain.methods)
+    training_method: str = DEFAULT_METHOD  # lora, locon, loha or lokr (lohatrain.methods)
     dora: bool = False  # DoRA's weight decomposition on top of lora, locon or loha
     lokr_factor: int = -1  # LoKr: the Kronecker factor, -1 = as square as possible (LyCORIS' default)
     caption_mode: str = "txt"
@@ -167,10 +82,10 @@ class TrainSettings:
     steps: int = 800
     batch_size: int = 4
     network_preset: str = DEFAULT_PRESET
-    dim: int = PRESETS[DEFAULT_PRESET].dim
-    alpha: float = PRESETS[DEFAULT_PRESET].alpha
-    conv_dim: int = PRESETS[DEFAULT_PRESET].conv_dim
-    conv_alpha: float = PRESETS[DEFAULT_PRESET].conv_alpha
+    dim: int = _DEFAULT_SIZE.dim
+    alpha: float = _DEFAULT_SIZE.alpha
+    conv_dim: int = _DEFAULT_SIZE.conv_dim
+    conv_alpha: float = _DEFAULT_SIZE.conv_alpha
     clip_skip: int | None = None  # None: whatever the host uses now; 1 = last layer (0 is read as 1)
     train_dtype: str = "fp16"
     save_dtype: str = "fp16"
@@ -197,10 +112,10 @@ class TrainSettings:
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
 
     @classmethod
-    def defaults_for(cls, family: str, method: str = "loha") -> "TrainSettings":
+    def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
         """The defaults for a model family ("sd1", "sd2", "sdxl") and training method: resolution, batch,
         learning rate and presets."""
-        return dataclasses.replace(cls(), training_method=method, learning_rate=default_learning_rate(method, family),
+        return dataclasses.replace(cls(), training_method=method, learning_rate=TYPES[method].learning_rate_for(family),
                                    **FAMILY_DEFAULTS[family]).with_preset(DEFAULT_PRESET, family)
 
     @classmethod
@@ -214,21 +129,21 @@ class TrainSettings:
         type_problems = _type_problems(data)
         if type_problems:  # before anything below reads a value of the wrong type
             raise SettingsError(type_problems)
-        method = data.get("training_method", "loha")
+        kind = network_type(data.get("training_method", DEFAULT_METHOD))
         given = data
-        data = {**FAMILY_DEFAULTS[family], "learning_rate": default_learning_rate(method, family), **data}
+        data = {**FAMILY_DEFAULTS[family], "learning_rate": kind.learning_rate_for(family), **data}
         if "resolution" in given:  # bucket sides the user left out follow the resolution the user gave
             low, high = bucket_sides_for(data["resolution"])
             data["bucket_min_side"] = given.get("bucket_min_side", low)
             data["bucket_max_side"] = given.get("bucket_max_side", high)
-        presets = presets_for(method, family)
+        presets = kind.presets[family]
         preset = presets.get(data.get("network_preset", DEFAULT_PRESET))
         # "custom" fills the sizes it leaves out from the default preset of the family and method
         data.setdefault("lokr_factor", (preset or presets[DEFAULT_PRESET]).factor)
         for key in _SIZE_KEYS:
             data.setdefault(key, getattr(preset or presets[DEFAULT_PRESET], key))
         if preset is not None and any(data[k] != getattr(preset, k) for k in _SIZE_KEYS) or (
-                preset is not None and data["lokr_factor"] != preset.factor and method == "lokr"):
+                preset is not None and data["lokr_factor"] != preset.factor and kind.sized_by_factor):
             data["network_preset"] = CUSTOM_PRESET
         settings = cls(**data)
         settings.validate()
@@ -236,7 +151,7 @@ class TrainSettings:
 
     def with_preset(self, preset_name: str, family: str = "sd1") -> "TrainSettings":
         """A copy with the preset's sizes applied (the preset of this method, on the family)."""
-        preset = presets_for(self.training_method, family)[preset_name]
+        preset = network_type(self.training_method).presets[family][preset_name]
         return dataclasses.replace(self, network_preset=preset_name, dim=preset.dim, alpha=preset.alpha,
                                    conv_dim=preset.conv_dim, conv_alpha=preset.conv_alpha, lokr_factor=preset.factor)
 
@@ -264,12 +179,11 @@ class TrainSettings:
             p.append(name_problem)
         if not str(self.dataset_dir).strip():
             p.append("dataset_dir: choose the folder that holds your training images")
-        if self.training_method not in TRAINING_METHODS:
-            p.append(f"training_method must be one of {', '.join(TRAINING_METHODS)}, not {self.training_method!r}")
-        if self.dora and self.training_method == "lokr":
-            p.append("dora: DoRA applies to lora, locon and loha here, not lokr")
-        if self.training_method == "lora" and _is_int(self.conv_dim) and self.conv_dim > 0:
-            p.append("conv_dim: plain LoRA adapts no 3x3 convolutions; choose locon to train them, or set conv_dim to 0")
+        kind = TYPES.get(self.training_method)
+        if kind is None:
+            p.append(f"training_method must be one of {', '.join(TYPES)}, not {self.training_method!r}")
+        else:
+            p += kind.problems(self)
         if not _is_int(self.lokr_factor) or not (self.lokr_factor == -1 or 2 <= self.lokr_factor <= 1024):
             p.append(f"lokr_factor must be -1 (automatic) or a whole number from 2 to 1024, not {self.lokr_factor!r}")
         if self.caption_mode not in CAPTION_MODES:
@@ -288,9 +202,9 @@ class TrainSettings:
         _float_range(p, "text_encoder_lr", self.text_encoder_lr, 0, 1)
         _int_range(p, "steps", self.steps, 1, 1_000_000)
         _int_range(p, "batch_size", self.batch_size, 1, 256)
-        if self.network_preset not in PRESETS and self.network_preset != CUSTOM_PRESET:  # every method's names
-            p.append(f"network_preset must be one of {', '.join([*PRESETS, CUSTOM_PRESET])}")
-        _int_range(p, "dim", self.dim, 1, 100_000 if self.training_method == "lokr" else 1024)
+        if self.network_preset not in PRESET_NAMES and self.network_preset != CUSTOM_PRESET:
+            p.append(f"network_preset must be one of {', '.join([*PRESET_NAMES, CUSTOM_PRESET])}")
+        _int_range(p, "dim", self.dim, 1, network_type(self.training_method).max_dim)
         _float_range(p, "alpha", self.alpha, 0, 1024, low_open=True)
         _int_range(p, "conv_dim", self.conv_dim, 0, 256)
         if self.conv_dim:
@@ -350,7 +264,7 @@ SETTING_HELP = {
     "name": "the file's name, and the alias in <lora:name:1>",
     "dataset_dir": "the folder of training images (and their captions)",
     "output_dir": "where the .safetensors goes (required on the command line; the WebUI uses its Lora folder)",
-    "training_method": f"network type: {', '.join(TRAINING_METHODS)}",
+    "training_method": f"network type: {', '.join(TYPES)}",
     "dora": "DoRA's weight decomposition on top of lora, locon or loha",
     "lokr_factor": "LoKr's Kronecker factor, -1 = as square as possible (set by network_preset unless given)",
     "caption_mode": "none, phrase (caption_phrase for every image) or txt (a caption file beside each image)",
@@ -365,7 +279,7 @@ SETTING_HELP = {
     "text_encoder_lr": "the text encoder's learning rate, 0 = the UNet only",
     "steps": "training steps",
     "batch_size": "images per step",
-    "network_preset": f"network size: {', '.join(PRESETS)} (sets dim, alpha, conv_dim, conv_alpha for the type "
+    "network_preset": f"network size: {', '.join(PRESET_NAMES)} (sets dim, alpha, conv_dim, conv_alpha for the type "
                       "and family), or custom",
     "dim": "rank of the linear layers (set by network_preset unless given)",
     "alpha": "alpha of the linear layers, the delta is scaled by alpha / dim (set by network_preset unless given)",

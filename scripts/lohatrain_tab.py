@@ -1,4 +1,4 @@
-"""WebUI entry point: registers the LoRA training tab, its settings and its REST routes.
+"""WebUI entry point: registers the "LoRA training" tab, its settings and its REST routes.
 
 When lohatrain cannot run in this WebUI (a torch older than it supports, a dependency missing or failing at
 import in any way), the WebUI still starts: the log and the tab say in one line what is wrong and what to do.
@@ -9,7 +9,7 @@ TITLE = "LoRA training"
 
 
 def _unavailable(reason: str) -> None:
-    print(f"[lohatrain] the LoRA training tab is unavailable: {reason}", flush=True)
+    print(f"[lohatrain] the {TITLE} tab is unavailable: {reason}", flush=True)
 
     def tab():
         import gradio as gr

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import lohatrain.demo  # noqa: F401  (before anything that imports ldm)
+import lohatrain.ldm_importable  # noqa: F401  (before anything that imports ldm)
 from lohatrain.captions import CaptionOptions, caption_folder, save_caption, thumbnails
 from lohatrain.errors import LohatrainError
 

@@ -27,11 +27,12 @@ from lohatrain.__main__ import _ProgressReport, main
 from lohatrain.checkpoint import load_model, predicts_v, read_checkpoint
 from lohatrain.cli_settings import merge
 from lohatrain.demo import TINY_SD1_CONFIG, TINY_SD2_CONFIG, build_tiny_sd1, build_tiny_sd2
-from lohatrain.demo_sdxl import SIZE_KEYS, TINY_SDXL, build_sdxl, build_tiny_sdxl, conditioning_widths
+from lohatrain.demo_sdxl import TINY_SDXL, build_sdxl, build_tiny_sdxl, conditioning_widths
 from lohatrain.errors import LohatrainError
 from lohatrain.model_configs import LATENT_DIFFUSION
 from lohatrain.sdpa import use_sdpa
 from lohatrain.settings import TrainSettings
+from lohatrain.sgm_standin import SIZE_KEYS
 from lohatrain.trainer import Progress, train
 
 from test_engine import settings_for
@@ -66,9 +67,9 @@ TINY_CONFIGS = {
     "sd2": {"target": LATENT_DIFFUSION, "params": TINY_SD2_CONFIG},
     # lohatrain's text encoders named with their (tiny) sizes, which the file's weights cannot tell
     "sdxl": sgm_config(TINY_SDXL, [
-        {"input_key": "txt", "target": "lohatrain.demo_sdxl.TinySDXLCLIPEmbedder",
+        {"input_key": "txt", "target": "lohatrain.sgm_standin.SDXLCLIPEmbedder",
          "params": {**TINY_SDXL["clip_l"], "layer": "hidden", "layer_idx": TINY_SDXL["clip_l"]["num_layers"] - 1}},
-        {"input_key": "txt", "target": "lohatrain.demo_sdxl.TinyOpenCLIPEmbedder2",
+        {"input_key": "txt", "target": "lohatrain.sgm_standin.OpenCLIPEmbedder2",
          "params": {**TINY_SDXL["bigg"], "layer": "penultimate"}}]),
 }
 
@@ -164,7 +165,7 @@ def test_a_config_in_the_webuis_own_form_builds_a_fine_tune_of_other_sizes(tmp_p
     clip = {"hidden_size": 64, "num_layers": 2, "num_heads": 1, "intermediate_size": 64}
     sd1_config = copy.deepcopy(TINY_SD1_CONFIG)
     sd1_config["unet_config"]["params"]["context_dim"] = 64
-    sd1_config["cond_stage_config"] = {"target": "lohatrain.demo.TinyCLIPEmbedder", "params": clip}
+    sd1_config["cond_stage_config"] = {"target": "lohatrain.text_encoders.CLIPEmbedder", "params": clip}
     sd1 = instantiate_from_config({"target": LATENT_DIFFUSION, "params": sd1_config})
     sd1_config["cond_stage_config"] = {"target": _LDM_TEXT + "FrozenCLIPEmbedder"}
     sdxl_sizes = {**TINY_SDXL, "clip_l": clip, "bigg": {"width": 64, "layers": 2, "heads": 1}}

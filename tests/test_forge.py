@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lohatrain.demo  # noqa: F401  (sets up ldm before the stand-in imports it)
+import lohatrain.ldm_importable  # noqa: F401  (before the stand-in imports ldm)
 
 sys.path.insert(0, str(Path(__file__).parent / "forge_stub"))
 sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))  # Forge keeps A1111's `modules`

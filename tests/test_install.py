@@ -200,7 +200,7 @@ def test_a_torch_too_old_is_one_line_and_installs_nothing(tmp_path):
     assert process.returncode == 0 and process.stderr == "" and calls == []
     assert process.stdout.splitlines() == [
         "[lohatrain] torch 1.13.1+cu117 is older than lohatrain supports (2.1): update the WebUI (v1.10 installs "
-        "torch 2.1.2); the LoHa training tab will say the same"]
+        "torch 2.1.2); the LoRA training tab will say the same"]
 
 
 def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
@@ -214,7 +214,7 @@ def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
     assert len(ours) == 1
     assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm, ImageHash (")
     assert "No module named pip" in ours[0]
-    assert ours[0].endswith("the LoHa training tab will be unavailable until it is installed")
+    assert ours[0].endswith("the LoRA training tab will be unavailable until it is installed")
     # Besides our line, only the host's own announcement from run_pip.
     assert [line for line in process.stdout.splitlines() if line not in ours] == [
         "Installing lohatrain requirements: safetensors, toml, tqdm, ImageHash"]

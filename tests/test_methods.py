@@ -5,6 +5,7 @@ read it. The same files on SD2 and SDXL through the host stand-in's own loaders:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 
@@ -15,7 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from lohatrain import methods
+from lohatrain.errors import LohatrainError
 from lohatrain.families import ldm_parts
+from lohatrain.families.sd1 import SD1
+from lohatrain.network import Network, plan_unet
+from lohatrain.settings import TrainSettings
 from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file, delta, group_keys, module_map, resolve
@@ -28,8 +34,46 @@ IDS = [f"{m}{'+dora' if d else ''}" for m, d in TYPES]
 def type_settings(dataset, out, method, dora, **overrides):
     # the tiny model learns visibly in a few dozen steps at learning rate 1e-2, whatever the type
     return settings_for(dataset, out, **{"training_method": method, "dora": dora, "lokr_factor": 4, "dim": 4,
-                                         "alpha": 2, "conv_dim": 0 if method == "lora" else 2, "conv_alpha": 1,
-                                         "learning_rate": 1e-2, **overrides})
+                                         "alpha": 2, "conv_dim": 2 if methods.TYPES[method].convolutions else 0,
+                                         "conv_alpha": 1, "learning_rate": 1e-2, **overrides})
+
+
+@pytest.mark.parametrize("method", methods.TYPES)
+def test_every_registered_type_trains_its_declared_file_and_goes_on_from_it(tiny_model, sample_dataset, tmp_path,
+                                                                           method):
+    """What lohatrain.methods declares is all a type needs: trained through the one path, every layer of its file
+    has the key suffixes the type is recognised by, a run of it starts from that file (to train it further),
+    and every type whose files look different refuses the file naming what it is."""
+    kind = methods.TYPES[method]
+    first = train(copy.deepcopy(tiny_model), type_settings(sample_dataset, tmp_path, method, False, steps=2,
+                                                           name="first"))
+    saved = load_file(first.file)
+    layers = group_keys(saved)
+    assert layers and all(set(kind.suffixes) <= set(parts) for parts in layers.values())
+    more = train(copy.deepcopy(tiny_model), type_settings(sample_dataset, tmp_path, method, False, steps=1,
+                                                          name="more", init_from="first.safetensors",
+                                                          learning_rate=1e-9))
+    again = load_file(more.file)
+    assert again.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(again[key], saved[key], atol=1e-6, rtol=0)
+    for other in methods.TYPES.values():
+        if other.file_kind == kind.file_kind:
+            continue
+        plans = plan_unet(SD1, tiny_model.model.diffusion_model, 4, 2, 2 if other.convolutions else 0, 1)
+        with pytest.raises(LohatrainError, match=f"it is a {kind.file_kind} file, these settings train "
+                                                 f"{other.file_kind}"):
+            Network(plans, seed=0, method=other.name, factor=4).load_file_tensors(saved, "first.safetensors")
+
+
+@pytest.mark.parametrize("method", methods.TYPES)
+def test_settings_allow_dora_and_convolutions_exactly_where_the_type_declares_them(method):
+    """The tab greys DoRA out by the same declaration that validation reads, so a form it allows is accepted."""
+    kind = methods.TYPES[method]
+    plain = dataclasses.replace(TrainSettings.defaults_for("sd1", method), dataset_dir="images", conv_dim=0)
+    assert plain.problems() == []
+    assert (dataclasses.replace(plain, dora=True).problems() == []) == kind.dora
+    assert (dataclasses.replace(plain, conv_dim=4, conv_alpha=2).problems() == []) == kind.convolutions
 
 
 @pytest.mark.parametrize("method,dora", TYPES, ids=IDS)

@@ -13,7 +13,8 @@ from lohatrain.demo_sdxl import FULL_SDXL, build_unet
 from lohatrain.families.sd1 import SD1
 from lohatrain.families.sdxl import SDXL
 from lohatrain.network import Network, count_parameters, plan_unet
-from lohatrain.settings import FAMILY_DEFAULTS, PRESETS_BY_FAMILY, TRAINING_METHODS, TrainSettings, presets_for
+from lohatrain.methods import TYPES
+from lohatrain.settings import FAMILY_DEFAULTS, TrainSettings
 
 # The `unet_config.params` of SD1.5's v1-inference.yaml.
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -60,19 +61,19 @@ CASES = [("sd15_unet", "sd1", SD1), ("sdxl_unet", "sdxl", SDXL)]
 
 
 @pytest.mark.parametrize("full_unet,family_name,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
-@pytest.mark.parametrize("method", TRAINING_METHODS)
+@pytest.mark.parametrize("method", TYPES)
 @pytest.mark.parametrize("name", ORDER)
 def test_advertised_file_size_matches_a_full_size_unet(full_unet, family_name, family, method, name):
-    preset = presets_for(method, family_name)[name]
+    preset = TYPES[method].presets[family_name][name]
     actual = fp16_file_mb(full_unet, preset, family, method)
     assert preset.file_mb == pytest.approx(actual, rel=0.05), (
         f"{method} {name}: settings say {preset.file_mb} MB, a full-size fp16 file holds {actual:.1f} MB")
 
 
 @pytest.mark.parametrize("full_unet,family_name,family", CASES, indirect=["full_unet"], ids=["sd15", "sdxl"])
-@pytest.mark.parametrize("method", TRAINING_METHODS)
+@pytest.mark.parametrize("method", TYPES)
 def test_presets_grow_strictly_from_small_to_highest(full_unet, family_name, family, method):
-    presets = presets_for(method, family_name)
+    presets = TYPES[method].presets[family_name]
     assert list(presets) == ORDER
     computed = [fp16_file_mb(full_unet, presets[n], family, method) for n in ORDER]
     advertised = [presets[n].file_mb for n in ORDER]
@@ -88,10 +89,10 @@ def test_family_defaults_and_presets_fill_what_the_user_leaves_out(tmp_path):
     from_json = TrainSettings.from_dict(given, family="sdxl")
     assert (from_json.dim, from_json.conv_dim, from_json.network_preset) == (8, 4, "high")
     assert from_json.resolution == FAMILY_DEFAULTS["sdxl"]["resolution"] and from_json.learning_rate == 2e-4
-    assert TrainSettings.from_dict(given).dim == PRESETS_BY_FAMILY["sd1"]["high"].dim == 16
+    assert TrainSettings.from_dict(given).dim == TYPES["loha"].presets["sd1"]["high"].dim == 16
 
 
-@pytest.mark.parametrize("method", TRAINING_METHODS)
+@pytest.mark.parametrize("method", TYPES)
 def test_parameter_count_is_what_the_network_saves(method):
     """count_parameters agrees with the tensors a network writes, for every type, DoRA's scales included."""
     model = lohatrain.demo.build_tiny_sd1(0)

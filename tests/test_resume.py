@@ -316,7 +316,7 @@ def test_a_killed_command_line_resumes_from_the_newest_file_on_disk(demo_run, tm
 
 
 def test_a_saved_demo_run_repeats_from_its_settings_file_even_without_its_images(tmp_path, capsys):
-    """The README's "a saved run, again": the demo's images are generated, so they come back identical."""
+    """docs/command-line.md's "a saved run, again": the demo's images are generated, so they come back identical."""
     from lohatrain.__main__ import main
 
     assert main(["train", "--demo", "--output-dir", str(tmp_path / "first"), "--steps", "3"]) == 0

@@ -3,9 +3,9 @@ size and crop, the ldm-named 3-level UNet. The loss goes down, files load under 
 reproduce the trained output, runs repeat, the file says SDXL, the model is left exactly as found; and
 checkpoints that cannot be trained are refused by name.
 
-The model is `lohatrain.demo_sdxl`'s stand-in for sgm's DiffusionEngine: sgm (Stability-AI/generative-models)
-is not on the package registries, so its SDXL UNet, conditioner and embedders are rebuilt from ldm's blocks
-following sgm's code (see that module's docstring).
+The model is `lohatrain.demo_sdxl`'s tiny build of `lohatrain.sgm_standin`, the stand-in for sgm's DiffusionEngine:
+sgm (Stability-AI/generative-models) is not on the package registries, so its SDXL UNet, conditioner and embedders
+are rebuilt from ldm's blocks following sgm's code (see that module's docstring).
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from torch import nn
 from lohatrain.families import ldm_parts
 from lohatrain import dataset as ds
 from lohatrain.demo import build_tiny_sd1, build_tiny_sd2
-from lohatrain.demo_sdxl import SIZE_KEYS, ConcatTimestepEmbedderND, build_tiny_sdxl
+from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.errors import LohatrainError
 from lohatrain.families import detect
 from lohatrain.families.sdxl import SDXL
+from lohatrain.sgm_standin import SIZE_KEYS, ConcatTimestepEmbedderND
 from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file

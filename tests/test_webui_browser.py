@@ -22,7 +22,7 @@ TIMEOUT = 180_000  # ms; a bound on waiting for a state, never a timing
 def page(webui_server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.goto(webui_server.url)
-    page.locator("#tabs button", has_text="LoHa training").click()
+    page.locator("#tabs button", has_text="LoRA training").click()
     expect(page.locator("#lohatrain_train")).to_be_visible()
     yield page
     page.close()
@@ -368,7 +368,7 @@ def test_the_clip_skip_slider_shows_the_webuis_setting_at_each_page_load(browser
     try:
         shared.opts.CLIP_stop_at_last_layers = 2
         page.goto(webui_server.url)
-        page.locator("#tabs button", has_text="LoHa training").click()
+        page.locator("#tabs button", has_text="LoRA training").click()
         expect(page.locator("#lohatrain_clip_skip input[type=number]")).to_have_value("2")
     finally:
         shared.opts.CLIP_stop_at_last_layers = 1

@@ -50,7 +50,7 @@ def page(forge_webui, browser):
     page.on("console", lambda message: page.js_errors.append(f"{message.text} @ {message.location.get('url')}")
             if message.type == "error" else None)
     page.goto(forge_webui.url)
-    page.locator("#tabs button", has_text="LoHa training").click()
+    page.locator("#tabs button", has_text="LoRA training").click()
     expect(page.locator("#lohatrain_train")).to_be_visible()
     yield page
     page.close()

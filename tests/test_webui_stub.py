@@ -355,7 +355,8 @@ def size_part(model, h: int, w: int, top: int = 0, left: int = 0) -> torch.Tenso
 def test_sdxl_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_a_new_model(webui):
     import zlib
 
-    from lohatrain.demo_sdxl import TinyOpenCLIPEmbedder2, TinySDXLCLIPEmbedder, build_tiny_sdxl
+    from lohatrain.demo_sdxl import build_tiny_sdxl
+    from lohatrain.sgm_standin import OpenCLIPEmbedder2, SDXLCLIPEmbedder
     from modules import sd_hijack, sd_hijack_clip, sd_hijack_open_clip
 
     sd1 = loaded(webui)
@@ -381,13 +382,13 @@ def test_sdxl_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_
     e = xl.conditioner.embedders
     assert type(e[0]) is sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords
     assert type(e[1]) is sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords
-    assert isinstance(e[0].wrapped, TinySDXLCLIPEmbedder) and isinstance(e[1].wrapped, TinyOpenCLIPEmbedder2)
+    assert isinstance(e[0].wrapped, SDXLCLIPEmbedder) and isinstance(e[1].wrapped, OpenCLIPEmbedder2)
     assert (e[1].return_pooled, e[0].return_pooled, e[1].input_key, e[1].is_trainable) == (True, False, "txt", False)
     assert e[1].legacy_ucg_val is None and e[1].id_pad == 0 and e[0].id_pad == e[0].id_end
     assert [type(m).__name__ for m in e[2:]] == ["ConcatTimestepEmbedderND"] * 3
     assert xl.cond_stage_model is xl.conditioner
     sd_hijack.model_hijack.undo_hijack(xl)
-    assert isinstance(xl.conditioner.embedders[0], TinySDXLCLIPEmbedder) and not hasattr(xl, "cond_stage_model")
+    assert isinstance(xl.conditioner.embedders[0], SDXLCLIPEmbedder) and not hasattr(xl, "cond_stage_model")
     sd_hijack.model_hijack.hijack(xl)
 
     # the factory's weights (placeholder file), seeded from the file name
@@ -599,7 +600,8 @@ def loaded_sd2(folder: Path, name: str = "tiny-SD2"):
 def test_sd2_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_a_new_model(webui):
     import zlib
 
-    from lohatrain.demo import TinyOpenCLIPEmbedder, build_tiny_sd2
+    from lohatrain.demo import build_tiny_sd2
+    from lohatrain.text_encoders import OpenCLIPEmbedder
     from modules import sd_hijack, sd_hijack_open_clip
 
     # the stand-in's config rule: "xl" first, then "sd2" / "v2" in any case, else SD1
@@ -623,7 +625,7 @@ def test_sd2_checkpoint_loads_as_the_host_loads_it_and_switching_family_builds_a
     # the hijack: ldm's OpenCLIP embedder inside the host's wrapper, open_clip's ids, padded with 0
     stage = sd2.cond_stage_model
     assert type(stage) is sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords
-    assert isinstance(stage.wrapped, TinyOpenCLIPEmbedder) and (stage.wrapped.layer, stage.wrapped.layer_idx) == (
+    assert isinstance(stage.wrapped, OpenCLIPEmbedder) and (stage.wrapped.layer, stage.wrapped.layer_idx) == (
         "penultimate", 1)
     assert (stage.id_start, stage.id_end, stage.id_pad, stage.return_pooled) == (49406, 49407, 0, False)
     assert stage.comma_token == 267 and stage.legacy_ucg_val is None and not stage.is_trainable

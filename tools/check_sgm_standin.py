@@ -1,4 +1,4 @@
-"""Check lohatrain.demo_sdxl's SDXL UNet against the real one, for a checkout of Stability-AI/generative-models.
+"""Check lohatrain.sgm_standin's SDXL UNet against the real one, for a checkout of Stability-AI/generative-models.
 
     .venv/bin/python tools/check_sgm_standin.py /path/to/generative-models
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import lohatrain.demo  # noqa: E402,F401  (first: sets up ldm's imports)
+import lohatrain.ldm_importable  # noqa: E402,F401  (first: sets up ldm's imports)
 import torch  # noqa: E402
 
 from lohatrain.demo_sdxl import FULL_SDXL, TINY_SDXL, build_unet, conditioning_widths  # noqa: E402

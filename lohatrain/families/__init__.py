@@ -18,8 +18,8 @@ BY_NAME = {f.name: f for f in FAMILIES}
 EXTRA_INPUTS = {9: "an inpainting checkpoint (its UNet also takes a mask and a masked image)",
                 8: "an instruct-pix2pix checkpoint (its UNet also takes the source image)",
                 5: "a depth-conditioned SD 2 checkpoint (its UNet also takes a depth map)"}
-SD3 = "Stable Diffusion 3 (a different architecture, MMDiT, that LoHa training here does not cover)"
-FLUX = "Flux (a different architecture that LoHa training here does not cover)"
+SD3 = "Stable Diffusion 3 (a different architecture, MMDiT, that lohatrain does not cover)"
+FLUX = "Flux (a different architecture that lohatrain does not cover)"
 UNCLIP = "an unCLIP checkpoint (conditioned on image embeddings, not captions)"
 REFINER = "the SDXL refiner (it only refines the last denoising steps of a base model's image)"
 

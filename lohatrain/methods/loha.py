@@ -9,7 +9,7 @@ import torch
 from lycoris.functional import loha
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, NetworkType, Preset, by_family
 
 
 class LoHa(Adapter):
@@ -36,3 +36,24 @@ class LoHa(Adapter):
     def file_tensors(self):
         return {"hada_w1_a": self.hada_w1_a, "hada_w1_b": self.hada_w1_b, "hada_w2_a": self.hada_w2_a,
                 "hada_w2_b": self.hada_w2_b, "alpha": self.alpha}
+
+
+# "highest" is the original product's recommendation and the default. SDXL's presets use half SD1's ranks (SD1's
+# would give 180-360 MB files). LoHa keeps the original product's learning rate, 1e-3 (LyCORIS' own types train
+# at about ten times LoRA's rate).
+LOHA = NetworkType(
+    name="loha", label="LoHa",
+    summary="Flexible characters that change style easily; more detail per megabyte than LoRA",
+    adapter=LoHa, suffixes=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), file_kind="LoHa",
+    dora=True, convolutions=True, learning_rate=1e-3,
+    presets=by_family({
+        "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 6.8),
+        "medium": Preset("Medium: characters", 8, 4, 0, 0, 13.6),
+        "high": Preset("High: characters with details, styles", 16, 8, 4, 2, 41.1),
+        "highest": Preset("Highest quality: styles and complex concepts", 32, 16, 8, 4, 82.3),
+    }, {
+        "small": Preset("Small: fast, faces and simple objects", 4, 2, 0, 0, 42.6),
+        "medium": Preset("Medium: characters", 8, 4, 0, 0, 85.1),
+        "high": Preset("High: characters with details, styles", 8, 4, 4, 2, 92.7),
+        "highest": Preset("Highest quality: styles and complex concepts", 16, 8, 8, 4, 185.4),
+    }))

@@ -15,7 +15,7 @@ from lycoris.functional import lokr
 from lycoris.functional.general import factorization
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, NetworkType, Preset, by_family
 
 
 class LoKr(Adapter):
@@ -48,3 +48,28 @@ class LoKr(Adapter):
         w2 = ({"lokr_w2_a": self.lokr_w2_a, "lokr_w2_b": self.lokr_w2_b} if self.low_rank
               else {"lokr_w2": self.lokr_w2})
         return {"lokr_w1": self.lokr_w1, **w2, "alpha": self.alpha}
+
+
+def _problems(settings) -> list[str]:
+    return ["dora: DoRA applies to lora, locon and loha here, not lokr"] if settings.dora else []
+
+
+# Its size is set by its factor (LyCORIS' guidelines: full dimension, factor 4-8 for fidelity, higher for small
+# files): dim 10000 keeps every w2 whole, and conv_dim only switches the convolutions on. LoHa's rate.
+LOKR = NetworkType(
+    name="lokr", label="LoKr",
+    summary="The smallest files (a few MB at factor 16), or high fidelity at factor 4 to 8",
+    adapter=LoKr, suffixes=("lokr_w1",), file_kind="LoKr",
+    dora=False, convolutions=True, learning_rate=1e-3, max_dim=100_000, sized_by_factor=True,
+    network_args=lambda settings: {"factor": str(settings.lokr_factor)}, problems=_problems,
+    presets=by_family({
+        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 2.2, 16),
+        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 8.4, 8),
+        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 26.8, 8),
+        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 33.4, 4),
+    }, {
+        "small": Preset("Small: factor 16, the smallest files", 10000, 1, 0, 0, 17.6, 16),
+        "medium": Preset("Medium: factor 8, characters", 10000, 1, 0, 0, 69.1, 8),
+        "high": Preset("High: factor 8 with convolutions, styles", 10000, 1, 1, 1, 80.1, 8),
+        "highest": Preset("Highest fidelity: factor 4", 10000, 1, 0, 0, 276.0, 4),
+    }))

@@ -22,7 +22,7 @@ Who may call them: the routes are added the way the WebUI's own `Api.add_api_rou
 modules/api/api.py): with `--api-auth` every call needs those HTTP Basic credentials. Unlike the WebUI's own
 routes they also refuse everyone else while the WebUI is reachable from the network without `--api-auth`,
 except the tab's own page when it is behind `--gradio-auth` (its login cookie) or when an administrator
-allows it in Settings → LoHa training.
+allows it in Settings → LoRA training.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from .. import doctor
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
-from ..settings import PRESETS_BY_METHOD, SettingsError, TrainSettings
 from .. import hosts
+from ..methods import TYPES
+from ..settings import SettingsError, TrainSettings
 from . import actions
 
 PREFIX = "/lohatrain/v1"
@@ -156,13 +157,13 @@ def register(app: FastAPI, runner: JobRunner) -> None:
 
     def presets(method: str = "loha"):
         family = actions.loaded_family()
-        if method not in PRESETS_BY_METHOD:
-            return JSONResponse({"detail": [f"method must be one of {', '.join(PRESETS_BY_METHOD)}"]},
+        if method not in TYPES:
+            return JSONResponse({"detail": [f"method must be one of {', '.join(TYPES)}"]},
                                 status_code=422)
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
                       "conv_alpha": p.conv_alpha, "lokr_factor": p.factor, "file_mb": p.file_mb, "family": family,
                       "training_method": method}
-                for key, p in PRESETS_BY_METHOD[method][family].items()}
+                for key, p in TYPES[method].presets[family].items()}
 
     def preview():
         job = runner.job

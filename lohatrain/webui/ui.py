@@ -1,4 +1,4 @@
-"""The "LoHa training" tab, built with the host's Gradio (3.41), laid out like the original product.
+"""The "LoRA training" tab, built with the host's Gradio (3.41), laid out like the original product.
 
 The form maps one-to-one onto TrainSettings; Train starts a job in the shared JobRunner and returns at once.
 The live panel (progress bar, loss chart, preview) is drawn by javascript/lohatrain.js from the job's status,
@@ -24,13 +24,13 @@ from .. import doctor
 from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
-from ..methods import DORA_METHODS, LABELS as METHOD_LABELS
-from ..settings import (CUSTOM_PRESET, DTYPES, PRESETS_BY_METHOD, SCHEDULERS, TrainSettings, bucket_sides_for,
-                        check_file_name, presets_for)
+from ..methods import TYPES
+from ..settings import CUSTOM_PRESET, DTYPES, SCHEDULERS, TrainSettings, bucket_sides_for, check_file_name
 from .. import hosts
 from . import actions
 from .api import public_status
 
+METHOD_LABELS = {name: t.label for name, t in TYPES.items()}
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
 TAGGER_LABELS = {"deepbooru": "DeepBooru (booru tags)", "interrogator": "BLIP + CLIP interrogator (a sentence)"}
 EXISTING_LABELS = {"keep": "Keep them", "append": "Add the new tags to them", "overwrite": "Replace them"}
@@ -101,12 +101,12 @@ def _key_for(labels: dict, label):
 def preset_labels(family: str, method: str = "loha") -> dict[str, str]:
     """Preset key → dropdown label, with the file size on the family's full-size model."""
     labels = {key: f"{p.label} (~{p.file_mb:g} MB on {FAMILIES[family].label})"
-              for key, p in presets_for(method, family).items()}
+              for key, p in TYPES[method].presets[family].items()}
     return {**labels, CUSTOM_PRESET: CUSTOM_LABEL}
 
 
 def _preset_key(label):
-    for method in PRESETS_BY_METHOD:
+    for method in TYPES:
         for family in FAMILIES:
             key = _key_for(preset_labels(family, method), label)
             if key != label:
@@ -327,7 +327,7 @@ def caption_fields(caption_label):
 
 
 def preset_sizes(label, method_label):
-    p = presets_for(_key_for(METHOD_LABELS, method_label), actions.loaded_family()).get(_preset_key(label))
+    p = TYPES[_key_for(METHOD_LABELS, method_label)].presets[actions.loaded_family()].get(_preset_key(label))
     if p is None:
         return [gr.update()] * 5
     return [p.dim, p.alpha, p.conv_dim, p.conv_alpha, p.factor]
@@ -374,7 +374,7 @@ def default_values(family: str, method: str, fields: list[str]) -> list:
 def method_changed(method_label):
     """Another training method: its presets, sizes and learning rate; DoRA only where it applies."""
     method = _key_for(METHOD_LABELS, method_label)
-    dora = gr.update(interactive=True) if method in DORA_METHODS else gr.update(interactive=False, value=False)
+    dora = gr.update(interactive=True) if TYPES[method].dora else gr.update(interactive=False, value=False)
     return [dora] + default_values(actions.loaded_family(), method, METHOD_FIELDS)
 
 

@@ -140,7 +140,8 @@ class CLIP_SD_21_H(_ClipWrapper):
 
 def _sd2_clip_h(seed):
     """A tiny transformers CLIP the width of the tiny SD2's context (the checkpoint's clip_h, converted)."""
-    from lohatrain.demo import CLIP_VOCAB_SIZE, SD2_TEXT_WIDTH
+    from lohatrain.demo import SD2_TEXT_WIDTH
+    from lohatrain.text_encoders import CLIP_VOCAB_SIZE
 
     config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=SD2_TEXT_WIDTH, intermediate_size=96,
                             num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
@@ -158,7 +159,8 @@ def _sd2_clip_h(seed):
 @torch.no_grad()
 def load_model_for_a1111(kind="sd1", seed=0):
     """The tiny SD1 or SD 2.x (768-v) model as reForge loads a checkpoint; the UNet goes "directly to GPU"."""
-    from lohatrain.demo import build_tiny_sd1, build_tiny_sd2, clip_tokenizer
+    from lohatrain.demo import build_tiny_sd1, build_tiny_sd2
+    from lohatrain.text_encoders import clip_tokenizer
 
     sd_model = build_tiny_sd1(seed) if kind == "sd1" else build_tiny_sd2(seed)
     unet = ModelPatcher(BaseModel(sd_model.model.diffusion_model, sd_model.scale_factor), model_management.gpu,

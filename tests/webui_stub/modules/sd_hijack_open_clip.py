@@ -10,7 +10,7 @@ first end token (open_clip's padding; for bigG it also puts the pooled vector at
   host's CLIP-skip option does nothing here (the host has only a comment where it would set `layer_idx`).
 - SDXL bigG: `wrapped.encode_with_transformer(tokens)[wrapped.layer]` with the dict's "pooled" hung on it.
 The host tokenizes with open_clip's module-level `SimpleTokenizer`; open_clip cannot be imported here (it
-imports torchvision), so `tokenizer` below is the same CLIP BPE (lohatrain.demo.clip_tokenizer) with
+imports torchvision), so `tokenizer` below is the same CLIP BPE (lohatrain.text_encoders.clip_tokenizer) with
 open_clip's `encode()` / `encoder` names.
 Left out: textual inversion (`encode_embedding_init_text`, and the `EmbeddingsWithFixes` wrapper the host puts
 around `wrapped.model.token_embedding`), the `use_old_emphasis_implementation` assertion.
@@ -20,7 +20,7 @@ from modules import sd_hijack_clip
 
 class _SimpleTokenizer:
     def __init__(self):
-        from lohatrain.demo import clip_tokenizer
+        from lohatrain.text_encoders import clip_tokenizer
         self._bpe = clip_tokenizer()
         self.encoder = dict(self._bpe.get_vocab())
         self.encoder["<start_of_text>"] = self._bpe.bos_token_id
