@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from . import dataset as ds
-from .errors import LohatrainError
+from .errors import DatasetError, LohatrainError
 from .loop import LoopState
 from .output import STATE_SUFFIX, write_atomically
 from .settings import TrainSettings
@@ -145,7 +145,11 @@ def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
     """Per image: its path inside the dataset folder, size, modification time and caption."""
     entries = []
     for item in items:
-        st = os.stat(item.path)
+        try:
+            st = os.stat(item.path)
+        except OSError as e:
+            raise DatasetError(f"{item.path} cannot be read since the dataset was checked ({e.strerror}): put it "
+                                  "back, or check the dataset again") from None
         entries.append([Path(item.path).name, st.st_size, st.st_mtime_ns, item.caption])
     return sorted(entries)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STUBS = [REPO / "tests" / "webui_stub", REPO / "tests" / "forge_stub"]
+STUBS = [REPO / "tests" / "webui_stub", REPO / "tests" / "forge_stub", REPO / "tests" / "reforge_stub"]
 
 IMPORT_EVERY_MODULE = """
 import importlib, json, pkgutil, sys
@@ -49,10 +49,10 @@ def run_python(code: str, *path: Path) -> dict:
 
 
 def test_no_production_module_imports_the_demo_models():
-    result = run_python(IMPORT_EVERY_MODULE, *STUBS)
     """Every module of lohatrain but the demo's, the WebUI side and the hosts' adapters included."""
-    assert {"lohatrain.checkpoint", "lohatrain.model_configs", "lohatrain.trainer",
-            "lohatrain.__main__"} <= set(result["imported"])
+    result = run_python(IMPORT_EVERY_MODULE, *STUBS)
+    assert {"lohatrain.checkpoint", "lohatrain.model_configs", "lohatrain.trainer", "lohatrain.__main__",
+            "lohatrain.hosts.forge", "lohatrain.hosts.reforge", "lohatrain.webui.ui"} <= set(result["imported"])
     assert result["demo"] == []
 
 

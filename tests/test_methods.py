@@ -45,14 +45,14 @@ def test_every_registered_type_trains_its_declared_file_and_goes_on_from_it(tiny
     has the key suffixes the type is recognised by, a run of it starts from that file (to train it further),
     and every type whose files look different refuses the file naming what it is."""
     kind = methods.TYPES[method]
-    first = train(copy.deepcopy(tiny_model), type_settings(sample_dataset, tmp_path, method, False, steps=2,
-                                                           name="first"))
+    first = train(ldm_parts(copy.deepcopy(tiny_model)),
+                  type_settings(sample_dataset, tmp_path, method, False, steps=2, name="first"))
     saved = load_file(first.file)
     layers = group_keys(saved)
     assert layers and all(set(kind.suffixes) <= set(parts) for parts in layers.values())
-    more = train(copy.deepcopy(tiny_model), type_settings(sample_dataset, tmp_path, method, False, steps=1,
-                                                          name="more", init_from="first.safetensors",
-                                                          learning_rate=1e-9))
+    more = train(ldm_parts(copy.deepcopy(tiny_model)),
+                 type_settings(sample_dataset, tmp_path, method, False, steps=1, name="more",
+                               init_from="first.safetensors", learning_rate=1e-9))
     again = load_file(more.file)
     assert again.keys() == saved.keys()
     for key in saved:
