@@ -22,7 +22,7 @@ from lohatrain.errors import LohatrainError
 from lohatrain.network import LayerPlan, Network
 from lohatrain.trainer import train
 
-from test_engine import model_state, settings_for
+from runs import model_state, settings_for
 
 CPU_FP16 = compat.autocast_supports("cpu", torch.float16)
 

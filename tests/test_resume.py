@@ -27,11 +27,9 @@ from lohatrain.run_state import list_resumable, read_state
 from lohatrain.families import ldm_parts
 from lohatrain.trainer import Hooks, train
 
-from test_engine import settings_for
+from runs import EVERY_STREAM, family_model, settings_for
 
 REPO = Path(__file__).resolve().parent.parent
-EVERY_STREAM = dict(flip_aug=True, color_aug=True, shuffle_tags=True, text_encoder_lr=1e-3, lr_scheduler="cosine",
-                    lr_warmup_steps=1, noise_offset=0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -97,9 +95,7 @@ def test_an_error_keeps_the_last_whole_step_and_resumes_from_it(tiny_model, samp
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
-    from test_methods import _family_model
-
-    template = _family_model(family)
+    template = family_model(family)
     kw = dict(steps=4, text_encoder_lr=1e-3, flip_aug=True, conv_dim=2, conv_alpha=1)
     reference = train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "stopped", **kw), stopping_at(2))
@@ -213,9 +209,8 @@ def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(
         with pytest.raises(LohatrainError, match=message):
             train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                           init_from="yesterday.safetensors", **overrides))
-    from test_methods import _family_model
     with pytest.raises(LohatrainError, match="another model family"):
-        train(ldm_parts(_family_model("sdxl")), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+        train(ldm_parts(family_model("sdxl")), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                   init_from="yesterday.safetensors"))
     assert not (tmp_path / "x.safetensors").exists()
 

@@ -13,10 +13,9 @@ from playwright.sync_api import expect
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 from modules import shared
 
-from test_engine import model_state
-
-TIMEOUT = 180_000  # ms; a bound on waiting for a state, never a timing
-
+from page import (TIMEOUT, fill, fill_small_run, finished, open_accordion, run_body, train_then_interrupt,
+                  wait_for_card_refresh, wait_until)
+from runs import model_state
 
 @pytest.fixture
 def page(webui_server, browser):
@@ -26,31 +25,6 @@ def page(webui_server, browser):
     expect(page.locator("#lohatrain_train")).to_be_visible()
     yield page
     page.close()
-
-
-def fill(page, elem_id: str, value) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number]").first.fill(str(value))
-
-
-def open_accordion(page, title: str) -> None:
-    page.get_by_text(title, exact=True).click()
-
-
-def fill_small_run(page, ui, name: str, steps: int) -> None:
-    fill(page, "lohatrain_name", name)
-    fill(page, "lohatrain_dataset", ui.root / "dataset")
-    page.locator("#lohatrain_caption_mode label", has_text="TXT captions").click()
-    fill(page, "lohatrain_resolution", 64)
-    fill(page, "lohatrain_steps", steps)
-    fill(page, "lohatrain_batch_size", 2)
-    page.locator("#lohatrain_preset input").click()
-    page.locator("ul.options li", has_text="Small").first.click()
-    open_accordion(page, "Developer options")
-    page.locator("#lohatrain_train_dtype label", has_text="fp32").click()
-    fill(page, "lohatrain_bucket_min", 64)
-    fill(page, "lohatrain_bucket_max", 128)
-    page.get_by_label("Gradient checkpointing").uncheck()
-    page.get_by_label("Overwrite an existing file").check()
 
 
 def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_server, tmp_path):
@@ -96,26 +70,6 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
     # the tag and the card's activation text: the first tag most captions share
     expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>, black triangle")
-
-
-def wait_for_card_refresh(page, refreshes: int) -> None:
-    """The Lora cards were told to read the folder again since `refreshes` were counted (a bounded wait)."""
-    for _ in range(TIMEOUT // 50):
-        if len(webui_app.CARD_REFRESHES) > refreshes:
-            break
-        page.wait_for_timeout(50)
-    assert len(webui_app.CARD_REFRESHES) > refreshes
-
-
-def train_then_interrupt(page, ui, name: str, steps: int) -> None:
-    """Train from the tab, press Interrupt once two steps are shown, and wait for the run to say so."""
-    fill_small_run(page, ui, name, steps=steps)
-    page.locator("#lohatrain_train").click()
-    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
-        re.compile(rf"step ([2-9]|\d\d+)/{steps}"), timeout=TIMEOUT)
-    page.locator("#lohatrain_interrupt").click()
-    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
-        "data-state", "interrupted", timeout=TIMEOUT)
 
 
 def test_interrupt_button_stops_within_a_step(page, webui_server):
@@ -318,7 +272,6 @@ def test_the_panel_follows_the_job_it_started_not_the_last_one(page, webui_serve
 
     from lohatrain.webui import ui as tab
 
-    from test_webui_api import finished, run_body, wait_until
 
     httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(webui_server, "earlier", steps=1))
     assert wait_until(webui_server, finished)["state"] == "done"

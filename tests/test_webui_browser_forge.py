@@ -23,10 +23,9 @@ from safetensors import safe_open  # noqa: E402
 import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
-from test_forge import forge_state  # noqa: E402
-from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
-from test_webui_browser import (TIMEOUT, fill, fill_small_run, open_accordion, train_then_interrupt,  # noqa: E402
-                                wait_for_card_refresh)
+from forge_env import forge_state  # noqa: E402
+from page import (TIMEOUT, fill, fill_small_run, finished, open_accordion, rest_behind_gradio_auth, run_body,  # noqa: E402
+                  train_then_interrupt, wait_for_card_refresh, wait_until)
 
 
 @pytest.fixture(scope="module")

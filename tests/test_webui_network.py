@@ -19,8 +19,8 @@ from modules import shared
 import lohatrain.demo
 from lohatrain.webui import ui
 
-from test_engine import model_state
-from test_webui_api import finished, run_body, wait_until
+from page import finished, run_body, wait_until
+from runs import model_state
 
 ROUTES = [("POST", "train"), ("GET", "status"), ("POST", "interrupt"), ("GET", "presets"), ("GET", "preview")]
 

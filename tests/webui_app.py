@@ -9,7 +9,7 @@ As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_st
 package (tests/forge_host_stub) on sys.path, so lohatrain picks its Forge adapter; `shared.sd_model` is the
 stand-in's engine (Forge's `forge_loader`) for the listed checkpoint, and `sd_models.forge_model_reload` returns it
 (the chosen checkpoint is loaded); txt2img (previews, the grid) is Forge's and `networks` is Forge's Lora extension
-(tests/test_forge.py's install_forge_txt2img). Forge keeps the rest of the `modules` API, so the WebUI stand-in
+(tests/forge_env.py's install_forge_txt2img). Forge keeps the rest of the `modules` API, so the WebUI stand-in
 serves it.
 
 Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py [--forge]  (prints the URL)
@@ -93,7 +93,7 @@ def _load_forge_model(info) -> None:
     import torch
     from backend import memory_management
     from backend.loader import forge_loader
-    from test_forge import install_forge_txt2img
+    from forge_env import install_forge_txt2img
 
     engine = forge_loader("sd1")
     engine.sd_checkpoint_info, engine.filename = info, info.filename
