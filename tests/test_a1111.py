@@ -114,7 +114,7 @@ def test_run_training_on_the_loaded_model_leaves_it_exactly_as_found(family, web
     before = model_state(model)
     wrappers = list(model.conditioner.embedders) if family == "sdxl" else [model.cond_stage_model]
     settings = settings_for(sample_dataset, webui / "unused", name=f"{family}_job", steps=2, text_encoder_lr=1e-3,
-                            conv_dim=2, conv_alpha=1, preview_every_steps=2, clip_skip=2)
+                            conv_dim=2, conv_alpha=1, preview_every_steps=2, preview_steps=3, clip_skip=2)
     shared.opts.sdxl_clip_l_skip = family == "sdxl"  # Settings → "Clip skip SDXL"
     try:
         result, job = run_job(settings)

@@ -161,21 +161,38 @@ def test_before_forge_loads_the_checkpoint_the_tab_says_so_and_the_job_loads_it(
     assert actions.run_training(Job("lazy", prepared)).status == "done"
 
 
-@pytest.mark.parametrize("packages,kind", [(("modules_forge", "backend", "backend/diffusion_engine"), "forge"),
-                                            (("modules_forge", "ldm_patched"), "reforge"), ((), "a1111")])
-def test_the_host_is_told_apart_at_start_up(tmp_path, packages, kind):
+# Each WebUI folder in turn first on sys.path, as the WebUI's own folder is, in one fresh Python.
+TELL_APART = """
+import importlib, sys
+from lohatrain.hosts import kind
+found = []
+for root in sys.argv[1:]:
+    sys.path.insert(0, root)
+    importlib.invalidate_caches()
+    found.append(kind())
+    sys.path.remove(root)
+    for name in [n for n in sys.modules if n.split(".")[0] in ("modules_forge", "backend", "ldm_patched")]:
+        del sys.modules[name]
+print(" ".join(found))
+"""
+
+
+def test_the_host_is_told_apart_at_start_up(tmp_path):
     """Forge 2 has modules_forge and its own backend, reForge's main modules_forge on Forge's first backend
     (ldm_patched), A1111 neither: each gets its own host."""
     import subprocess
 
-    root = tmp_path / "webui"
-    for package in packages:
-        (root / package).mkdir(parents=True)
-        (root / package / "__init__.py").touch()
-    env = {"PYTHONPATH": f"{root}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
-    found = subprocess.run([sys.executable, "-c", "from lohatrain.hosts import kind; print(kind())"], env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    assert found == kind
+    layouts = {"forge": ("modules_forge", "backend", "backend/diffusion_engine"),
+               "reforge": ("modules_forge", "ldm_patched"), "a1111": ()}
+    for kind, packages in layouts.items():
+        (tmp_path / kind).mkdir()
+        for package in packages:
+            (tmp_path / kind / package).mkdir(parents=True)
+            (tmp_path / kind / package / "__init__.py").touch()
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}
+    found = subprocess.run([sys.executable, "-c", TELL_APART, *(str(tmp_path / k) for k in layouts)], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert found == list(layouts)
 
 
 def test_the_tab_says_what_forge_cannot_do(forge_host):

@@ -250,6 +250,7 @@ def test_with_an_sdxl_checkpoint_loaded_the_tab_switches_defaults_and_trains_it(
         open_accordion(page, "Previews")
         fill(page, "lohatrain_preview_every", 4)
         fill(page, "lohatrain_preview_prompt", "blue circle")
+        fill(page, "lohatrain_preview_steps", 3)
         page.locator("#lohatrain_train").click()
         expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done",
                                                                                    timeout=TIMEOUT)

@@ -107,7 +107,7 @@ def test_the_exposure_settings_cannot_be_changed_through_the_webuis_options_api(
 def test_the_tabs_panel_status_holds_no_server_path(webui_server, flags):
     flags()
     httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(
-        webui_server, "panel", steps=2, preview_every_steps=1, preview_prompts=["blue circle"]))
+        webui_server, "panel", steps=2, preview_every_steps=1, preview_steps=2, preview_prompts=["blue circle"]))
     assert wait_until(webui_server, finished)["state"] == "done"
     text, sent = ui.poll_status(lohatrain.webui.runner(), None)
     data = json.loads(text)
