@@ -122,8 +122,11 @@ def _message(text: str, kind: str = "info") -> str:
     return f'<div class="lohatrain-message lohatrain-{kind}">{lines}</div>'
 
 
-# The keyword of an event's front-end code: `_js` in Gradio 3 (A1111, reForge main), `js` in Gradio 4 (Forge 2).
-_JS = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+# Gradio 3 (A1111, reForge main) and Gradio 4 (Forge 2) name a few event arguments differently.
+_GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
+_JS = "js" if _GRADIO_4 else "_js"  # the keyword of an event's front-end code
+# Gradio 4's way for a change event: one made while the last is answered runs after it (Gradio 3 has no choice)
+_LIKE_CHANGE = {"trigger_mode": "always_last"} if _GRADIO_4 else {}
 
 
 def _model_markdown() -> str:
@@ -842,8 +845,11 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     """The events between panels."""
     form, message = t.fields(FIELDS), t.run.message
     thumbs = [t.gallery.thumbs, t.gallery.shown_files]
-    t.network.network_preset.change(preset_sizes, [t.network.network_preset, t.method.training_method],
-                                    t.fields(SIZE_FIELDS))
+    # The user's pick only: what else sets the preset (the type, a checkpoint, saved settings) sets the sizes too.
+    # On `change`, the type's own preset update started this event, and Gradio drops a new one while it is
+    # pending: a preset picked right after the type kept the sizes of the type's default preset.
+    t.network.network_preset.input(preset_sizes, [t.network.network_preset, t.method.training_method],
+                                   t.fields(SIZE_FIELDS), **_LIKE_CHANGE)
     t.method.training_method.change(method_changed, [t.method.training_method],
                                     [t.method.dora, *t.fields(METHOD_FIELDS)])
     t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method],
