@@ -308,3 +308,21 @@ def test_the_command_line_takes_targets_and_block_weights(sample_dataset, tmp_pa
     assert json.loads(meta["ss_network_args"])["preset"] == "attn-only"
     assert json.loads(meta["ss_network_args"])["up_lr_weight"] == "sine"
     assert keys and all(re.search(r"_attn[12]_(to_[qkv]|to_out_0)$", k.split(".")[0]) for k in keys)
+
+
+def test_rest_refuses_a_bad_target_or_block_weight_with_422(webui_server):
+    """Each bad value named in the 422's list; weights for more blocks than the loaded model (SD 1.x) has are
+    refused before a job starts."""
+    import httpx
+    from test_webui_api import run_body
+
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(
+        ui, "bad-targets", network_targets="all", down_lr_weight="-1", mid_lr_weight="sine"))
+    assert r.status_code == 422
+    assert [p.split(":")[0].split()[0] for p in r.json()["detail"]] == ["network_targets", "down_lr_weight",
+                                                                       "mid_lr_weight"]
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-many", up_lr_weight=",".join(["1"] * 13)))
+    assert r.status_code == 422 and r.json()["detail"] == [
+        "up_lr_weight: 13 weights given, this model has 12 such blocks (SD 1.x: 12 down, 1 middle and 12 up blocks)"]
+    assert not list(ui.lora_dir.glob("bad-targets*")) and not list(ui.lora_dir.glob("too-many*"))
