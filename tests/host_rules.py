@@ -4,9 +4,9 @@ files from the loader's side. The ΔW formulas are the published ones (LoRA, LoH
 product, DoRA's W' = m · (W + ΔW) / ‖W + ΔW‖ with the norm per input channel, the axis the WebUI uses).
 
 Written from the host's rules, not from lohatrain's code: diffusers names are converted to ldm names
-(assuming SD1's 2 res blocks per level; conv_in, conv_out and the time embedding's two Linears by name), then looked up among `model.model` and the text encoder's modules
-with dots turned into underscores; an ldm-named UNet key matches by the `lora_unet` → `diffusion_model`
-fallback.
+(assuming SD1's 2 res blocks per level; conv_in, conv_out and the time embedding's two Linears by name), then
+looked up among `model.model` and the text encoder's modules with dots turned into underscores; an ldm-named UNet
+key matches by the `lora_unet` → `diffusion_model` fallback.
 
 SD2 (the host decides it by a `model_transformer_resblocks` entry in that module map, i.e. an OpenCLIP text
 encoder): `lora_te_…_layers_N_<rest>` becomes `model_transformer_resblocks_N_<rest>` with `self_attn` →

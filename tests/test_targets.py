@@ -216,9 +216,10 @@ def test_block_weights_scale_the_learning_rate_of_exactly_their_blocks(family, t
                 assert lr_of[id(p)] == pytest.approx(expected, rel=1e-12), plan.key
     assert sum(p.numel() for p in network.parameters() if id(p) not in lr_of) > 0  # input block 1's are left out
 
-    plain = param_groups(Network(plans, seed=0, method="locon"), dataclasses.replace(settings, **dict.fromkeys(given, "")),
-                         parts.family)  # no weights: one UNet group at its rate, as before block weights existed
+    fresh = Network(plans, seed=0, method="locon")  # no weights: one UNet group at its rate, as before they existed
+    plain = param_groups(fresh, dataclasses.replace(settings, **dict.fromkeys(given, "")), parts.family)
     assert [sorted(g) for g in plain] == [["lr", "params"]] * 2 and plain[0]["lr"] == settings.learning_rate
+    assert [id(p) for p in plain[0]["params"]] == [id(p) for p in fresh.parameters_of(text_encoder=False)]
 
 
 def test_a_block_of_weight_0_keeps_its_start_values_and_resumes_exactly(tiny_model, sample_dataset, tmp_path,

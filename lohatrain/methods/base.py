@@ -97,7 +97,8 @@ class NetworkType:
         `dora_wd` and `wd_on_output` "False": our `dora_scale` is per input channel (the WebUI's axis), LyCORIS'
         default is per output. kohya's block learning-rate weights are written as given, when set."""
         args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)} if settings.conv_dim else {}
-        args.update({name: getattr(settings, name) for name in BLOCK_WEIGHTS if getattr(settings, name).strip()})
+        weights = {name: getattr(settings, name).strip() for name in BLOCK_WEIGHTS}
+        args.update({name: value for name, value in weights.items() if value})
         if settings.block_lr_zero_threshold:
             args["block_lr_zero_threshold"] = str(settings.block_lr_zero_threshold)
         targets = settings.network_targets
