@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import LohatrainError
 from .methods import TYPES
-from .settings import TrainSettings, check_file_name
+from .settings import WRITTEN_WHEN_SET, TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_SUFFIX = ".lohatrain-state"  # a run's resumable state (lohatrain.run_state); not a Lora file
@@ -141,10 +141,12 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
 
 
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:
-    """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder name."""
+    """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder name; the
+    settings of WRITTEN_WHEN_SET only when set."""
+    defaults = TrainSettings()
     data = {**settings.to_dict(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
     del data["output_dir"]
-    return data
+    return {k: v for k, v in data.items() if k not in WRITTEN_WHEN_SET or v != getattr(defaults, k)}
 
 
 def safetensors_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import LohatrainError
 from .methods import TYPES, NetworkType
+from .targets import BLOCK_WEIGHTS, DEFAULT_TARGETS, TARGETS, weights_problem
 
 CAPTION_MODES = ("none", "phrase", "txt")
 DTYPES = ("fp16", "bf16", "fp32")
@@ -110,6 +111,12 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # --- network targets and block learning-rate weights (issue 21; lohatrain.targets) ---
+    network_targets: str = DEFAULT_TARGETS  # attn-only, attn-mlp or full (LyCORIS' preset names)
+    down_lr_weight: str = ""  # kohya's block weights: "" = off, a comma list or a curve (sine, cosine, ...)
+    mid_lr_weight: str = ""
+    up_lr_weight: str = ""
+    block_lr_zero_threshold: float = 0.0  # block weights at or below it become 0 (that block is not trained)
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -238,6 +245,10 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        if self.network_targets not in TARGETS:
+            p.append(f"network_targets must be one of {', '.join(TARGETS)}, not {self.network_targets!r}")
+        p += [problem for name in BLOCK_WEIGHTS if (problem := weights_problem(name, getattr(self, name)))]
+        _float_range(p, "block_lr_zero_threshold", self.block_lr_zero_threshold, 0, 1000)
         return p
 
     def validate(self) -> None:
@@ -309,7 +320,19 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "network_targets": "what is adapted: attn-only (attention projections), attn-mlp (attention blocks whole; with "
+                       "conv_dim > 0 also ResBlocks and samplers) or full (also conv_in, conv_out, the time and SDXL "
+                       "label embeddings; 3x3 convolutions only with conv_dim > 0), as LyCORIS' presets",
+    "down_lr_weight": "kohya's learning-rate weights of the down blocks (input_blocks 0-11, SDXL 0-8): comma-separated "
+                      "(empty = 0, missing = 1) or a curve: sine, cosine, linear, reverse_linear, zeros, with +base",
+    "mid_lr_weight": "kohya's learning-rate weight of the middle block (SDXL: 3, comma-separated)",
+    "up_lr_weight": "kohya's learning-rate weights of the up blocks (output_blocks 0-11, SDXL 0-8), as down_lr_weight",
+    "block_lr_zero_threshold": "block weights at or below this become 0: that block is not trained",
 }
+
+# Settings added after files were first shared: a file's `lohatrain_settings` names them only when they differ from
+# their default, so a default run's file stays byte for byte what it was before they existed.
+WRITTEN_WHEN_SET = ("network_targets", *BLOCK_WEIGHTS, "block_lr_zero_threshold")
 
 
 def _type_problems(data: dict) -> list[str]:
