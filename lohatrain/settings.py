@@ -19,6 +19,9 @@ from .methods import TYPES, NetworkType
 CAPTION_MODES = ("none", "phrase", "txt")
 DTYPES = ("fp16", "bf16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # kohya sd-scripts' loss_type
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's huber_schedule
+TIMESTEPS = 1000  # every SD family's noise schedule
 DEFAULT_METHOD = "loha"
 
 
@@ -50,6 +53,11 @@ CUSTOM_PRESET = "custom"
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+# A setting added after files were first shared: a file's `lohatrain_settings` leaves it out while it is at its
+# default, so a run with it off writes the same file as before it existed.
+RECORDED_WHEN_SET = {"recorded_when_set": True}
 
 
 class SettingsError(LohatrainError):
@@ -110,6 +118,19 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # Masked loss, loss and noise (issue 21), by kohya sd-scripts' names and defaults; all off by default, and
+    # recorded in a file's lohatrain_settings only when set (RECORDED_WHEN_SET)
+    masked_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    multires_noise_iterations: int = field(default=0, metadata=RECORDED_WHEN_SET)  # 0 = off
+    multires_noise_discount: float = field(default=0.3, metadata=RECORDED_WHEN_SET)
+    ip_noise_gamma: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # 0 = off
+    debiased_estimation_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    loss_type: str = field(default="l2", metadata=RECORDED_WHEN_SET)
+    huber_schedule: str = field(default="snr", metadata=RECORDED_WHEN_SET)
+    huber_c: float = field(default=0.1, metadata=RECORDED_WHEN_SET)
+    huber_scale: float = field(default=1.0, metadata=RECORDED_WHEN_SET)
+    min_timestep: int = field(default=0, metadata=RECORDED_WHEN_SET)
+    max_timestep: int = field(default=TIMESTEPS, metadata=RECORDED_WHEN_SET)
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -157,6 +178,11 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """`to_dict` less the RECORDED_WHEN_SET settings left at their defaults: what a file's metadata records."""
+        return {k: v for f, (k, v) in zip(dataclasses.fields(self), self.to_dict().items())
+                if not (f.metadata.get("recorded_when_set") and v == f.default)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -238,6 +264,23 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        return p + self._loss_and_noise_problems()
+
+    def _loss_and_noise_problems(self) -> list[str]:
+        p = []  # the types are checked already (_type_problems)
+        _int_range(p, "multires_noise_iterations", self.multires_noise_iterations, 0, 100)
+        _float_range(p, "multires_noise_discount", self.multires_noise_discount, 0, 1, low_open=True)
+        _float_range(p, "ip_noise_gamma", self.ip_noise_gamma, 0, 1)
+        if self.loss_type not in LOSS_TYPES:
+            p.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            p.append(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, not {self.huber_schedule!r}")
+        _float_range(p, "huber_c", self.huber_c, 0, 1, low_open=True)
+        _float_range(p, "huber_scale", self.huber_scale, 0, 100, low_open=True)
+        _int_range(p, "min_timestep", self.min_timestep, 0, TIMESTEPS - 1)
+        _int_range(p, "max_timestep", self.max_timestep, 1, TIMESTEPS)
+        if _is_int(self.min_timestep) and _is_int(self.max_timestep) and self.min_timestep >= self.max_timestep:
+            p.append(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
         return p
 
     def validate(self) -> None:
@@ -309,6 +352,18 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "masked_loss": "weight the loss by each image's mask, its alpha channel or a <name>.mask.png beside it (white "
+                   "trains, black does not)",
+    "multires_noise_iterations": "multires (pyramid) noise levels, 0 = off (6 to 10 is usual)",
+    "multires_noise_discount": "multires noise: each coarser level's strength relative to the one before",
+    "ip_noise_gamma": "input-perturbation noise strength, 0 = off (0.1 is usual)",
+    "debiased_estimation_loss": "weight each step's loss by 1/sqrt(SNR) (debiased estimation)",
+    "loss_type": f"loss: {', '.join(LOSS_TYPES)}",
+    "huber_schedule": f"huber and smooth_l1: how huber_c changes with the timestep: {', '.join(HUBER_SCHEDULES)}",
+    "huber_c": "huber and smooth_l1: the threshold between quadratic and linear loss",
+    "huber_scale": "huber and smooth_l1: a factor on huber_c (constant and exponential schedules)",
+    "min_timestep": "the lowest timestep trained (0 to 999)",
+    "max_timestep": f"the timestep trained up to, not included (1 to {TIMESTEPS})",
 }
 
 
