@@ -135,7 +135,8 @@ class SavedRun:
                              ("edited", sorted(n for n in set(now) & set(then) if now[n][1:3] != then[n][1:3])),
                              ("with another caption", sorted(n for n in set(now) & set(then)
                                                              if now[n][3] != then[n][3])),
-                             ("with another mask", sorted(n for n in set(now) & set(then) if now[n][4:] != then[n][4:]))):
+                             ("with another mask", sorted(n for n in set(now) & set(then)
+                                                          if now[n][4:] != then[n][4:]))):
             if names:
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                 found.append(f"images {label}: {shown}")
