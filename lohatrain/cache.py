@@ -71,21 +71,21 @@ def cache_latents(parts: ModelParts, items, bucket_of, needed: set[int], setting
             latent = encode(parts, pixels[None], device, seed + 2 * index)
             flipped = (encode(parts, ds.flip(pixels)[None], device, seed + 2 * index + 1)
                        if settings.flip_aug else None)
-        mask = latent_mask(item, bucket, latent.shape[-2:]).to(latent.device) if settings.masked_loss else None
+        mask = latent_mask(item, bucket, latent.shape[-2:], latent.device) if settings.masked_loss else None
         samples[index] = Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
                                 (image.height, image.width, top, left, *target),
                                 (image.height, image.width, top, resized_w - left - bucket[0], *target), mask)
     return samples
 
 
-def latent_mask(item: ds.ImageItem, bucket, latent_size) -> torch.Tensor | None:
+def latent_mask(item: ds.ImageItem, bucket, latent_size, device="cpu") -> torch.Tensor | None:
     """An image's mask resized and cropped as its pixels are, then averaged over each latent pixel's area (kohya's
     apply_masked_loss, done once here rather than every step); None for an image without a mask."""
     mask = ds.load_mask(item)
     if mask is None:
         return None
     pixels = ds.prepare_mask(mask, bucket)
-    return F.interpolate(pixels[None, None], size=tuple(latent_size), mode="area")
+    return F.interpolate(pixels[None, None], size=tuple(latent_size), mode="area").to(device)
 
 
 def cache_conditioning(encode_prompts, captions: list[str], autocast) -> dict[str, object]:

@@ -96,12 +96,11 @@ def step(setup: Setup, loop: LoopState) -> None:
     shape = (len(indexes), *latents.shape[1:])
     noise = draw_noise(settings, loop.noise_gen, shape)[share].to(device)
     timesteps = draw_timesteps(settings, len(setup.alphas_cumprod), len(indexes), loop.noise_gen)[share].to(device)
-    input_noise = noise
-    if settings.ip_noise_gamma:  # input perturbation: the model sees more noise than it is asked to predict
-        input_noise = noise + settings.ip_noise_gamma * torch.randn(shape, generator=loop.noise_gen)[share].to(device)
+    perturbation = None
+    if settings.ip_noise_gamma:
+        perturbation = settings.ip_noise_gamma * torch.randn(shape, generator=loop.noise_gen)[share].to(device)
     ac = setup.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * input_noise
-    target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if setup.parts.v_prediction else noise
+    noisy, target = noisy_and_target(latents, noise, ac, setup.parts.v_prediction, perturbation)
 
     with setup.autocast():
         prediction = setup.predict(noisy, timesteps, cond)
@@ -187,6 +186,16 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, gen: to
 def draw_timesteps(settings: TrainSettings, schedule_length: int, count: int, gen: torch.Generator) -> torch.Tensor:
     """Uniform over [min_timestep, max_timestep): by default the whole schedule."""
     return torch.randint(settings.min_timestep, min(settings.max_timestep, schedule_length), (count,), generator=gen)
+
+
+def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor, v_prediction: bool,
+                     perturbation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process, √ᾱ·x₀ + √(1 - ᾱ)·ε, and what the model is to predict: ε, or v = √ᾱ·ε - √(1 - ᾱ)·x₀.
+    Input perturbation (Ning et al. 2023, kohya's ip_noise_gamma) noises the input with ε + γ·ε′ and keeps ε in
+    the target."""
+    seen = noise if perturbation is None else noise + perturbation
+    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * seen
+    return noisy, ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
 
 
 def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, settings: TrainSettings,
