@@ -144,14 +144,15 @@ def batch_latents(setup: Setup, batch: list[Sample], augmentations: list["Augmen
     latents, sizes, masks = [], [], []
     for s, aug in zip(batch, augmentations):
         sizes.append(s.sizes_flipped if aug.flip else s.sizes)
-        masks.append(s.loss_mask(aug.flip))
+        if setup.settings.masked_loss:
+            masks.append(s.loss_mask(aug.flip))
         if aug.color:
             pixels = ds.change_colors(ds.flip(s.pixels) if aug.flip else s.pixels, *aug.color)
             with torch.no_grad(), setup.autocast():
                 latents.append(encode(setup.parts, pixels[None], setup.device, aug.vae_seed))
         else:
             latents.append(s.latent_flipped if aug.flip else s.latent)
-    return torch.cat(latents), sizes, torch.cat(masks) if setup.settings.masked_loss else None
+    return torch.cat(latents), sizes, torch.cat(masks) if masks else None
 
 
 # --- noise, timesteps and loss (kohya sd-scripts' options, by its names: library/train_util.py and

@@ -279,7 +279,7 @@ class TrainSettings:
         _float_range(p, "huber_scale", self.huber_scale, 0, 100, low_open=True)
         _int_range(p, "min_timestep", self.min_timestep, 0, TIMESTEPS - 1)
         _int_range(p, "max_timestep", self.max_timestep, 1, TIMESTEPS)
-        if _is_int(self.min_timestep) and _is_int(self.max_timestep) and self.min_timestep >= self.max_timestep:
+        if self.min_timestep >= self.max_timestep:
             p.append(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
         return p
 
