@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg is photo's mask (masked loss), not a training image
 CAPTION_MODES = ("none", "phrase", "txt")
 
 Bucket = tuple[int, int]  # (width, height) in pixels
@@ -37,6 +38,7 @@ class ImageItem:
     caption: str
     width: int
     height: int
+    mask: Path | None = None  # masked loss: its mask file, or the image itself (its alpha channel); None: no mask
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -44,24 +46,33 @@ def load_image(path: str | Path) -> Image.Image:
 
     Decoding everything (not just the header) is what catches truncated downloads before training starts.
     """
+    return to_rgb(decode_image(path))
+
+
+def decode_image(path: str | Path) -> Image.Image:
+    """The image fully decoded and upright, as stored (any mode)."""
     path = Path(path)
     try:
         with Image.open(path) as opened:
             opened.load()
-            img = ImageOps.exif_transpose(opened)
+            return ImageOps.exif_transpose(opened)
     except _DECODE_ERRORS as exc:
         raise DatasetError(
             f"{path} cannot be read as an image ({exc}). Re-save it as PNG or JPEG, or remove it from the "
             "dataset folder."
         ) from exc
-    return _to_rgb(img)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _has_alpha(img: Image.Image) -> bool:
+    """Pillow 10.1's `has_transparency_data`, spelled out: the WebUI pins Pillow 9.5."""
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, with transparency flattened onto white (what the VAE sees, masked loss or not)."""
     if img.mode in _SIXTEEN_BIT_MODES:
         img = _sixteen_bit_to_grey(img)
-    # Pillow 10.1's `has_transparency_data`, spelled out: the WebUI pins Pillow 9.5.
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+    if _has_alpha(img):
         # Transparent pixels keep whatever colour the editor left there (often black); white is what people see.
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
@@ -75,14 +86,16 @@ def _sixteen_bit_to_grey(img: Image.Image) -> Image.Image:
 
 
 def scan_dataset(
-    folder: str | Path, caption_mode: str, caption_phrase: str = "", caption_ext: str = ".txt"
+    folder: str | Path, caption_mode: str, caption_phrase: str = "", caption_ext: str = ".txt",
+    masked_loss: bool = False,
 ) -> list[ImageItem]:
     """List the images directly in `folder` with their captions, sorted by file name so runs are repeatable.
 
     caption_mode: "none" (empty captions), "phrase" (`caption_phrase` for every image) or "txt" (the text file
     named like the image with `caption_ext`). Every image is decoded once here, and all problems (missing
     captions, unreadable captions, broken images) are reported together so the user can fix them in one go.
-    Hidden files (names starting with ".", e.g. macOS "._photo.jpg" leftovers) are ignored.
+    Hidden files (names starting with ".", e.g. macOS "._photo.jpg" leftovers) are ignored. With `masked_loss`
+    each image's mask is found (`mask_source`) and checked: it must open and be the size of its image.
     """
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, not {caption_mode!r}")
@@ -106,25 +119,77 @@ def scan_dataset(
 
     items: list[ImageItem] = []
     broken: list[str] = []
+    bad_masks: list[str] = []
     for image_path, caption in zip(image_paths, captions):
         try:
-            with load_image(image_path) as img:
-                items.append(ImageItem(image_path, caption, img.width, img.height))
+            with decode_image(image_path) as img:
+                mask = mask_source(image_path, files, img) if masked_loss else None
+                items.append(ImageItem(image_path, caption, img.width, img.height, mask))
         except DatasetError:
             broken.append(image_path.name)
+            continue
+        problem = check_mask(items[-1])
+        if problem:
+            bad_masks.append(problem)
 
     if broken:
         problems.append(f"{len(broken)} image(s) cannot be read (damaged, incomplete, or not really an image): "
                         f"{_name_list(broken)}. Re-save them as PNG or JPEG, or remove them from the dataset folder.")
+    if bad_masks:
+        problems.append(f"{len(bad_masks)} mask(s) cannot be used: {_name_list(bad_masks)}. A mask must be a "
+                        "PNG of the same size as its image (white trains, black does not).")
+    if masked_loss and items and not any(item.mask for item in items):
+        problems.append(f"masked_loss is on but no image has a mask: give the images a transparent background "
+                        f"(an alpha channel) or a black-and-white mask beside each (photo{MASK_SUFFIX} for "
+                        "photo.png, white = train), or turn masked_loss off.")
     if problems:
         raise DatasetError(f"The dataset folder {given} needs fixing:\n" + "\n".join(problems))
     return items
 
 
 def list_folder(folder: Path) -> tuple[dict[str, Path], list[Path]]:
-    """The folder's files by name (hidden ones left out, e.g. macOS "._photo.jpg") and its images by name."""
+    """The folder's files by name (hidden ones left out, e.g. macOS "._photo.jpg") and its images by name; an
+    image's mask (photo.mask.png beside photo.png) is not an image of its own."""
     files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-    return files, sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    images = [p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {p.stem.lower() for p in images}
+    return files, sorted((p for p in images if not (p.name.lower().endswith(MASK_SUFFIX)
+                                                    and p.name[:-len(MASK_SUFFIX)].lower() in stems)),
+                         key=lambda p: p.name)
+
+
+def mask_file(image_path: Path, files: dict[str, Path]) -> Path | None:
+    """The mask file beside an image (photo.mask.png for photo.jpg), found as `caption_file` finds captions."""
+    name = image_path.stem + MASK_SUFFIX
+    return files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+
+
+def mask_source(image_path: Path, files: dict[str, Path], image: Image.Image) -> Path | None:
+    """Where an image's mask comes from (kohya's masked loss): its mask file, else its own alpha channel (the
+    image's path), else nowhere: the whole image trains."""
+    return mask_file(image_path, files) or (image_path if _has_alpha(image) else None)
+
+
+def check_mask(item: ImageItem) -> str | None:
+    """Why an image's mask file cannot be used (it does not open, or it is not the image's size), or None."""
+    if item.mask is None or item.mask == item.path:
+        return None
+    try:
+        with decode_image(item.mask) as mask:
+            size = mask.size
+    except DatasetError:
+        return f"{item.mask.name} does not open as an image"
+    if size != (item.width, item.height):
+        return f"{item.mask.name} is {size[0]}x{size[1]} but {item.path.name} is {item.width}x{item.height}"
+    return None
+
+
+def load_mask(item: ImageItem) -> Image.Image | None:
+    """An image's mask in grey levels (L: 255 trains fully, 0 not at all), or None for an image without one."""
+    if item.mask is None:
+        return None
+    with decode_image(item.mask) as img:
+        return img.convert("RGBA").getchannel("A") if item.mask == item.path else img.convert("L")
 
 
 def caption_file(image_path: Path, files: dict[str, Path], caption_ext: str) -> Path | None:
@@ -274,14 +339,26 @@ def prepare_image(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, tuple
     """
     if img.mode != "RGB":
         raise ValueError(f"prepare_image needs an RGB image (use load_image), got mode {img.mode}")
+    img, (top, left) = _cover_and_crop(img, bucket)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1).contiguous(), (top, left)
+
+
+def prepare_mask(mask: Image.Image, bucket: Bucket) -> torch.Tensor:
+    """A mask (load_mask) resized and cropped exactly as its image (prepare_image): a (height, width) tensor in
+    [0, 1]."""
+    mask, _ = _cover_and_crop(mask, bucket)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def _cover_and_crop(img: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[int, int]]:
+    """`img` resized to just cover the bucket and centre-cropped to it; the crop's (top, left)."""
     bucket_w, bucket_h = bucket
     resized_w, resized_h = cover_size(img.size, bucket)
     if (resized_w, resized_h) != img.size:
         img = img.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
     top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
-    img = img.crop((left, top, left + bucket_w, top + bucket_h))
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1).contiguous(), (top, left)
+    return img.crop((left, top, left + bucket_w, top + bucket_h)), (top, left)
 
 
 def upscale_warnings(items: Sequence[ImageItem], buckets_of_items: Sequence[Bucket]) -> list[str]:

@@ -5,7 +5,9 @@ Kinds: `broken` (does not open), `duplicate` (the same pixels as another image),
 re-encoded or slightly cropped copy: perceptual hashes from the ImageHash library within a few bits),
 `small` (much smaller than its bucket: trains blurry), `extreme_aspect` (far wider or taller than any bucket:
 most of it is cropped away), `missing_caption`, `empty_caption` and `trigger_missing` (a caption without the
-trigger phrase most captions share). Plus tag frequencies and a suggested step count with its reason.
+trigger phrase most captions share); with masked loss, `mask_unusable` (a mask file that does not open or is not
+its image's size) and `empty_mask` (all black: the image trains nothing). Plus tag frequencies, how many images
+have a mask, and a suggested step count with its reason.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class Report:
     suggested_steps: int
     steps_reason: str
     skipped: list[str]  # checks that could not run here, and why
+    masks: int = 0  # images with a mask (an alpha channel or a mask file): what masked_loss would use
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,9 +53,9 @@ class Report:
 
 def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".txt", caption_phrase: str = "",
           resolution: int = 512, batch_size: int = 1, bucketing: bool = True, bucket_min_side: int | None = None,
-          bucket_max_side: int | None = None) -> Report:
-    """Read every image once and report what will hurt. Raises DatasetError only for a folder that is not
-    there or holds no images at all."""
+          bucket_max_side: int | None = None, masked_loss: bool = False) -> Report:
+    """Read every image once and report what will hurt (with `masked_loss`, in its mask too). Raises DatasetError
+    only for a folder that is not there or holds no images at all."""
     folder = ds._existing_folder(folder)
     files, images = ds.list_folder(folder)
     if not images:
@@ -72,9 +75,11 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     except ImportError as e:
         imagehash, skipped = None, [f"near duplicates: the ImageHash library cannot be imported ({e})"]
 
+    masks = 0
     for path in images:
         try:
-            with ds.load_image(path) as img:
+            with ds.decode_image(path) as stored, ds.to_rgb(stored) as img:
+                mask = ds.mask_source(path, files, stored)
                 size = img.size
                 digest = hashlib.sha256(img.tobytes()).hexdigest()
                 perceptual = imagehash.phash(img) if imagehash else None
@@ -94,6 +99,9 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                                         f"{twin} (resized, re-encoded or cropped): it weighs double in training"))
             hashes.append((path.name, perceptual, colours))
         problems += _size_problems(path.name, size, buckets)
+        masks += mask is not None
+        if masked_loss and mask is not None:
+            problems += _mask_problems(ds.ImageItem(path, "", *size, mask))
         caption = _caption(path, files, caption_mode, caption_ext, caption_phrase, problems)
         if caption is not None:
             captions[path.name] = caption
@@ -108,7 +116,19 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     steps, reason = suggest_steps(len(images), batch_size)
     order = {p.name: i for i, p in enumerate(images)}
     problems.sort(key=lambda p: (order.get(p.file, 0), p.kind))
-    return Report(len(images), problems, frequency, trigger, steps, reason, skipped)
+    return Report(len(images), problems, frequency, trigger, steps, reason, skipped, masks)
+
+
+def _mask_problems(item: ds.ImageItem) -> list[Problem]:
+    name = item.path.name
+    unusable = ds.check_mask(item)
+    if unusable:
+        return [Problem(name, "mask_unusable", f"{unusable}: a mask must be a PNG of the same size as its image")]
+    if ds.load_mask(item).getextrema()[1] == 0:
+        source = "its alpha channel" if item.mask == item.path else item.mask.name
+        return [Problem(name, "empty_mask", f"{name}'s mask ({source}) is all black, so with masked loss it trains "
+                                            "nothing: make the subject white (opaque)")]
+    return []
 
 
 def _size_problems(name: str, size: tuple[int, int], buckets) -> list[Problem]:

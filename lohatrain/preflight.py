@@ -6,7 +6,7 @@ What it checks: this torch, what the host allows (a text encoder it cannot train
 bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR, block weights for
 the family's blocks), the output
 name and folder (a plain name, writable, no file overwritten unless asked), and the dataset (images that
-open, captions present). What it found is what the run then uses.
+open, captions present, masks that fit). What it found is what the run then uses.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _check_settings(settings: TrainSettings) -> None:
 def _prepared(settings: TrainSettings, resuming: bool) -> Prepared:
     plan = plan_output(settings, settings.output_dir or ".", resuming)
     items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
-                            settings.caption_ext)
+                            settings.caption_ext, settings.masked_loss)
     return Prepared(settings, plan, items)
 
 
@@ -72,6 +72,9 @@ def check_model(parts: ModelParts, settings: TrainSettings) -> None:
             "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
             "learn from. Turn zero_terminal_snr off for this checkpoint.")
     _check_block_weights(parts, settings)
+    if settings.max_timestep > len(parts.alphas_cumprod):
+        raise LohatrainError(f"max_timestep is {settings.max_timestep} but this model's noise schedule has "
+                             f"{len(parts.alphas_cumprod)} timesteps: lower max_timestep")
     check_precision(parts.unet, next(parts.unet.parameters()).device, COMPUTE_DTYPES[settings.train_dtype])
 
 
