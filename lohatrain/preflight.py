@@ -3,7 +3,8 @@ and the command line call it, so a run is refused the same way wherever it comes
 its own: memory flags and the path rule).
 
 What it checks: this torch, what the host allows (a text encoder it cannot train), how the model is held (fp16,
-bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR), the output
+bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR), the optimizer
+(its package, its arguments against its constructor, bitsandbytes on the training device), the output
 name and folder (a plain name, writable, no file overwritten unless asked), and the dataset (images that
 open, captions present). What it found is what the run then uses.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import dataset as ds
+from . import optimizers
 from .compat import torch_too_old
 from .errors import LohatrainError
 from .output import OutputPlan, plan_output
@@ -50,6 +52,7 @@ def _check_settings(settings: TrainSettings) -> None:
     problem = torch_too_old()
     if problem:
         raise LohatrainError(problem)
+    optimizers.check(settings)
 
 
 def _prepared(settings: TrainSettings, resuming: bool) -> Prepared:
@@ -69,4 +72,6 @@ def check_model(parts: ModelParts, settings: TrainSettings) -> None:
             "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
             "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
             "learn from. Turn zero_terminal_snr off for this checkpoint.")
-    check_precision(parts.unet, next(parts.unet.parameters()).device, COMPUTE_DTYPES[settings.train_dtype])
+    device = next(parts.unet.parameters()).device
+    check_precision(parts.unet, device, COMPUTE_DTYPES[settings.train_dtype])
+    optimizers.check_device(settings, device)

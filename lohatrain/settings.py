@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import optimizers
 from .errors import LohatrainError
 from .methods import TYPES, NetworkType
 
@@ -47,6 +48,12 @@ PRESET_NAMES = tuple(TYPES[DEFAULT_METHOD].presets["sd1"])  # every type's, on e
 _DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
+
+def _added(default):
+    """A setting added after lohatrain's files were first shared: files record it only when it is set away from its
+    default, so a run that does not use it writes the same bytes as before it existed."""
+    return field(default=default, metadata={"recorded_when_set": True})
+
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -110,6 +117,14 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # Optimizers (issue 21): lohatrain.optimizers
+    optimizer: str = _added(optimizers.DEFAULT)  # adamw, adamw8bit, prodigy, lion or adafactor
+    optimizer_args: str = _added("")  # more constructor arguments, kohya's form: "weight_decay=0.05 betas=0.9,0.99"
+    weight_decay: float | None = _added(None)  # None: the optimizer's own (AdamW 0.01, the others 0)
+    prodigy_d_coef: float = _added(1.0)
+    prodigy_bias_correction: bool = _added(False)
+    prodigy_safeguard_warmup: bool = _added(False)
+    adafactor_relative_step: bool = _added(True)  # False: a fixed rate, the learning rate and its schedule
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -131,7 +146,8 @@ class TrainSettings:
             raise SettingsError(type_problems)
         kind = network_type(data.get("training_method", DEFAULT_METHOD))
         given = data
-        data = {**FAMILY_DEFAULTS[family], "learning_rate": kind.learning_rate_for(family), **data}
+        learning_rate = optimizers.PRODIGY_LR if data.get("optimizer") == "prodigy" else kind.learning_rate_for(family)
+        data = {**FAMILY_DEFAULTS[family], "learning_rate": learning_rate, **data}
         if "resolution" in given:  # bucket sides the user left out follow the resolution the user gave
             low, high = bucket_sides_for(data["resolution"])
             data["bucket_min_side"] = given.get("bucket_min_side", low)
@@ -157,6 +173,11 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded_dict(self) -> dict:
+        """What a file records of the settings: all of them but the later ones left at their default."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.metadata.get("recorded_when_set") and getattr(self, f.name) == f.default)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -238,6 +259,13 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        if self.weight_decay is not None:
+            _float_range(p, "weight_decay", self.weight_decay, 0, 10)
+        _float_range(p, "prodigy_d_coef", self.prodigy_d_coef, 0, 100, low_open=True)
+        for key in ("prodigy_bias_correction", "prodigy_safeguard_warmup", "adafactor_relative_step"):
+            if not isinstance(getattr(self, key), bool):
+                p.append(f"{key} must be true or false")
+        p += optimizers.problems(self)
         return p
 
     def validate(self) -> None:
@@ -275,7 +303,7 @@ SETTING_HELP = {
     "bucket_min_side": "the smallest bucket side in pixels (unless given: half the resolution)",
     "bucket_max_side": "the largest bucket side in pixels (unless given: twice the resolution)",
     "learning_rate": "the UNet's learning rate (unless given: 1e-4 for lora and locon, 1e-3 for loha and lokr, "
-                     "halved on SDXL)",
+                     "halved on SDXL; 1.0 with prodigy, which finds the step size itself)",
     "text_encoder_lr": "the text encoder's learning rate, 0 = the UNet only",
     "steps": "training steps",
     "batch_size": "images per step",
@@ -309,6 +337,17 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "optimizer": f"{', '.join(optimizers.OPTIMIZERS)}; prodigy finds the step size itself, so its learning rates "
+                 "are 1.0 unless given (they scale its estimate)",
+    "optimizer_args": "more arguments for the optimizer, as kohya's --optimizer_args: \"weight_decay=0.05 "
+                      "betas=0.9,0.99\" (checked against the optimizer's own arguments)",
+    "weight_decay": "the optimizer's weight decay (unset: its own, 0.01 for adamw and adamw8bit, 0 for the others)",
+    "prodigy_d_coef": "prodigy: scales its step-size estimate (0.5 to 2 are usual); the way to tune Prodigy",
+    "prodigy_bias_correction": "prodigy: Adam's bias correction (use_bias_correction)",
+    "prodigy_safeguard_warmup": "prodigy: keep the step-size estimate from growing during a warm-up "
+                                "(safeguard_warmup; turn on with lr_warmup_steps)",
+    "adafactor_relative_step": "adafactor: its own step size 1/sqrt(step), learning_rate unused (kohya's default); "
+                               "off: a fixed rate, the learning rate and its schedule",
 }
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from . import compat, loop, run_state
+from . import compat, loop, optimizers, run_state
 from . import dataset as ds
 from .cache import Cache, cache_conditioning, cache_latents
 from .distributed import ALONE, Ranks
@@ -160,7 +160,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
             nonlocal whole_step_streams
             whole_step_streams = state.streams()
             report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth,
-                            state.scheduler.get_last_lr()[0], *rate.at(step, settings.steps)))
+                            optimizers.current_lr(state.optimizer, state.scheduler.get_last_lr()[0]),
+                            *rate.at(step, settings.steps)))
             if on_step:
                 with torch.no_grad():
                     on_step(step, network)
@@ -254,8 +255,7 @@ def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_samp
     groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
     if settings.text_encoder_lr > 0:
         groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
-    # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
+    optimizer = optimizers.build(settings, groups, device)
     return loop.LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                           compat.grad_scaler(device.type, enabled=settings.train_dtype == "fp16"), batch_sampler,
                           torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
