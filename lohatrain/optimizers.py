@@ -137,11 +137,14 @@ def optimizer_class(name: str):
     """The optimizer's class, imported; a missing or broken package is a clear error."""
     chosen = OPTIMIZERS[name]
     top = chosen.module.split(".")[0]
-    install = (f"run `python install.py {chosen.package}` with the WebUI's Python in lohatrain's folder"
-               if chosen.package == "bitsandbytes" else "restart the WebUI: lohatrain's installer adds it")
     if importlib.util.find_spec(top) is None:
+        how = ("the WebUI installs it when a run chooses adamw8bit; elsewhere run `python install.py bitsandbytes` in "
+               "lohatrain's folder with the Python that runs lohatrain (it picks the version for this torch)"
+               if chosen.package == "bitsandbytes" else
+               "restart the WebUI (lohatrain's installer adds it, or its console says why it cannot); elsewhere run "
+               "lohatrain's install.py with the Python that runs lohatrain")
         raise LohatrainError(f"the optimizer {name} needs the Python package {chosen.package}, which is not "
-                             f"installed: {install} (the console then says why if it cannot)")
+                             f"installed: {how}")
     try:
         return getattr(importlib.import_module(chosen.module), chosen.attribute)
     except Exception as e:  # a package built for another torch fails in its own ways
