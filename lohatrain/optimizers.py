@@ -107,9 +107,9 @@ def chosen_args(settings) -> tuple[dict, list[str]]:
 def problems(settings) -> list[str]:
     """What the settings get wrong about the optimizer, without importing its package (the signature check is
     `check`'s, before a run)."""
-    if settings.optimizer not in OPTIMIZERS:
-        return [f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {settings.optimizer!r}"]
     args, found = chosen_args(settings)
+    if settings.optimizer not in OPTIMIZERS:
+        found.insert(0, f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {settings.optimizer!r}")
     if settings.optimizer == "prodigy":
         if isinstance(settings.learning_rate, (int, float)) and settings.learning_rate < 0.1:
             found.append(f"learning_rate must be about 1.0 with prodigy, not {settings.learning_rate}: Prodigy finds "
