@@ -22,7 +22,7 @@ from .errors import LohatrainError
 
 @dataclass(frozen=True)
 class Optimizer:
-    label: str
+    label: str  # as the tab and messages name it
     module: str  # where the class is imported from
     attribute: str
     package: str  # the distribution that brings it
@@ -248,7 +248,7 @@ def check_device(settings, device: torch.device) -> None:
         return
     reason = _runs_8bit(str(device))
     if reason:
-        raise LohatrainError(f"AdamW 8-bit cannot run on this {device.type.upper()}: bitsandbytes "
+        raise LohatrainError(f"{OPTIMIZERS['adamw8bit'].label} cannot run on this {device.type.upper()}: bitsandbytes "
                              f"{_version('bitsandbytes')} has no 8-bit optimizer for it ({reason}). Choose adamw "
                              "(the same maths with full-size state) or another optimizer.")
 
