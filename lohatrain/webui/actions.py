@@ -113,6 +113,7 @@ def install_optimizer_package(settings: TrainSettings) -> None:
     refuses the run with the installer's reason."""
     if settings.optimizer != "adamw8bit" or importlib.util.find_spec("bitsandbytes") is not None:
         return
+    settings.validate()  # nothing is downloaded for settings that are refused anyway
     root = os.path.abspath(".")  # the WebUI's folder, as the host's own installer runner takes it
     done = subprocess.run([sys.executable, str(EXTENSION_DIR / "install.py"), "bitsandbytes"], cwd=root,
                           env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, errors="replace")
