@@ -49,6 +49,7 @@ _DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
 
+
 def _added(default):
     """A setting added after lohatrain's files were first shared: files record it only when it is set away from its
     default, so a run that does not use it writes the same bytes as before it existed."""
