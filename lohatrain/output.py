@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from . import optimizers
 from .errors import LohatrainError
 from .methods import TYPES
 from .settings import TIMESTEPS, TrainSettings, check_file_name
@@ -129,7 +130,7 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_noise_offset": str(settings.noise_offset),
         "ss_min_snr_gamma": str(settings.min_snr_gamma),
         "ss_zero_terminal_snr": str(settings.zero_terminal_snr),
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": optimizers.ss_optimizer(settings),
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(timestamp()),
         "ss_caption_mode": settings.caption_mode,
@@ -218,7 +219,7 @@ def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def write_sidecars(plan: OutputPlan, settings: TrainSettings, seed: int, activation_text: str,
                    notes: str, sd_version: str) -> None:
     """The settings JSON (to train again) and the WebUI card's activation text, beside the file."""
-    saved = json.dumps({**settings.to_dict(), "seed": seed}, indent=2, sort_keys=True) + "\n"
+    saved = json.dumps({**settings.recorded(), "seed": seed}, indent=2, sort_keys=True) + "\n"
     write_atomically(plan.settings_file, saved.encode(), overwrite=True)
     card = {"description": notes, "activation text": activation_text, "sd version": sd_version,
             "preferred weight": 0, "notes": notes}

@@ -4,7 +4,8 @@ its own: memory flags and the path rule).
 
 What it checks: this torch, what the host allows (a text encoder it cannot train), how the model is held (fp16,
 bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR, block weights for
-the family's blocks), the output
+the family's blocks), the optimizer (its package, its arguments against its constructor, bitsandbytes on the
+training device), the output
 name and folder (a plain name, writable, no file overwritten unless asked), and the dataset (images that
 open, captions present, masks that fit). What it found is what the run then uses.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import dataset as ds
+from . import optimizers
 from .compat import torch_too_old
 from .errors import LohatrainError
 from .output import OutputPlan, plan_output
@@ -52,6 +54,7 @@ def _check_settings(settings: TrainSettings) -> None:
     problem = torch_too_old()
     if problem:
         raise LohatrainError(problem)
+    optimizers.check(settings)
 
 
 def _prepared(settings: TrainSettings, resuming: bool) -> Prepared:
@@ -75,7 +78,9 @@ def check_model(parts: ModelParts, settings: TrainSettings) -> None:
     if settings.max_timestep > len(parts.alphas_cumprod):
         raise LohatrainError(f"max_timestep is {settings.max_timestep} but this model's noise schedule has "
                              f"{len(parts.alphas_cumprod)} timesteps: lower max_timestep")
-    check_precision(parts.unet, next(parts.unet.parameters()).device, COMPUTE_DTYPES[settings.train_dtype])
+    device = next(parts.unet.parameters()).device
+    check_precision(parts.unet, device, COMPUTE_DTYPES[settings.train_dtype])
+    optimizers.check_device(settings, device)
 
 
 def _check_block_weights(parts: ModelParts, settings: TrainSettings) -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from . import dataset as ds
-from . import run_state
+from . import optimizers, run_state
 from .loop import LoopState
 from .output import SAVE_DTYPES, build_metadata, save_network, write_sidecars
 from .parts import ModelParts
@@ -28,7 +28,9 @@ class Saves:
         self.files: list[Path] = []
 
     def metadata(self, steps_done: int) -> dict[str, str]:
-        extra = {"lohatrain_resumed_with_changes": "; ".join(self.changes)} if self.changes else None
+        extra = optimizers.run_metadata(self.loop.optimizer)
+        if self.changes:
+            extra["lohatrain_resumed_with_changes"] = "; ".join(self.changes)
         return build_metadata(
             self.settings, family_metadata=self.parts.metadata, model_name=self.parts.name,
             model_hash=self.parts.hash, clip_skip=self.clip_skip, image_count=len(self.items),

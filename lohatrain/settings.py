@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import optimizers
 from .errors import LohatrainError
 from .methods import TYPES, NetworkType
 from .targets import BLOCK_WEIGHTS, DEFAULT_TARGETS, TARGETS, weights_problem
@@ -52,13 +53,15 @@ _DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
 
+
+def _added(default):
+    """A setting added after lohatrain's files were first shared: files record it only when it is set away from its
+    default, so a run that does not use it writes the same bytes as before it existed."""
+    return field(default=default, metadata={"recorded_when_set": True})
+
+
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-
-
-# A setting added after files were first shared: a file's `lohatrain_settings` leaves it out while it is at its
-# default, so a run with it off writes the same file as before it existed.
-RECORDED_WHEN_SET = {"recorded_when_set": True}
 
 
 class SettingsError(LohatrainError):
@@ -120,25 +123,33 @@ class TrainSettings:
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
     # Every setting below (the options people know from kohya: issue 21) is recorded in a file's lohatrain_settings
-    # only when set away from its default (RECORDED_WHEN_SET), so runs without them write the same files as before.
+    # only when set away from its default (`_added`), so runs without them write the same files as before.
     # Network targets and block learning-rate weights (lohatrain.targets):
-    network_targets: str = field(default=DEFAULT_TARGETS, metadata=RECORDED_WHEN_SET)  # attn-only, attn-mlp, full
-    down_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)  # kohya's: "" = off, a comma list or a curve
-    mid_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)
-    up_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)
-    block_lr_zero_threshold: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # at or below: that block not trained
+    network_targets: str = _added(DEFAULT_TARGETS)  # attn-only, attn-mlp, full
+    down_lr_weight: str = _added("")  # kohya's: "" = off, a comma list or a curve
+    mid_lr_weight: str = _added("")
+    up_lr_weight: str = _added("")
+    block_lr_zero_threshold: float = _added(0.0)  # at or below: that block not trained
     # Masked loss, loss and noise, by kohya sd-scripts' names and defaults (all off by default):
-    masked_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
-    multires_noise_iterations: int = field(default=0, metadata=RECORDED_WHEN_SET)  # 0 = off
-    multires_noise_discount: float = field(default=0.3, metadata=RECORDED_WHEN_SET)
-    ip_noise_gamma: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # 0 = off
-    debiased_estimation_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
-    loss_type: str = field(default="l2", metadata=RECORDED_WHEN_SET)
-    huber_schedule: str = field(default="snr", metadata=RECORDED_WHEN_SET)
-    huber_c: float = field(default=0.1, metadata=RECORDED_WHEN_SET)
-    huber_scale: float = field(default=1.0, metadata=RECORDED_WHEN_SET)
-    min_timestep: int = field(default=0, metadata=RECORDED_WHEN_SET)
-    max_timestep: int = field(default=TIMESTEPS, metadata=RECORDED_WHEN_SET)
+    masked_loss: bool = _added(False)
+    multires_noise_iterations: int = _added(0)  # 0 = off
+    multires_noise_discount: float = _added(0.3)
+    ip_noise_gamma: float = _added(0.0)  # 0 = off
+    debiased_estimation_loss: bool = _added(False)
+    loss_type: str = _added("l2")
+    huber_schedule: str = _added("snr")
+    huber_c: float = _added(0.1)
+    huber_scale: float = _added(1.0)
+    min_timestep: int = _added(0)
+    max_timestep: int = _added(TIMESTEPS)
+    # Optimizers (lohatrain.optimizers):
+    optimizer: str = _added(optimizers.DEFAULT)  # adamw, adamw8bit, prodigy, lion or adafactor
+    optimizer_args: str = _added("")  # more constructor arguments, kohya's form: "weight_decay=0.05 betas=0.9,0.99"
+    weight_decay: float | None = _added(None)  # None: the optimizer's own (AdamW 0.01, the others 0)
+    prodigy_d_coef: float = _added(1.0)
+    prodigy_bias_correction: bool = _added(False)
+    prodigy_safeguard_warmup: bool = _added(False)
+    adafactor_relative_step: bool = _added(True)  # False: a fixed rate, the learning rate and its schedule
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -160,7 +171,8 @@ class TrainSettings:
             raise SettingsError(type_problems)
         kind = network_type(data.get("training_method", DEFAULT_METHOD))
         given = data
-        data = {**FAMILY_DEFAULTS[family], "learning_rate": kind.learning_rate_for(family), **data}
+        learning_rate = optimizers.PRODIGY_LR if data.get("optimizer") == "prodigy" else kind.learning_rate_for(family)
+        data = {**FAMILY_DEFAULTS[family], "learning_rate": learning_rate, **data}
         if "resolution" in given:  # bucket sides the user left out follow the resolution the user gave
             low, high = bucket_sides_for(data["resolution"])
             data["bucket_min_side"] = given.get("bucket_min_side", low)
@@ -188,7 +200,7 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     def recorded(self) -> dict:
-        """`to_dict` less the RECORDED_WHEN_SET settings left at their defaults: what a file's metadata records."""
+        """`to_dict` less the settings added later (`_added`) left at their defaults: what a file records."""
         return {k: v for f, (k, v) in zip(dataclasses.fields(self), self.to_dict().items())
                 if not (f.metadata.get("recorded_when_set") and v == f.default)}
 
@@ -293,6 +305,13 @@ class TrainSettings:
         _int_range(p, "max_timestep", self.max_timestep, 1, TIMESTEPS)
         if self.min_timestep >= self.max_timestep:
             p.append(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
+        if self.weight_decay is not None:
+            _float_range(p, "weight_decay", self.weight_decay, 0, 10)
+        _float_range(p, "prodigy_d_coef", self.prodigy_d_coef, 0, 100, low_open=True)
+        for key in ("prodigy_bias_correction", "prodigy_safeguard_warmup", "adafactor_relative_step"):
+            if not isinstance(getattr(self, key), bool):
+                p.append(f"{key} must be true or false")
+        p += optimizers.problems(self)
         return p
 
     def validate(self) -> None:
@@ -330,7 +349,7 @@ SETTING_HELP = {
     "bucket_min_side": "the smallest bucket side in pixels (unless given: half the resolution)",
     "bucket_max_side": "the largest bucket side in pixels (unless given: twice the resolution)",
     "learning_rate": "the UNet's learning rate (unless given: 1e-4 for lora and locon, 1e-3 for loha and lokr, "
-                     "halved on SDXL)",
+                     "halved on SDXL; 1.0 with prodigy, which finds the step size itself)",
     "text_encoder_lr": "the text encoder's learning rate, 0 = the UNet only",
     "steps": "training steps",
     "batch_size": "images per step",
@@ -384,6 +403,17 @@ SETTING_HELP = {
     "huber_scale": "huber and smooth_l1: a factor on huber_c (constant and exponential schedules)",
     "min_timestep": "the lowest timestep trained (0 to 999)",
     "max_timestep": f"the timestep trained up to, not included (1 to {TIMESTEPS})",
+    "optimizer": f"{', '.join(optimizers.OPTIMIZERS)}; prodigy finds the step size itself, so its learning rates "
+                 "are 1.0 unless given (they scale its estimate)",
+    "optimizer_args": "more arguments for the optimizer, as kohya's --optimizer_args: \"weight_decay=0.05 "
+                      "betas=0.9,0.99\" (checked against the optimizer's own arguments)",
+    "weight_decay": "the optimizer's weight decay (unset: its own, 0.01 for adamw and adamw8bit, 0 for the others)",
+    "prodigy_d_coef": "prodigy: scales its step-size estimate (0.5 to 2 are usual); the way to tune Prodigy",
+    "prodigy_bias_correction": "prodigy: Adam's bias correction (use_bias_correction)",
+    "prodigy_safeguard_warmup": "prodigy: keep the step-size estimate from growing during a warm-up "
+                                "(safeguard_warmup; turn on with lr_warmup_steps)",
+    "adafactor_relative_step": "adafactor: its own step size 1/sqrt(step), learning_rate unused (kohya's default); "
+                               "off: a fixed rate, the learning rate and its schedule",
 }
 
 

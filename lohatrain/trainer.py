@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from . import compat, loop, run_state
+from . import compat, loop, optimizers, run_state
 from . import dataset as ds
 from .cache import Cache, cache_conditioning, cache_latents
 from .distributed import ALONE, Ranks
@@ -160,7 +160,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         def after_step(step: int) -> None:
             nonlocal whole_step_streams
             whole_step_streams = state.streams()
-            report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth, _unet_lr(state),
+            report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth,
+                            optimizers.current_lr(state.optimizer, _unet_lr(state)),
                             *rate.at(step, settings.steps)))
             if on_step:
                 with torch.no_grad():
@@ -274,9 +275,7 @@ def param_groups(network: Network, settings: TrainSettings, family) -> list[dict
 
 def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_sampler, device,
                 family) -> loop.LoopState:
-    groups = param_groups(network, settings, family)
-    # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
+    optimizer = optimizers.build(settings, param_groups(network, settings, family), device)
     return loop.LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                           compat.grad_scaler(device.type, enabled=settings.train_dtype == "fp16"), batch_sampler,
                           torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),

@@ -6,7 +6,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib
+import importlib.util
 import io
+import os
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from hmac import compare_digest
@@ -91,6 +96,7 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     host = hosts.current()
     check_dataset_path(settings.dataset_dir, via)
     host.check_memory_mode()
+    install_optimizer_package(settings)
     if settings.preview_every_steps:
         host.check_sampler(settings.preview_sampler)
     settings = dataclasses.replace(settings, output_dir=str(host.lora_dir()),
@@ -98,6 +104,25 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     if not host.is_loaded():
         return prepare(settings, resuming)
     return engine_preflight(host.parts(), settings, resuming)
+
+
+def install_optimizer_package(settings: TrainSettings) -> None:
+    """AdamW 8-bit's bitsandbytes (a large binary) is installed only when a run asks for it: once, at the click,
+    by lohatrain's installer run as the WebUI runs it at start (its Python, PYTHONPATH its folder): install.py
+    picks the version for this torch and installs it with the host's pip, --no-deps, printing one line. A failure
+    refuses the run with the installer's reason."""
+    if settings.optimizer != "adamw8bit" or importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    settings.validate()  # nothing is downloaded for settings that are refused anyway
+    root = os.path.abspath(".")  # the WebUI's folder, as the host's own installer runner takes it
+    done = subprocess.run([sys.executable, str(EXTENSION_DIR / "install.py"), "bitsandbytes"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, errors="replace")
+    print(done.stdout, end="", flush=True)
+    importlib.invalidate_caches()
+    if done.returncode:
+        reasons = [line for line in done.stdout.splitlines() if line.startswith("[lohatrain] ")]
+        raise LohatrainError(reasons[-1][len("[lohatrain] "):] if reasons else
+                             f"installing bitsandbytes for AdamW 8-bit failed: {done.stderr.strip()[-300:]}")
 
 
 def run_training(job: Job) -> TrainResult:
