@@ -66,6 +66,7 @@ class Setup:
     device: torch.device
     autocast: Callable
     ranks: Ranks
+    loss_weights: torch.Tensor | None = None  # each image's weight in the loss (regularization images'), or None
 
 
 class Diverged(LohatrainError):
@@ -104,6 +105,8 @@ def step(setup: Setup, loop: LoopState) -> None:
     with setup.autocast():
         prediction = setup.predict(noisy, timesteps, cond)
     loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+    if setup.loss_weights is not None:
+        loss = loss * setup.loss_weights[indexes][share].to(device)
     if settings.min_snr_gamma:
         snr = ac.flatten() / (1 - ac.flatten())
         weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if setup.parts.v_prediction else snr)
@@ -126,11 +129,11 @@ def step(setup: Setup, loop: LoopState) -> None:
 
 
 def conditioning(setup: Setup, loop: LoopState, indexes: list[int]):
-    """The whole batch's captions, encoded (shuffled tags, or a trained text encoder) or stacked from the cache: a
-    batch pads every caption to its longest, as in a one-process run."""
-    captions = [setup.cache.captions[i] for i in indexes]
-    if setup.settings.shuffle_tags:
-        captions = [ds.shuffle_caption(c, loop.caption_rng, setup.settings.keep_tokens) for c in captions]
+    """The whole batch's captions as drawn (shuffled, dropped: lohatrain.dataset.CaptionVariation), encoded
+    (shuffled tags, or a trained text encoder) or stacked from the cache: a batch pads every caption to its longest,
+    as in a one-process run."""
+    variation = ds.CaptionVariation.of(setup.settings)
+    captions = [variation.apply(setup.cache.captions[i], loop.caption_rng) for i in indexes]
     if setup.cache.per_step_text:
         with torch.set_grad_enabled(setup.train_text), setup.autocast():
             return setup.encode_prompts(captions)

@@ -142,7 +142,7 @@ class SavedRun:
 
 
 def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
-    """Per image: its path inside the dataset folder, size, modification time and caption."""
+    """Per image: its path inside the dataset folder (`ImageItem.label`), size, modification time and caption."""
     entries = []
     for item in items:
         try:
@@ -150,7 +150,7 @@ def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
         except OSError as e:
             raise DatasetError(f"{item.path} cannot be read since the dataset was checked ({e.strerror}): put it "
                                   "back, or check the dataset again") from None
-        entries.append([Path(item.path).name, st.st_size, st.st_mtime_ns, item.caption])
+        entries.append([item.label, st.st_size, st.st_mtime_ns, item.caption])
     return sorted(entries)
 
 

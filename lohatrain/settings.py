@@ -110,6 +110,12 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # kohya's dataset shapes (issue 21; `N_name` sub-folders of dataset_dir need no setting)
+    reg_data_dir: str = ""  # regularization (class) images, flat or in `N_name` sub-folders; "" = none
+    prior_loss_weight: float = 1.0  # the regularization images' loss is multiplied by this
+    caption_dropout_rate: float = 0.0  # the chance a drawn image trains with an empty caption
+    caption_tag_dropout_rate: float = 0.0  # the chance each tag (but the kept ones) is left out of a drawn caption
+    keep_tokens_separator: str = ""  # the tags before it stay first, never shuffled or dropped ("" = keep_tokens)
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -238,6 +244,12 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        _float_range(p, "prior_loss_weight", self.prior_loss_weight, 0, 100)
+        _float_range(p, "caption_dropout_rate", self.caption_dropout_rate, 0, 1)
+        _float_range(p, "caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0, 1)
+        if self.keep_tokens_separator and (not self.keep_tokens_separator.strip() or "," in self.keep_tokens_separator):
+            p.append(f"keep_tokens_separator must be a mark that is not in your tags, such as |||, not "
+                     f"{self.keep_tokens_separator!r} (no comma, not only spaces)")
         return p
 
     def validate(self) -> None:
@@ -309,7 +321,19 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "reg_data_dir": "kohya's regularization folder: class images (directly in it or in N_name sub-folders), drawn "
+                    "as often as the training images",
+    "prior_loss_weight": "the regularization images' weight in the loss",
+    "caption_dropout_rate": "the chance (0 to 1) a drawn image trains with an empty caption",
+    "caption_tag_dropout_rate": "the chance (0 to 1) each tag is left out of a drawn caption (the kept ones never)",
+    "keep_tokens_separator": "a mark in captions (such as |||): the tags before it stay first, never shuffled or "
+                             "dropped; a second one keeps the tags after it last (unset: keep_tokens)",
 }
+
+# Settings a trained file's `lohatrain_settings` records only when they differ from their default, so a run that
+# leaves them alone writes the same file as before they existed.
+RECORDED_WHEN_SET = ("reg_data_dir", "prior_loss_weight", "caption_dropout_rate", "caption_tag_dropout_rate",
+                     "keep_tokens_separator")
 
 
 def _type_problems(data: dict) -> list[str]:
