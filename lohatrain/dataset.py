@@ -178,10 +178,12 @@ def subfolders(folder: Path, given: str | Path, what: str = "dataset folder") ->
     found, problems = [], []
     for sub in sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=lambda p: p.name):
-        sub_files, sub_images = list_folder(sub)
         match = REPEATS_NAME.fullmatch(sub.name)
+        if images and not match:  # a flat folder's other sub-folders are not read, as before kohya's layout
+            continue
+        sub_files, sub_images = list_folder(sub)
         if images:
-            if match and sub_images:
+            if sub_images:
                 problems.append(f"{sub.name} holds images too, and so does the folder itself. Put the loose images "
                                 f"into a sub-folder such as 1_{folder.name}, or move the sub-folders out")
             continue
@@ -198,7 +200,7 @@ def subfolders(folder: Path, given: str | Path, what: str = "dataset folder") ->
         else:
             found.append(Subfolder(sub, sub.name, repeats, match.group(2), sub_files, sub_images))
     if problems:
-        raise DatasetError(f"The {what} {given} needs fixing:\n" + "\n".join(problems) + ".")
+        raise DatasetError(f"The {what} {given} needs fixing:\n" + "\n".join(f"{p}." for p in problems))
     if images:
         return [Subfolder(folder, "", 1, "", files, images)]
     if not found:
@@ -294,17 +296,10 @@ def split_tags(caption: str) -> list[str]:
     return [tag for tag in (part.strip() for part in caption.split(",")) if tag]
 
 
-def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
-    """Shuffle comma-separated tags so the network does not learn their order; the first `keep_tokens` stay
-    first (usually the trigger word)."""
-    if keep_tokens < 0:
-        raise ValueError(f"keep_tokens must be 0 or more, not {keep_tokens}")
-    return CaptionVariation(shuffle=True, keep_tokens=keep_tokens).apply(caption, rng)
-
-
 @dataclass(frozen=True)
 class CaptionVariation:
-    """What changes a caption each time its image is drawn, with kohya's names: tag shuffling, the whole caption
+    """What changes a caption each time its image is drawn, with kohya's names: tag shuffling (so the network does
+    not learn the tags' order; the first `keep_tokens`, usually the trigger, stay first), the whole caption
     dropped (`caption_dropout_rate`), single tags dropped (`caption_tag_dropout_rate`); the tags before
     `keep_tokens_separator` (else the first `keep_tokens`), and those after a second separator, stay in place and
     are never dropped."""
