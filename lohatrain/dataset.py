@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg is photo's mask (masked loss), not a training image
 CAPTION_MODES = ("none", "phrase", "txt")
 
 Bucket = tuple[int, int]  # (width, height) in pixels
@@ -49,12 +50,17 @@ class ImageItem:
     folder: str = ""
     repeats: int = 1
     regularization: bool = False
+    mask: Path | None = None  # masked loss: its mask file, or the image itself (its alpha channel); None: no mask
 
     @property
     def label(self) -> str:
         """How messages and the resume record name it: its file name, under its sub-folder and, for a
         regularization image, under "regularization/"."""
-        name = f"{self.folder}/{self.path.name}" if self.folder else self.path.name
+        return self.label_of(self.path.name)
+
+    def label_of(self, file_name: str) -> str:
+        """A file beside the image (its mask) named as the image is named."""
+        name = f"{self.folder}/{file_name}" if self.folder else file_name
         return f"{REG_LABEL}/{name}" if self.regularization else name
 
 
@@ -78,24 +84,33 @@ def load_image(path: str | Path) -> Image.Image:
 
     Decoding everything (not just the header) is what catches truncated downloads before training starts.
     """
+    return to_rgb(decode_image(path))
+
+
+def decode_image(path: str | Path) -> Image.Image:
+    """The image fully decoded and upright, as stored (any mode)."""
     path = Path(path)
     try:
         with Image.open(path) as opened:
             opened.load()
-            img = ImageOps.exif_transpose(opened)
+            return ImageOps.exif_transpose(opened)
     except _DECODE_ERRORS as exc:
         raise DatasetError(
             f"{path} cannot be read as an image ({exc}). Re-save it as PNG or JPEG, or remove it from the "
             "dataset folder."
         ) from exc
-    return _to_rgb(img)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _has_alpha(img: Image.Image) -> bool:
+    """Pillow 10.1's `has_transparency_data`, spelled out: the WebUI pins Pillow 9.5."""
+    return img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB, with transparency flattened onto white (what the VAE sees, masked loss or not)."""
     if img.mode in _SIXTEEN_BIT_MODES:
         img = _sixteen_bit_to_grey(img)
-    # Pillow 10.1's `has_transparency_data`, spelled out: the WebUI pins Pillow 9.5.
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+    if _has_alpha(img):
         # Transparent pixels keep whatever colour the editor left there (often black); white is what people see.
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
@@ -109,7 +124,7 @@ def _sixteen_bit_to_grey(img: Image.Image) -> Image.Image:
 
 
 def scan_dataset(folder: str | Path, caption_mode: str, caption_phrase: str = "", caption_ext: str = ".txt",
-                 reg_data_dir: str | Path = "") -> list[ImageItem]:
+                 reg_data_dir: str | Path = "", masked_loss: bool = False) -> list[ImageItem]:
     """List the dataset's images with their captions, sorted by sub-folder and file name so runs are repeatable;
     with `reg_data_dir`, its regularization images follow.
 
@@ -118,7 +133,9 @@ def scan_dataset(folder: str | Path, caption_mode: str, caption_phrase: str = ""
     name after `N_`, as kohya). Regularization images never take the phrase (it is the trigger): with "phrase"
     their folder's name captions them. Every image is decoded once here, and all problems (missing captions,
     unreadable captions, broken images) are reported together so the user can fix them in one go. Hidden files
-    and folders (names starting with ".", e.g. macOS "._photo.jpg" leftovers) are ignored.
+    and folders (names starting with ".", e.g. macOS "._photo.jpg" leftovers) are ignored. With `masked_loss`
+    each image's mask is found (`mask_source`) and checked: it must open and be the size of its image; some
+    training image must have one.
     """
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption_mode must be one of {CAPTION_MODES}, not {caption_mode!r}")
@@ -126,15 +143,15 @@ def scan_dataset(folder: str | Path, caption_mode: str, caption_phrase: str = ""
     if caption_mode == "phrase" and not phrase:
         raise DatasetError("Captions is set to Single Phrase but the phrase is empty. Type a phrase, or choose "
                            "No Caption or TXT Captions.")
-    items = _scan_folder(folder, caption_mode, phrase, caption_ext, regularization=False)
+    items = _scan_folder(folder, caption_mode, phrase, caption_ext, False, masked_loss)
     if str(reg_data_dir).strip():
         check_apart(folder, reg_data_dir)
-        items += _scan_folder(reg_data_dir, caption_mode, phrase, caption_ext, regularization=True)
+        items += _scan_folder(reg_data_dir, caption_mode, phrase, caption_ext, True, masked_loss)
     return items
 
 
-def _scan_folder(given: str | Path, caption_mode: str, phrase: str, caption_ext: str,
-                 regularization: bool) -> list[ImageItem]:
+def _scan_folder(given: str | Path, caption_mode: str, phrase: str, caption_ext: str, regularization: bool,
+                 masked_loss: bool) -> list[ImageItem]:
     what = "regularization folder" if regularization else "dataset folder"
     folder = _existing_folder(given, what)
     items: list[ImageItem] = []
@@ -145,9 +162,10 @@ def _scan_folder(given: str | Path, caption_mode: str, phrase: str, caption_ext:
         for image_path in sub.images:
             caption = _caption(sub, image_path, caption_mode, phrase, caption_ext, regularization, missing, not_utf8)
             try:
-                with load_image(image_path) as img:
+                with decode_image(image_path) as img:
+                    mask = mask_source(image_path, sub.files, img) if masked_loss else None
                     items.append(ImageItem(image_path, caption, img.width, img.height, sub.name, sub.repeats,
-                                           regularization))
+                                           regularization, mask))
             except DatasetError:
                 broken.append(sub.label(image_path.name))
 
@@ -164,9 +182,26 @@ def _scan_folder(given: str | Path, caption_mode: str, phrase: str, caption_ext:
     if broken:
         problems.append(f"{len(broken)} image(s) cannot be read (damaged, incomplete, or not really an image): "
                         f"{_name_list(broken)}. Re-save them as PNG or JPEG, or remove them from the {what}.")
+    problems += _mask_problems(items, masked_loss, regularization)
     if problems:
         raise DatasetError(f"The {what} {given} needs fixing:\n" + "\n".join(problems))
     return items
+
+
+def _mask_problems(items: list[ImageItem], masked_loss: bool, regularization: bool) -> list[str]:
+    """With masked loss: the masks that cannot be used, and a dataset folder where no image has one (a
+    regularization folder's class images may all train whole)."""
+    if not masked_loss:
+        return []
+    problems, unusable = [], [problem for problem in map(check_mask, items) if problem]
+    if unusable:
+        problems.append(f"{len(unusable)} mask(s) cannot be used: {_name_list(unusable)}. A mask must be a "
+                        "PNG of the same size as its image (white trains, black does not).")
+    if not regularization and items and not any(item.mask for item in items):
+        problems.append(f"masked_loss is on but no image has a mask: give the images a transparent background "
+                        f"(an alpha channel) or a black-and-white mask beside each (photo{MASK_SUFFIX} for "
+                        "photo.png, white = train), or turn masked_loss off.")
+    return problems
 
 
 def subfolders(folder: Path, given: str | Path, what: str = "dataset folder") -> list[Subfolder]:
@@ -212,9 +247,49 @@ def subfolders(folder: Path, given: str | Path, what: str = "dataset folder") ->
 
 
 def list_folder(folder: Path) -> tuple[dict[str, Path], list[Path]]:
-    """The folder's files by name (hidden ones left out, e.g. macOS "._photo.jpg") and its images by name."""
+    """The folder's files by name (hidden ones left out, e.g. macOS "._photo.jpg") and its images by name; an
+    image's mask (photo.mask.png beside photo.png) is not an image of its own."""
     files = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
-    return files, sorted((p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    images = [p for p in files.values() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    stems = {p.stem.lower() for p in images}
+    return files, sorted((p for p in images if not (p.name.lower().endswith(MASK_SUFFIX)
+                                                    and p.name[:-len(MASK_SUFFIX)].lower() in stems)),
+                         key=lambda p: p.name)
+
+
+def mask_file(image_path: Path, files: dict[str, Path]) -> Path | None:
+    """The mask file beside an image (photo.mask.png for photo.jpg), found as `caption_file` finds captions."""
+    name = image_path.stem + MASK_SUFFIX
+    return files.get(name) or next((p for n, p in files.items() if n.lower() == name.lower()), None)
+
+
+def mask_source(image_path: Path, files: dict[str, Path], image: Image.Image) -> Path | None:
+    """Where an image's mask comes from (kohya's masked loss): its mask file, else its own alpha channel (the
+    image's path), else nowhere: the whole image trains."""
+    return mask_file(image_path, files) or (image_path if _has_alpha(image) else None)
+
+
+def check_mask(item: ImageItem) -> str | None:
+    """Why an image's mask file cannot be used (it does not open, or it is not the image's size), or None."""
+    if item.mask is None or item.mask == item.path:
+        return None
+    name = item.label_of(item.mask.name)
+    try:
+        with decode_image(item.mask) as mask:
+            size = mask.size
+    except DatasetError:
+        return f"{name} does not open as an image"
+    if size != (item.width, item.height):
+        return f"{name} is {size[0]}x{size[1]} but {item.label} is {item.width}x{item.height}"
+    return None
+
+
+def load_mask(item: ImageItem) -> Image.Image | None:
+    """An image's mask in grey levels (L: 255 trains fully, 0 not at all), or None for an image without one."""
+    if item.mask is None:
+        return None
+    with decode_image(item.mask) as img:
+        return img.convert("RGBA").getchannel("A") if item.mask == item.path else img.convert("L")
 
 
 def caption_file(image_path: Path, files: dict[str, Path], caption_ext: str) -> Path | None:
@@ -474,14 +549,26 @@ def prepare_image(img: Image.Image, bucket: Bucket) -> tuple[torch.Tensor, tuple
     """
     if img.mode != "RGB":
         raise ValueError(f"prepare_image needs an RGB image (use load_image), got mode {img.mode}")
+    img, (top, left) = _cover_and_crop(img, bucket)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1).contiguous(), (top, left)
+
+
+def prepare_mask(mask: Image.Image, bucket: Bucket) -> torch.Tensor:
+    """A mask (load_mask) resized and cropped exactly as its image (prepare_image): a (height, width) tensor in
+    [0, 1]."""
+    mask, _ = _cover_and_crop(mask, bucket)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
+
+
+def _cover_and_crop(img: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[int, int]]:
+    """`img` resized to just cover the bucket and centre-cropped to it; the crop's (top, left)."""
     bucket_w, bucket_h = bucket
     resized_w, resized_h = cover_size(img.size, bucket)
     if (resized_w, resized_h) != img.size:
         img = img.resize((resized_w, resized_h), Image.Resampling.LANCZOS)
     top, left = (resized_h - bucket_h) // 2, (resized_w - bucket_w) // 2
-    img = img.crop((left, top, left + bucket_w, top + bucket_h))
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1).contiguous(), (top, left)
+    return img.crop((left, top, left + bucket_w, top + bucket_h)), (top, left)
 
 
 def upscale_warnings(items: Sequence[ImageItem], buckets_of_items: Sequence[Bucket]) -> list[str]:

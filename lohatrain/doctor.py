@@ -5,8 +5,10 @@ Kinds: `broken` (does not open), `duplicate` (the same pixels as another image),
 re-encoded or slightly cropped copy: perceptual hashes from the ImageHash library within a few bits),
 `small` (much smaller than its bucket: trains blurry), `extreme_aspect` (far wider or taller than any bucket:
 most of it is cropped away), `missing_caption`, `empty_caption` and `trigger_missing` (a caption without the
-trigger phrase most captions share). Plus tag frequencies and a suggested step count with its reason, and per
-image folder (kohya's `N_name` sub-folders, the regularization folder's) its repeats, draws and share of an epoch.
+trigger phrase most captions share); with masked loss, `mask_unusable` (a mask file that does not open or is not
+its image's size) and `empty_mask` (all black: the image trains nothing). Plus tag frequencies, how many images
+have a mask, a suggested step count with its reason, and per image folder (kohya's `N_name` sub-folders, the
+regularization folder's) its repeats, draws and share of an epoch.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Report:
     skipped: list[str]  # checks that could not run here, and why
     folders: list[Folder] = field(default_factory=list)
     regularization_images: int = 0
+    masks: int = 0  # images (training and regularization) with a mask, an alpha channel or a mask file: what
+    #                 masked_loss would use
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,9 +71,10 @@ class Report:
 
 def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".txt", caption_phrase: str = "",
           resolution: int = 512, batch_size: int = 1, bucketing: bool = True, bucket_min_side: int | None = None,
-          bucket_max_side: int | None = None, reg_data_dir: str | Path = "") -> Report:
-    """Read every image once (the regularization folder's too) and report what will hurt. Raises DatasetError
-    only for a folder that is not there, holds no images at all, or whose sub-folders are not kohya's `N_name`."""
+          bucket_max_side: int | None = None, reg_data_dir: str | Path = "", masked_loss: bool = False) -> Report:
+    """Read every image once (the regularization folder's too) and report what will hurt (with `masked_loss`, in
+    its mask too). Raises DatasetError only for a folder that is not there, holds no images at all, or whose
+    sub-folders are not kohya's `N_name`."""
     given, folder = folder, ds._existing_folder(folder)
     subs = [(sub, False) for sub in ds.subfolders(folder, given)]
     if str(reg_data_dir).strip():
@@ -98,7 +103,8 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
             name = ds.ImageItem(path, "", 0, 0, sub.name, sub.repeats, regularization).label
             order[name] = len(order)
             try:
-                with ds.load_image(path) as img:
+                with ds.decode_image(path) as stored, ds.to_rgb(stored) as img:
+                    mask = ds.mask_source(path, sub.files, stored)
                     size = img.size
                     digest = hashlib.sha256(img.tobytes()).hexdigest()
                     perceptual = imagehash.phash(img) if imagehash else None
@@ -119,7 +125,9 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                 hashes.append((name, perceptual, colours))
             problems += _size_problems(name, size, buckets)
             caption = _caption(name, path, sub, regularization, caption_mode, caption_ext, caption_phrase, problems)
-            items.append(ds.ImageItem(path, caption or "", *size, sub.name, sub.repeats, regularization))
+            items.append(ds.ImageItem(path, caption or "", *size, sub.name, sub.repeats, regularization, mask))
+            if masked_loss:
+                problems += _mask_problems(items[-1])
             if caption is not None and not regularization:
                 captions[name] = caption
 
@@ -142,7 +150,8 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     steps, reason = suggest_steps(train_images, batch_size, counts)
     problems.sort(key=lambda p: (order.get(p.file, 0), p.kind))
     return Report(train_images, problems, frequency, trigger, steps, reason, skipped, folders,
-                  sum(len(sub.images) for sub, regularization in subs if regularization))
+                  sum(len(sub.images) for sub, regularization in subs if regularization),
+                  sum(item.mask is not None for item in items))
 
 
 def _trigger_problems(captions: dict[str, str], trigger: str) -> list[Problem]:
@@ -150,6 +159,21 @@ def _trigger_problems(captions: dict[str, str], trigger: str) -> list[Problem]:
                                              "captions start with")
             for name, text in captions.items()
             if text.strip() and trigger.lower() not in [t.lower() for t in ds.split_tags(text)]]
+
+
+def _mask_problems(item: ds.ImageItem) -> list[Problem]:
+    """An image's mask that masked loss cannot use, or that trains nothing; none for an image without a mask."""
+    if item.mask is None:
+        return []
+    name = item.label
+    unusable = ds.check_mask(item)
+    if unusable:
+        return [Problem(name, "mask_unusable", f"{unusable}: a mask must be a PNG of the same size as its image")]
+    if ds.load_mask(item).getextrema()[1] == 0:
+        source = "its alpha channel" if item.mask == item.path else item.mask.name
+        return [Problem(name, "empty_mask", f"{name}'s mask ({source}) is all black, so with masked loss it trains "
+                                            "nothing: make the subject white (opaque)")]
+    return []
 
 
 def _size_problems(name: str, size: tuple[int, int], buckets) -> list[Problem]:

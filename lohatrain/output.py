@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_bytes
 from .dataset import FolderCount
 from .errors import LohatrainError
 from .methods import TYPES
-from .settings import RECORDED_WHEN_SET, TrainSettings, check_file_name
+from .settings import TIMESTEPS, TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_SUFFIX = ".lohatrain-state"  # a run's resumable state (lohatrain.run_state); not a Lora file
@@ -145,6 +145,7 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "keep_tokens_separator"):
         if getattr(settings, key):
             meta[f"ss_{key}"] = str(getattr(settings, key))
+    meta.update(loss_and_noise_metadata(settings))
     meta.update(family_metadata)
     meta.update(extra or {})
     return meta
@@ -165,16 +166,34 @@ def _dataset_dirs(settings: TrainSettings, folders: list[FolderCount]) -> tuple[
     return dirs, reg_dirs, tags
 
 
+def loss_and_noise_metadata(settings: TrainSettings) -> dict[str, str]:
+    """kohya's keys for the loss and noise options (train_network.py's, and sai_model_spec's timestep range), each
+    only while its option is on, so a run with them off writes the same file as before they existed. kohya writes
+    no key for masked loss: `lohatrain_settings` records it."""
+    s, meta = settings, {}
+    if s.multires_noise_iterations:
+        meta["ss_multires_noise_iterations"] = str(s.multires_noise_iterations)
+        meta["ss_multires_noise_discount"] = str(s.multires_noise_discount)
+    if s.ip_noise_gamma:
+        meta["ss_ip_noise_gamma"] = str(s.ip_noise_gamma)
+    if s.debiased_estimation_loss:
+        meta["ss_debiased_estimation"] = "True"
+    if s.loss_type != "l2":
+        meta["ss_loss_type"] = s.loss_type
+    if s.loss_type in ("huber", "smooth_l1"):
+        meta.update(ss_huber_schedule=s.huber_schedule, ss_huber_c=str(s.huber_c), ss_huber_scale=str(s.huber_scale))
+    if (s.min_timestep, s.max_timestep) != (0, TIMESTEPS):
+        meta["modelspec.timestep_range"] = f"{s.min_timestep},{s.max_timestep}"
+    return meta
+
+
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:
-    """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder names.
-    Settings added since files first recorded them are left out while at their default (RECORDED_WHEN_SET)."""
-    data = {**settings.to_dict(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name,
-            "reg_data_dir": Path(settings.reg_data_dir).name if settings.reg_data_dir.strip() else ""}
+    """The settings for the file's metadata (`recorded`): LoRA files get shared, so no local paths, only the
+    folder names."""
+    data = {**settings.recorded(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
+    if "reg_data_dir" in data:
+        data["reg_data_dir"] = Path(settings.reg_data_dir).name
     del data["output_dir"]
-    defaults = TrainSettings()
-    for key in RECORDED_WHEN_SET:
-        if data[key] == getattr(defaults, key):
-            del data[key]
     return data
 
 

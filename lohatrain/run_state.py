@@ -94,7 +94,7 @@ class RunRecord:
     started_at: int
     model_name: str
     model_id: str
-    dataset: list[list]  # [file name, size, mtime_ns, caption] per image
+    dataset: list[list]  # [file name, size, mtime_ns, caption] per image, then [name, size, mtime_ns] of its mask file
 
 
 @dataclass
@@ -134,7 +134,9 @@ class SavedRun:
         for label, names in (("added", sorted(set(now) - set(then))), ("removed", sorted(set(then) - set(now))),
                              ("edited", sorted(n for n in set(now) & set(then) if now[n][1:3] != then[n][1:3])),
                              ("with another caption", sorted(n for n in set(now) & set(then)
-                                                             if now[n][3] != then[n][3]))):
+                                                             if now[n][3] != then[n][3])),
+                             ("with another mask", sorted(n for n in set(now) & set(then)
+                                                          if now[n][4:] != then[n][4:]))):
             if names:
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                 found.append(f"images {label}: {shown}")
@@ -142,15 +144,19 @@ class SavedRun:
 
 
 def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
-    """Per image: its path inside the dataset folder (`ImageItem.label`), size, modification time and caption."""
+    """Per image: its path inside the dataset folder (`ImageItem.label`), size, modification time and caption (and
+    its mask file's)."""
     entries = []
     for item in items:
+        files = [item.path] + ([item.mask] if item.mask and item.mask != item.path else [])  # masked loss: its mask
         try:
-            st = os.stat(item.path)
+            stats = [os.stat(f) for f in files]
         except OSError as e:
-            raise DatasetError(f"{item.path} cannot be read since the dataset was checked ({e.strerror}): put it "
+            raise DatasetError(f"{e.filename} cannot be read since the dataset was checked ({e.strerror}): put it "
                                   "back, or check the dataset again") from None
-        entries.append([item.label, st.st_size, st.st_mtime_ns, item.caption])
+        entries.append([item.label, stats[0].st_size, stats[0].st_mtime_ns, item.caption])
+        for path, st in zip(files[1:], stats[1:]):
+            entries[-1] += [item.label_of(path.name), st.st_size, st.st_mtime_ns]
     return sorted(entries)
 
 

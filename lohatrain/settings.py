@@ -15,10 +15,14 @@ from pathlib import Path
 
 from .errors import LohatrainError
 from .methods import TYPES, NetworkType
+from .targets import BLOCK_WEIGHTS, DEFAULT_TARGETS, TARGETS, weights_problem
 
 CAPTION_MODES = ("none", "phrase", "txt")
 DTYPES = ("fp16", "bf16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # kohya sd-scripts' loss_type
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's huber_schedule
+TIMESTEPS = 1000  # every SD family's noise schedule
 DEFAULT_METHOD = "loha"
 
 
@@ -50,6 +54,11 @@ CUSTOM_PRESET = "custom"
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+
+
+# A setting added after files were first shared: a file's `lohatrain_settings` leaves it out while it is at its
+# default, so a run with it off writes the same file as before it existed.
+RECORDED_WHEN_SET = {"recorded_when_set": True}
 
 
 class SettingsError(LohatrainError):
@@ -110,12 +119,32 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
-    # kohya's dataset shapes (issue 21; `N_name` sub-folders of dataset_dir need no setting)
-    reg_data_dir: str = ""  # regularization (class) images, flat or in `N_name` sub-folders; "" = none
-    prior_loss_weight: float = 1.0  # the regularization images' loss is multiplied by this
-    caption_dropout_rate: float = 0.0  # the chance a drawn image trains with an empty caption
-    caption_tag_dropout_rate: float = 0.0  # the chance each tag (but the kept ones) is left out of a drawn caption
-    keep_tokens_separator: str = ""  # the tags before it stay first, never shuffled or dropped ("" = keep_tokens)
+    # Every setting below (the options people know from kohya: issue 21) is recorded in a file's lohatrain_settings
+    # only when set away from its default (RECORDED_WHEN_SET), so runs without them write the same files as before.
+    # Network targets and block learning-rate weights (lohatrain.targets):
+    network_targets: str = field(default=DEFAULT_TARGETS, metadata=RECORDED_WHEN_SET)  # attn-only, attn-mlp, full
+    down_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)  # kohya's: "" = off, a comma list or a curve
+    mid_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)
+    up_lr_weight: str = field(default="", metadata=RECORDED_WHEN_SET)
+    block_lr_zero_threshold: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # at or below: that block not trained
+    # Masked loss, loss and noise, by kohya sd-scripts' names and defaults (all off by default):
+    masked_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    multires_noise_iterations: int = field(default=0, metadata=RECORDED_WHEN_SET)  # 0 = off
+    multires_noise_discount: float = field(default=0.3, metadata=RECORDED_WHEN_SET)
+    ip_noise_gamma: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # 0 = off
+    debiased_estimation_loss: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    loss_type: str = field(default="l2", metadata=RECORDED_WHEN_SET)
+    huber_schedule: str = field(default="snr", metadata=RECORDED_WHEN_SET)
+    huber_c: float = field(default=0.1, metadata=RECORDED_WHEN_SET)
+    huber_scale: float = field(default=1.0, metadata=RECORDED_WHEN_SET)
+    min_timestep: int = field(default=0, metadata=RECORDED_WHEN_SET)
+    max_timestep: int = field(default=TIMESTEPS, metadata=RECORDED_WHEN_SET)
+    # kohya's dataset shapes (`N_name` sub-folders of dataset_dir need no setting):
+    reg_data_dir: str = field(default="", metadata=RECORDED_WHEN_SET)  # class images, flat or in `N_name` folders
+    prior_loss_weight: float = field(default=1.0, metadata=RECORDED_WHEN_SET)  # the regularization images' loss ×
+    caption_dropout_rate: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # a drawn image's caption emptied
+    caption_tag_dropout_rate: float = field(default=0.0, metadata=RECORDED_WHEN_SET)  # each free tag left out
+    keep_tokens_separator: str = field(default="", metadata=RECORDED_WHEN_SET)  # tags before it stay first
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -163,6 +192,11 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """`to_dict` less the RECORDED_WHEN_SET settings left at their defaults: what a file's metadata records."""
+        return {k: v for f, (k, v) in zip(dataclasses.fields(self), self.to_dict().items())
+                if not (f.metadata.get("recorded_when_set") and v == f.default)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -244,6 +278,31 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        if self.network_targets not in TARGETS:
+            p.append(f"network_targets must be one of {', '.join(TARGETS)}, not {self.network_targets!r}")
+        p += [problem for name in BLOCK_WEIGHTS if (problem := weights_problem(name, getattr(self, name)))]
+        _float_range(p, "block_lr_zero_threshold", self.block_lr_zero_threshold, 0, 1000)
+        return p + self._loss_and_noise_problems() + self._dataset_shape_problems()
+
+    def _loss_and_noise_problems(self) -> list[str]:
+        p = []  # the types are checked already (_type_problems)
+        _int_range(p, "multires_noise_iterations", self.multires_noise_iterations, 0, 100)
+        _float_range(p, "multires_noise_discount", self.multires_noise_discount, 0, 1, low_open=True)
+        _float_range(p, "ip_noise_gamma", self.ip_noise_gamma, 0, 1)
+        if self.loss_type not in LOSS_TYPES:
+            p.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            p.append(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, not {self.huber_schedule!r}")
+        _float_range(p, "huber_c", self.huber_c, 0, 1, low_open=True)
+        _float_range(p, "huber_scale", self.huber_scale, 0, 100, low_open=True)
+        _int_range(p, "min_timestep", self.min_timestep, 0, TIMESTEPS - 1)
+        _int_range(p, "max_timestep", self.max_timestep, 1, TIMESTEPS)
+        if self.min_timestep >= self.max_timestep:
+            p.append(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
+        return p
+
+    def _dataset_shape_problems(self) -> list[str]:
+        p = []
         _float_range(p, "prior_loss_weight", self.prior_loss_weight, 0, 100)
         _float_range(p, "caption_dropout_rate", self.caption_dropout_rate, 0, 1)
         _float_range(p, "caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0, 1)
@@ -321,6 +380,26 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "network_targets": "what is adapted: attn-only (attention projections), attn-mlp (attention blocks whole; with "
+                       "conv_dim > 0 also ResBlocks and samplers) or full (also conv_in, conv_out, the time and SDXL "
+                       "label embeddings; 3x3 convolutions only with conv_dim > 0), as LyCORIS' presets",
+    "down_lr_weight": "kohya's learning-rate weights of the down blocks (input_blocks 0-11, SDXL 0-8): comma-separated "
+                      "(empty = 0, missing = 1) or a curve: sine, cosine, linear, reverse_linear, zeros, with +base",
+    "mid_lr_weight": "kohya's learning-rate weight of the middle block (SDXL: 3, comma-separated)",
+    "up_lr_weight": "kohya's learning-rate weights of the up blocks (output_blocks 0-11, SDXL 0-8), as down_lr_weight",
+    "block_lr_zero_threshold": "block weights at or below this become 0: that block is not trained",
+    "masked_loss": "weight the loss by each image's mask, its alpha channel or a <name>.mask.png beside it (white "
+                   "trains, black does not)",
+    "multires_noise_iterations": "multires (pyramid) noise levels, 0 = off (6 to 10 is usual)",
+    "multires_noise_discount": "multires noise: each coarser level's strength relative to the one before",
+    "ip_noise_gamma": "input-perturbation noise strength, 0 = off (0.1 is usual)",
+    "debiased_estimation_loss": "weight each step's loss by 1/sqrt(SNR) (debiased estimation)",
+    "loss_type": f"loss: {', '.join(LOSS_TYPES)}",
+    "huber_schedule": f"huber and smooth_l1: how huber_c changes with the timestep: {', '.join(HUBER_SCHEDULES)}",
+    "huber_c": "huber and smooth_l1: the threshold between quadratic and linear loss",
+    "huber_scale": "huber and smooth_l1: a factor on huber_c (constant and exponential schedules)",
+    "min_timestep": "the lowest timestep trained (0 to 999)",
+    "max_timestep": f"the timestep trained up to, not included (1 to {TIMESTEPS})",
     "reg_data_dir": "kohya's regularization folder: class images (directly in it or in N_name sub-folders), drawn "
                     "as often as the training images",
     "prior_loss_weight": "the regularization images' weight in the loss",
@@ -329,11 +408,6 @@ SETTING_HELP = {
     "keep_tokens_separator": "a mark in captions (such as |||): the tags before it stay first, never shuffled or "
                              "dropped; a second one keeps the tags after it last (unset: keep_tokens)",
 }
-
-# Settings a trained file's `lohatrain_settings` records only when they differ from their default, so a run that
-# leaves them alone writes the same file as before they existed.
-RECORDED_WHEN_SET = ("reg_data_dir", "prior_loss_weight", "caption_dropout_rate", "caption_tag_dropout_rate",
-                     "keep_tokens_separator")
 
 
 def _type_problems(data: dict) -> list[str]:

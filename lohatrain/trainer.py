@@ -36,6 +36,7 @@ from .preflight import Prepared, preflight
 from .run_state import RunRecord, SavedRun
 from .saves import Saves
 from .settings import TrainSettings
+from .targets import block_weights
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         stack.enter_context(parts.unet_training())
         if settings.gradient_checkpointing:
             loop.checkpoint_blocks(parts.unet)
-        state = _loop_state(network, settings, seed, batch_sampler, device)
+        state = _loop_state(network, settings, seed, batch_sampler, device, parts.family)
         if resume:
             run_state.restore(state, resume)
         elif settings.init_from:
@@ -162,8 +163,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         def after_step(step: int) -> None:
             nonlocal whole_step_streams
             whole_step_streams = state.streams()
-            report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth,
-                            state.scheduler.get_last_lr()[0], *rate.at(step, settings.steps)))
+            report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth, _unet_lr(state),
+                            *rate.at(step, settings.steps)))
             if on_step:
                 with torch.no_grad():
                     on_step(step, network)
@@ -248,22 +249,47 @@ def _cache(parts: ModelParts, prepared: Prepared, bucket_of, needed: set[int], e
 
 def _network(parts: ModelParts, settings: TrainSettings, seed: int, train_text: bool, device) -> Network:
     plans = plan_unet(parts.family, parts.unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha,
-                      parts.linear_types)
+                      parts.linear_types, settings.network_targets)
     if train_text:
-        plans += plan_text_encoder(parts, settings.dim, settings.alpha)
+        plans += plan_text_encoder(parts, settings.dim, settings.alpha, settings.network_targets)
     return Network(plans, seed, settings.training_method, settings.lokr_factor, settings.dora).to(device)
 
 
-def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_sampler, device) -> loop.LoopState:
-    groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
+def param_groups(network: Network, settings: TrainSettings, family) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's at its learning rate, or with kohya's block weights one group per
+    block at the rate times its weight (`lr_weight`; a block of weight 0 is left out and frozen, as kohya leaves it
+    out); then the text encoder's."""
+    weights = block_weights(settings, family.lr_blocks)
+    if weights is None:
+        groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
+    else:
+        groups = []
+        for block, params in network.parameters_by_block().items():
+            weight = weights.get(block, 1.0)
+            if weight == 0:
+                for p in params:
+                    p.requires_grad_(False)
+            else:
+                groups.append({"params": params, "lr": settings.learning_rate * weight, "lr_weight": weight})
     if settings.text_encoder_lr > 0:
         groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
+    return groups
+
+
+def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_sampler, device,
+                family) -> loop.LoopState:
+    groups = param_groups(network, settings, family)
     # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
     return loop.LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                           compat.grad_scaler(device.type, enabled=settings.train_dtype == "fp16"), batch_sampler,
                           torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
                           random.Random(seed + 3))
+
+
+def _unet_lr(state: loop.LoopState) -> float:
+    """The UNet's learning rate now (the first group's, without its block weight)."""
+    return state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0].get("lr_weight", 1.0)
 
 
 def _check_resume(resume: SavedRun, settings: TrainSettings, now: RunRecord, anyway: bool) -> list[str]:
