@@ -1,6 +1,7 @@
 """kohya's dataset shapes: `N_name` sub-folders trained N times per epoch, a regularization folder drawn as often as
 the training images and weighted by `prior_loss_weight`, caption and tag dropout and `keep_tokens_separator`, with
-kohya's metadata; the doctor, the tab and the REST routes per sub-folder; every mistake refused with its reason."""
+kohya's metadata; the doctor, the tab and the REST routes per sub-folder; every mistake refused with its reason;
+masked loss in these folders."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,6 +29,7 @@ from lohatrain.settings import TrainSettings
 from lohatrain.trainer import train
 
 from test_engine import settings_for
+from test_loss_and_noise import square_mask, write_dataset
 from test_resume import lora_files, resume_run, stopping_at
 
 
@@ -394,3 +397,67 @@ def test_a_thumbnails_caption_in_a_sub_folder_is_edited_there(checked):
     assert written == root / "1_bob" / "sample_01.txt" and written.read_text() == "bob, hat"
     assert dict(thumbnails(root, ".txt"))[str(root / "1_bob" / "sample_01.png")] == "bob, hat"
     assert ds.scan_dataset(root, "txt")[1].caption == "bob, hat"
+
+
+# --- masked loss in kohya's folders -------------------------------------------------------------------------------
+
+
+def test_masked_images_in_N_name_and_regularization_folders_train_with_their_masks_on_every_draw(tiny_model,
+                                                                                                  tmp_path):
+    """An image of `2_alice` and a class image, each under an all-black mask file, are drawn as their folders say
+    (alice's twice an epoch), yet with masked loss their pixels change nothing in the file: every draw is masked,
+    with the class images' loss weight on top. Without masked loss they do. A class image's alpha is its mask."""
+    black, files = Image.new("L", (64, 64), 0), {}
+    for pixels in (0, 1):  # the two black-masked images with other pixels entirely
+        root = tmp_path / str(pixels)
+        write_dataset(root / "data" / "2_alice", {0: black}, count=2, pixels_seed=pixels)
+        write_dataset(root / "data" / "1_bob", {1: square_mask(8, 40)}, count=2)
+        reg = write_dataset(root / "reg" / "1_person", {0: black}, count=2, pixels_seed=pixels)
+        with Image.open(reg / "img_1.png") as img:
+            transparent = img.convert("RGBA")
+        transparent.putalpha(square_mask(16, 48))
+        transparent.save(reg / "img_1.png")
+        for masked_loss in (False, True):
+            settings = settings_for(root / "data", tmp_path / f"out-{pixels}-{masked_loss}", masked_loss=masked_loss,
+                                    reg_data_dir=str(root / "reg"), prior_loss_weight=0.5)
+            files[pixels, masked_loss] = train(ldm_parts(copy.deepcopy(tiny_model)), settings).file.read_bytes()
+    assert files[0, True] == files[1, True]  # whole file, byte for byte
+    assert files[0, False] != files[1, False]
+
+    items = ds.scan_dataset(tmp_path / "0" / "data", "txt", reg_data_dir=tmp_path / "0" / "reg", masked_loss=True)
+    assert [(i.label, i.mask and i.mask.name) for i in items] == [
+        ("1_bob/img_0.png", None), ("1_bob/img_1.png", "img_1.mask.png"), ("2_alice/img_0.png", "img_0.mask.png"),
+        ("2_alice/img_1.png", None), ("regularization/1_person/img_0.png", "img_0.mask.png"),
+        ("regularization/1_person/img_1.png", "img_1.png")]
+    assert ds.draws_per_epoch(items) == [1, 1, 2, 2, 3, 3]  # 12 draws: the 6 steps of 2 are one whole epoch
+
+
+def test_the_doctor_counts_masks_in_sub_folders_and_names_each_by_its_folder(webui_server, tmp_path):
+    """Masks are checked in `N_name` and regularization folders alike and named there (`2_alice/img_1.mask.png`);
+    the dataset check over REST takes `reg_data_dir` and `masked_loss` together. Only class images with masks do
+    not make a masked run: the dataset's own images need some."""
+    data, reg = tmp_path / "data", tmp_path / "reg"
+    write_dataset(data / "2_alice", {0: Image.new("L", (64, 64), 0), 1: square_mask(0, 16, size=32)}, count=3)
+    write_dataset(data / "1_bob", {0: square_mask(8, 40)}, count=1)
+    write_dataset(reg / "1_person", {1: Image.new("L", (64, 64), 0), 0: square_mask(0, 16, size=48)}, count=2)
+    with pytest.raises(DatasetError) as refused:
+        ds.scan_dataset(data, "txt", reg_data_dir=reg, masked_loss=True)
+    assert "2_alice/img_1.mask.png is 32x32 but 2_alice/img_1.png is 64x64" in str(refused.value)
+    (data / "2_alice" / f"img_1{ds.MASK_SUFFIX}").unlink()
+    with pytest.raises(DatasetError, match="regularization/1_person/img_0.mask.png is 48x48 but "
+                                           "regularization/1_person/img_0.png is 64x64"):
+        ds.scan_dataset(data, "txt", reg_data_dir=reg, masked_loss=True)
+
+    r = httpx.post(f"{webui_server.url}/lohatrain/v1/dataset/check", json={
+        "dataset_dir": str(data), "reg_data_dir": str(reg), "masked_loss": True, "resolution": 64})
+    assert r.status_code == 200
+    report = r.json()
+    assert (report["images"], report["regularization_images"], report["masks"]) == (4, 2, 4)
+    assert [f["name"] for f in report["folders"]] == ["1_bob", "2_alice", "1_person"]
+    assert [(p["file"], p["kind"]) for p in report["problems"] if "mask" in p["kind"]] == [
+        ("2_alice/img_0.png", "empty_mask"), ("regularization/1_person/img_0.png", "mask_unusable"),
+        ("regularization/1_person/img_1.png", "empty_mask")]
+
+    plain = write_dataset(tmp_path / "plain" / "1_carol", count=2).parent
+    with pytest.raises(DatasetError, match="masked_loss is on but no image has a mask"):
+        ds.scan_dataset(plain, "txt", reg_data_dir=reg, masked_loss=True)
