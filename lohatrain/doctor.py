@@ -89,14 +89,13 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     problems: list[Problem] = []
     items: list[ds.ImageItem] = []  # the images that open, as a run would draw them
     captions: dict[str, str] = {}  # by label: the training images' captions that could be read
-    exact: dict[str, str] = {}
-    hashes: list[tuple[str, object, list[int]]] = []
     order: dict[str, int] = {}
     try:
         import imagehash  # the WebUI has its dependencies (scipy, PyWavelets: scikit-image); install.py adds it
         skipped = []
     except ImportError as e:
         imagehash, skipped = None, [f"near duplicates: the ImageHash library cannot be imported ({e})"]
+    seen = _Seen(imagehash)
 
     for sub, regularization in subs:
         for path in sub.images:
@@ -106,23 +105,11 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                 with ds.decode_image(path) as stored, ds.to_rgb(stored) as img:
                     mask = ds.mask_source(path, sub.files, stored)
                     size = img.size
-                    digest = hashlib.sha256(img.tobytes()).hexdigest()
-                    perceptual = imagehash.phash(img) if imagehash else None
-                    colours = list(img.convert("RGB").resize((1, 1), Image.BOX).tobytes())
+                    problems += seen.duplicate_problems(name, img)
             except ds.DatasetError:
                 problems.append(Problem(name, "broken", f"{name} cannot be read (damaged, incomplete, or not "
                                                         "really an image): re-save it as PNG or JPEG, or remove it"))
                 continue
-            if digest in exact:
-                problems.append(Problem(name, "duplicate", f"{name} is the same image as {exact[digest]}"))
-            else:
-                exact[digest] = name
-                twin = next((other for other, h, c in hashes if imagehash and perceptual - h <= NEAR_DUPLICATE_BITS
-                             and max(abs(a - b) for a, b in zip(colours, c)) <= NEAR_DUPLICATE_COLOUR), None)
-                if twin:
-                    problems.append(Problem(name, "near_duplicate", f"{name} is nearly the same image as "
-                                            f"{twin} (resized, re-encoded or cropped): it weighs double in training"))
-                hashes.append((name, perceptual, colours))
             problems += _size_problems(name, size, buckets)
             caption = _caption(name, path, sub, regularization, caption_mode, caption_ext, caption_phrase, problems)
             items.append(ds.ImageItem(path, caption or "", *size, sub.name, sub.repeats, regularization, mask))
@@ -152,6 +139,34 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
     return Report(train_images, problems, frequency, trigger, steps, reason, skipped, folders,
                   sum(len(sub.images) for sub, regularization in subs if regularization),
                   sum(item.mask is not None for item in items))
+
+
+
+class _Seen:
+    """The images read so far, by their exact pixels and (with ImageHash) perceptual hash and mean colour."""
+
+    def __init__(self, imagehash):
+        self.imagehash = imagehash
+        self.exact: dict[str, str] = {}
+        self.hashes: list[tuple[str, object, list[int]]] = []
+
+    def duplicate_problems(self, name: str, img: Image.Image) -> list[Problem]:
+        """The image's `duplicate` or `near_duplicate` problem, if an image read before is its twin."""
+        digest = hashlib.sha256(img.tobytes()).hexdigest()
+        if digest in self.exact:
+            return [Problem(name, "duplicate", f"{name} is the same image as {self.exact[digest]}")]
+        self.exact[digest] = name
+        if not self.imagehash:
+            return []
+        perceptual = self.imagehash.phash(img)
+        colours = list(img.convert("RGB").resize((1, 1), Image.BOX).tobytes())
+        twin = next((other for other, h, c in self.hashes if perceptual - h <= NEAR_DUPLICATE_BITS
+                     and max(abs(a - b) for a, b in zip(colours, c)) <= NEAR_DUPLICATE_COLOUR), None)
+        self.hashes.append((name, perceptual, colours))
+        if not twin:
+            return []
+        return [Problem(name, "near_duplicate", f"{name} is nearly the same image as {twin} (resized, re-encoded or "
+                                                "cropped): it weighs double in training")]
 
 
 def _trigger_problems(captions: dict[str, str], trigger: str) -> list[Problem]:
