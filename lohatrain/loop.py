@@ -66,6 +66,7 @@ class Setup:
     device: torch.device
     autocast: Callable
     ranks: Ranks
+    loss_weights: torch.Tensor | None = None  # each image's weight in the loss (regularization images'), or None
 
 
 class Diverged(LohatrainError):
@@ -104,11 +105,9 @@ def step(setup: Setup, loop: LoopState) -> None:
 
     with setup.autocast():
         prediction = setup.predict(noisy, timesteps, cond)
-    loss = elementwise_loss(prediction.float(), target, settings, timesteps, setup.alphas_cumprod)
-    if masks is not None:
-        loss = loss * masks
-    loss = weighted_by_snr(loss.mean(dim=(1, 2, 3)), ac.flatten(), settings, setup.parts.v_prediction)
-    loss = loss.mean()  # over the share: the processes' average gradient is the whole batch's
+    weights = None if setup.loss_weights is None else setup.loss_weights[indexes][share].to(device)
+    # the mean over the share: the processes' average gradient is the whole batch's
+    loss = image_losses(setup, prediction.float(), target, masks, timesteps, weights).mean()
     batch_loss = ranks.mean(loss)  # before the update: a process lost here leaves the weights of the last step
     loop.scaler.scale(loss).backward()
     loop.scaler.step(loop.optimizer)
@@ -125,12 +124,26 @@ def step(setup: Setup, loop: LoopState) -> None:
     loop.smooth = value if loop.smooth is None else 0.9 * loop.smooth + 0.1 * value
 
 
+def image_losses(setup: Setup, prediction: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None,
+                 timesteps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each image's loss, in kohya's order: the elementwise loss (`loss_type`) weighted by its mask (masked loss)
+    and averaged, times its own weight (`prior_loss_weight` for a regularization image), then weighted by its
+    timestep's SNR."""
+    loss = elementwise_loss(prediction, target, setup.settings, timesteps, setup.alphas_cumprod)
+    if masks is not None:
+        loss = loss * masks
+    loss = loss.mean(dim=(1, 2, 3))
+    if weights is not None:
+        loss = loss * weights
+    return weighted_by_snr(loss, setup.alphas_cumprod[timesteps], setup.settings, setup.parts.v_prediction)
+
+
 def conditioning(setup: Setup, loop: LoopState, indexes: list[int]):
-    """The whole batch's captions, encoded (shuffled tags, or a trained text encoder) or stacked from the cache: a
-    batch pads every caption to its longest, as in a one-process run."""
-    captions = [setup.cache.captions[i] for i in indexes]
-    if setup.settings.shuffle_tags:
-        captions = [ds.shuffle_caption(c, loop.caption_rng, setup.settings.keep_tokens) for c in captions]
+    """The whole batch's captions as drawn (shuffled, dropped: lohatrain.dataset.CaptionVariation), encoded
+    (shuffled tags, or a trained text encoder) or stacked from the cache: a batch pads every caption to its longest,
+    as in a one-process run."""
+    variation = ds.CaptionVariation.of(setup.settings)
+    captions = [variation.apply(setup.cache.captions[i], loop.caption_rng) for i in indexes]
     if setup.cache.per_step_text:
         with torch.set_grad_enabled(setup.train_text), setup.autocast():
             return setup.encode_prompts(captions)

@@ -5,9 +5,9 @@ its own: memory flags and the path rule).
 What it checks: this torch, what the host allows (a text encoder it cannot train), how the model is held (fp16,
 bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR, block weights for
 the family's blocks), the optimizer (its package, its arguments against its constructor, bitsandbytes on the
-training device), the output
-name and folder (a plain name, writable, no file overwritten unless asked), and the dataset (images that
-open, captions present, masks that fit). What it found is what the run then uses.
+training device), the output name and folder (a plain name, writable, no file overwritten unless asked), and the
+dataset and regularization folders (images that open, captions present, kohya's `N_name` sub-folders, masks that
+fit). What it found is what the run then uses.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Prepared:
 
     settings: TrainSettings
     plan: OutputPlan
-    items: list[ds.ImageItem]
+    items: list[ds.ImageItem]  # the training images, then the regularization images
 
 
 def preflight(parts: ModelParts, settings: TrainSettings, resuming: bool = False) -> Prepared:
@@ -60,7 +60,7 @@ def _check_settings(settings: TrainSettings) -> None:
 def _prepared(settings: TrainSettings, resuming: bool) -> Prepared:
     plan = plan_output(settings, settings.output_dir or ".", resuming)
     items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
-                            settings.caption_ext, settings.masked_loss)
+                            settings.caption_ext, settings.reg_data_dir, settings.masked_loss)
     return Prepared(settings, plan, items)
 
 

@@ -163,7 +163,8 @@ class SavedRun:
 
 
 def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
-    """Per image: its path inside the dataset folder, size, modification time and caption (and its mask file's)."""
+    """Per image: its path inside the dataset folder (`ImageItem.label`), size, modification time and caption (and
+    its mask file's)."""
     entries = []
     for item in items:
         files = [item.path] + ([item.mask] if item.mask and item.mask != item.path else [])  # masked loss: its mask
@@ -172,9 +173,9 @@ def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
         except OSError as e:
             raise DatasetError(f"{e.filename} cannot be read since the dataset was checked ({e.strerror}): put it "
                                   "back, or check the dataset again") from None
-        entries.append([Path(item.path).name, stats[0].st_size, stats[0].st_mtime_ns, item.caption])
+        entries.append([item.label, stats[0].st_size, stats[0].st_mtime_ns, item.caption])
         for path, st in zip(files[1:], stats[1:]):
-            entries[-1] += [Path(path).name, st.st_size, st.st_mtime_ns]
+            entries[-1] += [item.label_of(path.name), st.st_size, st.st_mtime_ns]
     return sorted(entries)
 
 

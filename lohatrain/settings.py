@@ -150,6 +150,12 @@ class TrainSettings:
     prodigy_bias_correction: bool = _added(False)
     prodigy_safeguard_warmup: bool = _added(False)
     adafactor_relative_step: bool = _added(True)  # False: a fixed rate, the learning rate and its schedule
+    # kohya's dataset shapes (`N_name` sub-folders of dataset_dir need no setting):
+    reg_data_dir: str = _added("")  # class images, flat or in `N_name` folders
+    prior_loss_weight: float = _added(1.0)  # the regularization images' loss ×
+    caption_dropout_rate: float = _added(0.0)  # a drawn image's caption emptied
+    caption_tag_dropout_rate: float = _added(0.0)  # each free tag left out
+    keep_tokens_separator: str = _added("")  # tags before it stay first
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -288,7 +294,7 @@ class TrainSettings:
             p.append(f"network_targets must be one of {', '.join(TARGETS)}, not {self.network_targets!r}")
         p += [problem for name in BLOCK_WEIGHTS if (problem := weights_problem(name, getattr(self, name)))]
         _float_range(p, "block_lr_zero_threshold", self.block_lr_zero_threshold, 0, 1000)
-        return p + self._loss_and_noise_problems()
+        return p + self._loss_and_noise_problems() + self._dataset_shape_problems()
 
     def _loss_and_noise_problems(self) -> list[str]:
         p = []  # the types are checked already (_type_problems)
@@ -312,6 +318,16 @@ class TrainSettings:
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")
         p += optimizers.problems(self)
+        return p
+
+    def _dataset_shape_problems(self) -> list[str]:
+        p = []
+        _float_range(p, "prior_loss_weight", self.prior_loss_weight, 0, 100)
+        _float_range(p, "caption_dropout_rate", self.caption_dropout_rate, 0, 1)
+        _float_range(p, "caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0, 1)
+        if self.keep_tokens_separator and (not self.keep_tokens_separator.strip() or "," in self.keep_tokens_separator):
+            p.append(f"keep_tokens_separator must be a mark that is not in your tags, such as |||, not "
+                     f"{self.keep_tokens_separator!r} (no comma, not only spaces)")
         return p
 
     def validate(self) -> None:
@@ -414,6 +430,13 @@ SETTING_HELP = {
                                 "(safeguard_warmup; turn on with lr_warmup_steps)",
     "adafactor_relative_step": "adafactor: its own step size 1/sqrt(step), learning_rate unused (kohya's default); "
                                "off: a fixed rate, the learning rate and its schedule",
+    "reg_data_dir": "kohya's regularization folder: class images (directly in it or in N_name sub-folders), drawn "
+                    "as often as the training images",
+    "prior_loss_weight": "the regularization images' weight in the loss",
+    "caption_dropout_rate": "the chance (0 to 1) a drawn image trains with an empty caption",
+    "caption_tag_dropout_rate": "the chance (0 to 1) each tag is left out of a drawn caption (the kept ones never)",
+    "keep_tokens_separator": "a mark in captions (such as |||): the tags before it stay first, never shuffled or "
+                             "dropped; a second one keeps the tags after it last (unset: keep_tokens)",
 }
 
 

@@ -120,10 +120,13 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
 
     with ExitStack() as stack:
         guard, autocast = _hold(stack, parts, settings, train_text, device)
-        batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed))
+        draws = ds.draws_per_epoch(items)
+        batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed),
+                                              draws)
         if resume:
             batch_sampler.load_state_dict(resume.sampler_state)
-        needed = ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0), len(items))
+        needed = {i for i in ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0),
+                                                 len(items)) if draws[i]}  # regularization images left out: none
         cache = _cache(parts, prepared, bucket_of, needed, encode_prompts, train_text, autocast, stop, seed, report)
         if cache is None:
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
@@ -151,7 +154,7 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         setup = loop.Setup(parts, ranks.parallel(loop.Prediction(network, parts.predict)), cache, settings,
                            encode_prompts, train_text,
                            loop.training_alphas_cumprod(parts.alphas_cumprod, settings.zero_terminal_snr).to(device),
-                           device, autocast, ranks)
+                           device, autocast, ranks, ds.loss_weights(items, settings.prior_loss_weight))
         saves = Saves(prepared, parts, record, state, clip_skip, bucket_of, ranks.world_size, changes,
                       resumed=resume is not None)
         first_step, rate = state.step, loop.Rate(state.step)
@@ -235,10 +238,11 @@ def _cache(parts: ModelParts, prepared: Prepared, bucket_of, needed: set[int], e
     if not settings.color_aug and not parts.managed:
         parts.vae.to(parts.offload_device)
     captions = [item.caption for item in prepared.items]
-    cache = Cache(samples, captions, {}, per_step_text=settings.shuffle_tags or train_text)
+    variation = ds.CaptionVariation.of(settings)
+    cache = Cache(samples, captions, {}, per_step_text=variation.per_step or train_text)
     if not cache.per_step_text:
         report(Progress("Encoding captions"))
-        cache.conditioning = cache_conditioning(encode_prompts, captions, autocast)
+        cache.conditioning = cache_conditioning(encode_prompts, variation.cached_captions(captions), autocast)
         if not parts.managed:
             parts.text_encoder.to(parts.offload_device)
     return cache
@@ -317,10 +321,17 @@ def _start_from_file(network: Network, path: Path) -> None:
 
 
 def _activation_text(settings: TrainSettings, items) -> str:
+    """The trigger the WebUI's card puts in a prompt: the phrase, else the first tag most captions start with, one
+    per `N_name` sub-folder (each concept its own); regularization images have none."""
     if settings.caption_mode == "phrase":
         return settings.caption_phrase
-    first_tags = [i.caption.split(",")[0].strip() for i in items if i.caption.strip()]
-    return max(sorted(set(first_tags)), key=first_tags.count) if first_tags else ""
+    triggers = []
+    for folder in dict.fromkeys(i.folder for i in items if not i.regularization):
+        first_tags = [i.caption.split(",")[0].strip() for i in items
+                      if i.folder == folder and not i.regularization and i.caption.strip()]
+        if first_tags:
+            triggers.append(max(sorted(set(first_tags)), key=first_tags.count))
+    return ", ".join(dict.fromkeys(triggers))
 
 
 @contextmanager

@@ -95,6 +95,8 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     model's own checks made when the run loads it."""
     host = hosts.current()
     check_dataset_path(settings.dataset_dir, via)
+    if settings.reg_data_dir.strip():
+        check_dataset_path(settings.reg_data_dir, via)
     host.check_memory_mode()
     install_optimizer_package(settings)
     if settings.preview_every_steps:

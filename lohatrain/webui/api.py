@@ -6,8 +6,10 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
-                              "batch_size", "masked_loss"} → the dataset doctor's report: images, problems [{file,
-                              kind, message}], tag_frequency, trigger, suggested_steps, steps_reason, masks
+                              "batch_size", "reg_data_dir", "masked_loss"} → the dataset doctor's report: images,
+                              problems [{file, kind, message}], tag_frequency, trigger, suggested_steps, steps_reason,
+                              folders [{name, regularization, repeats, images, draws, share, trigger}] (kohya's N_name
+                              sub-folders, or the folder itself), regularization_images, masks
 POST /lohatrain/v1/grid       {"name", "prompts", "strengths", "seed"} (all but the name optional: the run's preview
                               prompts, 0.5/0.75/1, its preview seed) → the steps × strength grid through the WebUI's
                               txt2img: {"files", "images" (base64 PNG, one per prompt), "columns", "rows", "prompts"}
@@ -134,7 +136,7 @@ class Routes:
     def check_dataset(self, body=Body(...)):
         """The dataset doctor's report, before anything is trained."""
         known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
-                 "resolution": int, "batch_size": int, "masked_loss": bool}
+                 "resolution": int, "batch_size": int, "reg_data_dir": str, "masked_loss": bool}
         if not isinstance(body, dict):
             return _refuse(["the body must be a JSON object"])
         problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
@@ -142,9 +144,12 @@ class Routes:
             return _refuse(problems)
         try:
             actions.check_dataset_path(body.get("dataset_dir", ""), via="api")
+            if body.get("reg_data_dir", "").strip():
+                actions.check_dataset_path(body["reg_data_dir"], via="api")
             report = doctor.check(body.get("dataset_dir", ""), body.get("caption_mode", "txt"),
                                   body.get("caption_ext", ".txt"), body.get("caption_phrase", ""),
                                   body.get("resolution", 512), body.get("batch_size", 1),
+                                  reg_data_dir=body.get("reg_data_dir", ""),
                                   masked_loss=body.get("masked_loss", False))
         except (LohatrainError, ValueError) as e:
             return _refuse([str(e)])

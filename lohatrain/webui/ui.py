@@ -259,9 +259,11 @@ def make_grid(runner: JobRunner, name, prompts, strengths, seed):
 
 
 def _thumbnails(dataset_dir, ext: str) -> tuple[list, list[str]]:
-    """The gallery's (image, caption) pairs and the file names behind them (a per-page state, for editing)."""
+    """The gallery's (image, caption) pairs and the images' names in the dataset behind them ("2_alice/photo.png"
+    in a kohya sub-folder; a per-page state, for editing)."""
     shown = captions.thumbnails(dataset_dir, ext)
-    return shown, [Path(p).name for p, _ in shown]
+    folder = ds.resolve_folder(dataset_dir) if shown else None
+    return shown, [Path(p).relative_to(folder).as_posix() for p, _ in shown]
 
 
 def select_thumbnail(names, evt: gr.SelectData):
@@ -284,33 +286,54 @@ def save_edited_caption(dataset_dir, name, text, ext):
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
-                  batch_size=1):
-    """The dataset doctor's findings (lohatrain/doctor.py), then count, buckets, captions and a few
-    thumbnails, before anything is trained."""
+                  batch_size=1, reg_data_dir=""):
+    """The dataset doctor's findings (lohatrain/doctor.py), then count, kohya's folders (repeats, draws, the
+    regularization share), buckets, captions and a few thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     low, high = bucket_sides_for(int(resolution))
     min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
+    reg_data_dir = (reg_data_dir or "").strip()
     try:
         actions.check_dataset_path(dataset_dir, via="tab")
+        if reg_data_dir:
+            actions.check_dataset_path(reg_data_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
-                             int(min_side), int(max_side))
+                             int(min_side), int(max_side), reg_data_dir)
     except (LohatrainError, ValueError) as e:
         return _message(str(e), "error"), [], []
     doctor_html = _doctor_html(found)
     shown, names = _thumbnails(dataset_dir, ext or ".txt")
     try:
-        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext, reg_data_dir)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:  # the doctor lists each file; this says what blocks training
         return doctor_html + _message(str(e), "error"), shown, names
-    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
-    captioned = sum(1 for i in items if i.caption.strip())
+    draws = ds.draws_per_epoch(items)
+    kohya = len(found.folders) > 1 or any(f.repeats > 1 for f in found.folders)
+    per_epoch = dict(ds.bucket_table(items, bucket_of, draws))
+    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td>" + (f"<td>{per_epoch.get((w, h), 0)}</td>" if kohya else "")
+                   + "</tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
+    captioned = sum(1 for i in items if i.caption.strip() and not i.regularization)
     note = ds.grouping_note(items, bucket_of, int(resolution), bool(bucketing), int(min_side), int(max_side))
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of) + [note] if w)
-    report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
-              f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
+    report = (f'<div class="lohatrain-dataset"><p><b>{found.images}</b> images, <b>{captioned}</b> with a caption'
+              + (f", and <b>{found.regularization_images}</b> regularization images" if found.regularization_images
+                 else "") + ".</p>"
+              + (_folders_html(found.folders) if kohya else "")
+              + "<table><tr><th>bucket</th><th>images</th>" + ("<th>draws per epoch</th>" if kohya else "")
+              + f"</tr>{rows}</table>"
               + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
     return report, shown, names
+
+
+def _folders_html(folders) -> str:
+    """kohya's folders: repeats, images, draws per epoch and their share, the trigger of each."""
+    rows = "".join(
+        f"<tr><td>{html.escape(f.name)}{' (regularization)' if f.regularization else ''}</td><td>{f.repeats}</td>"
+        f"<td>{f.images}</td><td>{f.draws}</td><td>{f.share:.0%}</td><td>{html.escape(f.trigger)}</td></tr>"
+        for f in folders)
+    return ('<table class="lohatrain-folders"><tr><th>folder</th><th>repeats</th><th>images</th>'
+            f"<th>draws per epoch</th><th>share</th><th>trigger</th></tr>{rows}</table>")
 
 
 def _doctor_html(found) -> str:
