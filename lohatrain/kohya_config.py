@@ -124,10 +124,11 @@ _GUI_TYPES = {
                    ("conv_dim", "conv_alpha", "use_tucker", "factor", "rank_dropout", "module_dropout")),
 }
 _GUI_ARG_NAMES = {"LyCORIS_preset": "preset", "unit": "block_size", "constrain": "constraint"}
+_GUI_FIELD_NAMES = {arg: gui for gui, arg in _GUI_ARG_NAMES.items()}
+_LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 _NETWORK_FIELDS = {"LyCORIS_preset", "conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
                    "module_dropout", "use_scalar", "rank_dropout_scale", "train_norm", "factor", "use_cp",
-                   "decompose_both", "constrain", "rescaled", "train_on_input", "unit", "network_dropout",
-                   "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "down_lr_weight",
+                   "decompose_both", "constrain", "rescaled", "train_on_input", "unit", *_LORAPLUS, "down_lr_weight",
                    "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas",
                    "conv_block_dims", "conv_block_alphas"}
 
@@ -192,6 +193,20 @@ class _Refused(ValueError):
     """A value that cannot be converted to its lohatrain setting (the message says why)."""
 
 
+@dataclass(frozen=True)
+class NotTaken:
+    """An option of the file that no setting took: its name as the file spells it, its value and why."""
+
+    group: str  # one of GROUPS
+    option: str
+    value: object = None  # None: not shown (the option names it all)
+    why: str = ""
+
+    def __str__(self) -> str:
+        value = "" if self.value is None else f" = {_shown(self.value)}"
+        return f"{self.option}{value}" + (f" ({self.why})" if self.why else "")
+
+
 @dataclass
 class KohyaImport:
     """What an import found: the settings (lohatrain's names, only what the config sets) and where every option
@@ -201,23 +216,22 @@ class KohyaImport:
     settings: dict = field(default_factory=dict)
     taken: list[str] = field(default_factory=list)  # the file's option names taken
     changed: list[str] = field(default_factory=list)  # "option value → setting value (why)"
-    not_taken: dict[str, list[str]] = field(default_factory=dict)  # group → "option = value (why)"
+    not_taken: list[NotTaken] = field(default_factory=list)
     quiet: list[str] = field(default_factory=list)  # at kohya's default, or unused by kohya for this config
-
-    @property
-    def not_taken_count(self) -> int:
-        return sum(len(v) for v in self.not_taken.values())
 
     def message(self) -> str:
         """One message: what was taken (a count), what was changed and what was not, grouped."""
-        lines = [f"Imported a {self.kind}: {len(self.taken)} options taken, {self.not_taken_count} not taken"
+        lines = [f"Imported a {self.kind}: {len(self.taken)} options taken, {len(self.not_taken)} not taken"
                  + (f" ({len(self.quiet)} more at kohya's defaults or unused by kohya for it)." if self.quiet else ".")]
         if self.changed:
             lines.append("Taken with a change:")
             lines += [f"- {line}" for line in self.changed]
         if self.not_taken:
             lines.append("Not taken:")
-            lines += [f"- {group}: {'; '.join(self.not_taken[group])}" for group in GROUPS if group in self.not_taken]
+            for group in GROUPS:
+                entries = [str(n) for n in self.not_taken if n.group == group]
+                if entries:
+                    lines.append(f"- {group}: {'; '.join(entries)}")
         return "\n".join(lines)
 
     def complete(self, family: str = "sd1", base: dict | None = None) -> TrainSettings:
@@ -227,6 +241,11 @@ class KohyaImport:
         folder = data.get("dataset_dir", "")
         settings = TrainSettings.from_dict({**data, "dataset_dir": folder or "-"}, family)
         return dataclasses.replace(settings, dataset_dir=folder)
+
+    def accounts_for(self, option: str) -> bool:
+        """Whether the file's option is taken, listed or counted as quiet (every one must be)."""
+        names = [*self.taken, *(n.option for n in self.not_taken), *self.quiet]
+        return any(name == option or name.startswith(option + " ") for name in names)
 
 
 def import_file(path: str | Path, dataset_config: str | Path | None = None, family: str = "sd1") -> KohyaImport:
@@ -326,25 +345,25 @@ def _from_gui(gui: dict) -> tuple[dict, dict, list[str]]:
     family = next((name for switch, name in _FAMILY_SWITCHES.items() if g.get(switch)), None)
     lora_type = g.get("LoRA_type", "Standard")
     module, algo, passed = _GUI_TYPES.get(lora_type, (None, None, ()))
+    passed += _LORAPLUS if module else ()
     for key, value in g.items():
-        if key in _GUI_ONLY or key in ("LoRA_type", "optimizer", "max_resolution", "lr_warmup", "lr_warmup_steps",
+        if key in _GUI_ONLY:
+            quiet.append(key)
+        elif key in ("LoRA_type", "optimizer", "max_resolution", "lr_warmup", "lr_warmup_steps",
                                        "epoch", "text_encoder_lr", "unet_lr", "learning_rate", "t5xxl_lr",
                                        "additional_parameters", "noise_offset_type", "sdxl_no_half_vae",
                                        "sdxl_cache_text_encoder_outputs", "max_train_steps", "max_train_epochs",
                                        "lora_network_weights"):
             continue
-        if key in _FAMILY_SWITCHES or _FAMILY_FIELDS.match(key):
-            if family and key not in _FAMILY_SWITCHES and not _is_off(value):
-                args[key] = value
-            elif key in _FAMILY_SWITCHES and value:
+        elif key in _FAMILY_SWITCHES or _FAMILY_FIELDS.match(key):
+            if value and (key in _FAMILY_SWITCHES or family and not _is_off(value)):
                 args[key] = value
             else:
-                quiet.append(key)
-            continue
-        if key in _NETWORK_FIELDS and key not in passed:
-            quiet.append(key)  # the GUI passes it for other network types only
-            continue
-        if key not in _NETWORK_FIELDS:
+                quiet.append(key)  # the GUI passes another family's fields only with its switch on
+        elif key in _NETWORK_FIELDS:
+            if key not in passed:
+                quiet.append(key)  # the GUI passes it for other network types only
+        else:
             args[key] = value
     # the network
     if module:
@@ -353,18 +372,14 @@ def _from_gui(gui: dict) -> tuple[dict, dict, list[str]]:
         net = {}
         if algo:
             net["algo"] = algo
-        for key in passed:
-            if key in g and (algo or not _is_off(g[key])):  # kohya's own modules get only what is set
+        for key in passed:  # LyCORIS gets every field of its type; kohya's modules and LoRA+ only what is set
+            if key in g and (algo and key not in _LORAPLUS or not _is_off(g[key])):
                 net[_GUI_ARG_NAMES.get(key, key)] = g[key]
-        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-            if not _is_off(g.get(key)):
-                net[key] = g[key]
             elif key in g:
                 quiet.append(key)
         args["network_args"] = net
     elif "LoRA_type" in g:
         args["LoRA_type"] = lora_type
-        quiet += [key for key in g if key in _NETWORK_FIELDS]
     # learning rates, as the GUI passes them
     lr, te, unet = (_number_or(g.get(k), 0.0) for k in ("learning_rate", "text_encoder_lr", "unet_lr"))
     for key, value in (("learning_rate", lr), ("unet_lr", unet or None), ("text_encoder_lr", te or None)):
@@ -418,6 +433,8 @@ def _from_gui(gui: dict) -> tuple[dict, dict, list[str]]:
     # what the GUI adds to the command line as it is
     extra = _command_line(str(g.get("additional_parameters") or ""))
     for key, value in extra.items():
+        if key in args and key not in labels:
+            quiet.append(key)  # the command line's value wins
         args[key], labels[key] = value, f"additional_parameters --{key}"
     if "additional_parameters" in g and not extra:
         quiet.append("additional_parameters")
@@ -527,7 +544,7 @@ class _Builder:
         for name in names:
             if name in self.args and name not in self.done:
                 self.done.add(name)
-                if self.label(name) is not None:
+                if self.label(name) is not None and self.label(name) not in self.result.taken:
                     self.result.quiet.append(self.label(name))
 
     def take(self, setting: str, value, *names: str) -> None:
@@ -559,9 +576,10 @@ class _Builder:
         label = shown or self.label(name)
         if label is None:
             return
-        value = self.args.get(name) if value is None else value
-        entry = f"{label} = {_shown(value)}" + (f" ({why})" if why else "")
-        self.result.not_taken.setdefault(group, []).append(entry)
+        self.not_taken(group, label, self.args.get(name) if value is None else value, why)
+
+    def not_taken(self, group: str, option: str, value=None, why: str = "") -> None:
+        self.result.not_taken.append(NotTaken(group, option, value, why))
 
     def given(self, name: str) -> bool:
         return name in self.args and name not in self.done and not _is_off(self.args[name])
@@ -607,7 +625,7 @@ class _Builder:
         gui = self.result.kind.startswith("kohya_ss")
 
         def label(key: str) -> str:
-            return key if gui else f"network_args {key}"
+            return _GUI_FIELD_NAMES.get(key, key) if gui else f"network_args {key}"
 
         def pop(key: str, default=None):
             """A network argument, taken (counted by its own name) when given."""
@@ -695,10 +713,11 @@ class _Builder:
             self.skip("network_train_text_encoder_only", why="lohatrain always trains the UNet")
         if a.get("network_train_unet_only"):
             te = 0.0
-        names = [n for n in ("learning_rate", "unet_lr") if n in a and (n == "unet_lr" or unet is None)]
-        self.take("learning_rate", float(unet if unet is not None else lr), *names)
-        self.used("learning_rate", "unet_lr")
-        self.take("text_encoder_lr", float(te), *[n for n in ("text_encoder_lr", "network_train_unet_only") if n in a])
+        self.take("learning_rate", float(unet if unet is not None else lr), "unet_lr" if unet is not None
+                  else "learning_rate")
+        self.take("text_encoder_lr", float(te), "text_encoder_lr" if te_values else "learning_rate",
+                  *[n for n in ("network_train_unet_only",) if n in a])
+        self.used("learning_rate", "unet_lr", "text_encoder_lr")
 
     def optimizer(self) -> None:
         a = self.args
@@ -803,8 +822,8 @@ class _Builder:
                         self.change(f"{self.label(name)} {value} → {setting} {side} (lohatrain's bucket sides are "
                                     "multiples of 64)")
             if self.given("bucket_no_upscale") and a["bucket_no_upscale"] is True:
-                self.skip("bucket_no_upscale", why="lohatrain fits every image to its bucket (and warns when one is "
-                                                   "upscaled)")
+                self.skip("bucket_no_upscale", why="lohatrain fits every image to its bucket, upscaling a small one "
+                                                   "with a warning")
             if "bucket_reso_steps" in a and not _is_default("bucket_reso_steps", a["bucket_reso_steps"]):
                 self.skip("bucket_reso_steps", why="lohatrain's buckets step by 64 pixels")
         else:
@@ -995,7 +1014,7 @@ class _Builder:
                    if isinstance(s, dict)]
         where = lambda i, j: f"datasets[{i}].subsets[{j}]"  # noqa: E731
         if not subsets:
-            self.result.not_taken.setdefault(NO_EQUIVALENT, []).append("the dataset config has no subsets")
+            self.not_taken(NO_EQUIVALENT, "datasets", why="the dataset config has no subsets")
             return
         taken_here = []
         for option, default in {**_SUBSET_OPTIONS, **_DATASET_OPTIONS}.items():
@@ -1012,9 +1031,7 @@ class _Builder:
                 continue
             distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
             if len(distinct) > 1:
-                shown = ", ".join(f"{k}: {_shown(v)}" for k, v in values.items())
-                self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                    f"{option} differs ({shown}; lohatrain sets it for the whole run)")
+                self.not_taken(NO_EQUIVALENT, option, values, "differs by subset: lohatrain sets it for the whole run")
                 self.done.add(arg)
                 self.args.pop(arg, None)
                 continue
@@ -1051,8 +1068,7 @@ class _Builder:
         for i, j, subset, _ in subsets:
             for key in subset:
                 if key not in ("image_dir", "num_repeats", "is_reg", "class_tokens", *_SUBSET_OPTIONS):
-                    self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                        f"datasets[{i}].subsets[{j}].{key} = {_shown(subset[key])}")
+                    self.not_taken(NO_EQUIVALENT, f"datasets[{i}].subsets[{j}].{key}", subset[key])
         if draws.get("training"):
             self.dataset_draws = draws["training"] * (2 if draws.get("regularization") else 1)
 
@@ -1061,14 +1077,16 @@ class _Builder:
         possible), or None (listed as not taken) when the subsets cannot be laid out so."""
         entries = [(Path(str(s.get("image_dir", ""))), _int_or(s.get("num_repeats"), 1), s.get("class_tokens"))
                    for _, _, s, _ in subsets]
-        names = ", ".join(f"{p} ×{n}" for p, n, _ in entries)
+        option, value = f"{what} subsets' image_dir and num_repeats", {str(p): n for p, n, _ in entries}
         setting = "dataset_dir" if what == "training" else "reg_data_dir"
         if setting not in FIELDS:
-            self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                f"the {what} subsets ({names}): a regularization folder needs a newer lohatrain")
+            self.not_taken(NO_EQUIVALENT, option, value, "a regularization folder needs a newer lohatrain")
             return None
         if len(entries) == 1 and entries[0][1] == 1 and not REPEATS_FOLDER.fullmatch(entries[0][0].name):
-            folder = entries[0][0]
+            folder, _, tokens = entries[0]
+            if tokens is not None:
+                self.not_taken(NO_EQUIVALENT, "class_tokens", tokens, "lohatrain reads class tokens from N_name "
+                                                                      "folder names")
             return str(folder), _count_draws(folder.expanduser(), self.may_read)[0]
         parents = {p.parent for p, _, _ in entries}
         wrong = [f"{p.name} (num_repeats {n})" for p, n, _ in entries
@@ -1082,23 +1100,21 @@ class _Builder:
         else:
             why = ""
         if why:
-            self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                f"the {what} subsets ({names}): lohatrain reads repeats from sub-folder names, so put each subset's "
-                f"images in a sub-folder of one folder named N_name, N its num_repeats (10_alice); {why}")
+            self.not_taken(NO_EQUIVALENT, option, value, "lohatrain reads repeats from sub-folder names: put each "
+                           "subset's images in a sub-folder of one folder, named N_name with N its num_repeats "
+                           f"(10_alice); {why}")
             return None
         parent = parents.pop()
         for path, _, tokens in entries:
             name = REPEATS_FOLDER.fullmatch(path.name).group(2)
             if tokens is not None and str(tokens) != name:
-                self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                    f"class_tokens = {_shown(tokens)} of {path.name} (lohatrain captions an image without a caption "
-                    f"file with its folder's name after N_: {name!r})")
+                self.not_taken(NO_EQUIVALENT, f"class_tokens of {path.name}", tokens, "lohatrain captions an image "
+                               f"without a caption file with its folder's name after N_: {name!r}")
         listed = {p.name for p, _, _ in entries}
         others = _other_repeat_folders(parent, listed, self.may_read)
         if others:
-            self.result.not_taken.setdefault(NO_EQUIVALENT, []).append(
-                f"the {what} subsets' folder {parent} has more N_name sub-folders, which lohatrain would train too: "
-                f"{', '.join(others)} (move them out)")
+            self.not_taken(NO_EQUIVALENT, option, value, f"{parent} has more N_name sub-folders, which lohatrain "
+                                                        f"would train too: {', '.join(others)} (move them out)")
         return str(parent), _count_draws(parent.expanduser(), self.may_read)[0]
 
     def rest(self) -> None:
@@ -1117,9 +1133,6 @@ class _Builder:
                 self.skip(name, OWN_WAY, why="the loaded model decides" if name in _MODEL_CHOICE else "")
             elif name in ("network_weights", "lora_network_weights"):
                 self.skip(name, why="lohatrain starts from a file in its output folder: init_from")
-            elif name in ("reg_data_dir", "prior_loss_weight", "caption_dropout_rate", "caption_tag_dropout_rate",
-                          "keep_tokens_separator"):
-                self.skip(name, why="needs a newer lohatrain")
             else:
                 self.skip(name)
 
@@ -1139,7 +1152,8 @@ class _Builder:
                 if key is not None:
                     refused.setdefault(key, problem)
             if not refused:
-                self.result.not_taken.setdefault(REFUSED, []).extend(problems)
+                for problem in problems:
+                    self.not_taken(REFUSED, problem)
                 return
             for key, problem in refused.items():
                 value = self.settings.pop(key)
@@ -1147,7 +1161,7 @@ class _Builder:
                 for label in self.sources.get(key, []):
                     if label in self.result.taken:
                         self.result.taken.remove(label)
-                self.result.not_taken.setdefault(REFUSED, []).append(f"{origin} → {key} = {_shown(value)} ({problem})")
+                self.not_taken(REFUSED, origin, value, problem)
 
 
 def _network_args(value) -> dict:
