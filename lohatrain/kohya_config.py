@@ -221,7 +221,8 @@ class KohyaImport:
 
     def message(self) -> str:
         """One message: what was taken (a count), what was changed and what was not, grouped."""
-        lines = [f"Imported a {self.kind}: {len(self.taken)} options taken, {len(self.not_taken)} not taken"
+        article = "an" if self.kind.startswith("sd-") else "a"
+        lines = [f"Imported {article} {self.kind}: {len(self.taken)} options taken, {len(self.not_taken)} not taken"
                  + (f" ({len(self.quiet)} more at kohya's defaults or unused by kohya for it)." if self.quiet else ".")]
         if self.changed:
             lines.append("Taken with a change:")
@@ -396,8 +397,12 @@ def _from_gui(gui: dict) -> tuple[dict, dict, list[str]]:
     # renamed fields
     for gui_key, arg in (("optimizer", "optimizer_type"), ("max_resolution", "resolution"),
                          ("lora_network_weights", "network_weights")):
-        if gui_key in g:
+        if gui_key in g and (arg not in args or not _is_off(g[gui_key])):
+            if arg in args:
+                quiet.append(arg)  # an older GUI's name for the same field wins when set
             args[arg], labels[arg] = g[gui_key], gui_key
+        elif gui_key in g:
+            quiet.append(gui_key)
     if g.get("sdxl"):
         for gui_key, arg in (("sdxl_no_half_vae", "no_half_vae"),
                              ("sdxl_cache_text_encoder_outputs", "cache_text_encoder_outputs")):
@@ -520,7 +525,8 @@ def _convert(value, kind):
 
 
 def _shown(value) -> str:
-    return json.dumps(value) if isinstance(value, (str, bool, list, dict)) or value is None else repr(value)
+    """A value as the file wrote it (TOML's dates as text)."""
+    return json.dumps(value, default=str) if isinstance(value, (str, bool, list, dict)) or value is None else str(value)
 
 
 # --- mapping ------------------------------------------------------------------------------------------------------
@@ -840,8 +846,8 @@ class _Builder:
         for name, (setting, kind) in _SAME.items():
             if name not in a or name in self.done:
                 continue
-            if name == "caption_extension" and not a[name]:
-                self.used(name)
+            if kind is str and not a[name]:
+                self.used(name)  # the GUI's empty field: not set
                 continue
             if name in ("seed", "clip_skip", "noise_offset", "min_snr_gamma", "ip_noise_gamma", "min_timestep",
                         "max_timestep", "save_every_n_steps", "sample_every_n_steps") and _is_off(a[name]):
@@ -1029,7 +1035,7 @@ class _Builder:
                 values[f"datasets[{i}]" if per_dataset else where(i, j)] = fallback if value is None else value
             if not set_here:
                 continue
-            distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
+            distinct = {json.dumps(v, sort_keys=True, default=str) for v in values.values()}
             if len(distinct) > 1:
                 self.not_taken(NO_EQUIVALENT, option, values, "differs by subset: lohatrain sets it for the whole run")
                 self.done.add(arg)
