@@ -564,7 +564,7 @@ class _Builder:
             return
         self.settings[setting] = value
         for name in names:
-            if name in self.done:
+            if name in self.done or name not in self.args:
                 continue
             self.done.add(name)
             label = self.label(name)
@@ -932,37 +932,34 @@ class _Builder:
                     self.skip(name, NEEDS_DATASET, why=why)
 
     def schedule(self) -> None:
+        """kohya's schedules as lohatrain's three (diffusers' cosine and linear, after a linear warm-up)."""
         a = self.args
-        adafactor_relative = (self.settings.get("optimizer") == "adafactor"
-                              and self.settings.get("adafactor_relative_step", True))
         name = str(a.get("lr_scheduler") or "constant").lower()
         cycles = _int_or(a.get("lr_scheduler_num_cycles"), 1)
         power = _number_or(a.get("lr_scheduler_power"), 1.0)
-        schedules = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine",
-                     "linear": "linear", "adafactor": "constant"}
-        used = ["lr_scheduler_num_cycles", "lr_scheduler_power"]
-        if adafactor_relative:
+        if self.settings.get("optimizer") == "adafactor" and self.settings.get("adafactor_relative_step", True):
             self.take("lr_scheduler", "constant", *[n for n in ("lr_scheduler",) if n in a])
             self.settings["lr_warmup_steps"] = 0
-            if name not in ("constant", "adafactor") or self.given("lr_warmup_steps"):
+            if name not in ("constant", "adafactor") or self.given("lr_warmup_steps") or self.given("lr_warmup"):
                 self.change(f"lr_scheduler {name} → constant, no warm-up (Adafactor with relative_step sets its own "
                             "step size: kohya switches to its adafactor schedule)")
-            self.used("lr_warmup_steps", "lr_warmup", *used)
+            self.used("lr_warmup_steps", "lr_warmup", "lr_scheduler_num_cycles", "lr_scheduler_power")
             return
+        simple = {"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine", "linear": "linear",
+                  "adafactor": "constant"}
         if name == "cosine_with_restarts":
-            schedules[name] = "cosine"
-            used.remove("lr_scheduler_num_cycles")
             if cycles != 1:
                 self.change(f"lr_scheduler cosine_with_restarts with {cycles} cycles → cosine (one cycle)")
             self.take("lr_scheduler", "cosine", "lr_scheduler", "lr_scheduler_num_cycles")
-        elif name == "polynomial" and power == 1:
+        elif name == "polynomial" and power == 1:  # diffusers' polynomial of power 1 is the linear decay
             self.take("lr_scheduler", "linear", "lr_scheduler", "lr_scheduler_power")
-        elif name in schedules:
+        elif name in simple:
             if "lr_scheduler" in a:
-                self.take("lr_scheduler", schedules[name], "lr_scheduler")
+                self.take("lr_scheduler", simple[name], "lr_scheduler")
         else:
             self.skip("lr_scheduler", why="lohatrain's schedules are constant, cosine and linear (after a warm-up)")
-        self.used(*used)
+        if name in simple or name == "cosine_with_restarts":
+            self.used("lr_scheduler_num_cycles", "lr_scheduler_power")  # what kohya's schedule does not read
         if self.given("lr_scheduler_type"):
             self.skip("lr_scheduler_type", why="a scheduler class of kohya's own; lohatrain's are constant, cosine, "
                                                "linear")
