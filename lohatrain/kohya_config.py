@@ -59,7 +59,7 @@ REFUSED = "values lohatrain refuses"
 GROUPS = (NO_EQUIVALENT, REFUSED, NEEDS_DATASET, OTHER_FAMILY, OWN_WAY)
 
 _OWN_WAY = {
-    "pretrained_model_name_or_path", "v2", "v_parameterization", "sdxl", "model_list", "cache_latents",
+    "pretrained_model_name_or_path", "v2", "v_parameterization", "sdxl", "model_list", "vae", "cache_latents",
     "cache_latents_to_disk", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "xformers", "sdpa",
     "mem_eff_attn", "no_half_vae", "lowram", "highvram", "lowvram", "vae_batch_size", "max_data_loader_n_workers",
     "persistent_data_loader_workers", "skip_cache_check", "cache_info", "num_cpu_threads_per_process",
@@ -70,7 +70,7 @@ _OWN_WAY = {
     "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "tokenizer_cache_dir", "output_config",
     "save_every_n_epochs_state", "save_last_n_steps_state", "save_last_n_epochs_state", "async_upload",
 }
-_MODEL_CHOICE = {"sdxl", "v2", "v_parameterization", "pretrained_model_name_or_path", "model_list"}
+_MODEL_CHOICE = {"sdxl", "v2", "v_parameterization", "pretrained_model_name_or_path", "model_list", "vae"}
 # The kohya_ss GUI's switches for other model families, and the fields it passes only with one of them on.
 _FAMILY_SWITCHES = {"flux1_checkbox": "FLUX.1", "sd3_checkbox": "SD3", "hunyuan_image_checkbox": "HunyuanImage",
                     "anima_checkbox": "Anima", "lumina_checkbox": "Lumina"}
@@ -538,6 +538,7 @@ class _Builder:
         self.result, self.args, self.labels, self.family, self.may_read = result, args, labels, family, may_read
         self.settings = result.settings
         self.sources: dict[str, list[str]] = {}  # setting → the option names it came from
+        self.general: dict = {}  # a dataset config's [general]
         self.done: set[str] = set()  # the arguments dealt with
 
     # recording
@@ -1011,7 +1012,7 @@ class _Builder:
 
     def dataset_config(self, data: dict) -> None:
         """A dataset config: its run-wide options (when every subset agrees), its folders and the epoch's draws."""
-        general = data.get("general") or {}
+        general = self.general = data.get("general") or {}
         datasets = [d for d in data.get("datasets") or [] if isinstance(d, dict)]
         subsets = [(i, j, s, d) for i, d in enumerate(datasets) for j, s in enumerate(d.get("subsets") or [])
                    if isinstance(s, dict)]
@@ -1043,6 +1044,11 @@ class _Builder:
             self.labels[arg] = option
             self.done.discard(arg)
             taken_here.append(arg)
+        for where_, table, known in [("general", general, {})] + [(f"datasets[{i}]", d, {"subsets": None})
+                                                                 for i, d in enumerate(datasets)]:
+            for key in table:
+                if key not in {**_SUBSET_OPTIONS, **_DATASET_OPTIONS, **known, "class_tokens": None}:
+                    self.not_taken(NO_EQUIVALENT, f"{where_}.{key}", table[key])
         if self.args.get("alpha_mask") is True:
             self.args.setdefault("masked_loss", False)
             if self.args["masked_loss"]:
@@ -1078,8 +1084,9 @@ class _Builder:
     def layout(self, subsets, what: str) -> tuple[str, int | None] | None:
         """The one folder lohatrain reads for these subsets and their draws an epoch (None when counting is not
         possible), or None (listed as not taken) when the subsets cannot be laid out so."""
-        entries = [(Path(str(s.get("image_dir", ""))), _int_or(s.get("num_repeats"), 1), s.get("class_tokens"))
-                   for _, _, s, _ in subsets]
+        entries = [(Path(str(s.get("image_dir", ""))), _int_or(s.get("num_repeats"), 1),
+                    next((t["class_tokens"] for t in (s, d, self.general) if t.get("class_tokens") is not None), None))
+                   for _, _, s, d in subsets]
         option, value = f"{what} subsets' image_dir and num_repeats", {str(p): n for p, n, _ in entries}
         setting = "dataset_dir" if what == "training" else "reg_data_dir"
         if setting not in FIELDS:

@@ -206,6 +206,7 @@ dataset_config = "{tmp_path / 'dataset.toml'}"
 shuffle_caption = true
 keep_tokens = 1
 caption_extension = ".txt"
+caption_prefix = "photo of "
 
 [[datasets]]
 resolution = [512, 512]
@@ -237,7 +238,8 @@ max_bucket_reso = 1024
     assert (s["optimizer"], s["weight_decay"], s["train_dtype"], s["save_dtype"]) == ("adamw", 0.1, "bf16", "fp16")
     assert (s["resolution"], s["batch_size"], s["bucketing"], s["bucket_min_side"]) == (512, 2, True, 256)
     assert (s["shuffle_tags"], s["keep_tokens"], s["caption_ext"], s["name"]) == (True, 1, ".txt", "alice-bob")
-    assert set(listed(imported, NO_EQUIVALENT)) >= {"flip_aug", "network_args rank_dropout", "scale_weight_norms"}
+    assert set(listed(imported, NO_EQUIVALENT)) >= {"flip_aug", "network_args rank_dropout", "scale_weight_norms",
+                                                    "caption_prefix"}
     assert listed(imported, NO_EQUIVALENT)["flip_aug"] == {"datasets[0].subsets[0]": False,
                                                           "datasets[0].subsets[1]": True,
                                                           "datasets[0].subsets[2]": False}

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
     found = presets(source)
     failed, fields, totals = [], set(), Counter()
     for name, text in found.items():
-        family = "sdxl" if name.lower().startswith("sdxl") else "sd1"
+        family = "sdxl" if "sdxl" in name.lower() else "sd1"
         try:
             imported = import_text(text, family=family)
             imported.complete(family)
