@@ -4,7 +4,7 @@
     python -m lohatrain train --checkpoint MODEL.ckpt --dataset-dir images --output-dir out --name my-loha
     python -m lohatrain train --checkpoint MODEL.safetensors --resume out/my-loha.lohatrain-state
     python -m lohatrain train --checkpoint MODEL.safetensors --kohya-config kohya_ss.json --output-dir out
-    python -m lohatrain train --checkpoint MODEL.safetensors --kohya-config config.toml --kohya-dataset-config dataset.toml
+    python -m lohatrain train --checkpoint MODEL.safetensors --kohya-config config.toml --kohya-dataset-config ds.toml
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)

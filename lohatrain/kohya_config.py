@@ -82,6 +82,11 @@ _FAMILY_FIELDS = re.compile(
     r"fp8_base_unet|ggpo|train_lora_ggpo|text_encoder_batch_size|enable_scaled_pos_embed)")
 # Fields of the GUI's own (where its file was saved, a repeat of the model's path), and fields the GUI never passes.
 _GUI_ONLY = {"save_as_bool", "file_path", "stop_text_encoder_training", "stop_text_encoder_training_pct"}
+# Fields the GUI turns into other arguments (read one by one in `_from_gui`).
+_GUI_READ_BELOW = {"LoRA_type", "optimizer", "max_resolution", "lr_warmup", "lr_warmup_steps", "epoch",
+                   "text_encoder_lr", "unet_lr", "learning_rate", "t5xxl_lr", "additional_parameters",
+                   "noise_offset_type", "sdxl_no_half_vae", "sdxl_cache_text_encoder_outputs", "max_train_steps",
+                   "max_train_epochs", "lora_network_weights"}
 
 # sd-scripts' defaults that are not None/False/0/"" (an unmapped option at its default changes nothing).
 _DEFAULTS = {
@@ -258,12 +263,6 @@ def import_file(path: str | Path, dataset_config: str | Path | None = None, fami
     return import_text(text, dataset_text, family=family, base_dir=path.parent)
 
 
-def for_tab(path: str | Path, family: str = "sd1", base: dict | None = None) -> tuple[dict, str]:
-    """The tab's *Load settings → a file*: the complete settings (every field, for the form) and the message."""
-    imported = import_file(path, family=family)
-    return imported.complete(family, base).to_dict(), imported.message()
-
-
 def import_text(text: str, dataset_config: str | None = None, *, family: str = "sd1", base_dir: Path | None = None,
                 may_read: Callable[[Path], bool] = lambda path: True) -> KohyaImport:
     """A config's text: JSON is the kohya_ss GUI's, TOML sd-scripts' (a TOML with `[[datasets]]` alone is a dataset
@@ -271,12 +270,12 @@ def import_text(text: str, dataset_config: str | None = None, *, family: str = "
     by relative path are looked for (None: no file it names is opened); `may_read(folder)`: whether a folder may be
     read (its images counted, to turn epochs into steps)."""
     data, form = _parse(text)
-    if form == "gui":
-        args, labels, quiet = _from_gui(data)
-        kind = "kohya_ss GUI config"
-    elif isinstance(data.get("datasets"), list):
+    if isinstance(data.get("datasets"), list):
         args, labels, quiet, dataset_config = {}, {}, [], text
         kind = "sd-scripts dataset config"
+    elif form == "gui":
+        args, labels, quiet = _from_gui(data)
+        kind = "kohya_ss GUI config"
     else:
         given = _flatten(data)
         args = {**_SD_SCRIPTS_DEFAULTS, **given}
@@ -344,17 +343,13 @@ def _from_gui(gui: dict) -> tuple[dict, dict, list[str]]:
     g = {k: _plain(v) for k, v in gui.items()}
     args, labels, quiet = {}, {}, []
     family = next((name for switch, name in _FAMILY_SWITCHES.items() if g.get(switch)), None)
-    lora_type = g.get("LoRA_type", "Standard")
+    lora_type = g.get("LoRA_type")
     module, algo, passed = _GUI_TYPES.get(lora_type, (None, None, ()))
     passed += _LORAPLUS if module else ()
     for key, value in g.items():
         if key in _GUI_ONLY:
             quiet.append(key)
-        elif key in ("LoRA_type", "optimizer", "max_resolution", "lr_warmup", "lr_warmup_steps",
-                                       "epoch", "text_encoder_lr", "unet_lr", "learning_rate", "t5xxl_lr",
-                                       "additional_parameters", "noise_offset_type", "sdxl_no_half_vae",
-                                       "sdxl_cache_text_encoder_outputs", "max_train_steps", "max_train_epochs",
-                                       "lora_network_weights"):
+        elif key in _GUI_READ_BELOW:
             continue
         elif key in _FAMILY_SWITCHES or _FAMILY_FIELDS.match(key):
             if value and (key in _FAMILY_SWITCHES or family and not _is_off(value)):
@@ -641,12 +636,16 @@ class _Builder:
             return net.pop(key, default)
 
         if "LoRA_type" in a or not module:  # a GUI type lohatrain does not train, or no network named
-            why = "lohatrain trains LoRA, LoCon, LoHa and LoKr" if "LoRA_type" in a else ""
             if "LoRA_type" in a:
-                self.skip("LoRA_type", why=why)
+                self.skip("LoRA_type", why="lohatrain trains LoRA, LoCon, LoHa and LoKr")
+            elif gui:
+                self.not_taken(NO_EQUIVALENT, "LoRA_type", why="missing: not a config of kohya_ss' LoRA tab (its "
+                                                               "Dreambooth and Finetune tabs train the whole model)")
             for name in ("network_dim", "network_alpha"):
                 if name in a:
-                    self.skip(name, why="the network's size, with LoRA_type" if why else "no network_module")
+                    self.skip(name, why="the network's size, with LoRA_type" if gui else "no network_module")
+            for key, value in net.items():
+                self.skip("network_args", value=value, shown=label(key), why="no network_module")
             return
         algo = str(net.pop("algo", "lora")).lower() if module == "lycoris.kohya" else None
         method = _KOHYA_MODULES.get(module) if algo is None else _LYCORIS_ALGOS.get(algo)

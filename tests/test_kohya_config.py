@@ -82,7 +82,8 @@ def test_an_older_gui_config_with_text_numbers_block_weights_and_extra_parameter
     s = imported.settings
     assert (s["training_method"], s["dim"], s["alpha"], s["conv_dim"]) == ("lora", 32, 16.0, 0)  # Standard: no conv
     assert (s["down_lr_weight"], s["block_lr_zero_threshold"]) == ("0,0.5,1,1,1,1,1,1,1,1,1,1", 0.1)
-    assert (s["optimizer"], s["learning_rate"], s["text_encoder_lr"]) == ("prodigy", 1.0, 0.0)  # --network_train_unet_only
+    # the extra parameter --network_train_unet_only: no text-encoder rate
+    assert (s["optimizer"], s["learning_rate"], s["text_encoder_lr"]) == ("prodigy", 1.0, 0.0)
     assert (s["prodigy_d_coef"], s["prodigy_bias_correction"], s["prodigy_safeguard_warmup"]) == (2.0, True, True)
     assert (s["weight_decay"], s["optimizer_args"]) == (0.01, "decouple=True d0=1e-6")
     assert (s["clip_skip"], s["seed"], s["noise_offset"], s["caption_ext"]) == (2, 1234, 0.05, ".caption")
@@ -116,6 +117,8 @@ def test_a_network_or_a_model_lohatrain_does_not_train_is_named_and_its_size_not
     ia3 = import_file(DATA / "sd15-ia3.json")
     assert listed(ia3, NO_EQUIVALENT) == {"LoRA_type": "LyCORIS/iA3", "network_dim": 1, "network_alpha": 1}
     assert not {"training_method", "dim", "alpha"} & set(ia3.settings)
+    whole_model = import_text(json.dumps({"learning_rate": 1e-5, "max_train_steps": 10}))  # a Dreambooth tab's
+    assert [n.option for n in whole_model.not_taken] == ["LoRA_type"] and whole_model.settings["steps"] == 10
     flux = import_file(DATA / "flux1-lora.json")
     assert listed(flux, NO_EQUIVALENT)["LoRA_type"] == "Flux1"
     assert {"flux1_checkbox", "t5xxl", "clip_l", "ae", "guidance_scale", "timestep_sampling"} <= set(
