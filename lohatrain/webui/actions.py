@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .. import captions, grid, hosts
+from .. import captions, grid, hosts, kohya_config
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -84,6 +84,36 @@ def check_dataset_path(folder: str, via: str) -> None:
         raise LohatrainError(
             f"the WebUI is reachable from the network without a password, so the dataset folder must be inside "
             f"the WebUI's folder (an administrator can allow other folders in {SETTINGS_PLACE})")
+
+
+# --- a kohya config -------------------------------------------------------------------------------------------------
+
+def import_kohya(text: str, dataset_config: str | None = None, via: str = "tab") -> kohya_config.KohyaImport:
+    """A kohya config's settings for the loaded model's family. The dataset folders it names are read (to turn
+    epochs into steps) only where the path rule lets this entry read them; files it names are not opened."""
+    def may_read(folder: Path) -> bool:
+        try:
+            check_dataset_path(str(folder), via)
+        except LohatrainError:
+            return False
+        return True
+
+    return kohya_config.import_text(text, dataset_config, family=loaded_family(), may_read=may_read)
+
+
+def kohya_form_settings(config_file: str, dataset_config_file: str | None = None) -> tuple[TrainSettings, str]:
+    """The tab's *Load settings → a file*: a kohya config file (and its dataset config) as the form's settings
+    (the loaded family's and the host's defaults for what it does not set) and the message to show."""
+    def text(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LohatrainError(f"the {what} cannot be read: {e}") from None
+
+    imported = import_kohya(text(config_file, "kohya config"),
+                            text(dataset_config_file, "kohya dataset config") if dataset_config_file else None)
+    settings = imported.complete(loaded_family(), hosts.current().device_defaults())
+    return settings, imported.message()
 
 
 # --- a run ----------------------------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
+POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-scripts TOML's text, "dataset_config":
+                              its dataset config's text (optional)} → {"settings" (engine names: what the config sets,
+                              for POST /train), "message", "taken", "changed", "not_taken" [{group, option, value,
+                              why}], "quiet"}; starts nothing. 422 when the text is neither
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
                               "batch_size", "reg_data_dir", "masked_loss"} → the dataset doctor's report: images,
                               problems [{file, kind, message}], tag_frequency, trigger, suggested_steps, steps_reason,
@@ -29,6 +33,7 @@ allows it in Settings → LoRA training.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -133,6 +138,24 @@ class Routes:
     def runs(self):
         return {"runs": actions.resumable_runs()}
 
+    def import_settings(self, body=Body(...)):
+        """A kohya config as settings, and where each of its options went; nothing is started."""
+        known = {"config": str, "dataset_config": str}
+        if not isinstance(body, dict):
+            return _refuse(["the body must be a JSON object"])
+        problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
+        if "config" not in body:
+            problems.append("config (the kohya config file's text) is required")
+        if problems:
+            return _refuse(problems)
+        try:
+            imported = actions.import_kohya(body["config"], body.get("dataset_config"), via="api")
+        except LohatrainError as e:
+            return _refuse(e.problems if isinstance(e, SettingsError) else [str(e)])
+        return {"settings": imported.settings, "message": imported.message(), "taken": imported.taken,
+                "changed": imported.changed, "not_taken": [dataclasses.asdict(n) for n in imported.not_taken],
+                "quiet": imported.quiet}
+
     def check_dataset(self, body=Body(...)):
         """The dataset doctor's report, before anything is trained."""
         known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
@@ -204,6 +227,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     for method, path, handler in [("POST", "/train", r.start), ("GET", "/status", r.status), ("GET", "/runs", r.runs),
                                   ("POST", "/dataset/check", r.check_dataset), ("POST", "/grid", r.make_grid),
                                   ("POST", "/interrupt", r.interrupt), ("GET", "/presets", r.presets),
+                                  ("POST", "/settings/import", r.import_settings),
                                   ("GET", "/preview", r.preview)]:
         app.add_api_route(f"{PREFIX}{path}", handler, methods=[method], dependencies=guard)
 
