@@ -60,6 +60,13 @@ def family_model(request):
 
 
 @pytest.fixture
+def fixed_clock(monkeypatch):
+    """The timestamps a run writes (kohya's ss_training_started_at and the like) fixed through SOURCE_DATE_EPOCH,
+    so two runs' files can be compared byte for byte."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
+@pytest.fixture
 def sample_dataset(tmp_path):
     """The built-in demo dataset (8 PNGs with .txt captions) in a temporary folder."""
     return make_sample_dataset(tmp_path / "dataset")

@@ -1,17 +1,23 @@
-"""What the engine's tests share: a small run's settings, the state a run must leave a model in, the loss a trained
-file must lower (SD1/SD2 and SDXL), the modules a file must reach, and the tiny model of each family. A plain
-module the test files import (fixtures are in conftest.py)."""
+"""What the engine's tests share: a small run's settings, a run stopped as Interrupt stops it and resumed, the state a
+run must leave a model in, the loss a trained file must lower (SD1/SD2 and SDXL), the modules a file must reach, the
+tiny model of each family, and a small dataset with masks. A plain module the test files import (fixtures are in
+conftest.py)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from lohatrain import dataset as ds
+from lohatrain.families import ldm_parts
+from lohatrain.run_state import read_state
 from lohatrain.settings import TrainSettings
 from lohatrain.sgm_standin import SIZE_KEYS
+from lohatrain.trainer import Hooks, train
 
 from host_rules import find_module, group_keys
 
@@ -26,6 +32,22 @@ def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
                          train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
                          ).with_preset("small")
     return dataclasses.replace(base, **overrides)
+
+
+def stopping_at(step: int) -> Hooks:
+    """Hooks that stop a run after `step` steps, as the Interrupt button does."""
+    done = []
+    return Hooks(on_step=lambda s, network: done.append(s), stop=lambda: len(done) >= step)
+
+
+def resume_run(model, folder: Path, name: str = "test-loha"):
+    """Resume the run saved in `folder` from its state file, with the settings it recorded."""
+    saved = read_state(folder / f"{name}.lohatrain-state")
+    return train(ldm_parts(model), saved.record.settings, resume=saved)
+
+
+def lora_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
 def model_state(model) -> dict:
@@ -143,3 +165,24 @@ def modules_the_host_loads(model, tensors: dict) -> tuple[set[int], dict[int, se
         assert w["hada_w1_b"].shape[1] == fan_in and w["hada_w2_b"].shape[1] == fan_in
         covered.add(id(module))
     return covered, attention_parts
+
+
+def square_mask(start: int, stop: int, size: int = 64) -> Image.Image:
+    """White inside the square [start, stop)², black elsewhere."""
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).rectangle((start, start, stop - 1, stop - 1), fill=255)
+    return mask
+
+
+def write_dataset(folder: Path, masks: dict[int, Image.Image] | None = None, count: int = 4,
+                  pixels_seed: int = 0) -> Path:
+    """`count` 64×64 images (one bucket: two batches an epoch) with captions; `masks` beside some as
+    img_N.mask.png. `pixels_seed` chooses image 0's pixels only."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        rng = np.random.default_rng(pixels_seed if i == 0 else 100 + i)
+        (folder / f"img_{i}.txt").write_text(f"shape {i}, simple")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+        if masks and i in masks:
+            masks[i].save(folder / f"img_{i}{ds.MASK_SUFFIX}")
+    return folder

@@ -93,9 +93,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             for family in BUILD}
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def lora_file(path: Path) -> tuple[dict, dict]:

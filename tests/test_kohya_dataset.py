@@ -28,14 +28,10 @@ from lohatrain.families import ldm_parts
 from lohatrain.settings import TrainSettings
 from lohatrain.trainer import train
 
-from test_engine import settings_for
-from test_loss_and_noise import square_mask, write_dataset
-from test_resume import lora_files, resume_run, stopping_at
+from runs import lora_files, resume_run, settings_for, square_mask, stopping_at, write_dataset
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def concept(folder: Path, trigger: str | None, count: int, seed: int) -> Path:
@@ -323,7 +319,7 @@ def test_a_bad_rate_or_separator_is_refused(setting, value, message):
 
 
 def test_rest_refuses_each_mistake_with_422(webui_server, tmp_path):
-    from test_webui_api import run_body
+    from page import run_body
 
     url = f"{webui_server.url}/lohatrain/v1/train"
     for what, (folder, reg, message) in _layouts(tmp_path).items():

@@ -22,8 +22,7 @@ from lohatrain.settings import SettingsError, TrainSettings
 from lohatrain.trainer import Hooks, train
 
 from host_rules import apply_file
-from test_engine import denoising_loss, settings_for
-from test_resume import resume_run, stopping_at
+from runs import denoising_loss, resume_run, settings_for, stopping_at
 
 # Prodigy starts from a step size of d0 and grows it from what the steps show; in a 15-step test run it must start
 # nearer the size it finds (d0), with kohya's usual betas for it.
@@ -53,9 +52,7 @@ def case(name: str, **kw):
     return pytest.param(kw, id=name, marks=needs_eight_bit(kw))
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 @pytest.mark.parametrize("kw", [

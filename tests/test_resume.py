@@ -25,31 +25,14 @@ from lohatrain.compat import autocast_supports
 from lohatrain.errors import LohatrainError
 from lohatrain.run_state import list_resumable, read_state
 from lohatrain.families import ldm_parts
-from lohatrain.trainer import Hooks, train
+from lohatrain.trainer import train
 
-from runs import EVERY_STREAM, family_model, settings_for
+from runs import EVERY_STREAM, family_model, lora_files, resume_run, settings_for, stopping_at
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-
-
-def stopping_at(step: int) -> Hooks:
-    """Hooks that stop a run after `step` steps, as the Interrupt button does."""
-    done = []
-    return Hooks(on_step=lambda s, network: done.append(s), stop=lambda: len(done) >= step)
-
-
-def resume_run(model, folder: Path, name: str = "test-loha"):
-    saved = read_state(folder / f"{name}.lohatrain-state")
-    return train(ldm_parts(model), saved.record.settings, resume=saved)
-
-
-def lora_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(tiny_model, sample_dataset, tmp_path):
@@ -57,7 +40,7 @@ def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(ti
     text-encoder training, a warm-up and cosine schedule and intermediate saves: after the first step, between
     two saves (the middle), and one before the last (at a save)."""
     kw = dict(steps=5, save_every_steps=2, **EVERY_STREAM)
-    reference = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
     for stop in (1, 3, 4):
         out = tmp_path / f"stopped-{stop}"
