@@ -141,7 +141,7 @@ def test_with_prior_loss_weight_0_the_class_images_change_nothing_in_the_file(ti
     for weight in (0.0, 1.0):
         for reg in ("people", "others"):
             settings = settings_for(two_concepts, tmp_path / f"{reg}-{weight}", reg_data_dir=str(tmp_path / reg),
-                                    prior_loss_weight=weight)
+                                    prior_loss_weight=weight, steps=2)
             files[reg, weight] = load_file(train(ldm_parts(copy.deepcopy(tiny_model)), settings).file)
     assert all(torch.equal(files["people", 0.0][k], files["others", 0.0][k]) for k in files["people", 0.0])
     assert not all(torch.equal(files["people", 1.0][k], files["others", 1.0][k]) for k in files["people", 1.0])

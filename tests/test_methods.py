@@ -1,8 +1,8 @@
 """Every network type on the tiny real SD1 model: it learns, its file reproduces the trained model when applied
-with the published formula (tests/host_rules.py, written independently of lohatrain), runs repeat byte for
-byte, and the metadata names the type as kohya's tools (with LyCORIS' `lycoris.kohya`) and the WebUI's Lora tab
-read it. The same files on SD2 and SDXL through the host stand-in's own loaders: tests/test_a1111.py; the same bytes as
-recorded, for every type and family: tests/test_golden.py."""
+with the published formula (tests/host_rules.py, written independently of lohatrain), and the metadata names the
+type as kohya's tools (with LyCORIS' `lycoris.kohya`) and the WebUI's Lora tab read it. The same files on SD2 and
+SDXL through the host stand-in's own loaders: tests/test_a1111.py; the same bytes as recorded, for every type and
+family: tests/test_golden.py."""
 from __future__ import annotations
 
 import copy
