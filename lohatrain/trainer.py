@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from . import compat, loop, optimizers, run_state
+from . import allocator, compat, loop, optimizers, run_state
 from . import dataset as ds
 from .cache import Cache, cache_conditioning, cache_latents
 from .distributed import ALONE, Ranks
@@ -174,7 +174,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
                 saves.periodic(step)
 
         try:
-            status = loop.run(setup, state, stop, after_step)
+            with allocator.reuse_freed_blocks(device):
+                status = loop.run(setup, state, stop, after_step)
             final, metadata, activation_text = None, {}, _activation_text(settings, items)
             if state.step > 0 and ranks.main:
                 report(Progress("Saving", state.step, settings.steps))
