@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
+    model.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' own warnings that lohatrain leaves out as known noise "
+                            "(lohatrain.ldm_importable)")
     add_setting_options(t)
     return parser
 
@@ -117,6 +121,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
     args = parser.parse_args(argv)
     if args.demo == bool(args.checkpoint):
         parser.error("give --checkpoint MODEL.safetensors, or --demo to train on the built-in tiny model")
+    if args.verbose:  # before the model's libraries are imported (lohatrain.ldm_importable reads it)
+        os.environ["LOHATRAIN_VERBOSE"] = "1"
     report = _ProgressReport()
     settings = None
     try:
