@@ -58,9 +58,9 @@ class ForgeHost(A1111Host):
         return hasattr(shared.sd_model, "forge_objects")
 
     def model_summary(self) -> dict:
-        """The loaded model, or the chosen one Forge has not loaded yet; `title` is the choice as Forge's top bar
-        shows it (its option), so that the tab's Base model list shows the same."""
-        title = shared.opts.data.get("sd_model_checkpoint", "") or ""
+        """The loaded model, or the chosen one Forge has not loaded yet; `title` is the choice of Forge's top bar
+        as its list names it (checkpoint_titles), so that the tab's Base model list shows the same."""
+        title = self._chosen()
         if not self.is_loaded():
             return {"name": title or "unknown", "title": title, "hash": "", "family": None, "family_name": None,
                     "problem": "Forge loads the checkpoint at the first generation; it is not loaded yet. Generate "
@@ -160,6 +160,16 @@ class ForgeHost(A1111Host):
         """Forge's engine keeps CLIP skip itself (it reads no option), and its text path runs in inference mode."""
         with _clip_skip(engine, skip):
             return _clone(engine.get_learned_conditioning(prompts))
+
+    @staticmethod
+    def _chosen() -> str:
+        """The top bar's choice (its option, which a generation's override may set to a title meanwhile) by the name
+        its list gives it."""
+        chosen = shared.opts.data.get("sd_model_checkpoint", "") or ""
+        info = sd_models.get_closet_checkpoint_match(chosen)
+        if info is None:
+            return chosen
+        return info.short_title if shared.opts.sd_checkpoint_dropdown_use_short else info.name
 
     def checkpoint_titles(self) -> list[str]:
         """The list of Forge's top bar, read again as its refresh button reads it (`main_entry.refresh_models`:
