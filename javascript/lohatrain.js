@@ -37,13 +37,13 @@
     // power of ten, about four in all) not too close to either end.
     function stepTicks(first, lastStep) {
         const span = Math.max(1, lastStep - first);
-        const power = Math.pow(10, Math.floor(Math.log10(span / 4)));
+        const power = Math.max(1, Math.pow(10, Math.floor(Math.log10(span / 4))));  // whole steps
         const unit = [1, 2, 5, 10].map(m => m * power).find(u => span / u <= 5) || 10 * power;
         const ticks = [first];
         for (let t = Math.ceil(first / unit) * unit; t <= lastStep - unit / 2; t += unit) {
             if (t >= first + unit / 2) ticks.push(Math.round(t));
         }
-        return lastStep > first ? [...ticks, lastStep] : ticks;
+        return [...new Set(lastStep > first ? [...ticks, lastStep] : ticks)];
     }
 
     // The loss at each step (faint) and its smoothed curve, over a step axis; the loss axis is labelled by its
@@ -71,7 +71,7 @@
                   <div class="lohatrain-chart-scale"><span>${hi.toFixed(4)}</span><span>${lo.toFixed(4)}</span></div>
                 </div>
                 <div class="lohatrain-chart-legend"><span class="lohatrain-key-loss">loss</span>
-                  <span class="lohatrain-key-smooth">smoothed loss</span><span>by step</span></div>`;
+                  <span class="lohatrain-key-smooth">smoothed loss</span><span>across: step</span></div>`;
     }
 
     // The Lora cards of txt2img and img2img read the folder again (the WebUI's own hidden refresh buttons,

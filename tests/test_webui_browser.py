@@ -81,7 +81,7 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     assert sorted(p.name for p in (ui.lora_dir / "browser-loha.previews").iterdir()) == [
         "step-000006.png", "step-000012.png"]
     assert model_state(shared.sd_model) == before
-    screenshot(page, "body", "screenshot.png")  # the README's picture of the tab after a run
+    screenshot(page, "screenshot.png")  # the README's picture of the tab after a run
 
     wait_for_card_refresh(page, refreshes)
 
@@ -91,7 +91,7 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
                                                                               timeout=TIMEOUT)
     expect(page.locator("#lohatrain_grid_images img").first).to_be_visible()
     assert (ui.lora_dir / "browser-loha.grid.png").is_file()
-    screenshot(page, "#lohatrain_grid_box", "grid.png")
+    screenshot(page, "grid.png", "#lohatrain_grid_box")
 
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
@@ -165,12 +165,13 @@ def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page
     assert not (webui_server.lora_dir / "browser-resume.lohatrain-state").exists()
 
 
-def screenshot(page, locator: str, name: str) -> None:
-    """A picture for the README (the whole page: "body"), when LOHATRAIN_SCREENSHOTS names a folder (`make
-    screenshots`)."""
+def screenshot(page, name: str, locator: str | None = None) -> None:
+    """A picture for the README when LOHATRAIN_SCREENSHOTS names a folder (`make screenshots`): a panel, or the page
+    as a user sees it (the window, at the top)."""
     folder = os.environ.get("LOHATRAIN_SCREENSHOTS")
-    if folder and locator == "body":
-        page.screenshot(path=str(Path(folder) / name), full_page=True)
+    if folder and locator is None:
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(Path(folder) / name))
     elif folder:
         page.locator(locator).screenshot(path=str(Path(folder) / name))
 
@@ -189,7 +190,7 @@ def test_caption_a_folder_with_the_webuis_tagger_and_edit_one_caption(page, webu
     written = sorted(folder.glob("*.txt"))
     assert len(written) == 4 and all(p.read_text(encoding="utf-8").startswith("mychar, ") for p in written)
     expect(page.locator("#lohatrain_thumbs img")).to_have_count(4)
-    screenshot(page, "#lohatrain_caption_box", "caption.png")
+    screenshot(page, "caption.png", "#lohatrain_caption_box")
 
     page.locator("#lohatrain_thumbs button.thumbnail-item").nth(1).click()
     expect(page.locator("#lohatrain_edit_name textarea")).to_have_value(written[1].with_suffix(".png").name)

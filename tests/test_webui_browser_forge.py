@@ -94,7 +94,7 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
     assert [p.name for p in (ui.lora_dir / "forge-loha.previews").iterdir()] == ["step-000003.png"]
     expect(page.locator("#lohatrain_result")).to_contain_text("forge-loha.safetensors")
     expect(page.locator("#lohatrain_send")).to_be_enabled()
-    screenshot(page, "body", "screenshot-forge.png")  # the README's picture of the tab in Forge after a run
+    screenshot(page, "screenshot-forge.png")  # the README's picture of the tab in Forge after a run
     with safe_open(str(ui.lora_dir / "forge-loha.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in f.keys())
     assert forge_state(shared.sd_model) == before
