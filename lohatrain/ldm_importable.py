@@ -6,49 +6,18 @@ the WebUI torchvision is installed; outside it (the command line, the tests) no 
 the installed torch. There, and only there, a stand-in module whose `make_grid` raises is put in its place:
 an importable torchvision is never replaced. Import this module before anything that imports ldm.
 
-Importing these libraries prints three lines that are not lohatrain's and read like errors to a newcomer, so they
-are imported here, once, with exactly those lines left out (`LOHATRAIN_VERBOSE=1`, the command line's --verbose,
-shows them): pkg_resources' deprecation warning, which lightning_fabric's namespace declaration triggers when
-pytorch_lightning is imported; Lightning's deprecation of the `rank_zero_only` that ldm's ddpm.py decorates with;
-and ldm's "No module 'xformers'. Proceeding without it." (printed by ldm.modules.diffusionmodules.model; lohatrain
-runs ldm's attention through torch's SDPA, lohatrain.sdpa).
+Importing these libraries prints lines that are not lohatrain's: they are imported here, once, with the known
+ones left out (lohatrain.quiet).
 """
-import contextlib
 import importlib
 import importlib.machinery
-import io
-import os
 import sys
 import types
-import warnings
 
-# (category, message regex) of each known warning, and the known printed line
-_KNOWN_WARNINGS = ((UserWarning, r"pkg_resources is deprecated as an API"),
-                   (DeprecationWarning, r"`pytorch_lightning\.utilities\.distributed\.rank_zero_only` has been "
-                                        r"deprecated"))
-_KNOWN_LINES = ("No module 'xformers'. Proceeding without it.",)
-
-
-@contextlib.contextmanager
-def _known_noise_left_out():
-    """Inside: the known warnings ignored and the known printed lines dropped (every other line printed)."""
-    if os.environ.get("LOHATRAIN_VERBOSE"):
-        yield
-        return
-    printed = io.StringIO()
-    with warnings.catch_warnings():
-        for category, message in _KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        try:
-            with contextlib.redirect_stdout(printed):
-                yield
-        finally:
-            kept = [line for line in printed.getvalue().splitlines(keepends=True) if line.strip() not in _KNOWN_LINES]
-            sys.stdout.write("".join(kept))
-
+from .quiet import known_noise_left_out
 
 # Imported before the stand-in so that their "is torchvision installed?" checks (run at import) see the truth.
-with _known_noise_left_out():
+with known_noise_left_out():
     import pytorch_lightning  # noqa: F401
     import transformers  # noqa: F401
 
@@ -68,5 +37,5 @@ except ImportError:
     sys.modules["torchvision"] = _tv
     sys.modules["torchvision.utils"] = _tv_utils
 
-with _known_noise_left_out():
+with known_noise_left_out():
     importlib.import_module("ldm.models.diffusion.ddpm")  # imports ldm.modules.diffusionmodules.model too

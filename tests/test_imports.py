@@ -94,6 +94,7 @@ def test_the_demo_prints_only_lohatrains_own_lines_and_verbose_shows_the_librari
     --verbose shows them again."""
     lines = demo_output(tmp_path / "quiet")
     foreign = [line for line in lines if "Warning" in line or "site-packages" in line or "xformers" in line]
-    assert foreign == [] and lines[-1].startswith("wrote ") and any(line.startswith("done: 1 steps") for line in lines)
+    assert foreign == [] and lines[0].startswith("wrote the demo's sample images") and lines[-1].startswith("wrote ")
+    assert any(line.startswith("done: 1 steps") for line in lines)
     if importlib.util.find_spec("xformers") is None:  # ldm says so at import: the line --verbose brings back
         assert "No module 'xformers'. Proceeding without it." in demo_output(tmp_path / "verbose", "--verbose")

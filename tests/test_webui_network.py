@@ -145,17 +145,17 @@ def test_exposed_webui_refuses_folders_outside_it_however_they_are_spelled(webui
                                                                            dataset_dir=folder))
     assert r.status_code == 422 and "without a password" in r.json()["detail"][0]
     assert not any(p in r.text for p in server_paths(webui_server))
-    report, thumbnails, names, images = ui.check_dataset(folder, ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
-                                                         128)
-    assert "without a password" in report and thumbnails == names == [] and images is None
+    report, thumbnails, names, found = ui.check_dataset(folder, ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
+                                                        128)
+    assert "without a password" in report and thumbnails == names == [] and found is None
     assert sorted(p.name for p in webui_server.lora_dir.iterdir()) == before
 
 
 def test_exposed_webui_still_reads_folders_inside_it(webui_server, exposed):
     lohatrain.demo.make_sample_dataset(Path(shared.data_path) / "inside")
-    report, thumbnails, names, images = ui.check_dataset("inside", ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
-                                                         128)
-    assert "<b>8</b> images" in report and len(thumbnails) == len(names) == images == 8
+    report, thumbnails, names, found = ui.check_dataset("inside", ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
+                                                        128)
+    assert "<b>8</b> images" in report and len(thumbnails) == len(names) == found.images == 8
 
 
 def _bad_folders(root: Path) -> dict[str, str]:

@@ -5,9 +5,15 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
+POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-scripts TOML's text, "dataset_config":
+                              its dataset config's text (optional)} → {"settings" (engine names: what the config sets,
+                              for POST /train), "message", "taken", "changed", "not_taken" [{group, option, value,
+                              why}], "quiet"}; starts nothing. 422 when the text is neither
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
-                              "batch_size"} → the dataset doctor's report: images, problems [{file, kind,
-                              detail, message}], tag_frequency, trigger, suggested_steps, steps_reason
+                              "batch_size", "reg_data_dir", "masked_loss"} → the dataset doctor's report: images,
+                              problems [{file, kind, detail, message}], tag_frequency, trigger, suggested_steps,
+                              steps_reason, folders [{name, regularization, repeats, images, draws, share, trigger}]
+                              (kohya's N_name sub-folders, or the folder itself), regularization_images, masks
 POST /lohatrain/v1/grid       {"name", "prompts", "strengths", "seed"} (all but the name optional: the run's preview
                               prompts, 0.5/0.75/1, its preview seed) → the steps × strength grid through the WebUI's
                               txt2img: {"files", "images" (base64 PNG, one per prompt), "columns", "rows", "prompts"}
@@ -28,6 +34,7 @@ allows it in Settings → LoRA training.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -79,9 +86,13 @@ def _unknown(body: dict, known) -> list[str]:
     return [f"unknown field {k!r}" for k in sorted(set(body) - set(known))]
 
 
+_TYPE_WORDS = {str: "a text", int: "a whole number", bool: "true or false"}
+
+
 def _mistyped(body: dict, known: dict) -> list[str]:
-    """The known fields given with another JSON type (true/false is not a number here)."""
-    return [k for k, t in known.items() if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool))]
+    """The known fields given with another JSON type (true/false is not a number here, nor a number true/false)."""
+    return [k for k, t in known.items()
+            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool) != (t is bool))]
 
 
 class Routes:
@@ -128,21 +139,42 @@ class Routes:
     def runs(self):
         return {"runs": actions.resumable_runs()}
 
+    def import_settings(self, body=Body(...)):
+        """A kohya config as settings, and where each of its options went; nothing is started."""
+        known = {"config": str, "dataset_config": str}
+        if not isinstance(body, dict):
+            return _refuse(["the body must be a JSON object"])
+        problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
+        if "config" not in body:
+            problems.append("config (the kohya config file's text) is required")
+        if problems:
+            return _refuse(problems)
+        try:
+            imported = actions.import_kohya(body["config"], body.get("dataset_config"), via="api")
+        except LohatrainError as e:
+            return _refuse(e.problems if isinstance(e, SettingsError) else [str(e)])
+        return {"settings": imported.settings, "message": imported.message(), "taken": imported.taken,
+                "changed": imported.changed, "not_taken": [dataclasses.asdict(n) for n in imported.not_taken],
+                "quiet": imported.quiet}
+
     def check_dataset(self, body=Body(...)):
         """The dataset doctor's report, before anything is trained."""
         known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
-                 "resolution": int, "batch_size": int}
+                 "resolution": int, "batch_size": int, "reg_data_dir": str, "masked_loss": bool}
         if not isinstance(body, dict):
             return _refuse(["the body must be a JSON object"])
-        problems = _unknown(body, known) + [f"{k} must be {'a whole number' if known[k] is int else 'a text'}"
-                                            for k in _mistyped(body, known)]
+        problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
         if problems:
             return _refuse(problems)
         try:
             actions.check_dataset_path(body.get("dataset_dir", ""), via="api")
+            if body.get("reg_data_dir", "").strip():
+                actions.check_dataset_path(body["reg_data_dir"], via="api")
             report = doctor.check(body.get("dataset_dir", ""), body.get("caption_mode", "txt"),
                                   body.get("caption_ext", ".txt"), body.get("caption_phrase", ""),
-                                  body.get("resolution", 512), body.get("batch_size", 1))
+                                  body.get("resolution", 512), body.get("batch_size", 1),
+                                  reg_data_dir=body.get("reg_data_dir", ""),
+                                  masked_loss=body.get("masked_loss", False))
         except (LohatrainError, ValueError) as e:
             return _refuse([str(e)])
         return report.to_dict()
@@ -196,6 +228,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
     for method, path, handler in [("POST", "/train", r.start), ("GET", "/status", r.status), ("GET", "/runs", r.runs),
                                   ("POST", "/dataset/check", r.check_dataset), ("POST", "/grid", r.make_grid),
                                   ("POST", "/interrupt", r.interrupt), ("GET", "/presets", r.presets),
+                                  ("POST", "/settings/import", r.import_settings),
                                   ("GET", "/preview", r.preview)]:
         app.add_api_route(f"{PREFIX}{path}", handler, methods=[method], dependencies=guard)
 

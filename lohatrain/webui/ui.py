@@ -350,9 +350,11 @@ def make_grid(runner: JobRunner, name, prompts, strengths, seed):
 
 
 def _thumbnails(dataset_dir, ext: str) -> tuple[list, list[str]]:
-    """The gallery's (image, caption) pairs and the file names behind them (a per-page state, for editing)."""
+    """The gallery's (image, caption) pairs and the images' names in the dataset behind them ("2_alice/photo.png"
+    in a kohya sub-folder; a per-page state, for editing)."""
     shown = captions.thumbnails(dataset_dir, ext)
-    return shown, [Path(p).name for p, _ in shown]
+    folder = ds.resolve_folder(dataset_dir) if shown else None
+    return shown, [Path(p).relative_to(folder).as_posix() for p, _ in shown]
 
 
 def select_thumbnail(names, evt: gr.SelectData):
@@ -375,36 +377,58 @@ def save_edited_caption(dataset_dir, name, text, ext):
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
-                  batch_size=1):
-    """Count, buckets and captions, then the dataset doctor's findings grouped by problem (lohatrain/doctor.py)
-    and the images with their captions, before anything is trained; the last value is the number of images, for
-    the suggested steps."""
+                  batch_size=1, reg_data_dir="", masked_loss=False):
+    """Count, kohya's folders (repeats, draws, the regularization share), buckets and captions, then the dataset
+    doctor's findings grouped by problem (lohatrain/doctor.py) and the images with their captions, before anything
+    is trained; the last value is the doctor's report, for the suggested steps (None when the folder was not
+    read)."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     low, high = bucket_sides_for(int(resolution))
     min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
+    reg_data_dir = (reg_data_dir or "").strip()
     try:
         actions.check_dataset_path(dataset_dir, via="tab")
+        if reg_data_dir:
+            actions.check_dataset_path(reg_data_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
-                             int(min_side), int(max_side))
+                             int(min_side), int(max_side), reg_data_dir, bool(masked_loss))
     except (LohatrainError, ValueError) as e:
         return _message(str(e), "error"), [], [], None
     doctor_html = _doctor_html(found)
     shown, names = _thumbnails(dataset_dir, ext or ".txt")
     try:
-        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext, reg_data_dir, masked_loss=bool(masked_loss))
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:
         if any(doctor.KINDS[p.kind].blocks for p in found.problems):  # the doctor names what blocks training
-            return doctor_html, shown, names, found.images
-        return doctor_html + _message(str(e), "error"), shown, names, found.images
-    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
-    captioned = sum(1 for i in items if i.caption.strip())
+            return doctor_html, shown, names, found
+        return doctor_html + _message(str(e), "error"), shown, names, found
+    draws = ds.draws_per_epoch(items)
+    kohya = len(found.folders) > 1 or any(f.repeats > 1 for f in found.folders)
+    per_epoch = dict(ds.bucket_table(items, bucket_of, draws))
+    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td>" + (f"<td>{per_epoch.get((w, h), 0)}</td>" if kohya else "")
+                   + "</tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
+    captioned = sum(1 for i in items if i.caption.strip() and not i.regularization)
     # what an upscaled image does is the doctor's "Too small", said once there
     note = ds.grouping_note(items, bucket_of, int(resolution), bool(bucketing), int(min_side), int(max_side))
-    report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
-              f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
+    report = (f'<div class="lohatrain-dataset"><p><b>{found.images}</b> images, <b>{captioned}</b> with a caption'
+              + (f", and <b>{found.regularization_images}</b> regularization images" if found.regularization_images
+                 else "") + ".</p>"
+              + (_folders_html(found.folders) if kohya else "")
+              + "<table><tr><th>bucket</th><th>images</th>" + ("<th>draws per epoch</th>" if kohya else "")
+              + f"</tr>{rows}</table>"
               + (f"<p class='lohatrain-warnings'>{html.escape(note)}</p>" if note else "") + "</div>") + doctor_html
-    return report, shown, names, len(items)
+    return report, shown, names, found
+
+
+def _folders_html(folders) -> str:
+    """kohya's folders: repeats, images, draws per epoch and their share, the trigger of each."""
+    rows = "".join(
+        f"<tr><td>{html.escape(f.name)}{' (regularization)' if f.regularization else ''}</td><td>{f.repeats}</td>"
+        f"<td>{f.images}</td><td>{f.draws}</td><td>{f.share:.0%}</td><td>{html.escape(f.trigger)}</td></tr>"
+        for f in folders)
+    return ('<table class="lohatrain-folders"><tr><th>folder</th><th>repeats</th><th>images</th>'
+            f"<th>draws per epoch</th><th>share</th><th>trigger</th></tr>{rows}</table>")
 
 
 def _doctor_html(found: doctor.Report) -> str:
@@ -433,21 +457,21 @@ def suggested_learning_rate(method: str, family: str) -> tuple[float, str]:
     return kind.learning_rate_for(family), f"{kind.label}'s usual rate with AdamW on {label}"
 
 
-def suggestion(images, method_label, batch_size) -> list:
+def suggestion(found, method_label, batch_size) -> list:
     """After Check dataset: the steps (dataset doctor) and learning rate (type) to start from, in plain words, and
     the Apply button; nothing before a folder was checked."""
-    if not images:
+    if not found or not found.images:
         return [gr.update(value="", visible=False), gr.update(visible=False)]
-    steps, why_steps = doctor.suggest_steps(int(images), int(batch_size))
+    steps, why_steps = doctor.suggest_steps(found.images, int(batch_size), found.folders)
     rate, why_rate = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family())
     return [gr.update(value=f'<div class="lohatrain-suggestion"><b>Suggested:</b> {steps} steps at learning rate '
                             f'{rate:g}.<br>{html.escape(why_steps)}; {rate:g} is {html.escape(why_rate)}.</div>',
                       visible=True), gr.update(visible=True)]
 
 
-def apply_suggestion(images, method_label, batch_size) -> list:
+def apply_suggestion(found, method_label, batch_size) -> list:
     """Apply: the suggested steps and learning rate into the form."""
-    steps, _ = doctor.suggest_steps(int(images), int(batch_size))
+    steps, _ = doctor.suggest_steps(found.images, int(batch_size), found.folders)
     rate, _ = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family())
     return [steps, rate]
 
@@ -864,7 +888,7 @@ def _run_panel(runner: JobRunner) -> RunPanel:
 class GalleryPanel(Panel):
     suggestion: gr.HTML
     apply: gr.Button
-    images: gr.State  # how many images the last check found (the suggestion follows the type and batch size)
+    images: gr.State  # the last check's doctor.Report (the suggestion follows the type and batch size)
     report: gr.HTML
     thumbs: gr.Gallery
     shown_files: gr.State
