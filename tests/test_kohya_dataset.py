@@ -390,6 +390,7 @@ def test_the_rest_check_and_the_tab_report_each_sub_folder(webui_server, checked
     shown_steps = ui.suggestion(found, ui.METHOD_LABELS["loha"], 2)[0]["value"]  # what Apply puts in the form
     assert "500 steps" in shown_steps and "each image, on average, about 100 times" in shown_steps
     assert ui.apply_suggestion(found, ui.METHOD_LABELS["loha"], 2)[0] == 500
+    assert ui.apply_suggestion(found, ui.METHOD_LABELS["loha"], 2, "prodigy") == [500, 1.0]  # the optimizer's rate
     assert names == ["1_bob/sample_00.png", "1_bob/sample_01.png", "2_alice/sample_00.png", "2_alice/sample_01.png",
                      "2_alice/sample_02.png"] and len(shown) == 5
 

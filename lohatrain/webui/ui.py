@@ -24,6 +24,7 @@ import gradio as gr
 from .. import captions
 from .. import dataset as ds
 from .. import doctor
+from .. import optimizers
 from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
@@ -47,6 +48,8 @@ METHOD_FIELDS = ["network_preset", *SIZE_FIELDS, "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = actions.EXTENSION_DIR / "presets"
 BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
+# what the suggested steps and rate follow, in suggestion()'s order (the optimizer's fields once the form has them)
+SUGGESTION_FOLLOWS = ["training_method", "batch_size", "optimizer", "adafactor_relative_step"]
 CHECK_FIELDS = ["dataset_dir", "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing",
                 *BUCKET_FIELDS, "batch_size"]  # what "Check dataset" reads, in check_dataset's order
 
@@ -450,29 +453,33 @@ def _doctor_html(found: doctor.Report) -> str:
             + "</div>")
 
 
-def suggested_learning_rate(method: str, family: str) -> tuple[float, str]:
-    """The rate to start from and why, in plain words: the type's own rate on the family (methods.TYPES), for
-    lohatrain's optimizer, AdamW."""
+def suggested_learning_rate(method: str, family: str, optimizer: str = optimizers.DEFAULT,
+                            relative_step: bool = True) -> tuple[float, str]:
+    """The rate to start from and why, in plain words: the type's own rate on the family (methods.TYPES) as the
+    optimizer wants it (Prodigy 1.0, Lion a third; lohatrain.optimizers.suggested_rate)."""
     kind, label = TYPES[method], FAMILIES[family].label
-    return kind.learning_rate_for(family), f"{kind.label}'s usual rate with AdamW on {label}"
+    rate, why = optimizers.suggested_rate(optimizer, kind.learning_rate_for(family), relative_step)
+    return rate, f"{why}, for {kind.label} on {label}"
 
 
-def suggestion(found, method_label, batch_size) -> list:
-    """After Check dataset: the steps (dataset doctor) and learning rate (type) to start from, in plain words, and
-    the Apply button; nothing before a folder was checked."""
+def suggestion(found, method_label, batch_size, optimizer=optimizers.DEFAULT, relative_step=True) -> list:
+    """After Check dataset: the steps (dataset doctor) and learning rate (type and optimizer) to start from, in
+    plain words, and the Apply button; nothing before a folder was checked."""
     if not found or not found.images:
         return [gr.update(value="", visible=False), gr.update(visible=False)]
     steps, why_steps = doctor.suggest_steps(found.images, int(batch_size), found.folders)
-    rate, why_rate = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family())
+    rate, why_rate = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family(),
+                                             _key_for(LABELS.get("optimizer", {}), optimizer), bool(relative_step))
     return [gr.update(value=f'<div class="lohatrain-suggestion"><b>Suggested:</b> {steps} steps at learning rate '
                             f'{rate:g}.<br>{html.escape(why_steps)}; {rate:g} is {html.escape(why_rate)}.</div>',
                       visible=True), gr.update(visible=True)]
 
 
-def apply_suggestion(found, method_label, batch_size) -> list:
+def apply_suggestion(found, method_label, batch_size, optimizer=optimizers.DEFAULT, relative_step=True) -> list:
     """Apply: the suggested steps and learning rate into the form."""
     steps, _ = doctor.suggest_steps(found.images, int(batch_size), found.folders)
-    rate, _ = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family())
+    rate, _ = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family(),
+                                      _key_for(LABELS.get("optimizer", {}), optimizer), bool(relative_step))
     return [steps, rate]
 
 
@@ -1022,11 +1029,11 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     run.poll.click(lambda *v: poll_status(runner, *v), [run.sent_preview, run.shown_model, t.dataset.name],
                    [run.status_json, run.sent_preview, *model_view, run.shown_model], queue=False,
                    show_progress="hidden")
-    suggest_from = [t.gallery.images, t.method.training_method, t.training.batch_size]
-    suggested = [t.gallery.suggestion, t.gallery.apply]
+    follows = t.fields([name for name in SUGGESTION_FOLLOWS if name in FIELDS])
+    suggest_from, suggested = [t.gallery.images, *follows], [t.gallery.suggestion, t.gallery.apply]
     t.gallery.apply.click(apply_suggestion, suggest_from, [t.training.steps, t.training.learning_rate])
-    for follows in (t.method.training_method, t.training.batch_size):
-        follows.change(suggestion, suggest_from, suggested, queue=False)
+    for field in follows:
+        field.change(suggestion, suggest_from, suggested, queue=False)
     t.run.train.click(lambda *v: start_training(runner, *v), form, [message])
     t.resume.resume.click(lambda label, anyway: resume_training(runner, label, anyway),
                           [t.resume.run, t.resume.anyway], [message])
