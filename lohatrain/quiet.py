@@ -5,8 +5,9 @@ newcomer on the command line. `LOHATRAIN_VERBOSE=1` (the command line's --verbos
   pytorch_lightning is imported, and Lightning's deprecation of the `rank_zero_only` that ldm's ddpm.py decorates
   with (lohatrain.ldm_importable);
 - ldm's "No module 'xformers'. Proceeding without it." (lohatrain runs ldm's attention through torch's SDPA);
-- bitsandbytes' CPU backend logging that the optional `kernels` package is missing, when lycoris-lora imports
-  bitsandbytes for its quantized layers (lohatrain.methods; bitsandbytes is there for the adamw8bit optimizer).
+- what bitsandbytes logs about its build when lycoris-lora imports it for its quantized layers (lohatrain.methods;
+  bitsandbytes is there for the adamw8bit optimizer, which says itself when it cannot run): its CPU backend missing
+  the optional `kernels` package, or a build without GPU support.
 """
 import contextlib
 import io
@@ -21,7 +22,8 @@ _KNOWN_WARNINGS = ((UserWarning, r"pkg_resources is deprecated as an API"),
                    (DeprecationWarning, r"`pytorch_lightning\.utilities\.distributed\.rank_zero_only` has been "
                                         r"deprecated"))
 _KNOWN_LINES = ("No module 'xformers'. Proceeding without it.",)
-_KNOWN_LOGS = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),)
+_KNOWN_LOGS = (("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+               ("bitsandbytes.cextension", "The installed version of bitsandbytes was compiled without GPU support"))
 
 
 @contextlib.contextmanager
