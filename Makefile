@@ -16,7 +16,7 @@ $(STOCK_STAMP): tools/setup-venv-stock.sh tools/requirements-stock.txt tools/con
 	bash tools/setup-venv-stock.sh
 	touch $(STOCK_STAMP)
 
-.PHONY: demo test test-newest test-stock test-gradio4
+.PHONY: demo test test-newest test-stock test-gradio4 screenshots
 demo: $(VENV_STAMP)
 	.venv/bin/python -m lohatrain train --demo --output-dir out
 
@@ -58,3 +58,12 @@ test-stock: $(STOCK_STAMP)
 test-gradio4: $(GRADIO4_STAMP)
 	bash tools/install-chromium.sh
 	OMP_NUM_THREADS=1 .venv-gradio4/bin/python -m pytest -q tests/test_webui_browser_forge.py
+
+# The README's pictures, taken by the browser tests after their runs, so they show the tab as it is: the A1111 page
+# (docs/screenshot.png, grid.png, caption.png) and the Forge page under Gradio 4 (docs/screenshot-forge.png).
+screenshots: $(VENV_STAMP) $(GRADIO4_STAMP)
+	bash tools/install-chromium.sh
+	LOHATRAIN_SCREENSHOTS=docs OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_webui_browser.py \
+		-k "training_from_the_tab or caption_a_folder"
+	LOHATRAIN_SCREENSHOTS=docs OMP_NUM_THREADS=1 .venv-gradio4/bin/python -m pytest -q tests/test_webui_browser_forge.py \
+		-k "training_on_forge"

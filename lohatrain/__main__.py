@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 import torch
+
+if "--verbose" in sys.argv[1:]:  # before lohatrain's modules import the libraries (the option parser needs them)
+    os.environ["LOHATRAIN_VERBOSE"] = "1"
 
 from .cli_settings import add_setting_options, given_settings, merge
 from .distributed import Ranks, join_torchrun, leave
@@ -111,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
+    model.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' own warnings that lohatrain leaves out as known noise "
+                            "(lohatrain.quiet)")
     add_setting_options(t)
     return parser
 
@@ -134,6 +141,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         parser.error("give --config or --kohya-config, not both")
     if kohya and args.resume:
         parser.error("--resume goes on with the run's own settings: leave out --kohya-config")
+    if args.verbose:  # main(argv) called in-process: for the libraries not imported yet (lohatrain.quiet)
+        os.environ["LOHATRAIN_VERBOSE"] = "1"
     report = _ProgressReport()
     settings = None
     try:

@@ -227,7 +227,7 @@ def _preview_maker(host, parts, settings: TrainSettings, job: Job):
         image.save(path)
         image.save(out_dir / f"{settings.name}.preview.png")  # the Lora tab's card picture
         state.assign_current_image(image)
-        job.set_preview(path, step)
+        job.set_preview(path, step, prompts[0])
 
     return on_step
 

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
+import itertools
 import json
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 
 from .. import captions
 from .. import dataset as ds
 from .. import doctor
+from .. import optimizers
 from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
 from ..methods import TYPES
-from ..settings import CUSTOM_PRESET, DTYPES, SCHEDULERS, TrainSettings, bucket_sides_for, check_file_name
+from ..settings import (CUSTOM_PRESET, DTYPES, SCHEDULERS, TrainSettings, bucket_sides_for, check_file_name,
+                        network_type)
 from .. import hosts
 from . import actions
 from .api import public_status
@@ -34,6 +39,7 @@ METHOD_LABELS = {name: t.label for name, t in TYPES.items()}
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
 TAGGER_LABELS = {"deepbooru": "DeepBooru (booru tags)", "interrogator": "BLIP + CLIP interrogator (a sentence)"}
 EXISTING_LABELS = {"keep": "Keep them", "append": "Add the new tags to them", "overwrite": "Replace them"}
+LABELS = {"training_method": METHOD_LABELS, "caption_mode": CAPTION_LABELS}  # settings the form shows by label
 CUSTOM_LABEL = "Custom (set the sizes below)"
 # Fields whose default depends on the training method (its presets and rate), and those that also depend on
 # the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
@@ -42,6 +48,8 @@ METHOD_FIELDS = ["network_preset", *SIZE_FIELDS, "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = actions.EXTENSION_DIR / "presets"
 BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
+# what the suggested steps and rate follow, in suggestion()'s order (the optimizer's fields once the form has them)
+SUGGESTION_FOLLOWS = ["training_method", "batch_size", "optimizer", "adafactor_relative_step"]
 CHECK_FIELDS = ["dataset_dir", "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing",
                 *BUCKET_FIELDS, "batch_size"]  # what "Check dataset" reads, in check_dataset's order
 
@@ -58,13 +66,45 @@ INT_FIELDS = {"lokr_factor", "dim", "conv_dim", "clip_skip", "resolution", "step
               "preview_seed", "preview_steps"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Applies:
+    """When a form field applies: a test of one choice, the value of another setting (its engine name, not its
+    label)."""
+    choice: str
+    when: Callable[[str], bool]
+
+
+# Only the fields that apply to the current choices are on screen: each field shown for some choices only says
+# when, here. A field that does not apply is hidden, and its value is left out of the run's settings (their
+# default holds). A new choice (the optimizer, say) needs no more than its fields' entries (and its labels in
+# LABELS if its form shows labels).
+APPLIES = {
+    "dora": Applies("training_method", lambda method: network_type(method).dora),
+    "lokr_factor": Applies("training_method", lambda method: network_type(method).sized_by_factor),
+    "conv_dim": Applies("training_method", lambda method: network_type(method).convolutions),
+    "conv_alpha": Applies("training_method", lambda method: network_type(method).convolutions),
+    "caption_phrase": Applies("caption_mode", lambda mode: mode == "phrase"),
+    "caption_ext": Applies("caption_mode", lambda mode: mode == "txt"),
+}
+
+
+def applying(choice: str, fields: list[str], label) -> list:
+    """The visibility of `fields` (each depends on `choice`) for this choice's form value."""
+    value = _key_for(LABELS.get(choice, {}), label)
+    return [gr.update(visible=APPLIES[name].when(value)) for name in fields]
+
+
 def settings_from_form(values: list) -> TrainSettings:
-    """Form values → validated settings (raises SettingsError listing every bad value)."""
+    """Form values → validated settings (raises SettingsError listing every bad value); the values of fields that
+    do not apply to the choices are left out."""
     data = dict(zip(FIELDS, values))
-    data["training_method"] = _key_for(METHOD_LABELS, data["training_method"])
+    for key, labels in LABELS.items():
+        data[key] = _key_for(labels, data[key])
     data["network_preset"] = _preset_key(data["network_preset"])
-    data["caption_mode"] = _key_for(CAPTION_LABELS, data["caption_mode"])
-    for key in INT_FIELDS:
+    for key, rule in APPLIES.items():
+        if not rule.when(data[rule.choice]):
+            del data[key]
+    for key in INT_FIELDS & data.keys():
         value = data[key]
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)
@@ -79,16 +119,15 @@ def settings_from_form(values: list) -> TrainSettings:
 
 
 def form_values(settings: TrainSettings) -> list:
-    """Settings → form values (for loading a saved preset)."""
+    """Settings → form values (for loading a saved preset): the preset among its own type's."""
     values = []
     for key in FIELDS:
         value = getattr(settings, key)
         if key == "network_preset":
-            value = preset_labels(actions.loaded_family(), settings.training_method)[value]
-        elif key == "training_method":
-            value = METHOD_LABELS[value]
-        elif key == "caption_mode":
-            value = CAPTION_LABELS[value]
+            labels = preset_labels(actions.loaded_family(), settings.training_method)
+            value = gr.update(choices=list(labels.values()), value=labels[value])
+        elif key in LABELS:
+            value = LABELS[key][value]
         elif key == "preview_prompts":
             value = "\n".join(value)
         elif key == "clip_skip" and value is None:
@@ -129,13 +168,46 @@ _JS = "js" if _GRADIO_4 else "_js"  # the keyword of an event's front-end code
 _LIKE_CHANGE = {"trigger_mode": "always_last"} if _GRADIO_4 else {}
 
 
-def _model_markdown() -> str:
-    s = hosts.current().model_summary()
+INTRO = ("### Train a LoRA on the loaded checkpoint\n"
+         "Teach the checkpoint the WebUI has loaded a character, a style or an object from a folder of your images "
+         "(10 to 50 is typical). Choose the folder and press **Check dataset**, then **Train**: the file goes into "
+         "your Lora folder, and **Send to txt2img** puts `<lora:name:1>` into the prompt. The defaults suit most "
+         "runs.")
+
+
+def _model_markdown(s: dict | None = None) -> str:
+    """The model line: the checkpoint loaded now (`s`: the host's model_summary), its family or why it cannot be
+    trained, and what this host cannot do."""
+    s = s or hosts.current().model_summary()
     text = f"**Loaded checkpoint:** {s['name']}" + (f" `[{s['hash']}]`" if s["hash"] else "")
     notes = "".join(f"\n\nℹ️ {note}" for note in hosts.current().notes)
     if s["family"]:
         return text + f" — {s['family']}" + notes
     return text + f"\n\n⚠️ {s['problem']}" + notes
+
+
+def _types_markdown(family: str) -> str:
+    """Each network type in one line: what it suits, and its files' sizes (its presets) on the family's model."""
+    lines = [f"What each type suits, and the sizes of its files on {FAMILIES[family].label}:"]
+    for t in TYPES.values():
+        sizes = [p.file_mb for p in t.presets[family].values()]
+        lines.append(f"- **{t.label}**, {min(sizes):.0f}–{max(sizes):.0f} MB: {t.summary}")
+    dora = [t.label.split(" (")[0] for t in TYPES.values() if t.dora]
+    lines.append(f"- **DoRA**, a switch on {', '.join(dora)}: learns each weight's size and direction apart, often "
+                 "closer to a full fine-tune at the same file size; its steps are a little slower")
+    return "\n".join(lines)
+
+
+def _model_view() -> list:
+    """What follows the loaded model: its line, the Base model list's choice, the types' file sizes."""
+    s = hosts.current().model_summary()
+    return [_model_markdown(s), s["title"] or None, _types_markdown(s["family_name"] or "sd1")]
+
+
+def refresh_model() -> list:
+    """🔄: the host's checkpoints listed again, and what follows the model as the model loaded now makes it."""
+    markdown, title, types = _model_view()
+    return [gr.update(choices=hosts.current().checkpoint_titles(), value=title), markdown, types]
 
 
 def _answer(text: str, kind: str = "info", job_id: str | None = None) -> str:
@@ -190,10 +262,29 @@ def resume_training(runner: JobRunner, label, anyway) -> str:
                    job_id=job_id)
 
 
-def poll_status(runner: JobRunner, sent_preview):
-    """The panel's status (no server paths), with the preview image inline when this page has not had it yet;
-    the second value names the preview this page has now (a per-page gr.State)."""
-    data = public_status(runner.status())
+_answers = itertools.count()
+
+
+def lora_file(name) -> str | None:
+    """`name` when the Lora folder has its file (a file Send to txt2img can name), else None."""
+    if not name or check_file_name(name):
+        return None
+    try:
+        return name if (hosts.current().lora_dir() / f"{name}.safetensors").is_file() else None
+    except (LohatrainError, OSError):
+        return None
+
+
+def poll_status(runner: JobRunner, sent_preview, shown_model, name):
+    """The panel's status (no server paths) with what the page needs beside it: a counter (each answer differs),
+    whether the job's file is on disk, the project name when its file is (javascript/lohatrain.js decides what
+    Send to txt2img names), the preview image inline when this page has not had it yet; then the name of that
+    preview, and what follows the loaded model when it changed since this page was told (both per-page
+    gr.States)."""
+    status = runner.status()
+    data = public_status(status)
+    data.update(answer=next(_answers), file_exists=bool(status.get("file")) and Path(status["file"]).is_file(),
+                project_file=lora_file(name))
     job = runner.job
     current = f"{data.get('job_id')}:{data.get('preview_step')}"
     if data.get("preview_url") and current != sent_preview and job and job.preview:
@@ -202,7 +293,10 @@ def poll_status(runner: JobRunner, sent_preview):
             sent_preview = current
         except OSError:  # deleted meanwhile: the next poll tries the next preview
             pass
-    return json.dumps(data), sent_preview
+    view = _model_view()
+    shown = json.dumps(view)
+    model = [gr.update()] * 3 if shown == shown_model else [view[0], gr.update(value=view[1]), view[2]]
+    return [json.dumps(data), sent_preview, *model, shown]
 
 
 def interrupt(runner: JobRunner) -> str:
@@ -286,9 +380,11 @@ def save_edited_caption(dataset_dir, name, text, ext):
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
-                  batch_size=1, reg_data_dir=""):
-    """The dataset doctor's findings (lohatrain/doctor.py), then count, kohya's folders (repeats, draws, the
-    regularization share), buckets, captions and a few thumbnails, before anything is trained."""
+                  batch_size=1, reg_data_dir="", masked_loss=False):
+    """Count, kohya's folders (repeats, draws, the regularization share), buckets and captions, then the dataset
+    doctor's findings grouped by problem (lohatrain/doctor.py) and the images with their captions, before anything
+    is trained; the last value is the doctor's report, for the suggested steps (None when the folder was not
+    read)."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     low, high = bucket_sides_for(int(resolution))
     min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
@@ -298,32 +394,34 @@ def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing
         if reg_data_dir:
             actions.check_dataset_path(reg_data_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
-                             int(min_side), int(max_side), reg_data_dir)
+                             int(min_side), int(max_side), reg_data_dir, bool(masked_loss))
     except (LohatrainError, ValueError) as e:
-        return _message(str(e), "error"), [], []
+        return _message(str(e), "error"), [], [], None
     doctor_html = _doctor_html(found)
     shown, names = _thumbnails(dataset_dir, ext or ".txt")
     try:
-        items = ds.scan_dataset(dataset_dir, mode, phrase, ext, reg_data_dir)
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext, reg_data_dir, masked_loss=bool(masked_loss))
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
-    except (LohatrainError, ValueError) as e:  # the doctor lists each file; this says what blocks training
-        return doctor_html + _message(str(e), "error"), shown, names
+    except (LohatrainError, ValueError) as e:
+        if any(doctor.KINDS[p.kind].blocks for p in found.problems):  # the doctor names what blocks training
+            return doctor_html, shown, names, found
+        return doctor_html + _message(str(e), "error"), shown, names, found
     draws = ds.draws_per_epoch(items)
     kohya = len(found.folders) > 1 or any(f.repeats > 1 for f in found.folders)
     per_epoch = dict(ds.bucket_table(items, bucket_of, draws))
     rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td>" + (f"<td>{per_epoch.get((w, h), 0)}</td>" if kohya else "")
                    + "</tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
     captioned = sum(1 for i in items if i.caption.strip() and not i.regularization)
+    # what an upscaled image does is the doctor's "Too small", said once there
     note = ds.grouping_note(items, bucket_of, int(resolution), bool(bucketing), int(min_side), int(max_side))
-    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of) + [note] if w)
     report = (f'<div class="lohatrain-dataset"><p><b>{found.images}</b> images, <b>{captioned}</b> with a caption'
               + (f", and <b>{found.regularization_images}</b> regularization images" if found.regularization_images
                  else "") + ".</p>"
               + (_folders_html(found.folders) if kohya else "")
               + "<table><tr><th>bucket</th><th>images</th>" + ("<th>draws per epoch</th>" if kohya else "")
               + f"</tr>{rows}</table>"
-              + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
-    return report, shown, names
+              + (f"<p class='lohatrain-warnings'>{html.escape(note)}</p>" if note else "") + "</div>") + doctor_html
+    return report, shown, names, found
 
 
 def _folders_html(folders) -> str:
@@ -336,23 +434,53 @@ def _folders_html(folders) -> str:
             f"<th>draws per epoch</th><th>share</th><th>trigger</th></tr>{rows}</table>")
 
 
-def _doctor_html(found) -> str:
-    problems = "".join(f'<li data-kind="{html.escape(p.kind)}"><b>{html.escape(p.file)}</b>: {html.escape(p.message)}'
-                       "</li>" for p in found.problems)
+def _doctor_html(found: doctor.Report) -> str:
+    """The doctor's findings by problem: what it does and what to do once, then each file it concerns once."""
+    groups = []
+    for kind, problems in found.by_kind().items():
+        k = doctor.KINDS[kind]
+        files = "".join(f'<li data-file="{html.escape(p.file)}"><code>{html.escape(p.file)}</code> '
+                        f'{html.escape(p.detail)}</li>' for p in problems)
+        blocks = " <b>Training cannot start until this is fixed.</b>" if k.blocks else ""
+        groups.append(f'<li class="lohatrain-problem" data-kind="{html.escape(kind)}"><b>{html.escape(k.title)}</b> '
+                      f'({len(problems)}): {html.escape(k.advice)}.{blocks}<ul>{files}</ul></li>')
     top = ", ".join(f"{html.escape(tag)} ({n})" for tag, n in list(found.tag_frequency.items())[:12])
-    return (f'<div class="lohatrain-doctor"><p>Suggested steps: <b>{found.suggested_steps}</b> '
-            f'({html.escape(found.steps_reason)})</p>'
+    return ('<div class="lohatrain-doctor">'
             + (f'<p>Trigger: <code>{html.escape(found.trigger)}</code></p>' if found.trigger else "")
             + (f'<p>Most used tags: {top}</p>' if top else "")
-            + (f'<ul class="lohatrain-problems">{problems}</ul>' if problems else "<p>No problems found.</p>")
+            + (f'<ul class="lohatrain-problems">{"".join(groups)}</ul>' if groups else "<p>No problems found.</p>")
             + "".join(f"<p>Not checked: {html.escape(s)}</p>" for s in found.skipped)
             + "</div>")
 
 
-def caption_fields(caption_label):
-    """The phrase box shows for Single phrase only, the caption extension for TXT captions only."""
-    mode = _key_for(CAPTION_LABELS, caption_label)
-    return gr.update(visible=mode == "phrase"), gr.update(visible=mode == "txt")
+def suggested_learning_rate(method: str, family: str, optimizer: str = optimizers.DEFAULT,
+                            relative_step: bool = True) -> tuple[float, str]:
+    """The rate to start from and why, in plain words: the type's own rate on the family (methods.TYPES) as the
+    optimizer wants it (Prodigy 1.0, Lion a third; lohatrain.optimizers.suggested_rate)."""
+    kind, label = TYPES[method], FAMILIES[family].label
+    rate, why = optimizers.suggested_rate(optimizer, kind.learning_rate_for(family), relative_step)
+    return rate, f"{why}, for {kind.label} on {label}"
+
+
+def suggestion(found, method_label, batch_size, optimizer=optimizers.DEFAULT, relative_step=True) -> list:
+    """After Check dataset: the steps (dataset doctor) and learning rate (type and optimizer) to start from, in
+    plain words, and the Apply button; nothing before a folder was checked."""
+    if not found or not found.images:
+        return [gr.update(value="", visible=False), gr.update(visible=False)]
+    steps, why_steps = doctor.suggest_steps(found.images, int(batch_size), found.folders)
+    rate, why_rate = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family(),
+                                             _key_for(LABELS.get("optimizer", {}), optimizer), bool(relative_step))
+    return [gr.update(value=f'<div class="lohatrain-suggestion"><b>Suggested:</b> {steps} steps at learning rate '
+                            f'{rate:g}.<br>{html.escape(why_steps)}; {rate:g} is {html.escape(why_rate)}.</div>',
+                      visible=True), gr.update(visible=True)]
+
+
+def apply_suggestion(found, method_label, batch_size, optimizer=optimizers.DEFAULT, relative_step=True) -> list:
+    """Apply: the suggested steps and learning rate into the form."""
+    steps, _ = doctor.suggest_steps(found.images, int(batch_size), found.folders)
+    rate, _ = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family(),
+                                      _key_for(LABELS.get("optimizer", {}), optimizer), bool(relative_step))
+    return [steps, rate]
 
 
 def preset_sizes(label, method_label):
@@ -401,10 +529,8 @@ def default_values(family: str, method: str, fields: list[str]) -> list:
 
 
 def method_changed(method_label):
-    """Another training method: its presets, sizes and learning rate; DoRA only where it applies."""
-    method = _key_for(METHOD_LABELS, method_label)
-    dora = gr.update(interactive=True) if TYPES[method].dora else gr.update(interactive=False, value=False)
-    return [dora] + default_values(actions.loaded_family(), method, METHOD_FIELDS)
+    """Another training method picked: its presets, sizes and learning rate."""
+    return default_values(actions.loaded_family(), _key_for(METHOD_LABELS, method_label), METHOD_FIELDS)
 
 
 def load_checkpoint(title, method_label):
@@ -427,7 +553,8 @@ def load_checkpoint(title, method_label):
 # The tab, panel by panel. Each `_…_panel` makes its components in the order they show, wires the events that
 # stay inside it, and returns them as a Panel; build_tab lays the panels out and wires the events between them.
 # A Panel field named after a TrainSettings field is that setting's form field. A new panel: a Panel subclass,
-# its `_…_panel` function, its place in Tab and build_tab, and its settings in FIELDS (and INT_FIELDS).
+# its `_…_panel` function, its place in Tab and build_tab, and its settings in FIELDS (and INT_FIELDS); a field
+# that applies to some choices only says when in APPLIES (build_tab and _wire show and hide it).
 
 
 @dataclasses.dataclass
@@ -442,38 +569,42 @@ class MethodPanel(Panel):
     training_method: gr.Dropdown
     dora: gr.Checkbox
     lokr_factor: gr.Number
+    types: gr.Markdown
 
 
 def _method_panel(d: TrainSettings) -> MethodPanel:
-    """The network type first: it decides the presets, sizes and learning rate below."""
+    """The network type first: it decides the presets, sizes and learning rate below; each type in one line."""
     with gr.Row():
-        return MethodPanel(
-            training_method=gr.Dropdown(list(METHOD_LABELS.values()), value=METHOD_LABELS[d.training_method],
-                                        label="Training method", elem_id="lohatrain_method"),
-            dora=gr.Checkbox(d.dora, label="DoRA (weight decomposition)", elem_id="lohatrain_dora"),
-            lokr_factor=gr.Number(d.lokr_factor, label="LoKr factor (-1 = automatic)", precision=0,
-                                  elem_id="lohatrain_lokr_factor"))
+        method = gr.Dropdown(list(METHOD_LABELS.values()), value=METHOD_LABELS[d.training_method],
+                             label="Training method", elem_id="lohatrain_method")
+        dora = gr.Checkbox(d.dora, label="DoRA (weight decomposition)", elem_id="lohatrain_dora")
+        lokr_factor = gr.Number(d.lokr_factor, label="LoKr factor (-1 = automatic)", precision=0,
+                                elem_id="lohatrain_lokr_factor")
+    # a callable value: each page load shows the sizes on the model loaded then
+    types = gr.Markdown(lambda: _types_markdown(actions.loaded_family()), elem_id="lohatrain_types")
+    return MethodPanel(method, dora, lokr_factor, types)
 
 
 @dataclasses.dataclass
 class ModelPanel(Panel):
     summary: gr.Markdown
     checkpoint: gr.Dropdown
+    refresh: gr.Button
     load: gr.Button
 
 
 def _model_panel() -> ModelPanel:
-    """The checkpoint the WebUI has loaded (what is trained on), and another one to load through the WebUI."""
+    """The checkpoint the WebUI has loaded (what is trained on), and another one to load through the WebUI. The
+    values are callables: each page load shows the model loaded then (the panel's polling keeps them so)."""
     with gr.Row():
-        summary = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
+        summary = gr.Markdown(_model_markdown, elem_id="lohatrain_model")
     with gr.Row():
         checkpoint = gr.Dropdown(hosts.current().checkpoint_titles(),
-                                 value=hosts.current().model_summary()["title"] or None,
+                                 value=lambda: hosts.current().model_summary()["title"] or None,
                                  label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
         refresh = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
         load = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
-    refresh.click(lambda: gr.update(choices=hosts.current().checkpoint_titles()), [], [checkpoint])
-    return ModelPanel(summary, checkpoint, load)
+    return ModelPanel(summary, checkpoint, refresh, load)
 
 
 @dataclasses.dataclass
@@ -500,8 +631,9 @@ def _network_panel(d: TrainSettings, labels: dict[str, str]) -> NetworkPanel:
                 preset, clip_skip,
                 dim=gr.Number(d.dim, label="Dim (rank)", precision=0, elem_id="lohatrain_dim"),
                 alpha=gr.Number(d.alpha, label="Alpha", elem_id="lohatrain_alpha"),
-                conv_dim=gr.Number(d.conv_dim, label="Conv dim (0 = attention only)", precision=0),
-                conv_alpha=gr.Number(d.conv_alpha, label="Conv alpha"))
+                conv_dim=gr.Number(d.conv_dim, label="Conv dim (0 = attention only)", precision=0,
+                                   elem_id="lohatrain_conv_dim"),
+                conv_alpha=gr.Number(d.conv_alpha, label="Conv alpha", elem_id="lohatrain_conv_alpha"))
 
 
 @dataclasses.dataclass
@@ -520,11 +652,8 @@ def _dataset_panel(d: TrainSettings) -> DatasetPanel:
     with gr.Row():
         caption_mode = gr.Radio(list(CAPTION_LABELS.values()), value=CAPTION_LABELS[d.caption_mode], label="Captions",
                                 elem_id="lohatrain_caption_mode")
-        caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase",
-                                    visible=d.caption_mode == "phrase")
-        caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext",
-                                 visible=d.caption_mode == "txt")
-    caption_mode.change(caption_fields, [caption_mode], [caption_phrase, caption_ext])
+        caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase")
+        caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext")
     return DatasetPanel(name, dataset_dir, caption_mode, caption_phrase, caption_ext)
 
 
@@ -738,10 +867,15 @@ class RunPanel(Panel):
     check: gr.Button
     train: gr.Button
     message: gr.HTML
+    poll: gr.Button  # hidden: javascript/lohatrain.js presses it (poll_status)
+    status_json: gr.Textbox  # hidden: the status it reads
+    sent_preview: gr.State  # the preview this page has
+    shown_model: gr.State  # what follows the loaded model, as this page was last told
 
 
 def _run_panel(runner: JobRunner) -> RunPanel:
-    """Train, Interrupt and the live panel that javascript/lohatrain.js draws from the polled status."""
+    """Train, Interrupt and the live panel that javascript/lohatrain.js draws from the polled status; Send to
+    txt2img, which it enables once the file it names exists."""
     with gr.Row():
         check = gr.Button("Check dataset", elem_id="lohatrain_check")
         train = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
@@ -751,25 +885,30 @@ def _run_panel(runner: JobRunner) -> RunPanel:
     status_json = gr.Textbox("", show_label=False, interactive=False, elem_id="lohatrain_status_json",
                              elem_classes=["lohatrain-hidden"])
     poll = gr.Button("status", elem_id="lohatrain_poll", elem_classes=["lohatrain-hidden"])
-    sent_preview = gr.State(None)
     send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
     interrupt_btn.click(lambda: interrupt(runner), [], [message])
-    poll.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview], queue=False,
-               show_progress="hidden")
     send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
-    return RunPanel(check, train, message)
+    return RunPanel(check, train, message, poll, status_json, sent_preview=gr.State(None), shown_model=gr.State(None))
 
 
 @dataclasses.dataclass
 class GalleryPanel(Panel):
+    suggestion: gr.HTML
+    apply: gr.Button
+    images: gr.State  # the last check's doctor.Report (the suggestion follows the type and batch size)
     report: gr.HTML
     thumbs: gr.Gallery
     shown_files: gr.State
 
 
 def _gallery_panel() -> GalleryPanel:
-    """The dataset check's report and the images with their captions (shown_files: the files behind them)."""
+    """The dataset check's suggested steps and rate, its report, and the images with their captions (shown_files:
+    the files behind them)."""
+    with gr.Row():
+        suggestion = gr.HTML("", visible=False, elem_id="lohatrain_suggestion")
+        apply = gr.Button("Apply", visible=False, scale=0, min_width=90, elem_id="lohatrain_apply")
     return GalleryPanel(
+        suggestion, apply, images=gr.State(None),
         report=gr.HTML("", elem_id="lohatrain_report"),
         thumbs=gr.Gallery(label="Dataset (click an image to edit its caption)", columns=4, height="auto",
                           elem_id="lohatrain_thumbs"),
@@ -851,6 +990,7 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
     family = actions.loaded_family()
     d = dataclasses.replace(TrainSettings.defaults_for(family), **hosts.current().device_defaults())
     with gr.Blocks(analytics_enabled=False) as blocks:
+        gr.Markdown(INTRO, elem_id="lohatrain_intro")
         with gr.Row(elem_id="lohatrain_tab"):
             with gr.Column(scale=3, elem_id="lohatrain_form"):
                 left = dict(method=_method_panel(d), model=_model_panel(),
@@ -860,7 +1000,10 @@ def build_tab(runner: JobRunner) -> gr.Blocks:
             with gr.Column(scale=2, elem_id="lohatrain_side"):
                 right = dict(run=_run_panel(runner), gallery=_gallery_panel(), grid=_grid_panel(),
                             editor=_caption_editor_panel())
-        _wire(runner, Tab(**left, **right))
+        tab = Tab(**left, **right)
+        for name, rule in APPLIES.items():  # as the events in _wire_applies keep them
+            tab.fields([name])[0].visible = rule.when(getattr(d, rule.choice))
+        _wire(runner, tab)
     return blocks
 
 
@@ -868,19 +1011,34 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     """The events between panels."""
     form, message = t.fields(FIELDS), t.run.message
     thumbs = [t.gallery.thumbs, t.gallery.shown_files]
+    model_view = [t.model.summary, t.model.checkpoint, t.method.types]
+    _wire_applies(t)
     # The user's pick only: what else sets the preset (the type, a checkpoint, saved settings) sets the sizes too.
     # On `change`, the type's own preset update started this event, and Gradio drops a new one while it is
     # pending: a preset picked right after the type kept the sizes of the type's default preset.
     t.network.network_preset.input(preset_sizes, [t.network.network_preset, t.method.training_method],
                                    t.fields(SIZE_FIELDS), **_LIKE_CHANGE)
-    t.method.training_method.change(method_changed, [t.method.training_method],
-                                    [t.method.dora, *t.fields(METHOD_FIELDS)])
+    # Likewise the type's defaults follow the user's pick only: saved settings of another type keep their own.
+    t.method.training_method.input(method_changed, [t.method.training_method], t.fields(METHOD_FIELDS),
+                                   **_LIKE_CHANGE)
+    # listing files needs no GPU: outside the queue, so it answers at once even while something generates
+    t.model.refresh.click(refresh_model, [], [t.model.checkpoint, t.model.summary, t.method.types], queue=False)
     t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method],
-                       [t.model.summary, message, *t.fields(FAMILY_FIELDS)])
+                       [t.model.summary, message, *t.fields(FAMILY_FIELDS)]).then(_model_view, [], model_view)
+    run = t.run
+    run.poll.click(lambda *v: poll_status(runner, *v), [run.sent_preview, run.shown_model, t.dataset.name],
+                   [run.status_json, run.sent_preview, *model_view, run.shown_model], queue=False,
+                   show_progress="hidden")
+    follows = t.fields([name for name in SUGGESTION_FOLLOWS if name in FIELDS])
+    suggest_from, suggested = [t.gallery.images, *follows], [t.gallery.suggestion, t.gallery.apply]
+    t.gallery.apply.click(apply_suggestion, suggest_from, [t.training.steps, t.training.learning_rate])
+    for field in follows:
+        field.change(suggestion, suggest_from, suggested, queue=False)
     t.run.train.click(lambda *v: start_training(runner, *v), form, [message])
     t.resume.resume.click(lambda label, anyway: resume_training(runner, label, anyway),
                           [t.resume.run, t.resume.anyway], [message])
-    t.run.check.click(check_dataset, t.fields(CHECK_FIELDS), [t.gallery.report, *thumbs])
+    t.run.check.click(check_dataset, t.fields(CHECK_FIELDS), [t.gallery.report, *thumbs, t.gallery.images]).then(
+        suggestion, suggest_from, suggested, queue=False)
     tagging = t.tagger
     tagging.caption.click(lambda *v: (yield from caption_dataset(runner, *v)),
                           [t.dataset.dataset_dir, tagging.tagger, tagging.existing, tagging.prefix, tagging.drop_tags,
@@ -895,3 +1053,13 @@ def _wire(runner: JobRunner, t: Tab) -> None:
                         [message, *thumbs])
     t.saved.save.click(save_preset, [t.saved.save_as, *form], [message, t.saved.saved])
     t.saved.load.click(load_preset, [t.saved.saved], [message, *form])
+
+
+def _wire_applies(t: Tab) -> None:
+    """Each choice shows and hides the fields that depend on it (APPLIES), however it changes (the user, saved
+    settings). One event per choice, outside the queue: Gradio 3 drops an event's new trigger while it is
+    pending, so two choices changed at once must not share one."""
+    for choice in dict.fromkeys(rule.choice for rule in APPLIES.values()):
+        fields = [name for name, rule in APPLIES.items() if rule.choice == choice]
+        component = t.fields([choice])[0]
+        component.change(functools.partial(applying, choice, fields), [component], t.fields(fields), queue=False)
