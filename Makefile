@@ -37,7 +37,7 @@ test-newest: $(VENV_STAMP)
 # data-parallel runs and the GPU benchmark's dry run (torch's FLOP counter differs by version). Gradio, the web
 # stack and ldm are at the same pins in both environments, so the tab, the routes and the host stand-ins run once,
 # above (Forge 2 installs torch 2.3.1 and reForge main torch 2.9.0, not 2.1.2: their tests run once too).
-STOCK_TESTS := tests/test_engine.py tests/test_network.py tests/test_methods.py tests/test_precision.py tests/test_resume.py \
+STOCK_TESTS := tests/test_allocator.py tests/test_engine.py tests/test_network.py tests/test_methods.py tests/test_precision.py tests/test_resume.py \
 	tests/test_entry.py tests/test_install.py tests/test_process_state.py tests/test_dataset.py tests/test_demo_model.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_benchmarks.py tests/test_imports.py tests/test_targets.py \
 	tests/test_loss_and_noise.py tests/test_optimizers.py tests/test_kohya_dataset.py tests/test_kohya_config.py

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -221,11 +222,16 @@ def _checkpoint_run(args, resume: SavedRun | None, file_settings: dict | None):
     print(f"Reading {path.name}…", flush=True)
     checkpoint = read_checkpoint(path)
     settings = settings_for(checkpoint.family)
-    print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
-    model, source = load_model(checkpoint, settings.train_dtype, device)
-    print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
-    print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
-    return model, settings, path.name, file_sha256(path)
+    # The file's sha256 (as the WebUI records a checkpoint's hash) is read while the model loads: hashlib and
+    # file reads release the GIL, so the two take one's time where a second core is free.
+    with ThreadPoolExecutor(1) as pool:
+        sha256 = pool.submit(file_sha256, path)
+        print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
+        model, source = load_model(checkpoint, settings.train_dtype, device)
+        print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
+        if not sha256.done():
+            print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
+        return model, settings, path.name, sha256.result()
 
 
 def _demo_run(args, resume: SavedRun | None, parser: argparse.ArgumentParser, ranks: Ranks,
