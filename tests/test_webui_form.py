@@ -154,6 +154,7 @@ def test_a_file_that_is_no_kohya_config_is_refused_and_the_form_kept(webui_serve
     (dict(optimizer_args="weight_decya=0.1"), "optimizer_args: adamw has no argument 'weight_decya' (did you mean "
                                                "weight_decay?)"),
     (dict(caption_dropout_rate=1.5), "caption_dropout_rate must be at least 0 and at most 1, not 1.5"),
+    (dict(weight_decay="a lot"), 'weight_decay must be a number or null, not "a lot"'),  # typed into its text field
 ])
 def test_train_with_a_bad_value_shows_the_same_message_as_rest(webui_server, changes, problem):
     """Train refuses what POST /train refuses (a 422), with the same message in the tab's message area."""

@@ -132,6 +132,7 @@ def settings_from_form(values: list) -> TrainSettings:
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
     data["init_from"] = data["init_from"] or ""
+    data["weight_decay"] = _optional_number(data["weight_decay"])
     for key in ("bucket_min_side", "bucket_max_side"):  # 0: follow the resolution (half and twice it)
         if not data[key]:
             del data[key]
@@ -154,8 +155,20 @@ def form_values(settings: TrainSettings) -> list:
             value = "\n".join(value)
         elif key == "clip_skip" and value is None:
             value = hosts.current().clip_skip()
+        elif key == "weight_decay":
+            value = "" if value is None else str(value)
         values.append(value)
     return values
+
+
+def _optional_number(text):
+    """A number typed in a text field, None when it is empty. A text field, as an empty gr.Number sends 0; what is
+    not a number is kept, for the settings' message."""
+    text = (text or "").strip()
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return text
 
 
 def _key_for(labels: dict, label):
@@ -857,15 +870,15 @@ def _setting(component, d: TrainSettings, name: str, label: str, **options):
     own (SETTING_HELP, as the command line's --help says it), kohya's name for it in its label."""
     if label.lower().replace(" ", "_") != name:
         label = f"{label} ({name})"
-    return component(value=getattr(d, name), label=label, info=SETTING_HELP[name], elem_id=f"lohatrain_{name}",
-                     **options)
+    options.setdefault("value", getattr(d, name))
+    return component(label=label, info=SETTING_HELP[name], elem_id=f"lohatrain_{name}", **options)
 
 
 @dataclasses.dataclass
 class OptimizerPanel(Panel):
     optimizer: gr.Dropdown
     note: gr.Markdown  # why the learning rate changed with the pick (optimizer_changed)
-    weight_decay: gr.Number
+    weight_decay: gr.Textbox  # empty: the optimizer's own
     optimizer_args: gr.Textbox
     prodigy_d_coef: gr.Number
     prodigy_bias_correction: gr.Checkbox
@@ -879,7 +892,8 @@ def _optimizer_panel(d: TrainSettings) -> OptimizerPanel:
         with gr.Row():
             optimizer = gr.Dropdown(list(OPTIMIZER_LABELS.values()), value=OPTIMIZER_LABELS[d.optimizer],
                                     label="Optimizer", info=SETTING_HELP["optimizer"], elem_id="lohatrain_optimizer")
-            weight_decay = _setting(gr.Number, d, "weight_decay", "Weight decay")
+            weight_decay = _setting(gr.Textbox, d, "weight_decay", "Weight decay", placeholder="the optimizer's own",
+                                    value="" if d.weight_decay is None else str(d.weight_decay))
         note = gr.Markdown("", visible=False, elem_id="lohatrain_optimizer_note")
         optimizer_args = _setting(gr.Textbox, d, "optimizer_args", "Optimizer arguments",
                                   placeholder="weight_decay=0.05 betas=0.9,0.99")
