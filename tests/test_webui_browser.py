@@ -614,9 +614,15 @@ gradient_accumulation_steps = 2
 
 
 def test_loading_a_kohya_toml_fills_the_form_and_lists_what_was_not_taken(page, webui_server, tmp_path):
+    check_loading_a_kohya_toml(page, webui_server.root / "dataset", tmp_path)
+
+
+def check_loading_a_kohya_toml(page, dataset: Path, tmp_path: Path) -> None:
+    """An sd-scripts TOML put into Load settings fills every field it sets, the Advanced panels' too, keeps the
+    dataset folder (it names none) and lists what was not taken in the message."""
     config = tmp_path / "config.toml"
     config.write_text(KOHYA_TOML)
-    fill(page, "lohatrain_dataset", webui_server.root / "dataset")
+    fill(page, "lohatrain_dataset", dataset)
     open_accordion(page, "Load settings from a kohya config")
     page.locator("#lohatrain_kohya_config input[type=file]").set_input_files(str(config))
     message = page.locator("#lohatrain_message").first
@@ -626,7 +632,7 @@ def test_loading_a_kohya_toml_fills_the_form_and_lists_what_was_not_taken(page, 
     expect(page.locator("#lohatrain_name textarea")).to_have_value("from-kohya")
     expect(page.locator("#lohatrain_steps input")).to_have_value("300")
     expect(page.locator("#lohatrain_method input")).to_have_value("LoRA")
-    expect(page.locator("#lohatrain_dataset textarea")).to_have_value(str(webui_server.root / "dataset"))  # kept
+    expect(page.locator("#lohatrain_dataset textarea")).to_have_value(str(dataset))  # kept
     expect(page.locator("#lohatrain_optimizer input")).to_have_value("Prodigy")
     expect(page.locator("#lohatrain_lr input")).to_have_value("1")
     for title in ADVANCED_PANELS:
