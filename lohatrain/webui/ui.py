@@ -902,11 +902,11 @@ def _optimizer_panel(d: TrainSettings) -> OptimizerPanel:
                 optimizer, note, weight_decay, optimizer_args,
                 prodigy_d_coef=_setting(gr.Number, d, "prodigy_d_coef", "Prodigy d_coef"),
                 prodigy_bias_correction=_setting(gr.Checkbox, d, "prodigy_bias_correction",
-                                                 "Prodigy use_bias_correction"),
+                                                 "Prodigy bias correction"),
                 prodigy_safeguard_warmup=_setting(gr.Checkbox, d, "prodigy_safeguard_warmup",
-                                                  "Prodigy safeguard_warmup"),
+                                                  "Prodigy safeguard warmup"),
                 adafactor_relative_step=_setting(gr.Checkbox, d, "adafactor_relative_step",
-                                                 "Adafactor relative_step"))
+                                                 "Adafactor relative step"))
 
 
 @dataclasses.dataclass
@@ -921,14 +921,16 @@ class TargetsPanel(Panel):
 def _targets_panel(d: TrainSettings) -> TargetsPanel:
     """What the network adapts, and kohya's per-block learning-rate weights."""
     with gr.Accordion("Advanced: network targets and block weights", open=False, elem_id="lohatrain_targets_box"):
-        targets = _setting(gr.Dropdown, d, "network_targets", "Network targets", choices=list(TARGETS))
+        with gr.Row():
+            targets = _setting(gr.Dropdown, d, "network_targets", "Network targets", choices=list(TARGETS))
+            threshold = _setting(gr.Number, d, "block_lr_zero_threshold", "Block weights' zero threshold")
         with gr.Row():
             return TargetsPanel(
                 targets,
                 down_lr_weight=_setting(gr.Textbox, d, "down_lr_weight", "Down blocks' weights"),
                 mid_lr_weight=_setting(gr.Textbox, d, "mid_lr_weight", "Middle block's weight"),
                 up_lr_weight=_setting(gr.Textbox, d, "up_lr_weight", "Up blocks' weights"),
-                block_lr_zero_threshold=_setting(gr.Number, d, "block_lr_zero_threshold", "Zero threshold"))
+                block_lr_zero_threshold=threshold)
 
 
 @dataclasses.dataclass
