@@ -1,6 +1,8 @@
 """The tab in a real browser (Debian's headless Chromium via Playwright) on the page served by the host stand-in."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -9,13 +11,21 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
+from safetensors import safe_open
 
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 from modules import shared
 
+from lohatrain.settings import TrainSettings
+
 from test_engine import model_state
 
 TIMEOUT = 180_000  # ms; a bound on waiting for a state, never a timing
+ADVANCED = [f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded_when_set")]
+ADVANCED_PANELS = {"Advanced: optimizer": "lohatrain_optimizer",
+                   "Advanced: network targets and block weights": "lohatrain_network_targets",
+                   "Advanced: loss and noise": "lohatrain_masked_loss",
+                   "Advanced: dataset options": "lohatrain_reg_data_dir"}  # each panel's title and first field
 
 
 @pytest.fixture
@@ -81,6 +91,11 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     assert sorted(p.name for p in (ui.lora_dir / "browser-loha.previews").iterdir()) == [
         "step-000006.png", "step-000012.png"]
     assert model_state(shared.sd_model) == before
+    with safe_open(str(ui.lora_dir / "browser-loha.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    # the Advanced panels untouched: none of their settings recorded, the file as before they existed
+    assert metadata["ss_optimizer"] == "torch.optim.AdamW"
+    assert not set(ADVANCED) & set(json.loads(metadata["lohatrain_settings"]))
     screenshot(page, "screenshot.png")  # the README's picture of the tab after a run
 
     wait_for_card_refresh(page, refreshes)
@@ -278,10 +293,15 @@ def check_the_doctor_lists_each_file_once(page, folder: Path) -> None:
 
 
 def pick_method(page, label: str) -> None:
-    page.locator("#lohatrain_method input").click()
+    pick(page, "lohatrain_method", label)
+
+
+def pick(page, elem_id: str, label: str) -> None:
+    """Choose a dropdown's option by its label."""
+    page.locator(f"#{elem_id} input").click()
     # the option's text ends with its label (Gradio 3 puts a hidden check mark before it)
-    page.locator("ul.options li", has_text=re.compile(rf"{re.escape(label)}\s*$")).first.click()
-    expect(page.locator("#lohatrain_method input")).to_have_value(label)
+    page.locator("ul.options li", has_text=re.compile(rf"(^|\W){re.escape(label)}\s*$")).first.click()
+    expect(page.locator(f"#{elem_id} input")).to_have_value(label)
 
 
 def test_only_the_fields_that_apply_are_shown(page):
@@ -290,7 +310,18 @@ def test_only_the_fields_that_apply_are_shown(page):
 
 def check_only_the_fields_that_apply_are_shown(page) -> None:
     """Per type (methods.TYPES: DoRA where it applies, the LoKr factor for LoKr, the conv sizes where a type adapts
-    convolutions) and per caption mode (the phrase, the caption extension)."""
+    convolutions), per caption mode (the phrase, the caption extension), per optimizer (its own options; Prodigy's
+    learning rates 1.0, saying why) and per loss (Huber's options); the Advanced panels folded until opened."""
+    for title, first_field in ADVANCED_PANELS.items():
+        expect(page.locator(f"#{first_field}")).to_be_hidden()
+        open_accordion(page, title)
+        expect(page.locator(f"#{first_field}")).to_be_visible()
+    check_the_optimizers_fields(page)
+    for loss, huber in (("huber", True), ("l2", False), ("smooth_l1", True)):
+        pick(page, "lohatrain_loss_type", loss)
+        for elem_id in ("lohatrain_huber_schedule", "lohatrain_huber_c", "lohatrain_huber_scale"):
+            field = expect(page.locator(f"#{elem_id}"))
+            field.to_be_visible() if huber else field.to_be_hidden()
     open_accordion(page, "Network size")
     shown = {"lohatrain_dora": ["LoRA", "LoCon (LoRA + convolutions)", "LoHa"], "lohatrain_lokr_factor": ["LoKr"],
              "lohatrain_conv_dim": ["LoCon (LoRA + convolutions)", "LoHa", "LoKr"]}
@@ -307,17 +338,44 @@ def check_only_the_fields_that_apply_are_shown(page) -> None:
             field.to_be_visible() if elem_id in fields else field.to_be_hidden()
 
 
+def check_the_optimizers_fields(page) -> None:
+    """Each optimizer's own options shown only while it is chosen; Prodigy sets the learning rate to 1.0 and says
+    why, AdamW sets it back."""
+    options = {"lohatrain_prodigy_d_coef": "Prodigy", "lohatrain_prodigy_bias_correction": "Prodigy",
+               "lohatrain_prodigy_safeguard_warmup": "Prodigy", "lohatrain_adafactor_relative_step": "Adafactor"}
+    for optimizer in ("Prodigy", "Adafactor", "AdamW"):
+        pick(page, "lohatrain_optimizer", optimizer)
+        for elem_id, owner in options.items():
+            field = expect(page.locator(f"#{elem_id}"))
+            field.to_be_visible() if owner == optimizer else field.to_be_hidden()
+        expect(page.locator("#lohatrain_weight_decay")).to_be_visible()  # every optimizer's
+        expect(page.locator("#lohatrain_optimizer_args")).to_be_visible()
+        if optimizer == "Prodigy":
+            expect(page.locator("#lohatrain_lr input")).to_have_value("1")
+            expect(page.locator("#lohatrain_optimizer_note").first).to_contain_text(
+                "Learning rate set to 1, which is Prodigy's: it finds the step size itself")
+    expect(page.locator("#lohatrain_lr input")).to_have_value("0.001")  # LoHa's with AdamW
+
+
 @pytest.mark.parametrize("case,message", [
     ("no folder", "dataset_dir: choose the folder"),
     ("bad name", "must be a plain file name"),
     ("missing captions", "caption file(s) are missing"),
+    ("negative rate", "learning_rate must be above 0 and at most 1, not -0.0001"),
+    ("unknown optimizer argument", "optimizer_args: adamw has no argument 'weight_decya' (did you mean weight_decay?)"),
 ])
 def test_bad_input_gets_a_clear_message(page, webui_server, tmp_path, case, message):
+    """The message of each refusal is the one a REST call gets in its 422 (tests/test_webui_form.py compares them)."""
     fill_small_run(page, webui_server, "bad-input", steps=3)
     if case == "no folder":
         fill(page, "lohatrain_dataset", "")
     elif case == "bad name":
         fill(page, "lohatrain_name", "../../outside")
+    elif case == "negative rate":
+        fill(page, "lohatrain_lr", -0.0001)
+    elif case == "unknown optimizer argument":
+        open_accordion(page, "Advanced: optimizer")
+        fill(page, "lohatrain_optimizer_args", "weight_decya=0.1")
     else:
         for image in (webui_server.root / "dataset").glob("*.png"):
             shutil.copy(image, tmp_path / image.name)
@@ -516,6 +574,87 @@ def test_another_training_method_from_the_tab(page, webui_server, method, label,
     expect(page.locator("#lohatrain_result")).to_contain_text(f"tab-{method}.safetensors")
     tensors = load_file(webui_server.lora_dir / f"tab-{method}.safetensors")
     assert any(k.endswith(key_suffix) for k in tensors) and not any("hada_" in k for k in tensors)
+
+
+def test_a_run_with_advanced_options_records_them_as_kohya_does(page, webui_server):
+    """Prodigy (its d_coef) and caption dropout chosen in the Advanced panels: the file's metadata says so under
+    kohya's keys, and the form's learning rate is Prodigy's."""
+    fill_small_run(page, webui_server, "advanced-run", steps=3)
+    open_accordion(page, "Advanced: optimizer")
+    pick(page, "lohatrain_optimizer", "Prodigy")
+    fill(page, "lohatrain_prodigy_d_coef", 2)
+    open_accordion(page, "Advanced: dataset options")
+    fill(page, "lohatrain_caption_dropout_rate", 0.25)
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    with safe_open(str(webui_server.lora_dir / "advanced-run.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["ss_optimizer"], metadata["ss_caption_dropout_rate"], metadata["ss_learning_rate"]) == (
+        "prodigyopt.prodigy.Prodigy(d_coef=2.0)", "0.25", "1.0")
+    assert "lohatrain_prodigy_d" in metadata  # the step size Prodigy found
+
+
+KOHYA_TOML = """\
+[network_arguments]
+network_module = "networks.lora"
+network_dim = 8
+network_alpha = 4
+[optimizer_arguments]
+optimizer_type = "Prodigy"
+learning_rate = 1.0
+optimizer_args = ["d_coef=2.0"]
+[training_arguments]
+output_name = "from-kohya"
+max_train_steps = 300
+caption_dropout_rate = 0.1
+loss_type = "huber"
+huber_c = 0.2
+gradient_accumulation_steps = 2
+"""
+
+
+def test_loading_a_kohya_toml_fills_the_form_and_lists_what_was_not_taken(page, webui_server, tmp_path):
+    check_loading_a_kohya_toml(page, webui_server.root / "dataset", tmp_path)
+
+
+def check_loading_a_kohya_toml(page, dataset: Path, tmp_path: Path) -> None:
+    """An sd-scripts TOML put into Load settings fills every field it sets, the Advanced panels' too, keeps the
+    dataset folder (it names none) and lists what was not taken in the message."""
+    config = tmp_path / "config.toml"
+    config.write_text(KOHYA_TOML)
+    fill(page, "lohatrain_dataset", dataset)
+    open_accordion(page, "Load settings from a kohya config")
+    page.locator("#lohatrain_kohya_config input[type=file]").set_input_files(str(config))
+    message = page.locator("#lohatrain_message").first
+    expect(message).to_contain_text("Imported an sd-scripts config")
+    expect(message).to_contain_text("Not taken:")
+    expect(message).to_contain_text("gradient_accumulation_steps = 2")
+    expect(page.locator("#lohatrain_name textarea")).to_have_value("from-kohya")
+    expect(page.locator("#lohatrain_steps input")).to_have_value("300")
+    expect(page.locator("#lohatrain_method input")).to_have_value("LoRA")
+    expect(page.locator("#lohatrain_dataset textarea")).to_have_value(str(dataset))  # kept
+    expect(page.locator("#lohatrain_optimizer input")).to_have_value("Prodigy")
+    expect(page.locator("#lohatrain_lr input")).to_have_value("1")
+    for title in ADVANCED_PANELS:
+        open_accordion(page, title)
+    expect(page.locator("#lohatrain_prodigy_d_coef input")).to_have_value("2")
+    expect(page.locator("#lohatrain_caption_dropout_rate input")).to_have_value("0.1")
+    expect(page.locator("#lohatrain_loss_type input")).to_have_value("huber")
+    expect(page.locator("#lohatrain_huber_c input")).to_have_value("0.2")
+
+
+def test_check_dataset_reports_the_regularization_folder(page, webui_server):
+    from lohatrain.demo import make_sample_dataset
+
+    regularization = make_sample_dataset(webui_server.root / "class-images", seed=1)
+    fill(page, "lohatrain_dataset", webui_server.root / "dataset")
+    fill(page, "lohatrain_resolution", 256)
+    open_accordion(page, "Advanced: dataset options")
+    fill(page, "lohatrain_reg_data_dir", regularization)
+    page.locator("#lohatrain_check").click()
+    report = page.locator("#lohatrain_report").first
+    expect(report).to_contain_text("8 images, 8 with a caption, and 8 regularization images")
+    expect(report.locator("table.lohatrain-folders")).to_contain_text("(regularization)")
 
 
 def test_the_clip_skip_slider_shows_the_webuis_setting_at_each_page_load(browser, webui_server):

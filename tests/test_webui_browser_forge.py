@@ -26,7 +26,8 @@ from modules import shared  # noqa: E402
 from test_forge import forge_state  # noqa: E402
 from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
 from test_webui_browser import (TIMEOUT, check_a_clean_folder_and_apply_the_suggestion,  # noqa: E402
-                                check_only_the_fields_that_apply_are_shown, check_the_doctor_lists_each_file_once,
+                                check_loading_a_kohya_toml, check_only_the_fields_that_apply_are_shown,
+                                check_the_doctor_lists_each_file_once,
                                 expect_the_chart_and_the_preview, expect_the_last_run_after_a_reload, fill,
                                 fill_small_run, open_accordion, open_the_tab, screenshot, train_then_interrupt,
                                 wait_for_card_refresh)
@@ -157,6 +158,11 @@ def test_the_base_model_list_is_forges_and_the_model_line_follows_the_model_a_ge
 
 def test_only_the_fields_that_apply_are_shown_on_forge(page):
     check_only_the_fields_that_apply_are_shown(page)
+    assert page.js_errors == []
+
+
+def test_a_kohya_config_loads_into_the_form_on_forge(page, forge_webui, tmp_path):
+    check_loading_a_kohya_toml(page, forge_webui.root / "dataset", tmp_path)  # Gradio 4's upload: a path
     assert page.js_errors == []
 
 

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import functools
 import html
+import importlib.util
 import itertools
 import json
 import time
@@ -29,8 +30,9 @@ from ..errors import LohatrainError
 from ..families import BY_NAME as FAMILIES
 from ..jobs import JobRunner
 from ..methods import TYPES
-from ..settings import (CUSTOM_PRESET, DTYPES, SCHEDULERS, TrainSettings, bucket_sides_for, check_file_name,
-                        network_type)
+from ..settings import (CUSTOM_PRESET, DTYPES, HUBER_SCHEDULES, LOSS_TYPES, SCHEDULERS, SETTING_HELP, TrainSettings,
+                        bucket_sides_for, check_file_name, network_type)
+from ..targets import TARGETS
 from .. import hosts
 from . import actions
 from .api import public_status
@@ -39,7 +41,9 @@ METHOD_LABELS = {name: t.label for name, t in TYPES.items()}
 CAPTION_LABELS = {"none": "No caption", "phrase": "Single phrase", "txt": "TXT captions"}
 TAGGER_LABELS = {"deepbooru": "DeepBooru (booru tags)", "interrogator": "BLIP + CLIP interrogator (a sentence)"}
 EXISTING_LABELS = {"keep": "Keep them", "append": "Add the new tags to them", "overwrite": "Replace them"}
-LABELS = {"training_method": METHOD_LABELS, "caption_mode": CAPTION_LABELS}  # settings the form shows by label
+OPTIMIZER_LABELS = {name: o.label for name, o in optimizers.OPTIMIZERS.items()}
+# settings the form shows by label
+LABELS = {"training_method": METHOD_LABELS, "caption_mode": CAPTION_LABELS, "optimizer": OPTIMIZER_LABELS}
 CUSTOM_LABEL = "Custom (set the sizes below)"
 # Fields whose default depends on the training method (its presets and rate), and those that also depend on
 # the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
@@ -48,10 +52,10 @@ METHOD_FIELDS = ["network_preset", *SIZE_FIELDS, "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = actions.EXTENSION_DIR / "presets"
 BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
-# what the suggested steps and rate follow, in suggestion()'s order (the optimizer's fields once the form has them)
+# what the suggested steps and rate follow, in suggestion()'s order
 SUGGESTION_FOLLOWS = ["training_method", "batch_size", "optimizer", "adafactor_relative_step"]
 CHECK_FIELDS = ["dataset_dir", "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing",
-                *BUCKET_FIELDS, "batch_size"]  # what "Check dataset" reads, in check_dataset's order
+                *BUCKET_FIELDS, "batch_size", "reg_data_dir", "masked_loss"]  # what "Check dataset" reads, in its order
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
 FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
@@ -60,10 +64,19 @@ FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "al
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
           "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts", "keep_state",
-          "init_from", "preview_seed", "preview_steps", "preview_sampler"]
+          "init_from", "preview_seed", "preview_steps", "preview_sampler",
+          # the Advanced panels (the options people know from kohya: issue 21)
+          "optimizer", "optimizer_args", "weight_decay", "prodigy_d_coef", "prodigy_bias_correction",
+          "prodigy_safeguard_warmup", "adafactor_relative_step",
+          "network_targets", "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold",
+          "masked_loss", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
+          "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale", "min_timestep",
+          "max_timestep",
+          "reg_data_dir", "prior_loss_weight", "caption_dropout_rate", "caption_tag_dropout_rate",
+          "keep_tokens_separator"]
 INT_FIELDS = {"lokr_factor", "dim", "conv_dim", "clip_skip", "resolution", "steps", "batch_size", "seed", "keep_tokens",
               "save_every_steps", "lr_warmup_steps", "bucket_min_side", "bucket_max_side", "preview_every_steps",
-              "preview_seed", "preview_steps"}
+              "preview_seed", "preview_steps", "multires_noise_iterations", "min_timestep", "max_timestep"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +89,9 @@ class Applies:
 
 # Only the fields that apply to the current choices are on screen: each field shown for some choices only says
 # when, here. A field that does not apply is hidden, and its value is left out of the run's settings (their
-# default holds). A new choice (the optimizer, say) needs no more than its fields' entries (and its labels in
-# LABELS if its form shows labels).
+# default holds). A new choice needs no more than its fields' entries (and its labels in LABELS if its form shows
+# labels).
+_HUBER = ("huber", "smooth_l1")
 APPLIES = {
     "dora": Applies("training_method", lambda method: network_type(method).dora),
     "lokr_factor": Applies("training_method", lambda method: network_type(method).sized_by_factor),
@@ -85,6 +99,14 @@ APPLIES = {
     "conv_alpha": Applies("training_method", lambda method: network_type(method).convolutions),
     "caption_phrase": Applies("caption_mode", lambda mode: mode == "phrase"),
     "caption_ext": Applies("caption_mode", lambda mode: mode == "txt"),
+    "prodigy_d_coef": Applies("optimizer", lambda name: name == "prodigy"),
+    "prodigy_bias_correction": Applies("optimizer", lambda name: name == "prodigy"),
+    "prodigy_safeguard_warmup": Applies("optimizer", lambda name: name == "prodigy"),
+    "adafactor_relative_step": Applies("optimizer", lambda name: name == "adafactor"),
+    "multires_noise_discount": Applies("multires_noise_iterations", lambda iterations: bool(iterations)),
+    "huber_schedule": Applies("loss_type", lambda loss: loss in _HUBER),
+    "huber_c": Applies("loss_type", lambda loss: loss in _HUBER),
+    "huber_scale": Applies("loss_type", lambda loss: loss in _HUBER),
 }
 
 
@@ -110,6 +132,7 @@ def settings_from_form(values: list) -> TrainSettings:
             data[key] = int(value)
     data["preview_prompts"] = [p.strip() for p in (data["preview_prompts"] or "").splitlines() if p.strip()]
     data["init_from"] = data["init_from"] or ""
+    data["weight_decay"] = _optional_number(data["weight_decay"])
     for key in ("bucket_min_side", "bucket_max_side"):  # 0: follow the resolution (half and twice it)
         if not data[key]:
             del data[key]
@@ -132,8 +155,20 @@ def form_values(settings: TrainSettings) -> list:
             value = "\n".join(value)
         elif key == "clip_skip" and value is None:
             value = hosts.current().clip_skip()
+        elif key == "weight_decay":
+            value = "" if value is None else str(value)
         values.append(value)
     return values
+
+
+def _optional_number(text):
+    """A number typed in a text field, None when it is empty. A text field, as an empty gr.Number sends 0; what is
+    not a number is kept, for the settings' message."""
+    text = (text or "").strip()
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return text
 
 
 def _key_for(labels: dict, label):
@@ -520,20 +555,64 @@ def load_preset(preset_name):
     return [_message(f"Loaded {preset_name}.")] + form_values(settings)
 
 
-def default_values(family: str, method: str, fields: list[str]) -> list:
-    """`fields`' values for the defaults of a family and method (the preset dropdown with their labels)."""
+def default_values(family: str, method: str, fields: list[str], optimizer: str = optimizers.DEFAULT) -> list:
+    """`fields`' values for the defaults of a family and method (the preset dropdown with their labels), the
+    learning rate as the optimizer wants it."""
     d = dataclasses.replace(TrainSettings.defaults_for(family, method), **hosts.current().device_defaults())
+    d.learning_rate, _ = optimizers.suggested_rate(optimizer, d.learning_rate)
     labels = preset_labels(family, method)
     return [gr.update(choices=list(labels.values()), value=labels[d.network_preset])] + [
         0 if key in BUCKET_FIELDS else getattr(d, key) for key in fields[1:]]
 
 
-def method_changed(method_label):
-    """Another training method picked: its presets, sizes and learning rate."""
-    return default_values(actions.loaded_family(), _key_for(METHOD_LABELS, method_label), METHOD_FIELDS)
+def method_changed(method_label, optimizer_label=OPTIMIZER_LABELS[optimizers.DEFAULT]):
+    """Another training method picked: its presets, sizes and learning rate (for the chosen optimizer)."""
+    return default_values(actions.loaded_family(), _key_for(METHOD_LABELS, method_label), METHOD_FIELDS,
+                          _key_for(OPTIMIZER_LABELS, optimizer_label))
 
 
-def load_checkpoint(title, method_label):
+def optimizer_changed(optimizer_label, method_label, learning_rate, text_encoder_lr) -> list:
+    """Another optimizer picked: the learning rate it wants (Prodigy 1.0: it finds the step size itself) and a
+    line saying why. A trained text encoder keeps its rate's ratio to the UNet's; with Prodigy it gets the same
+    rate, as Prodigy adapts one step size for the whole network."""
+    name = _key_for(OPTIMIZER_LABELS, optimizer_label)
+    if name not in optimizers.OPTIMIZERS:
+        return [gr.update()] * 3
+    rate, why = suggested_learning_rate(_key_for(METHOD_LABELS, method_label), actions.loaded_family(), name)
+    encoder = text_encoder_lr or 0
+    if encoder and name == "prodigy":
+        encoder = rate
+    elif encoder and learning_rate:
+        encoder = encoder * rate / learning_rate
+    note = f"Learning rate{'s' if encoder else ''} set to {rate:g}, which is {why}."
+    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        note += " Its package, bitsandbytes (a large download), is installed once, when Train is pressed."
+    return [rate, encoder, gr.update(value=note, visible=True)]
+
+
+def _upload_path(file) -> str | None:
+    """An uploaded file's path: Gradio 3 gives a temporary file object, Gradio 4 its path."""
+    return getattr(file, "name", file) or None
+
+
+def load_kohya(config, dataset_config) -> list:
+    """A kohya config put into *Load settings* (a kohya_ss GUI JSON or an sd-scripts TOML, and its dataset config;
+    either alone): the form as it sets it, the loaded family's and the host's defaults for the rest, the dataset
+    folder kept when it names none; the message says what was not taken."""
+    config, dataset_config = _upload_path(config), _upload_path(dataset_config)
+    if not config and not dataset_config:
+        return [gr.update()] * (1 + len(FIELDS))
+    try:
+        settings, text = actions.kohya_form_settings(config or dataset_config, dataset_config if config else None)
+    except LohatrainError as e:
+        return [_message(str(e), "error")] + [gr.update()] * len(FIELDS)
+    values = form_values(settings)
+    if not settings.dataset_dir:
+        values[FIELDS.index("dataset_dir")] = gr.update()
+    return [_message(text)] + values
+
+
+def load_checkpoint(title, method_label, optimizer_label=OPTIMIZER_LABELS[optimizers.DEFAULT]):
     """Load through the host; when the family changes (say SD1 → SDXL), the family's defaults replace the
     sizes, resolution, batch and rate, and the message says so."""
     before = actions.loaded_family()
@@ -547,14 +626,14 @@ def load_checkpoint(title, method_label):
     return [_model_markdown(), _message(
         f"Loaded {title}. It is an {FAMILIES[after].label} model: network size, resolution, batch size and "
         f"learning rate are now {FAMILIES[after].label}'s defaults.")] + default_values(
-            after, _key_for(METHOD_LABELS, method_label), FAMILY_FIELDS)
+            after, _key_for(METHOD_LABELS, method_label), FAMILY_FIELDS, _key_for(OPTIMIZER_LABELS, optimizer_label))
 
 
 # The tab, panel by panel. Each `_…_panel` makes its components in the order they show, wires the events that
-# stay inside it, and returns them as a Panel; build_tab lays the panels out and wires the events between them.
+# stay inside it, and returns them as a Panel; lay_out lays the panels out and _wire wires the events between them.
 # A Panel field named after a TrainSettings field is that setting's form field. A new panel: a Panel subclass,
-# its `_…_panel` function, its place in Tab and build_tab, and its settings in FIELDS (and INT_FIELDS); a field
-# that applies to some choices only says when in APPLIES (build_tab and _wire show and hide it).
+# its `_…_panel` function, its place in Tab and lay_out, and its settings in FIELDS (and INT_FIELDS); a field
+# that applies to some choices only says when in APPLIES (lay_out and _wire show and hide it).
 
 
 @dataclasses.dataclass
@@ -786,6 +865,139 @@ def _developer_panel(d: TrainSettings) -> DeveloperPanel:
     return DeveloperPanel(**made)
 
 
+def _setting(component, d: TrainSettings, name: str, label: str, **options):
+    """The form field of the setting `name` in an Advanced panel: its default from `d`, its help line the setting's
+    own (SETTING_HELP, as the command line's --help says it), kohya's name for it in its label."""
+    if label.lower().replace(" ", "_") != name:
+        label = f"{label} ({name})"
+    options.setdefault("value", getattr(d, name))
+    return component(label=label, info=SETTING_HELP[name], elem_id=f"lohatrain_{name}", **options)
+
+
+@dataclasses.dataclass
+class OptimizerPanel(Panel):
+    optimizer: gr.Dropdown
+    note: gr.Markdown  # why the learning rate changed with the pick (optimizer_changed)
+    weight_decay: gr.Textbox  # empty: the optimizer's own
+    optimizer_args: gr.Textbox
+    prodigy_d_coef: gr.Number
+    prodigy_bias_correction: gr.Checkbox
+    prodigy_safeguard_warmup: gr.Checkbox
+    adafactor_relative_step: gr.Checkbox
+
+
+def _optimizer_panel(d: TrainSettings) -> OptimizerPanel:
+    """The optimizer by its label, and each optimizer's own options shown only while it is chosen (APPLIES)."""
+    with gr.Accordion("Advanced: optimizer", open=False, elem_id="lohatrain_optimizer_box"):
+        with gr.Row():
+            optimizer = gr.Dropdown(list(OPTIMIZER_LABELS.values()), value=OPTIMIZER_LABELS[d.optimizer],
+                                    label="Optimizer", info=SETTING_HELP["optimizer"], elem_id="lohatrain_optimizer")
+            weight_decay = _setting(gr.Textbox, d, "weight_decay", "Weight decay", placeholder="the optimizer's own",
+                                    value="" if d.weight_decay is None else str(d.weight_decay))
+        note = gr.Markdown("", visible=False, elem_id="lohatrain_optimizer_note")
+        optimizer_args = _setting(gr.Textbox, d, "optimizer_args", "Optimizer arguments",
+                                  placeholder="weight_decay=0.05 betas=0.9,0.99")
+        with gr.Row():
+            return OptimizerPanel(
+                optimizer, note, weight_decay, optimizer_args,
+                prodigy_d_coef=_setting(gr.Number, d, "prodigy_d_coef", "Prodigy d_coef"),
+                prodigy_bias_correction=_setting(gr.Checkbox, d, "prodigy_bias_correction",
+                                                 "Prodigy bias correction"),
+                prodigy_safeguard_warmup=_setting(gr.Checkbox, d, "prodigy_safeguard_warmup",
+                                                  "Prodigy safeguard warmup"),
+                adafactor_relative_step=_setting(gr.Checkbox, d, "adafactor_relative_step",
+                                                 "Adafactor relative step"))
+
+
+@dataclasses.dataclass
+class TargetsPanel(Panel):
+    network_targets: gr.Dropdown
+    down_lr_weight: gr.Textbox
+    mid_lr_weight: gr.Textbox
+    up_lr_weight: gr.Textbox
+    block_lr_zero_threshold: gr.Number
+
+
+def _targets_panel(d: TrainSettings) -> TargetsPanel:
+    """What the network adapts, and kohya's per-block learning-rate weights."""
+    with gr.Accordion("Advanced: network targets and block weights", open=False, elem_id="lohatrain_targets_box"):
+        with gr.Row():
+            targets = _setting(gr.Dropdown, d, "network_targets", "Network targets", choices=list(TARGETS))
+            threshold = _setting(gr.Number, d, "block_lr_zero_threshold", "Block weights' zero threshold")
+        with gr.Row():
+            return TargetsPanel(
+                targets,
+                down_lr_weight=_setting(gr.Textbox, d, "down_lr_weight", "Down blocks' weights"),
+                mid_lr_weight=_setting(gr.Textbox, d, "mid_lr_weight", "Middle block's weight"),
+                up_lr_weight=_setting(gr.Textbox, d, "up_lr_weight", "Up blocks' weights"),
+                block_lr_zero_threshold=threshold)
+
+
+@dataclasses.dataclass
+class LossPanel(Panel):
+    masked_loss: gr.Checkbox
+    debiased_estimation_loss: gr.Checkbox
+    multires_noise_iterations: gr.Number
+    multires_noise_discount: gr.Number
+    ip_noise_gamma: gr.Number
+    loss_type: gr.Dropdown
+    huber_schedule: gr.Dropdown
+    huber_c: gr.Number
+    huber_scale: gr.Number
+    min_timestep: gr.Number
+    max_timestep: gr.Number
+
+
+def _loss_panel(d: TrainSettings) -> LossPanel:
+    """kohya's loss and noise variants by their names: all off by default."""
+    made = {}
+    with gr.Accordion("Advanced: loss and noise", open=False, elem_id="lohatrain_loss_box"):
+        with gr.Row():
+            made["masked_loss"] = _setting(gr.Checkbox, d, "masked_loss", "Masked loss")
+            made["debiased_estimation_loss"] = _setting(gr.Checkbox, d, "debiased_estimation_loss",
+                                                        "Debiased estimation loss")
+        with gr.Row():
+            made["multires_noise_iterations"] = _setting(gr.Number, d, "multires_noise_iterations",
+                                                         "Multires noise iterations", precision=0)
+            made["multires_noise_discount"] = _setting(gr.Number, d, "multires_noise_discount",
+                                                       "Multires noise discount")
+            made["ip_noise_gamma"] = _setting(gr.Number, d, "ip_noise_gamma", "Input perturbation noise")
+        with gr.Row():
+            made["loss_type"] = _setting(gr.Dropdown, d, "loss_type", "Loss type", choices=list(LOSS_TYPES))
+            made["huber_schedule"] = _setting(gr.Dropdown, d, "huber_schedule", "Huber schedule",
+                                              choices=list(HUBER_SCHEDULES))
+            made["huber_c"] = _setting(gr.Number, d, "huber_c", "Huber c")
+            made["huber_scale"] = _setting(gr.Number, d, "huber_scale", "Huber scale")
+        with gr.Row():
+            made["min_timestep"] = _setting(gr.Number, d, "min_timestep", "Min timestep", precision=0)
+            made["max_timestep"] = _setting(gr.Number, d, "max_timestep", "Max timestep", precision=0)
+    return LossPanel(**made)
+
+
+@dataclasses.dataclass
+class DatasetOptionsPanel(Panel):
+    reg_data_dir: gr.Textbox
+    prior_loss_weight: gr.Number
+    caption_dropout_rate: gr.Number
+    caption_tag_dropout_rate: gr.Number
+    keep_tokens_separator: gr.Textbox
+
+
+def _dataset_options_panel(d: TrainSettings) -> DatasetOptionsPanel:
+    """kohya's regularization images and caption options (its N_name sub-folders need no setting)."""
+    with gr.Accordion("Advanced: dataset options", open=False, elem_id="lohatrain_dataset_options_box"):
+        with gr.Row():
+            reg_data_dir = _setting(gr.Textbox, d, "reg_data_dir", "Regularization folder",
+                                    placeholder="/path/to/class-images")
+            prior_loss_weight = _setting(gr.Number, d, "prior_loss_weight", "Prior loss weight")
+        with gr.Row():
+            return DatasetOptionsPanel(
+                reg_data_dir, prior_loss_weight,
+                caption_dropout_rate=_setting(gr.Number, d, "caption_dropout_rate", "Caption dropout rate"),
+                caption_tag_dropout_rate=_setting(gr.Number, d, "caption_tag_dropout_rate", "Tag dropout rate"),
+                keep_tokens_separator=_setting(gr.Textbox, d, "keep_tokens_separator", "Keep tokens separator"))
+
+
 @dataclasses.dataclass
 class PreviewPanel(Panel):
     preview_every_steps: gr.Number
@@ -850,16 +1062,25 @@ class SavedSettingsPanel(Panel):
     save_as: gr.Textbox
     save: gr.Button
     load: gr.Button
+    kohya_config: gr.File  # loaded as it is put in (load_kohya)
+    kohya_dataset_config: gr.File
 
 
 def _saved_settings_panel() -> SavedSettingsPanel:
-    """The whole form saved under a name, to train the same way again."""
+    """The whole form saved under a name, to train the same way again; or the settings of a kohya config."""
     with gr.Row():
-        return SavedSettingsPanel(
-            saved=gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved"),
-            save_as=gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name"),
-            save=gr.Button("Save settings", scale=0, min_width=120, elem_id="lohatrain_save_settings"),
-            load=gr.Button("Load settings", scale=0, min_width=120, elem_id="lohatrain_load_settings"))
+        saved = gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved")
+        save_as = gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name")
+        save = gr.Button("Save settings", scale=0, min_width=120, elem_id="lohatrain_save_settings")
+        load = gr.Button("Load settings", scale=0, min_width=120, elem_id="lohatrain_load_settings")
+    with gr.Accordion("Load settings from a kohya config", open=False, elem_id="lohatrain_kohya_box"):
+        with gr.Row():
+            return SavedSettingsPanel(
+                saved, save_as, save, load,
+                kohya_config=gr.File(label="kohya_ss GUI config (.json) or sd-scripts config (.toml)",
+                                     file_types=[".json", ".toml"], elem_id="lohatrain_kohya_config"),
+                kohya_dataset_config=gr.File(label="Its dataset config (.toml, optional)",
+                                             file_types=[".toml", ".json"], elem_id="lohatrain_kohya_dataset"))
 
 
 @dataclasses.dataclass
@@ -966,6 +1187,10 @@ class Tab:
     tagger: TaggerPanel
     training: TrainingPanel
     developer: DeveloperPanel
+    optimizer: OptimizerPanel
+    targets: TargetsPanel
+    loss: LossPanel
+    dataset_options: DatasetOptionsPanel
     previews: PreviewPanel
     resume: ResumePanel
     saved: SavedSettingsPanel
@@ -986,25 +1211,33 @@ class Tab:
 
 
 def build_tab(runner: JobRunner) -> gr.Blocks:
-    """The form's panels on the left, the run's on the right; then the events between them."""
+    """The tab: its panels, then the events between them."""
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        _wire(runner, lay_out(runner))
+    return blocks
+
+
+def lay_out(runner: JobRunner) -> Tab:
+    """The form's panels on the left, the run's on the right (inside a gr.Blocks), the form at the defaults for the
+    loaded model and the host: what an untouched form sends."""
     family = actions.loaded_family()
     d = dataclasses.replace(TrainSettings.defaults_for(family), **hosts.current().device_defaults())
-    with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown(INTRO, elem_id="lohatrain_intro")
-        with gr.Row(elem_id="lohatrain_tab"):
-            with gr.Column(scale=3, elem_id="lohatrain_form"):
-                left = dict(method=_method_panel(d), model=_model_panel(),
-                            network=_network_panel(d, preset_labels(family)), dataset=_dataset_panel(d),
-                            tagger=_tagger_panel(), training=_training_panel(d), developer=_developer_panel(d),
-                            previews=_preview_panel(d), resume=_resume_panel(d), saved=_saved_settings_panel())
-            with gr.Column(scale=2, elem_id="lohatrain_side"):
-                right = dict(run=_run_panel(runner), gallery=_gallery_panel(), grid=_grid_panel(),
-                            editor=_caption_editor_panel())
-        tab = Tab(**left, **right)
-        for name, rule in APPLIES.items():  # as the events in _wire_applies keep them
-            tab.fields([name])[0].visible = rule.when(getattr(d, rule.choice))
-        _wire(runner, tab)
-    return blocks
+    gr.Markdown(INTRO, elem_id="lohatrain_intro")
+    with gr.Row(elem_id="lohatrain_tab"):
+        with gr.Column(scale=3, elem_id="lohatrain_form"):
+            left = dict(method=_method_panel(d), model=_model_panel(),
+                        network=_network_panel(d, preset_labels(family)), dataset=_dataset_panel(d),
+                        tagger=_tagger_panel(), training=_training_panel(d), developer=_developer_panel(d),
+                        optimizer=_optimizer_panel(d), targets=_targets_panel(d), loss=_loss_panel(d),
+                        dataset_options=_dataset_options_panel(d), previews=_preview_panel(d),
+                        resume=_resume_panel(d), saved=_saved_settings_panel())
+        with gr.Column(scale=2, elem_id="lohatrain_side"):
+            right = dict(run=_run_panel(runner), gallery=_gallery_panel(), grid=_grid_panel(),
+                         editor=_caption_editor_panel())
+    tab = Tab(**left, **right)
+    for name, rule in APPLIES.items():  # as the events in _wire_applies keep them
+        tab.fields([name])[0].visible = rule.when(getattr(d, rule.choice))
+    return tab
 
 
 def _wire(runner: JobRunner, t: Tab) -> None:
@@ -1019,17 +1252,22 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     t.network.network_preset.input(preset_sizes, [t.network.network_preset, t.method.training_method],
                                    t.fields(SIZE_FIELDS), **_LIKE_CHANGE)
     # Likewise the type's defaults follow the user's pick only: saved settings of another type keep their own.
-    t.method.training_method.input(method_changed, [t.method.training_method], t.fields(METHOD_FIELDS),
-                                   **_LIKE_CHANGE)
+    t.method.training_method.input(method_changed, [t.method.training_method, t.optimizer.optimizer],
+                                   t.fields(METHOD_FIELDS), **_LIKE_CHANGE)
+    # and the learning rates follow the user's pick of optimizer (saved settings keep their own)
+    t.optimizer.optimizer.input(optimizer_changed, [t.optimizer.optimizer, t.method.training_method,
+                                                    t.training.learning_rate, t.developer.text_encoder_lr],
+                                [t.training.learning_rate, t.developer.text_encoder_lr, t.optimizer.note],
+                                **_LIKE_CHANGE)
     # listing files needs no GPU: outside the queue, so it answers at once even while something generates
     t.model.refresh.click(refresh_model, [], [t.model.checkpoint, t.model.summary, t.method.types], queue=False)
-    t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method],
+    t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method, t.optimizer.optimizer],
                        [t.model.summary, message, *t.fields(FAMILY_FIELDS)]).then(_model_view, [], model_view)
     run = t.run
     run.poll.click(lambda *v: poll_status(runner, *v), [run.sent_preview, run.shown_model, t.dataset.name],
                    [run.status_json, run.sent_preview, *model_view, run.shown_model], queue=False,
                    show_progress="hidden")
-    follows = t.fields([name for name in SUGGESTION_FOLLOWS if name in FIELDS])
+    follows = t.fields(SUGGESTION_FOLLOWS)
     suggest_from, suggested = [t.gallery.images, *follows], [t.gallery.suggestion, t.gallery.apply]
     t.gallery.apply.click(apply_suggestion, suggest_from, [t.training.steps, t.training.learning_rate])
     for field in follows:
@@ -1053,6 +1291,9 @@ def _wire(runner: JobRunner, t: Tab) -> None:
                         [message, *thumbs])
     t.saved.save.click(save_preset, [t.saved.save_as, *form], [message, t.saved.saved])
     t.saved.load.click(load_preset, [t.saved.saved], [message, *form])
+    kohya = [t.saved.kohya_config, t.saved.kohya_dataset_config]
+    for file in kohya:
+        file.upload(load_kohya, kohya, [message, *form])
 
 
 def _wire_applies(t: Tab) -> None:
