@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import compat
-from .errors import LohatrainError
+from .errors import LohatrainError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,6 @@ def optimizer_class(name: str):
 def check(settings) -> None:
     """Before a run: the package is there, and the arguments are ones its constructor takes, of the type it takes
     and accepted by it (a SettingsError listing each problem)."""
-    from .settings import SettingsError
 
     cls = optimizer_class(settings.optimizer)
     args, found = chosen_args(settings)
