@@ -107,7 +107,7 @@ def test_each_image_is_encoded_once_whatever_its_repeats(tiny_model, two_concept
     encoded = []
     encode_images = parts.encode_images
     parts = dataclasses.replace(parts, encode_images=lambda pixels: encoded.append(len(pixels)) or encode_images(pixels))
-    train(parts, settings_for(two_concepts, tmp_path / "out", steps=2, reg_data_dir=str(reg)))
+    train(parts, settings_for(two_concepts, tmp_path / "out", steps=12, reg_data_dir=str(reg)))  # one epoch: 24 draws
     assert sum(encoded) == 8 + 12  # the 8 training images and the 12 drawn class images, whatever their repeats
 
 
