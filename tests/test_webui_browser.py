@@ -16,7 +16,8 @@ from safetensors import safe_open
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 from modules import shared
 
-from lohatrain.settings import TrainSettings
+from lohatrain.methods import TYPES
+from lohatrain.settings import DEFAULT_PRESET, TrainSettings
 
 from test_engine import model_state
 
@@ -564,6 +565,9 @@ def test_another_training_method_from_the_tab(page, webui_server, method, label,
     page.locator("#lohatrain_method input").click()
     page.locator("ul.options li", has_text=label).first.click()
     expect(page.locator("#lohatrain_lr input")).to_have_value("0.0001" if method == "lora" else "0.001")
+    # the type's own presets are in before one is picked (the type's change answers after the click otherwise)
+    expect(page.locator("#lohatrain_preset input")).to_have_value(
+        re.compile("^" + re.escape(TYPES[method].presets["sd1"][DEFAULT_PRESET].label)))
     page.locator("#lohatrain_preset input").click()
     page.locator("ul.options li", has_text="Small").first.click()
     if method == "lokr":
