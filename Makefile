@@ -16,7 +16,7 @@ $(STOCK_STAMP): tools/setup-venv-stock.sh tools/requirements-stock.txt tools/con
 	bash tools/setup-venv-stock.sh
 	touch $(STOCK_STAMP)
 
-.PHONY: demo test test-newest test-stock test-gradio4
+.PHONY: demo test test-newest test-stock test-gradio4 screenshots
 demo: $(VENV_STAMP)
 	.venv/bin/python -m lohatrain train --demo --output-dir out
 
@@ -37,8 +37,9 @@ test-newest: $(VENV_STAMP)
 # data-parallel runs and the GPU benchmark's dry run (torch's FLOP counter differs by version). Gradio, the web
 # stack and ldm are at the same pins in both environments, so the tab, the routes and the host stand-ins run once,
 # above (Forge 2 installs torch 2.3.1 and reForge main torch 2.9.0, not 2.1.2: their tests run once too).
-STOCK_TESTS := tests/test_engine.py tests/test_golden.py tests/test_network.py tests/test_methods.py tests/test_precision.py \
-	tests/test_resume.py tests/test_entry.py tests/test_install.py tests/test_process_state.py tests/test_dataset.py \
+STOCK_TESTS := tests/test_allocator.py tests/test_engine.py tests/test_golden.py tests/test_network.py tests/test_methods.py \
+	tests/test_precision.py tests/test_resume.py tests/test_entry.py tests/test_install.py tests/test_process_state.py \
+	tests/test_dataset.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_benchmarks.py tests/test_imports.py tests/test_targets.py \
 	tests/test_loss_and_noise.py tests/test_optimizers.py tests/test_kohya_dataset.py tests/test_kohya_config.py
 # The files of every type and family byte for byte (test_golden.py, hashes recorded per torch version) run here
@@ -59,3 +60,12 @@ test-stock: $(STOCK_STAMP)
 test-gradio4: $(GRADIO4_STAMP)
 	bash tools/install-chromium.sh
 	OMP_NUM_THREADS=1 .venv-gradio4/bin/python -m pytest -q tests/test_webui_browser_forge.py
+
+# The README's pictures, taken by the browser tests after their runs, so they show the tab as it is: the A1111 page
+# (docs/screenshot.png, grid.png, caption.png) and the Forge page under Gradio 4 (docs/screenshot-forge.png).
+screenshots: $(VENV_STAMP) $(GRADIO4_STAMP)
+	bash tools/install-chromium.sh
+	LOHATRAIN_SCREENSHOTS=docs OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_webui_browser.py \
+		-k "training_from_the_tab or caption_a_folder"
+	LOHATRAIN_SCREENSHOTS=docs OMP_NUM_THREADS=1 .venv-gradio4/bin/python -m pytest -q tests/test_webui_browser_forge.py \
+		-k "training_on_forge"

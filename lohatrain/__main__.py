@@ -29,10 +29,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+if "--verbose" in sys.argv[1:]:  # before lohatrain's modules import the libraries (the option parser needs them)
+    os.environ["LOHATRAIN_VERBOSE"] = "1"
 
 from .cli_settings import add_setting_options, given_settings, merge
 from .distributed import Ranks, join_torchrun, leave
@@ -111,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
+    model.add_argument("--verbose", action="store_true",
+                       help="also show the libraries' own warnings that lohatrain leaves out as known noise "
+                            "(lohatrain.quiet)")
     add_setting_options(t)
     return parser
 
@@ -134,6 +142,8 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         parser.error("give --config or --kohya-config, not both")
     if kohya and args.resume:
         parser.error("--resume goes on with the run's own settings: leave out --kohya-config")
+    if args.verbose:  # main(argv) called in-process: for the libraries not imported yet (lohatrain.quiet)
+        os.environ["LOHATRAIN_VERBOSE"] = "1"
     report = _ProgressReport()
     settings = None
     try:
@@ -212,11 +222,16 @@ def _checkpoint_run(args, resume: SavedRun | None, file_settings: dict | None):
     print(f"Reading {path.name}…", flush=True)
     checkpoint = read_checkpoint(path)
     settings = settings_for(checkpoint.family)
-    print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
-    model, source = load_model(checkpoint, settings.train_dtype, device)
-    print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
-    print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
-    return model, settings, path.name, file_sha256(path)
+    # The file's sha256 (as the WebUI records a checkpoint's hash) is read while the model loads: hashlib and
+    # file reads release the GIL, so the two take one's time where a second core is free.
+    with ThreadPoolExecutor(1) as pool:
+        sha256 = pool.submit(file_sha256, path)
+        print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
+        model, source = load_model(checkpoint, settings.train_dtype, device)
+        print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
+        if not sha256.done():
+            print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
+        return model, settings, path.name, sha256.result()
 
 
 def _demo_run(args, resume: SavedRun | None, parser: argparse.ArgumentParser, ranks: Ranks,

@@ -1,5 +1,5 @@
-"""The dataset as the loop reads it, computed once before the first step: every needed image through the VAE (and
-its mirror image, with flip augmentation), every distinct caption through the text encoder.
+"""The dataset as the loop reads it, each part computed once: every needed image through the VAE (and its mirror
+image, with flip augmentation), every distinct caption through the text encoder.
 
 Each image's VAE sample has its own seed, so which images a process caches (several processes share a run) changes
 none of them, and a resumed run caches the same latents as the run it continues.
@@ -48,34 +48,64 @@ class Cache:
     """The latents of every image this process trains on (by image index), every image's caption, and every
     caption's conditioning unless the text encoder runs each step (shuffled tags, or trained)."""
 
-    samples: dict[int, Sample]
+    samples: Latents | dict[int, Sample]
     captions: list[str]
     conditioning: dict[str, object]
     per_step_text: bool
 
 
-def cache_latents(parts: ModelParts, items, bucket_of, needed: set[int], settings, device, autocast, stop,
-                  seed: int) -> dict[int, Sample] | None:
-    """Each needed image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels;
-    masked loss keeps each mask at latent size. None when `stop()` turned true meanwhile."""
-    samples = {}
-    for index in sorted(needed):
-        item, bucket = items[index], bucket_of[index]
-        if stop():
-            return None
+class Latents:
+    """Each image's Sample by image index, encoded the first time it is asked for, then kept.
+
+    A run on a GPU encodes every needed image before the first step (`encode_all`), so the VAE can leave the GPU;
+    a CPU run has nowhere to move it and encodes each image when a batch first draws it, so training starts
+    after one batch's images, not the whole dataset's (minutes of VAE on a CPU). Per-image seeds make both
+    orders give the same latents."""
+
+    def __init__(self, parts: ModelParts, items, bucket_of, settings, device, autocast, seed: int):
+        self.parts, self.items, self.bucket_of, self.settings = parts, items, bucket_of, settings
+        self.device, self.autocast, self.seed = device, autocast, seed
+        self._samples: dict[int, Sample] = {}
+
+    def __getitem__(self, index: int) -> Sample:
+        if index not in self._samples:
+            self._samples[index] = self._encode(index)
+        return self._samples[index]
+
+    def values(self):
+        return self._samples.values()
+
+    def encode_all(self, needed: set[int], stop) -> bool:
+        """Every needed image through the VAE now; False when `stop()` turned true meanwhile."""
+        for index in sorted(needed):
+            if stop():
+                return False
+            self[index]
+        return True
+
+    def _encode(self, index: int) -> Sample:
+        """One image through the VAE (its mirror image too with flip augmentation); colour augmentation keeps its
+        pixels, masked loss its mask at latent size."""
+        item, bucket, settings, seed = self.items[index], self.bucket_of[index], self.settings, self.seed
         image = ds.load_image(item.path)
         pixels, (top, left) = ds.prepare_image(image, bucket)
         resized_w = ds.cover_size(image.size, bucket)[0]
         target = (bucket[1], bucket[0])
-        with torch.no_grad(), autocast():
-            latent = encode(parts, pixels[None], device, seed + 2 * index)
-            flipped = (encode(parts, ds.flip(pixels)[None], device, seed + 2 * index + 1)
+        with torch.no_grad(), self.autocast():
+            latent = encode(self.parts, pixels[None], self.device, seed + 2 * index)
+            flipped = (encode(self.parts, ds.flip(pixels)[None], self.device, seed + 2 * index + 1)
                        if settings.flip_aug else None)
         mask = latent_mask(item, bucket, latent.shape[-2:], latent.device) if settings.masked_loss else None
-        samples[index] = Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
-                                (image.height, image.width, top, left, *target),
-                                (image.height, image.width, top, resized_w - left - bucket[0], *target), mask)
-    return samples
+        return Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
+                      (image.height, image.width, top, left, *target),
+                      (image.height, image.width, top, resized_w - left - bucket[0], *target), mask)
+
+
+def cache_latents(parts: ModelParts, items, bucket_of, needed: set[int], settings, device, autocast, stop,
+                  seed: int) -> Latents | None:
+    """Every needed image's latents before the first step; None when `stop()` turned true meanwhile."""
+    latents = Latents(parts, items, bucket_of, settings, device, autocast, seed)
+    return latents if latents.encode_all(needed, stop) else None
 
 
 def latent_mask(item: ds.ImageItem, bucket, latent_size, device="cpu") -> torch.Tensor | None:

@@ -1,8 +1,8 @@
 """The dataset doctor: what in a training folder will hurt the LoRA, each problem naming its file, before
 anything is trained (the tab's *Check dataset* and `POST /lohatrain/v1/dataset/check`).
 
-Kinds: `broken` (does not open), `duplicate` (the same pixels as another image), `near_duplicate` (a resized,
-re-encoded or slightly cropped copy: perceptual hashes from the ImageHash library within a few bits),
+Kinds (`KINDS`): `broken` (does not open), `duplicate` (the same pixels as another image), `near_duplicate` (a
+resized, re-encoded or slightly cropped copy: perceptual hashes from the ImageHash library within a few bits),
 `small` (much smaller than its bucket: trains blurry), `extreme_aspect` (far wider or taller than any bucket:
 most of it is cropped away), `missing_caption`, `empty_caption` and `trigger_missing` (a caption without the
 trigger phrase most captions share); with masked loss, `mask_unusable` (a mask file that does not open or is not
@@ -28,13 +28,49 @@ NEAR_DUPLICATE_COLOUR = 12  # largest difference (of 255) of the mean red, green
 #                             sees only grey levels, so one shape drawn in two colours would match without it
 SMALL_FACTOR = 1.5  # an image needing more than this upscale to cover its bucket is "small"
 EXTREME_ASPECT = 2.5  # width/height (or height/width) past which a bucket crops away most of the image
+MIN_STEPS, MAX_STEPS = 400, 4000  # fewer rarely trains well; more rarely helps
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of problem as the tab lists it: a title, then once for all its files what it does and what to do."""
+
+    title: str
+    advice: str
+    blocks: bool = False  # training refuses the folder until it is fixed
+
+
+KINDS = {
+    "broken": Kind("Cannot be read", "damaged, incomplete, or not really an image; re-save it as PNG or JPEG, or "
+                                     "remove it", blocks=True),
+    "duplicate": Kind("Duplicates", "a picture there twice is trained twice as much; remove the copy"),
+    "near_duplicate": Kind("Near duplicates", "a resized, re-encoded or cropped copy weighs double in training; "
+                                              "keep one"),
+    "small": Kind("Too small", "upscaled to its bucket, it trains blurry; use a larger image"),
+    "extreme_aspect": Kind("Very wide or tall", "its bucket crops most of it away; crop it to the part that matters"),
+    "missing_caption": Kind("Without a caption", "TXT captions need one beside each image; write it, caption the "
+                                                 "folder with the WebUI's taggers, or choose another caption mode",
+                            blocks=True),
+    "empty_caption": Kind("Empty captions", "an empty caption says nothing about its image; write what it shows"),
+    "trigger_missing": Kind("Without the trigger", "most captions start with the trigger; add it, so that the LoRA "
+                                                   "answers to it"),
+    "mask_unusable": Kind("Masks that cannot be used", "with masked loss, a mask must be a PNG of the same size as "
+                                                       "its image (white trains, black does not)", blocks=True),
+    "empty_mask": Kind("Empty masks", "with masked loss, an all-black mask (or a fully transparent image) trains "
+                                      "nothing; make the subject white (opaque)"),
+}
 
 
 @dataclass
 class Problem:
     file: str
-    kind: str
-    message: str
+    kind: str  # a key of KINDS
+    detail: str  # what was found, said after the file's name ("is 40x40, …")
+
+    @property
+    def message(self) -> str:
+        """The problem in one sentence: the file, what was found, and its kind's advice."""
+        return f"{self.file} {self.detail}: {KINDS[self.kind].advice}"
 
 
 @dataclass
@@ -66,7 +102,11 @@ class Report:
     #                 masked_loss would use
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "problems": [{**asdict(p), "message": p.message} for p in self.problems]}
+
+    def by_kind(self) -> dict[str, list[Problem]]:
+        """The problems grouped by kind, in KINDS' order, each group in the folder's order."""
+        return {kind: found for kind in KINDS if (found := [p for p in self.problems if p.kind == kind])}
 
 
 def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".txt", caption_phrase: str = "",
@@ -107,8 +147,7 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                     size = img.size
                     problems += seen.duplicate_problems(name, img)
             except ds.DatasetError:
-                problems.append(Problem(name, "broken", f"{name} cannot be read (damaged, incomplete, or not "
-                                                        "really an image): re-save it as PNG or JPEG, or remove it"))
+                problems.append(Problem(name, "broken", "cannot be read"))
                 continue
             problems += _size_problems(name, size, buckets)
             caption = _caption(name, path, sub, regularization, caption_mode, caption_ext, caption_phrase, problems)
@@ -141,7 +180,6 @@ def check(folder: str | Path, caption_mode: str = "txt", caption_ext: str = ".tx
                   sum(item.mask is not None for item in items))
 
 
-
 class _Seen:
     """The images read so far, by their exact pixels and (with ImageHash) perceptual hash and mean colour."""
 
@@ -154,7 +192,7 @@ class _Seen:
         """The image's `duplicate` or `near_duplicate` problem, if an image read before is its twin."""
         digest = hashlib.sha256(img.tobytes()).hexdigest()
         if digest in self.exact:
-            return [Problem(name, "duplicate", f"{name} is the same image as {self.exact[digest]}")]
+            return [Problem(name, "duplicate", f"is the same image as {self.exact[digest]}")]
         self.exact[digest] = name
         if not self.imagehash:
             return []
@@ -165,13 +203,11 @@ class _Seen:
         self.hashes.append((name, perceptual, colours))
         if not twin:
             return []
-        return [Problem(name, "near_duplicate", f"{name} is nearly the same image as {twin} (resized, re-encoded or "
-                                                "cropped): it weighs double in training")]
+        return [Problem(name, "near_duplicate", f"is nearly the same image as {twin}")]
 
 
 def _trigger_problems(captions: dict[str, str], trigger: str) -> list[Problem]:
-    return [Problem(name, "trigger_missing", f"{name}'s caption lacks the trigger {trigger!r} that the other "
-                                             "captions start with")
+    return [Problem(name, "trigger_missing", f"has a caption without {trigger!r}")
             for name, text in captions.items()
             if text.strip() and trigger.lower() not in [t.lower() for t in ds.split_tags(text)]]
 
@@ -183,11 +219,10 @@ def _mask_problems(item: ds.ImageItem) -> list[Problem]:
     name = item.label
     unusable = ds.check_mask(item)
     if unusable:
-        return [Problem(name, "mask_unusable", f"{unusable}: a mask must be a PNG of the same size as its image")]
+        return [Problem(name, "mask_unusable", f"has a mask that cannot be used ({unusable})")]
     if ds.load_mask(item).getextrema()[1] == 0:
         source = "its alpha channel" if item.mask == item.path else item.mask.name
-        return [Problem(name, "empty_mask", f"{name}'s mask ({source}) is all black, so with masked loss it trains "
-                                            "nothing: make the subject white (opaque)")]
+        return [Problem(name, "empty_mask", f"has a mask ({source}) that is all black")]
     return []
 
 
@@ -197,14 +232,13 @@ def _size_problems(name: str, size: tuple[int, int], buckets) -> list[Problem]:
     found = []
     scale = max(bucket[0] / width, bucket[1] / height)
     if scale > SMALL_FACTOR:
-        found.append(Problem(name, "small", f"{name} is {width}x{height}, {scale:.1f}x smaller than its bucket "
-                                            f"{bucket[0]}x{bucket[1]}: it trains blurry; use a larger image"))
+        found.append(Problem(name, "small", f"is {width}x{height}, {scale:.1f}x smaller than its "
+                                            f"{bucket[0]}x{bucket[1]} bucket"))
     aspect = max(width / height, height / width)
     if aspect > EXTREME_ASPECT:
         kept = min(bucket[0] / (width * scale), 1) * min(bucket[1] / (height * scale), 1)
-        found.append(Problem(name, "extreme_aspect", f"{name} is {width}x{height} ({aspect:.1f}:1): its bucket "
-                                                     f"{bucket[0]}x{bucket[1]} keeps {kept:.0%} of it; crop it "
-                                                     "to the part that matters"))
+        found.append(Problem(name, "extreme_aspect", f"is {width}x{height} ({aspect:.1f}:1): its "
+                                                     f"{bucket[0]}x{bucket[1]} bucket keeps {kept:.0%} of it"))
     return found
 
 
@@ -220,15 +254,15 @@ def _caption(name: str, path: Path, sub: ds.Subfolder, regularization: bool, mod
     if caption_file is None:
         if sub.class_tokens:  # kohya's class tokens: the folder's name captions it
             return ds.one_line(sub.class_tokens)
-        problems.append(Problem(name, "missing_caption", f"{name} has no {path.stem}{ext}"))
+        problems.append(Problem(name, "missing_caption", f"has no {path.stem}{ext}"))
         return None
     try:
         text = caption_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        problems.append(Problem(name, "missing_caption", f"{name}'s caption {caption_file.name} is not UTF-8 text"))
+        problems.append(Problem(name, "missing_caption", f"has a caption {caption_file.name} that is not UTF-8 text"))
         return None
     if not text.strip():
-        problems.append(Problem(name, "empty_caption", f"{name}'s caption {caption_file.name} is empty"))
+        problems.append(Problem(name, "empty_caption", f"has an empty caption {caption_file.name}"))
     return ds.one_line(text)
 
 
@@ -241,25 +275,27 @@ def _shared_first_tag(captions: dict[str, str]) -> str:
     return tag if count * 2 > len(captions) else ""
 
 
-def suggest_steps(images: int, batch_size: int, folders: list[ds.FolderCount] | None = None) -> tuple[int, str]:
-    """About 100 looks at each image (what character and style LoRAs commonly get), between 400 and 4000 steps.
-    With kohya's folders, 100 on average (a folder of more repeats gets more of them) and the regularization
-    images' draws on top."""
+def suggest_steps(images: int, batch_size: int, folders: list[ds.FolderCount] | list[Folder] | None = None
+                  ) -> tuple[int, str]:
+    """About 100 looks at each image (what character and style LoRAs commonly get), between 400 and 4000 steps;
+    the reason in plain words. With kohya's folders, 100 on average (a folder of more repeats gets more of them)
+    and the regularization images' draws on top."""
     batch_size = max(1, batch_size)
     train = [f for f in folders or [] if not f.regularization]
     kohya = bool(folders) and (len(folders) > 1 or folders[0].repeats > 1)
-    if not kohya:
-        raw = math.ceil(100 * images / batch_size)
-        said = f"{images} images at batch size {batch_size}: about 100 passes over each image is {raw} steps"
-    else:
-        train_draws, epoch = sum(f.draws for f in train), sum(f.draws for f in folders)
-        raw = math.ceil(100 * images * epoch / max(1, train_draws) / batch_size)
+    train_draws, epoch = (sum(f.draws for f in train), sum(f.draws for f in folders)) if kohya else (1, 1)
+    raw = math.ceil(100 * images * epoch / max(1, train_draws) / batch_size)
+    steps = min(MAX_STEPS, max(MIN_STEPS, int(math.ceil(raw / 50) * 50)))
+    looks = round(steps * batch_size * train_draws / epoch / max(1, images))
+    given, each = f"{images} images at batch size {batch_size}", "each image"
+    if kohya:
         reg = epoch - train_draws
-        said = (f"{images} images in {len(train)} folder(s) ({', '.join(f'{f.name} ×{f.repeats}' for f in train)}), "
-                f"{train_draws} draws per epoch" + (f" and {reg} regularization draws" if reg else "")
-                + f", at batch size {batch_size}: about 100 passes over each image on average is {raw} steps "
-                f"({raw * batch_size / max(1, epoch):.1f} epochs)")
-    steps = min(4000, max(400, int(math.ceil(raw / 50) * 50)))
-    reason = said + (f", kept within 400–4000: {steps}" if steps != math.ceil(raw / 50) * 50 else
-                     f", rounded to {steps}")
-    return steps, reason
+        given = (f"{images} images in {len(train)} folder(s) ({', '.join(f'{f.name} ×{f.repeats}' for f in train)})"
+                 + (f" with {reg} regularization draws an epoch" if reg else "") + f", at batch size {batch_size}")
+        each = "each image, on average,"
+    if raw < MIN_STEPS:
+        return steps, (f"{given}: {steps} steps, the fewest that train well, show {each} about {looks} times "
+                       "(about 100 is usual)")
+    if raw > MAX_STEPS:
+        return steps, f"{given}: {steps} steps show {each} about {looks} times; more steps rarely help"
+    return steps, f"{given}: {steps} steps show {each} about {looks} times, as character and style LoRAs need"

@@ -39,12 +39,15 @@ class Job:
     via: str = "tab"  # "tab" or "api": which password protects the caller (the path rule differs)
     state: str = "running"
     progress: Progress = field(default_factory=lambda: Progress("Waiting for the WebUI's other jobs"))
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # every step's loss, for the chart
+    smooth_losses: list[float] = field(default_factory=list)  # the smoothed loss at each of those steps
+    loss_steps: list[int] = field(default_factory=list)  # their step numbers (a resumed run starts past 1)
     message: str = ""
     file: str | None = None
     activation_text: str = ""
     preview: str | None = None
     preview_step: int = 0
+    preview_prompt: str = ""
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     ended: float | None = None  # when it finished, failed or was interrupted: the elapsed time stops there
@@ -61,6 +64,8 @@ class Job:
     def report(self, progress: Progress) -> None:
         if progress.stage == "Training" and progress.loss is not None:
             self.losses.append(progress.loss)
+            self.smooth_losses.append(progress.smooth_loss)
+            self.loss_steps.append(progress.step)
         elif progress.step:  # "Saving" after the last step: keep showing the last step's figures
             progress = dataclasses.replace(self.progress, stage=progress.stage, eta_s=0.0)
         self.progress = progress
@@ -68,8 +73,8 @@ class Job:
     def should_stop(self) -> bool:
         return self.stop_requested.is_set()
 
-    def set_preview(self, path: Path, step: int) -> None:
-        self.preview, self.preview_step = str(path), step
+    def set_preview(self, path: Path, step: int, prompt: str = "") -> None:
+        self.preview, self.preview_step, self.preview_prompt = str(path), step, prompt
 
 
 RunFn = Callable[[Job], TrainResult]
@@ -142,8 +147,11 @@ class JobRunner:
             "step": p.step, "total": p.total or job.settings.steps, "loss": p.loss, "smooth_loss": p.smooth_loss,
             "lr": p.lr, "it_per_s": p.it_per_s, "eta_s": p.eta_s, "message": job.message, "file": job.file,
             "activation_text": job.activation_text,
-            "preview": job.preview, "preview_step": job.preview_step, "warnings": job.warnings,
-            "losses": _downsample(job.losses, MAX_CHART_POINTS), "elapsed_s": (job.ended or time.time()) - job.started,
+            "preview": job.preview, "preview_step": job.preview_step, "preview_prompt": job.preview_prompt,
+            "warnings": job.warnings, "losses": _downsample(job.losses, MAX_CHART_POINTS),
+            "smooth_losses": _downsample(job.smooth_losses, MAX_CHART_POINTS),
+            "loss_steps": _chart_steps(job.loss_steps, MAX_CHART_POINTS),
+            "elapsed_s": (job.ended or time.time()) - job.started,
         }
 
 
@@ -154,3 +162,12 @@ def _downsample(values: list[float], n: int) -> list[float]:
     size = len(values) / n
     return [sum(chunk) / len(chunk) for chunk in
             (values[int(i * size):max(int((i + 1) * size), int(i * size) + 1)] for i in range(n))]
+
+
+def _chart_steps(steps: list[int], n: int) -> list[float]:
+    """The step of each chart point (the mean of its run), the first and last at their own steps: the ends of the
+    chart's step axis are the run's."""
+    points = _downsample(steps, n)
+    if points:
+        points[0], points[-1] = steps[0], steps[-1]
+    return points

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import compat
-from .errors import LohatrainError
+from .errors import LohatrainError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,20 @@ OPTIMIZERS = {
 }
 DEFAULT = "adamw"
 PRODIGY_LR = 1.0  # Prodigy estimates the step size itself; the learning rate only scales its estimate
+LION_DIVISOR = 3  # Lion's sign updates are larger than AdamW's: its authors advise a 3-10x smaller rate
+
+
+def suggested_rate(name: str, adamw_rate: float, relative_step: bool = True) -> tuple[float, str]:
+    """The learning rate to start from with this optimizer, given the network type's usual AdamW rate, and why in
+    plain words (the tab's suggestion)."""
+    if name == "prodigy":
+        return PRODIGY_LR, "Prodigy's: it finds the step size itself and the rate only scales it"
+    if name == "lion":
+        return adamw_rate / LION_DIVISOR, (f"a third of the usual AdamW rate {adamw_rate:g}: Lion's steps are larger, "
+                                           "so it wants a 3 to 10 times smaller rate")
+    if name == "adafactor" and relative_step:
+        return adamw_rate, "the usual AdamW rate, though unused: Adafactor sets its own step size (relative step)"
+    return adamw_rate, f"the usual rate with {OPTIMIZERS[name].label}"
 _SET_BY_LOHATRAIN = {"params": "the network's weights", "lr": "learning_rate (and text_encoder_lr)"}
 
 
@@ -156,7 +170,6 @@ def optimizer_class(name: str):
 def check(settings) -> None:
     """Before a run: the package is there, and the arguments are ones its constructor takes, of the type it takes
     and accepted by it (a SettingsError listing each problem)."""
-    from .settings import SettingsError
 
     cls = optimizer_class(settings.optimizer)
     args, found = chosen_args(settings)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import optimizers
-from .errors import LohatrainError
+from .errors import SettingsError  # noqa: F401  (callers take it from here)
 from .methods import TYPES, NetworkType
 from .targets import BLOCK_WEIGHTS, DEFAULT_TARGETS, TARGETS, weights_problem
 
@@ -62,14 +62,6 @@ def _added(default):
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-
-
-class SettingsError(LohatrainError):
-    """One or more settings are invalid; `problems` lists one message per bad value."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("Please fix these settings:\n" + "\n".join(f"- {p}" for p in problems))
 
 
 @dataclass

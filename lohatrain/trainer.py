@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from . import compat, loop, optimizers, run_state
+from . import allocator, compat, loop, optimizers, run_state
 from . import dataset as ds
-from .cache import Cache, cache_conditioning, cache_latents
+from .cache import Cache, Latents, cache_conditioning
 from .distributed import ALONE, Ranks
 from .errors import LohatrainError
 from .model_guard import ModelGuard
@@ -174,7 +174,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
                 saves.periodic(step)
 
         try:
-            status = loop.run(setup, state, stop, after_step)
+            with allocator.reuse_freed_blocks(device):
+                status = loop.run(setup, state, stop, after_step)
             final, metadata, activation_text = None, {}, _activation_text(settings, items)
             if state.step > 0 and ranks.main:
                 report(Progress("Saving", state.step, settings.steps))
@@ -227,16 +228,18 @@ def _hold(stack: ExitStack, parts: ModelParts, settings: TrainSettings, train_te
 
 def _cache(parts: ModelParts, prepared: Prepared, bucket_of, needed: set[int], encode_prompts, train_text: bool,
            autocast, stop, seed: int, report) -> Cache | None:
-    """The latents and (unless encoded every step) the captions' conditioning; then the VAE and text encoder off the
-    GPU, unless the host moves them itself. None when stopped meanwhile."""
+    """The latents (lohatrain.cache.Latents: on a GPU, or with a host that moves parts itself, all of them now) and
+    (unless encoded every step) the captions' conditioning; then the VAE and text encoder off the GPU, unless the
+    host moves them itself. None when stopped meanwhile."""
     settings = prepared.settings
-    report(Progress("Encoding images"))
     device = next(parts.unet.parameters()).device
-    samples = cache_latents(parts, prepared.items, bucket_of, needed, settings, device, autocast, stop, seed)
-    if samples is None:
-        return None
-    if not settings.color_aug and not parts.managed:
-        parts.vae.to(parts.offload_device)
+    samples = Latents(parts, prepared.items, bucket_of, settings, device, autocast, seed)
+    if device.type != "cpu" or parts.managed:
+        report(Progress("Encoding images"))
+        if not samples.encode_all(needed, stop):
+            return None
+        if not settings.color_aug and not parts.managed:
+            parts.vae.to(parts.offload_device)
     captions = [item.caption for item in prepared.items]
     variation = ds.CaptionVariation.of(settings)
     cache = Cache(samples, captions, {}, per_step_text=variation.per_step or train_text)

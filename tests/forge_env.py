@@ -117,7 +117,8 @@ def unet_output(engine, kind, inputs):
 def install_forge_txt2img(monkeypatch):
     """Forge's txt2img in the WebUI stand-in: its `process_images` (tests/forge_stub/forge_processing.py), its
     `sd_models.forge_model_reload` (the loaded model is the chosen one: it returns it) and its Lora extension.
-    Shared with tests/webui_app.py's Forge page, which keeps them for the page's process."""
+    Shared with tests/webui_app.py's Forge page, which keeps them for the page's process and puts Forge's own
+    checkpoint loading over them (tests/forge_stub/forge_sd_models.py)."""
     import forge_processing
     from modules import processing, sd_models, shared
 

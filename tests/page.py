@@ -1,14 +1,12 @@
-"""The page served on a stand-in host (tests/webui_app.py) as tests drive it: over HTTP (a run's body, waiting for
-a state, the routes behind Gradio's login) and in the browser (filling the tab, a run interrupted from it)."""
+"""The page served on a stand-in host (tests/webui_app.py) as tests drive it over HTTP: a run's body, waiting for a
+state, the routes behind Gradio's login. In the browser: tests/tab.py."""
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
-from playwright.sync_api import expect
 
-import webui_app
+import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 from modules import shared
 
 
@@ -47,51 +45,3 @@ def rest_behind_gradio_auth(ui, monkeypatch) -> None:
         assert browser.get("/lohatrain/v1/status").status_code == 403
         assert browser.post("/login", data={"username": "user", "password": "secret"}).status_code == 200
         assert browser.get("/lohatrain/v1/status").status_code == 200
-
-
-TIMEOUT = 180_000  # ms; a bound on waiting for a state in the browser, never a timing
-
-
-def fill(page, elem_id: str, value) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number]").first.fill(str(value))
-
-
-def open_accordion(page, title: str) -> None:
-    page.get_by_text(title, exact=True).click()
-
-
-def fill_small_run(page, ui, name: str, steps: int) -> None:
-    fill(page, "lohatrain_name", name)
-    fill(page, "lohatrain_dataset", ui.root / "dataset")
-    page.locator("#lohatrain_caption_mode label", has_text="TXT captions").click()
-    fill(page, "lohatrain_resolution", 64)
-    fill(page, "lohatrain_steps", steps)
-    fill(page, "lohatrain_batch_size", 2)
-    page.locator("#lohatrain_preset input").click()
-    page.locator("ul.options li", has_text="Small").first.click()
-    open_accordion(page, "Developer options")
-    page.locator("#lohatrain_train_dtype label", has_text="fp32").click()
-    fill(page, "lohatrain_bucket_min", 64)
-    fill(page, "lohatrain_bucket_max", 128)
-    page.get_by_label("Gradient checkpointing").uncheck()
-    page.get_by_label("Overwrite an existing file").check()
-
-
-def wait_for_card_refresh(page, refreshes: int) -> None:
-    """The Lora cards were told to read the folder again since `refreshes` were counted (a bounded wait)."""
-    for _ in range(TIMEOUT // 50):
-        if len(webui_app.CARD_REFRESHES) > refreshes:
-            break
-        page.wait_for_timeout(50)
-    assert len(webui_app.CARD_REFRESHES) > refreshes
-
-
-def train_then_interrupt(page, ui, name: str, steps: int) -> None:
-    """Train from the tab, press Interrupt once two steps are shown, and wait for the run to say so."""
-    fill_small_run(page, ui, name, steps=steps)
-    page.locator("#lohatrain_train").click()
-    expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(
-        re.compile(rf"step ([2-9]|\d\d+)/{steps}"), timeout=TIMEOUT)
-    page.locator("#lohatrain_interrupt").click()
-    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute(
-        "data-state", "interrupted", timeout=TIMEOUT)

@@ -57,9 +57,12 @@ def test_every_kind_of_problem_is_found_and_names_its_file(troubled):
         ("trigger_missing", "untagged.png"),
     ])
     assert report.trigger == "mychar"
-    assert all(p.file in p.message for p in report.problems)
+    assert all(p.message.startswith(f"{p.file} {p.detail}: ") and p.file not in p.detail for p in report.problems)
+    no_masks = [kind for kind in doctor.KINDS if kind not in ("mask_unusable", "empty_mask")]
+    assert list(report.by_kind()) == no_masks  # one group each, in KINDS' order
     assert report.tag_frequency["mychar"] == 9
-    assert report.suggested_steps == 650 and "13 images at batch size 2" in report.steps_reason
+    assert report.suggested_steps == 650
+    assert report.steps_reason == "13 images at batch size 2: 650 steps show each image about 100 times, as character and style LoRAs need"
 
 
 def test_a_clean_folder_has_no_problems(sample_dataset):
@@ -76,7 +79,9 @@ def test_the_trigger_phrase_of_phrase_mode_is_the_trigger(troubled):
 
 @pytest.mark.parametrize("images,batch,steps", [(3, 1, 400), (13, 2, 650), (100, 1, 4000)])
 def test_suggested_steps_follow_the_image_count_and_batch(images, batch, steps):
-    assert doctor.suggest_steps(images, batch)[0] == steps
+    suggested, reason = doctor.suggest_steps(images, batch)
+    assert suggested == steps and reason.startswith(f"{images} images at batch size {batch}: {steps} steps")
+    assert f"each image about {round(steps * batch / images)} times" in reason
 
 
 def test_a_folder_without_images_is_refused(tmp_path):

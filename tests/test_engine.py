@@ -303,3 +303,21 @@ def test_learning_rate_schedule(tiny_model, sample_dataset, tmp_path, schedule, 
     lrs = [p.lr / 1e-3 for p in seen if p.stage == "Training"]
     # The rate reported after step k is the one the next step uses.
     assert lrs[:3] == pytest.approx(expected[1:], abs=1e-3)
+
+
+def test_a_cpu_run_starts_after_one_batch_of_images_and_encodes_each_once(tiny_model, sample_dataset, tmp_path):
+    """On a CPU the VAE stays where it is, so each image is encoded when a batch first draws it: the first step
+    waits for its own two images, not the dataset's eight, and no image goes through the VAE twice."""
+    parts = ldm_parts(tiny_model)
+    encoded, at_first_step = [], []
+    counting = dataclasses.replace(parts, encode_images=lambda pixels: encoded.append(len(pixels)) or
+                                   parts.encode_images(pixels))
+
+    def progress(p):
+        if p.stage == "Training" and not at_first_step:
+            at_first_step.append(sum(encoded))
+
+    images = len(list(sample_dataset.glob("*.png")))
+    train(counting, settings_for(sample_dataset, tmp_path, steps=6, batch_size=2), Hooks(progress=progress))
+    assert at_first_step == [2]
+    assert sum(encoded) == images  # six steps of two draw every image once an epoch: each encoded once

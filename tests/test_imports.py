@@ -4,6 +4,7 @@ torchvision that imports. Each case runs in a fresh Python, where nothing the te
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -75,3 +76,25 @@ def test_an_installed_torchvision_is_what_ldm_gets():
 def test_without_torchvision_ldm_imports_and_its_make_grid_says_why_it_cannot_run():
     result = run_python(IMPORT_LDM)
     assert result == {"torchvision": None, "grid": "torchvision is not installed (lohatrain.ldm_importable stand-in)"}
+
+
+def demo_output(tmp_path: Path, *options: str) -> list[str]:
+    """What `python -m lohatrain train --demo` prints (stdout and stderr), line by line, for a one-step run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOHATRAIN_VERBOSE", None)
+    process = subprocess.run([sys.executable, "-m", "lohatrain", "train", "--demo", "--output-dir", str(tmp_path),
+                              "--steps", "1", *options], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert process.returncode == 0, process.stderr
+    return (process.stdout + process.stderr).splitlines()
+
+
+def test_the_demo_prints_only_lohatrains_own_lines_and_verbose_shows_the_libraries(tmp_path):
+    """The libraries' import-time warnings (pkg_resources, Lightning) and ldm's xformers line are left out;
+    --verbose shows them again."""
+    lines = demo_output(tmp_path / "quiet")
+    foreign = [line for line in lines if "Warning" in line or "site-packages" in line or "xformers" in line]
+    assert foreign == [] and lines[0].startswith("wrote the demo's sample images") and lines[-1].startswith("wrote ")
+    assert any(line.startswith("done: 1 steps") for line in lines)
+    if importlib.util.find_spec("xformers") is None:  # ldm says so at import: the line --verbose brings back
+        assert "No module 'xformers'. Proceeding without it." in demo_output(tmp_path / "verbose", "--verbose")

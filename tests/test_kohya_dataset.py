@@ -103,7 +103,7 @@ def test_each_image_is_encoded_once_whatever_its_repeats(tiny_model, two_concept
     encoded = []
     encode_images = parts.encode_images
     parts = dataclasses.replace(parts, encode_images=lambda pixels: encoded.append(len(pixels)) or encode_images(pixels))
-    train(parts, settings_for(two_concepts, tmp_path / "out", steps=2, reg_data_dir=str(reg)))
+    train(parts, settings_for(two_concepts, tmp_path / "out", steps=12, reg_data_dir=str(reg)))  # one epoch: 24 draws
     assert sum(encoded) == 8 + 12  # the 8 training images and the 12 drawn class images, whatever their repeats
 
 
@@ -377,12 +377,16 @@ def test_the_rest_check_and_the_tab_report_each_sub_folder(webui_server, checked
         "dataset_dir": str(root), "caption_mode": "txt", "resolution": 64, "batch_size": 2, "reg_data_dir": str(reg)})
     assert r.status_code == 200 and r.json()["folders"] == expected_folders(root)
     assert r.json()["problems"][0]["file"] == "2_alice/sample_02.png"
-    report, shown, names = ui.check_dataset(str(root), ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128, 2,
-                                            str(reg))
+    report, shown, names, found = ui.check_dataset(str(root), ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128,
+                                                   2, str(reg))
     assert "<b>5</b> images, <b>5</b> with a caption, and <b>4</b> regularization images" in report
     assert "<td>2_alice</td><td>2</td><td>3</td><td>6</td><td>38%</td><td>alice</td>" in report
     assert "<td>1_person (regularization)</td><td>1</td><td>4</td><td>8</td><td>50%</td>" in report
     assert "draws per epoch" in report
+    shown_steps = ui.suggestion(found, ui.METHOD_LABELS["loha"], 2)[0]["value"]  # what Apply puts in the form
+    assert "500 steps" in shown_steps and "each image, on average, about 100 times" in shown_steps
+    assert ui.apply_suggestion(found, ui.METHOD_LABELS["loha"], 2)[0] == 500
+    assert ui.apply_suggestion(found, ui.METHOD_LABELS["loha"], 2, "prodigy") == [500, 1.0]  # the optimizer's rate
     assert names == ["1_bob/sample_00.png", "1_bob/sample_01.png", "2_alice/sample_00.png", "2_alice/sample_01.png",
                      "2_alice/sample_02.png"] and len(shown) == 5
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from lohatrain import optimizers
 from lohatrain.errors import LohatrainError
 from lohatrain.families import ldm_parts
+from lohatrain.methods import TYPES
 from lohatrain.preflight import preflight
 from lohatrain.run_state import read_state
 from lohatrain.settings import SettingsError, TrainSettings
@@ -173,6 +174,21 @@ def test_prodigy_takes_learning_rates_of_one_unless_given(sample_dataset):
     chosen = TrainSettings.from_dict({"dataset_dir": str(sample_dataset), "optimizer": "prodigy"}, family="sdxl")
     assert (chosen.learning_rate, chosen.text_encoder_lr) == (1.0, 0.0)
     assert TrainSettings.from_dict({"dataset_dir": str(sample_dataset), "optimizer": "lion"}).learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", list(optimizers.OPTIMIZERS))
+def test_the_suggested_rate_suits_each_optimizer_and_a_run_accepts_it(sample_dataset, name, family):
+    """What the tab's Apply puts into the form, from the type's usual AdamW rate: a rate the settings accept."""
+    for method in TYPES:
+        usual = TYPES[method].learning_rate_for(family)
+        for relative_step in (True, False):
+            rate, why = optimizers.suggested_rate(name, usual, relative_step)
+            expected = {"prodigy": optimizers.PRODIGY_LR, "lion": usual / 3}.get(name, usual)
+            assert rate == pytest.approx(expected) and why
+            TrainSettings.from_dict({"dataset_dir": str(sample_dataset), "optimizer": name, "learning_rate": rate,
+                                     "training_method": method, "adafactor_relative_step": relative_step}, family)
+    assert ("unused" in optimizers.suggested_rate(name, 1e-3)[1]) == (name == "adafactor")
 
 
 @pytest.mark.parametrize("given,expected", [

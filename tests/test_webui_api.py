@@ -362,8 +362,10 @@ def test_the_dataset_doctor_route_answers_the_report(webui_server, tmp_path):
     lohatrain.demo.make_sample_dataset(tmp_path / "copy")
     (tmp_path / "copy" / "sample_03.txt").unlink()
     report = httpx.post(url, json={**body, "dataset_dir": str(tmp_path / "copy")}).json()
-    assert report["problems"] == [{"file": "sample_03.png", "kind": "missing_caption",
-                                   "message": "sample_03.png has no sample_03.txt"}]
+    assert report["problems"] == [{"file": "sample_03.png", "kind": "missing_caption", "detail": "has no sample_03.txt",
+                                   "message": "sample_03.png has no sample_03.txt: TXT captions need one beside each "
+                                              "image; write it, caption the folder with the WebUI's taggers, or "
+                                              "choose another caption mode"}]
     r = httpx.post(url, json={**body, "resolution": "big", "colour": 1})
     assert r.status_code == 422 and r.json()["detail"] == ["unknown field 'colour'", "resolution must be a whole number"]
     r = httpx.post(url, json={**body, "dataset_dir": str(tmp_path / "nowhere")})

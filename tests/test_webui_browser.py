@@ -1,7 +1,9 @@
-"""The tab in a real browser (Debian's headless Chromium via Playwright) on the page served by the host stand-in."""
+"""The tab in a real browser (Debian's headless Chromium via Playwright) on the page served by the host stand-in. The
+steps and the checks the Forge page shares are in tests/tab.py."""
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,20 +11,30 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
+from safetensors import safe_open
 
 import webui_app  # noqa: F401  (puts the host stand-in on sys.path)
 from modules import shared
 
-from page import (TIMEOUT, fill, fill_small_run, finished, open_accordion, run_body, train_then_interrupt,
-                  wait_for_card_refresh, wait_until)
+from lohatrain.methods import TYPES
+from lohatrain.settings import DEFAULT_PRESET, TrainSettings
+
+from page import finished, run_body, wait_until
 from runs import model_state
+from tab import (TIMEOUT, check_a_clean_folder_and_apply_the_suggestion, check_loading_a_kohya_toml,
+                 check_only_the_fields_that_apply_are_shown, check_the_doctor_lists_each_file_once,
+                 expect_the_chart_and_the_preview, expect_the_last_run_after_a_reload, fill, fill_small_run,
+                 open_accordion, open_the_tab, pick, pick_method, screenshot, train_then_interrupt,
+                 wait_for_card_refresh)
+
+ADVANCED = [f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded_when_set")]
+
 
 @pytest.fixture
 def page(webui_server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1400})
     page.goto(webui_server.url)
-    page.locator("#tabs button", has_text="LoRA training").click()
-    expect(page.locator("#lohatrain_train")).to_be_visible()
+    open_the_tab(page)
     yield page
     page.close()
 
@@ -31,6 +43,7 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     ui = webui_server
     before = model_state(shared.sd_model)
     fill_small_run(page, ui, "browser-loha", steps=12)
+    expect(page.locator("#lohatrain_send")).to_be_disabled()  # no browser-loha.safetensors yet
     open_accordion(page, "Previews")
     fill(page, "lohatrain_preview_every", 6)
     fill(page, "lohatrain_preview_prompt", "blue circle")
@@ -45,16 +58,17 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
     expect(page.locator("#lohatrain_send")).to_be_enabled()
     expect(page.locator("#lohatrain_result")).to_contain_text("browser-loha.safetensors")
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text("step 12/12")
-    expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()
-    expect(page.locator("#lohatrain_live svg.lohatrain-chart")).to_be_visible()
+    expect_the_chart_and_the_preview(page, steps=12, preview_step=12, prompt="blue circle")
     assert (ui.lora_dir / "browser-loha.safetensors").is_file()
     assert sorted(p.name for p in (ui.lora_dir / "browser-loha.previews").iterdir()) == [
         "step-000006.png", "step-000012.png"]
     assert model_state(shared.sd_model) == before
-    shot = tmp_path / "lohatrain-tab.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("LOHATRAIN_SCREENSHOT"):
-        shutil.copy(shot, os.environ["LOHATRAIN_SCREENSHOT"])
+    with safe_open(str(ui.lora_dir / "browser-loha.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    # the Advanced panels untouched: none of their settings recorded, the file as before they existed
+    assert metadata["ss_optimizer"] == "torch.optim.AdamW"
+    assert not set(ADVANCED) & set(json.loads(metadata["lohatrain_settings"]))
+    screenshot(page, "screenshot.png")  # the README's picture of the tab after a run
 
     wait_for_card_refresh(page, refreshes)
 
@@ -64,12 +78,14 @@ def test_training_from_the_tab_shows_progress_preview_and_the_file(page, webui_s
                                                                               timeout=TIMEOUT)
     expect(page.locator("#lohatrain_grid_images img").first).to_be_visible()
     assert (ui.lora_dir / "browser-loha.grid.png").is_file()
-    screenshot(page, "#lohatrain_grid_box", "grid.png")
+    screenshot(page, "grid.png", "#lohatrain_grid_box")
 
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
     # the tag and the card's activation text: the first tag most captions share
     expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:browser-loha:1>, black triangle")
+
+    expect_the_last_run_after_a_reload(page, "browser-loha", steps=12)
 
 
 def test_interrupt_button_stops_within_a_step(page, webui_server):
@@ -92,13 +108,6 @@ def test_an_interrupted_run_is_listed_under_resume_and_resuming_finishes_it(page
     assert not (webui_server.lora_dir / "browser-resume.lohatrain-state").exists()
 
 
-def screenshot(page, locator: str, name: str) -> None:
-    """A panel's picture for the README, when LOHATRAIN_SCREENSHOTS names a folder."""
-    folder = os.environ.get("LOHATRAIN_SCREENSHOTS")
-    if folder:
-        page.locator(locator).screenshot(path=str(Path(folder) / name))
-
-
 def test_caption_a_folder_with_the_webuis_tagger_and_edit_one_caption(page, webui_server):
     folder = webui_server.root / "to-caption"
     folder.mkdir()
@@ -113,7 +122,7 @@ def test_caption_a_folder_with_the_webuis_tagger_and_edit_one_caption(page, webu
     written = sorted(folder.glob("*.txt"))
     assert len(written) == 4 and all(p.read_text(encoding="utf-8").startswith("mychar, ") for p in written)
     expect(page.locator("#lohatrain_thumbs img")).to_have_count(4)
-    screenshot(page, "#lohatrain_caption_box", "caption.png")
+    screenshot(page, "caption.png", "#lohatrain_caption_box")
 
     page.locator("#lohatrain_thumbs button.thumbnail-item").nth(1).click()
     expect(page.locator("#lohatrain_edit_name textarea")).to_have_value(written[1].with_suffix(".png").name)
@@ -124,51 +133,37 @@ def test_caption_a_folder_with_the_webuis_tagger_and_edit_one_caption(page, webu
     assert written[1].read_text(encoding="utf-8") == "mychar, edited by hand"
 
 
-def test_check_dataset_shows_count_buckets_and_thumbnails(page, webui_server):
-    fill(page, "lohatrain_dataset", webui_server.root / "dataset")
-    fill(page, "lohatrain_resolution", 256)
-    open_accordion(page, "Developer options")
-    fill(page, "lohatrain_bucket_min", 64)
-    page.locator("#lohatrain_check").click()
-    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("8 images, 8 with a caption")
-    expect(page.locator("div.prose#lohatrain_report table tr")).to_have_count(1 + 3)  # header + 3 buckets at 256 px
-    expect(page.locator("#lohatrain_thumbs img")).to_have_count(8)
-    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("Suggested steps: 400")
-    # at 256 px the sample images (64 to 160 px) are each far smaller than their bucket
-    expect(page.locator("#lohatrain_report ul.lohatrain-problems li[data-kind=small]")).to_have_count(8)
+def test_check_dataset_shows_count_buckets_thumbnails_and_applies_the_suggestion(page, webui_server):
+    check_a_clean_folder_and_apply_the_suggestion(page, webui_server.root / "dataset")
 
 
-def test_check_dataset_lists_each_problem_with_its_file(page, webui_server, tmp_path):
-    from lohatrain.demo import make_sample_dataset
+def test_the_doctor_lists_each_problem_once_with_its_files(page, webui_server):
+    check_the_doctor_lists_each_file_once(page, webui_server.root / "doctor-case")
 
-    folder = make_sample_dataset(webui_server.root / "doctor-case")
-    (folder / "sample_02.txt").write_text("")
-    (folder / "sample_05.txt").unlink()
-    fill(page, "lohatrain_dataset", folder)
-    fill(page, "lohatrain_resolution", 64)
-    open_accordion(page, "Developer options")
-    fill(page, "lohatrain_bucket_min", 64)
-    fill(page, "lohatrain_bucket_max", 128)
-    page.locator("#lohatrain_check").click()
-    problems = page.locator("#lohatrain_report ul.lohatrain-problems li")
-    expect(problems).to_have_count(2)
-    expect(problems.nth(0)).to_have_attribute("data-kind", "empty_caption")
-    expect(problems.nth(0)).to_contain_text("sample_02.png")
-    expect(problems.nth(1)).to_have_attribute("data-kind", "missing_caption")
-    expect(page.locator("div.prose#lohatrain_report")).to_contain_text("sample_05.png")  # and what blocks training
+
+def test_only_the_fields_that_apply_are_shown(page):
+    check_only_the_fields_that_apply_are_shown(page)
 
 
 @pytest.mark.parametrize("case,message", [
     ("no folder", "dataset_dir: choose the folder"),
     ("bad name", "must be a plain file name"),
     ("missing captions", "caption file(s) are missing"),
+    ("negative rate", "learning_rate must be above 0 and at most 1, not -0.0001"),
+    ("unknown optimizer argument", "optimizer_args: adamw has no argument 'weight_decya' (did you mean weight_decay?)"),
 ])
 def test_bad_input_gets_a_clear_message(page, webui_server, tmp_path, case, message):
+    """The message of each refusal is the one a REST call gets in its 422 (tests/test_webui_form.py compares them)."""
     fill_small_run(page, webui_server, "bad-input", steps=3)
     if case == "no folder":
         fill(page, "lohatrain_dataset", "")
     elif case == "bad name":
         fill(page, "lohatrain_name", "../../outside")
+    elif case == "negative rate":
+        fill(page, "lohatrain_lr", -0.0001)
+    elif case == "unknown optimizer argument":
+        open_accordion(page, "Advanced: optimizer")
+        fill(page, "lohatrain_optimizer_args", "weight_decya=0.1")
     else:
         for image in (webui_server.root / "dataset").glob("*.png"):
             shutil.copy(image, tmp_path / image.name)
@@ -180,6 +175,58 @@ def test_bad_input_gets_a_clear_message(page, webui_server, tmp_path, case, mess
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_count(0)
     assert not (webui_server.lora_dir / "bad-input.safetensors").exists()
     assert not Path(webui_server.root / "outside.safetensors").exists()
+
+
+def test_send_names_the_project_names_file_when_the_panel_shows_no_run(page, webui_server):
+    """With no run shown (here a refused Train hides the last one), Send to txt2img follows the project name: off
+    for a name without a file, on once the name is one of the Lora folder's files."""
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(1)}, str(webui_server.lora_dir / "on-disk.safetensors"))
+    fill_small_run(page, webui_server, "not-on-disk", steps=3)
+    fill(page, "lohatrain_dataset", "")
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_message").first).to_contain_text("dataset_dir: choose the folder")
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_count(0)
+    expect(page.locator("#lohatrain_send")).to_be_disabled()
+    fill(page, "lohatrain_name", "on-disk")
+    expect(page.locator("#lohatrain_send")).to_be_enabled()
+    page.locator("#lohatrain_send").click()
+    expect(page.locator("#txt2img_prompt textarea")).to_have_value("<lora:on-disk:1>")
+
+
+def test_saved_settings_of_another_type_load_with_their_preset_sizes_and_rate(page, webui_server, tmp_path,
+                                                                             monkeypatch):
+    """Loading settings of a LoKr while LoHa is shown keeps the file's preset, factor and rate (the type's defaults
+    follow the user's pick only), and DoRA, which LoKr cannot have, is hidden; back to LoHa settings, it shows."""
+    monkeypatch.setattr("lohatrain.webui.ui.SAVED_PRESETS_DIR", tmp_path)
+    fill_small_run(page, webui_server, "lokr-saved", steps=3)
+    pick_method(page, "LoKr")
+    page.locator("#lohatrain_preset input").click()
+    page.locator("ul.options li", has_text="Medium").first.click()
+    expect(page.locator("#lohatrain_lokr_factor input")).to_have_value("8")
+    fill(page, "lohatrain_lr", 0.0005)
+    fill(page, "lohatrain_saved_name", "lokr-style")
+    page.locator("#lohatrain_save_settings").click()
+    expect(page.locator("#lohatrain_message").first).to_contain_text("Saved settings as lokr-style")
+    pick_method(page, "LoHa")
+    expect(page.locator("#lohatrain_lr input")).to_have_value("0.001")
+    expect(page.locator("#lohatrain_dora")).to_be_visible()
+    page.locator("#lohatrain_load_settings").click()
+    expect(page.locator("#lohatrain_message").first).to_contain_text("Loaded lokr-style")
+    expect(page.locator("#lohatrain_method input")).to_have_value("LoKr")
+    expect(page.locator("#lohatrain_preset input")).to_have_value(re.compile(r"^Medium: factor 8"))
+    expect(page.locator("#lohatrain_lokr_factor input")).to_have_value("8")
+    expect(page.locator("#lohatrain_lr input")).to_have_value("0.0005")
+    expect(page.locator("#lohatrain_steps input")).to_have_value("3")
+    expect(page.locator("#lohatrain_dora")).to_be_hidden()
+    page.locator("#lohatrain_train").click()  # the loaded settings train as saved
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    from safetensors import safe_open
+    with safe_open(str(webui_server.lora_dir / "lokr-saved.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["ss_learning_rate"], metadata["ss_network_args"].count('"factor": "8"')) == ("0.0005", 1)
 
 
 def test_settings_can_be_saved_and_loaded_by_name(page, webui_server, tmp_path, monkeypatch):
@@ -250,7 +297,6 @@ def test_with_an_sdxl_checkpoint_loaded_the_tab_switches_defaults_and_trains_it(
         open_accordion(page, "Previews")
         fill(page, "lohatrain_preview_every", 4)
         fill(page, "lohatrain_preview_prompt", "blue circle")
-        fill(page, "lohatrain_preview_steps", 3)
         page.locator("#lohatrain_train").click()
         expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done",
                                                                                    timeout=TIMEOUT)
@@ -305,16 +351,55 @@ def test_another_training_method_from_the_tab(page, webui_server, method, label,
     page.locator("#lohatrain_method input").click()
     page.locator("ul.options li", has_text=label).first.click()
     expect(page.locator("#lohatrain_lr input")).to_have_value("0.0001" if method == "lora" else "0.001")
+    # the type's own presets are in before one is picked (the type's change answers after the click otherwise)
+    expect(page.locator("#lohatrain_preset input")).to_have_value(
+        re.compile("^" + re.escape(TYPES[method].presets["sd1"][DEFAULT_PRESET].label)))
     page.locator("#lohatrain_preset input").click()
     page.locator("ul.options li", has_text="Small").first.click()
     if method == "lokr":
         expect(page.locator("#lohatrain_lokr_factor input")).to_have_value("16")
-        expect(page.locator("#lohatrain_dora input")).to_be_disabled()
+        expect(page.locator("#lohatrain_dora")).to_be_hidden()
     page.locator("#lohatrain_train").click()
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
     expect(page.locator("#lohatrain_result")).to_contain_text(f"tab-{method}.safetensors")
     tensors = load_file(webui_server.lora_dir / f"tab-{method}.safetensors")
     assert any(k.endswith(key_suffix) for k in tensors) and not any("hada_" in k for k in tensors)
+
+
+def test_a_run_with_advanced_options_records_them_as_kohya_does(page, webui_server):
+    """Prodigy (its d_coef) and caption dropout chosen in the Advanced panels: the file's metadata says so under
+    kohya's keys, and the form's learning rate is Prodigy's."""
+    fill_small_run(page, webui_server, "advanced-run", steps=3)
+    open_accordion(page, "Advanced: optimizer")
+    pick(page, "lohatrain_optimizer", "Prodigy")
+    fill(page, "lohatrain_prodigy_d_coef", 2)
+    open_accordion(page, "Advanced: dataset options")
+    fill(page, "lohatrain_caption_dropout_rate", 0.25)
+    page.locator("#lohatrain_train").click()
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    with safe_open(str(webui_server.lora_dir / "advanced-run.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert (metadata["ss_optimizer"], metadata["ss_caption_dropout_rate"], metadata["ss_learning_rate"]) == (
+        "prodigyopt.prodigy.Prodigy(d_coef=2.0)", "0.25", "1.0")
+    assert "lohatrain_prodigy_d" in metadata  # the step size Prodigy found
+
+
+def test_loading_a_kohya_toml_fills_the_form_and_lists_what_was_not_taken(page, webui_server, tmp_path):
+    check_loading_a_kohya_toml(page, webui_server.root / "dataset", tmp_path)
+
+
+def test_check_dataset_reports_the_regularization_folder(page, webui_server):
+    from lohatrain.demo import make_sample_dataset
+
+    regularization = make_sample_dataset(webui_server.root / "class-images", seed=1)
+    fill(page, "lohatrain_dataset", webui_server.root / "dataset")
+    fill(page, "lohatrain_resolution", 256)
+    open_accordion(page, "Advanced: dataset options")
+    fill(page, "lohatrain_reg_data_dir", regularization)
+    page.locator("#lohatrain_check").click()
+    report = page.locator("#lohatrain_report").first
+    expect(report).to_contain_text("8 images, 8 with a caption, and 8 regularization images")
+    expect(report.locator("table.lohatrain-folders")).to_contain_text("(regularization)")
 
 
 def test_the_clip_skip_slider_shows_the_webuis_setting_at_each_page_load(browser, webui_server):

@@ -24,8 +24,11 @@ import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
 from forge_env import forge_state  # noqa: E402
-from page import (TIMEOUT, fill, fill_small_run, finished, open_accordion, rest_behind_gradio_auth, run_body,  # noqa: E402
-                  train_then_interrupt, wait_for_card_refresh, wait_until)
+from page import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
+from tab import (TIMEOUT, check_a_clean_folder_and_apply_the_suggestion, check_loading_a_kohya_toml,  # noqa: E402
+                 check_only_the_fields_that_apply_are_shown, check_the_doctor_lists_each_file_once,
+                 expect_the_chart_and_the_preview, expect_the_last_run_after_a_reload, fill, fill_small_run,
+                 open_accordion, open_the_tab, screenshot, train_then_interrupt, wait_for_card_refresh)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def page(forge_webui, browser):
     page.on("console", lambda message: page.js_errors.append(f"{message.text} @ {message.location.get('url')}")
             if message.type == "error" else None)
     page.goto(forge_webui.url)
-    page.locator("#tabs button", has_text="LoRA training").click()
-    expect(page.locator("#lohatrain_train")).to_be_visible()
+    open_the_tab(page)
     yield page
     page.close()
 
@@ -77,6 +79,7 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
     ui = forge_webui
     before = forge_state(shared.sd_model)
     fill_small_run(page, ui, "forge-loha", steps=3)
+    expect(page.locator("#lohatrain_send")).to_be_disabled()  # no forge-loha.safetensors yet
     open_accordion(page, "Previews")
     fill(page, "lohatrain_preview_every", 3)
     fill(page, "lohatrain_preview_prompt", "blue circle")
@@ -86,10 +89,11 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
     expect(page.locator("#lohatrain_message")).to_contain_text("started")
     expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
     expect(page.locator("#lohatrain_live .lohatrain-numbers")).to_contain_text(re.compile(r"step 3/3 · loss \d"))
-    expect(page.locator("#lohatrain_live svg.lohatrain-chart")).to_be_visible()
-    expect(page.locator("#lohatrain_live img.lohatrain-preview")).to_be_visible()  # made by Forge's txt2img
+    expect_the_chart_and_the_preview(page, steps=3, preview_step=3, prompt="blue circle")  # by Forge's txt2img
     assert [p.name for p in (ui.lora_dir / "forge-loha.previews").iterdir()] == ["step-000003.png"]
     expect(page.locator("#lohatrain_result")).to_contain_text("forge-loha.safetensors")
+    expect(page.locator("#lohatrain_send")).to_be_enabled()
+    screenshot(page, "screenshot-forge.png")  # the README's picture of the tab in Forge after a run
     with safe_open(str(ui.lora_dir / "forge-loha.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") and k.endswith("hada_w1_a") for k in f.keys())
     assert forge_state(shared.sd_model) == before
@@ -106,6 +110,67 @@ def test_training_on_forge_shows_progress_a_preview_the_grid_and_sends_to_txt2im
     page.locator("#lohatrain_send").click()
     expect(page.locator("#txt2img_prompt textarea")).to_be_visible()
     expect(page.locator("#txt2img_prompt textarea")).to_have_value(re.compile(r"^<lora:forge-loha:1>"))
+    expect_the_last_run_after_a_reload(page, "forge-loha", steps=3)
+    assert page.js_errors == []
+
+
+def test_the_base_model_list_is_forges_and_the_model_line_follows_the_model_a_generation_or_a_run_loads(
+        page, forge_webui):
+    """The Base model list is Forge's top bar's (its names); before Forge loads the chosen checkpoint the model line
+    says so, and it shows the model once a generation loaded it (when the tab is shown again) or a run did."""
+    from modules import sd_models
+    from modules_forge import main_entry
+
+    page.locator("#lohatrain_checkpoint input").click()
+    expect(page.locator("ul.options li")).to_have_count(len(main_entry.refresh_models()[0]))
+    # each option's text ends with its name (Gradio puts a check mark before the chosen one)
+    assert [li.inner_text().split()[-1] for li in page.locator("ul.options li").all()] == list(
+        main_entry.refresh_models()[0]) == ["tiny-sd1.safetensors"]
+    page.keyboard.press("Escape")
+    summary = page.locator("#lohatrain_model")
+
+    def as_forge_starts() -> None:  # the chosen checkpoint is loaded at the first generation or run
+        sd_models.model_data.set_sd_model(sd_models.FakeInitialModel())
+        sd_models.model_data.forge_hash = ""
+        page.reload()
+        open_the_tab(page)
+        expect(summary).to_contain_text("it is not loaded yet")
+
+    as_forge_starts()
+    sd_models.forge_model_reload()  # what txt2img does first
+    page.get_by_role("tab", name="txt2img").click()
+    open_the_tab(page)
+    expect(summary).to_contain_text("tiny-sd1")
+    expect(summary).to_contain_text("SD 1.x")
+    expect(page.locator("#lohatrain_checkpoint input")).to_have_value("tiny-sd1.safetensors")
+
+    as_forge_starts()
+    fill_small_run(page, forge_webui, "forge-lazy", steps=2)
+    page.locator("#lohatrain_train").click()
+    expect(summary).to_contain_text("SD 1.x", timeout=TIMEOUT)  # while the run goes on, or once it is done
+    expect(page.locator("#lohatrain_live .lohatrain-state")).to_have_attribute("data-state", "done", timeout=TIMEOUT)
+    expect(summary).not_to_contain_text("not loaded yet")
+    assert shared.sd_model.sd_checkpoint_info.name == "tiny-sd1.safetensors"
+    assert page.js_errors == []
+
+
+def test_only_the_fields_that_apply_are_shown_on_forge(page):
+    check_only_the_fields_that_apply_are_shown(page)
+    assert page.js_errors == []
+
+
+def test_a_kohya_config_loads_into_the_form_on_forge(page, forge_webui, tmp_path):
+    check_loading_a_kohya_toml(page, forge_webui.root / "dataset", tmp_path)  # Gradio 4's upload: a path
+    assert page.js_errors == []
+
+
+def test_check_dataset_on_forge_shows_the_folder_and_applies_its_suggestion(page, forge_webui):
+    check_a_clean_folder_and_apply_the_suggestion(page, forge_webui.root / "dataset")
+    assert page.js_errors == []
+
+
+def test_the_doctor_on_forge_lists_each_problem_once_with_its_files(page, forge_webui):
+    check_the_doctor_lists_each_file_once(page, forge_webui.root / "doctor-case")
     assert page.js_errors == []
 
 

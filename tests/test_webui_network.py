@@ -109,12 +109,16 @@ def test_the_tabs_panel_status_holds_no_server_path(webui_server, flags):
     httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(
         webui_server, "panel", steps=2, preview_every_steps=1, preview_steps=2, preview_prompts=["blue circle"]))
     assert wait_until(webui_server, finished)["state"] == "done"
-    text, sent = ui.poll_status(lohatrain.webui.runner(), None)
+    text, sent, model_line, checkpoint, types, shown = ui.poll_status(lohatrain.webui.runner(), None, None, "panel")
     data = json.loads(text)
     assert data["file_name"] == "panel.safetensors" and data["preview_data"].startswith("data:image/png;base64,")
-    assert not any(p in text for p in server_paths(webui_server))
-    again, _ = ui.poll_status(lohatrain.webui.runner(), sent)
+    assert data["file_exists"] and data["project_file"] == "panel"  # Send to txt2img can name it
+    assert "tiny-sd1" in model_line and "SD 1.x" in model_line and "LoKr" in types
+    assert not any(p in text + shown for p in server_paths(webui_server))
+    again, _, *model_view, _ = ui.poll_status(lohatrain.webui.runner(), sent, shown, "no-such-file")
     assert "preview_data" not in json.loads(again)  # the page has this preview already
+    assert json.loads(again)["project_file"] is None
+    assert model_view == [ui.gr.update()] * 3  # the page has the model line as it is
 
 
 @pytest.fixture
@@ -141,15 +145,17 @@ def test_exposed_webui_refuses_folders_outside_it_however_they_are_spelled(webui
                                                                            dataset_dir=folder))
     assert r.status_code == 422 and "without a password" in r.json()["detail"][0]
     assert not any(p in r.text for p in server_paths(webui_server))
-    report, thumbnails, names = ui.check_dataset(folder, ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128)
-    assert "without a password" in report and thumbnails == names == []
+    report, thumbnails, names, found = ui.check_dataset(folder, ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
+                                                        128)
+    assert "without a password" in report and thumbnails == names == [] and found is None
     assert sorted(p.name for p in webui_server.lora_dir.iterdir()) == before
 
 
 def test_exposed_webui_still_reads_folders_inside_it(webui_server, exposed):
     lohatrain.demo.make_sample_dataset(Path(shared.data_path) / "inside")
-    report, thumbnails, names = ui.check_dataset("inside", ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64, 128)
-    assert "<b>8</b> images" in report and len(thumbnails) == len(names) == 8
+    report, thumbnails, names, found = ui.check_dataset("inside", ui.CAPTION_LABELS["txt"], "", ".txt", 64, True, 64,
+                                                        128)
+    assert "<b>8</b> images" in report and len(thumbnails) == len(names) == found.images == 8
 
 
 def _bad_folders(root: Path) -> dict[str, str]:

@@ -5,12 +5,12 @@ callbacks, the settings callback runs, every `on_ui_tabs` tab is rendered into `
 next to a txt2img tab, `javascript/*.js` and `style.css` are put into the page by replacing Gradio's
 template response, and `on_app_started` gets the FastAPI app after launch. It runs under the host's Gradio 3.41 and under Forge 2's 4.40.
 
-As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_stub) and an empty `modules_forge`
-package (tests/forge_host_stub) on sys.path, so lohatrain picks its Forge adapter; `shared.sd_model` is the
-stand-in's engine (Forge's `forge_loader`) for the listed checkpoint, and `sd_models.forge_model_reload` returns it
-(the chosen checkpoint is loaded); txt2img (previews, the grid) is Forge's and `networks` is Forge's Lora extension
-(tests/forge_env.py's install_forge_txt2img). Forge keeps the rest of the `modules` API, so the WebUI stand-in
-serves it.
+As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_stub) and Forge's `modules_forge`
+(tests/forge_host_stub: its top bar's checkpoint list and choice) on sys.path, so lohatrain picks its Forge adapter;
+Forge's checkpoint loading (tests/forge_stub/forge_sd_models.py) has loaded the chosen checkpoint, as after a first
+generation: `shared.sd_model` is the stand-in's engine (Forge's `forge_loader`); txt2img (previews, the grid) is
+Forge's and `networks` is Forge's Lora extension (tests/forge_env.py's install_forge_txt2img). Forge keeps the rest
+of the `modules` API, so the WebUI stand-in serves it.
 
 Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py [--forge]  (prints the URL)
 """
@@ -78,10 +78,11 @@ def _refresh_lora_cards() -> None:
     CARD_REFRESHES.append(time.time())
 
 
-def _load_forge_model(info) -> None:
-    """Forge's loaded model as after a generation: the stand-in's engine with the checkpoint's info (as
-    forge_model_reload sets it) and its UNet loaded by the memory manager; Forge's txt2img and Lora extension,
-    kept for the process."""
+def _start_forge() -> None:
+    """Forge as after its start and a first generation: its checkpoint loading (tests/forge_stub/forge_sd_models.py)
+    and top bar (modules_forge.main_entry) with the first listed checkpoint chosen, the stand-in's engine loaded by
+    `forge_model_reload` and its UNet by the memory manager; Forge's txt2img and Lora extension, kept for the
+    process."""
     for path in FORGE_PATHS:
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
@@ -91,17 +92,19 @@ def _load_forge_model(info) -> None:
                            "in a process of its own")
     import pytest
     import torch
+    import forge_sd_models
     from backend import memory_management
-    from backend.loader import forge_loader
+    from modules_forge import main_entry
     from forge_env import install_forge_txt2img
 
-    engine = forge_loader("sd1")
-    engine.sd_checkpoint_info, engine.filename = info, info.filename
-    engine.sd_model_hash = info.calculate_shorthash()
+    monkeypatch = pytest.MonkeyPatch()  # never undone: the page's process is a Forge host
+    install_forge_txt2img(monkeypatch)
+    forge_sd_models.install(monkeypatch)
+    shared.opts.set("sd_model_checkpoint", main_entry.refresh_models()[0][0])  # make_checkpoint_manager_ui
+    main_entry.refresh_model_loading_parameters()  # forge_main_entry
+    engine, _ = sd_models.forge_model_reload()
     with torch.inference_mode():
         memory_management.load_models_gpu([engine.forge_objects.unet])
-    shared.sd_model = engine
-    install_forge_txt2img(pytest.MonkeyPatch())  # never undone: the page's process is a Forge host
 
 
 def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
@@ -116,7 +119,7 @@ def start(root: Path, port: int = 0, forge: bool = False) -> WebUI:
         save_file(lohatrain.demo.build_tiny_sd1(0).state_dict(), str(checkpoint))
     sd_models.list_models()
     if forge:
-        _load_forge_model(sd_models.get_closet_checkpoint_match("tiny-sd1"))
+        _start_forge()
     else:
         sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match("tiny-sd1"))
     sys.modules["networks"].list_available_networks()

@@ -23,7 +23,9 @@ class Host:
 
     # --- the loaded model ---------------------------------------------------------------------------------------
     def model_summary(self) -> dict:
-        """The tab's model line: name, title, hash, family label and name, or the problem that stops training."""
+        """The tab's model line: name, title (the choice as checkpoint_titles names it), hash, family label and name,
+        or the problem that stops training. The tab asks again while it is shown: a run or a generation may load
+        another model."""
         raise NotImplementedError
 
     def is_loaded(self) -> bool:

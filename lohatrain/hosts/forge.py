@@ -3,7 +3,8 @@
 
 - the model: `shared.sd_model` is a `ForgeDiffusionEngine`, loaded lazily (a `FakeInitialModel` until
   `sd_models.forge_model_reload()`, which txt2img calls first and which returns at once when the chosen checkpoint is
-  loaded); choosing a checkpoint is `modules_forge.main_entry.checkpoint_change(title)` then that reload. Its parts are
+  loaded); choosing a checkpoint is `modules_forge.main_entry.checkpoint_change(title)` then that reload, and the
+  checkpoints its top bar lists are `main_entry.refresh_models()`'s (names, not A1111's titles). Its parts are
   in `forge_objects`: the UNet at `unet.model.diffusion_model` (ldm's module names and block classes, Forge's layer
   classes: its `Linear` is not an `nn.Linear`), the schedule and prediction type at `unet.model.predictor`, the text
   encoders at `clip.cond_stage_model`, the VAE at `vae.first_stage_model`;
@@ -57,12 +58,14 @@ class ForgeHost(A1111Host):
         return hasattr(shared.sd_model, "forge_objects")
 
     def model_summary(self) -> dict:
+        """The loaded model, or the chosen one Forge has not loaded yet; `title` is the choice of Forge's top bar
+        as its list names it (checkpoint_titles), so that the tab's Base model list shows the same."""
+        title = self._chosen()
         if not self.is_loaded():
-            title = shared.opts.data.get("sd_model_checkpoint", "") or ""
             return {"name": title or "unknown", "title": title, "hash": "", "family": None, "family_name": None,
                     "problem": "Forge loads the checkpoint at the first generation; it is not loaded yet. Generate "
                                "one image, or start training (which loads it), and the model's family shows here."}
-        return super().model_summary()
+        return {**super().model_summary(), "title": title}
 
     def _family(self, engine):
         reason = unsupported_reason(engine, engine.forge_objects.unet.model.diffusion_model)
@@ -157,6 +160,23 @@ class ForgeHost(A1111Host):
         """Forge's engine keeps CLIP skip itself (it reads no option), and its text path runs in inference mode."""
         with _clip_skip(engine, skip):
             return _clone(engine.get_learned_conditioning(prompts))
+
+    @staticmethod
+    def _chosen() -> str:
+        """The top bar's choice (its option, which a generation's override may set to a title meanwhile) by the name
+        its list gives it."""
+        chosen = shared.opts.data.get("sd_model_checkpoint", "") or ""
+        info = sd_models.get_closet_checkpoint_match(chosen)
+        if info is None:
+            return chosen
+        return info.short_title if shared.opts.sd_checkpoint_dropdown_use_short else info.name
+
+    def checkpoint_titles(self) -> list[str]:
+        """The list of Forge's top bar, read again as its refresh button reads it (`main_entry.refresh_models`:
+        names, or short titles when its option says so, where A1111 lists titles)."""
+        from modules_forge import main_entry
+
+        return list(main_entry.refresh_models()[0])
 
     def _load(self, title: str, info) -> None:
         """Forge's reload_model_weights does nothing: its own choice, then its (lazy) loader."""

@@ -7,6 +7,11 @@ read `TYPES`; a new type is one new module and one line here. DoRA is a switch o
 """
 from __future__ import annotations
 
+from ..quiet import known_noise_left_out
+
+with known_noise_left_out():
+    import lycoris  # noqa: F401  (imports bitsandbytes, whose known log line lohatrain.quiet leaves out)
+
 from .base import Adapter, NetworkType, Preset
 from .locon import LOCON
 from .loha import LOHA

@@ -3,7 +3,6 @@ start a run, resume one, caption a folder with the host's taggers, make the step
 (the path and REST rules for a WebUI on the network)."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import importlib
@@ -20,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .. import captions, grid, hosts, kohya_config
+from .. import allocator, captions, grid, hosts, kohya_config
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -190,10 +189,7 @@ def release_freed_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (Windows, macOS, musl): the allocator decides for itself
-        pass
+    allocator.trim()
 
 
 def _progress_to_state(job: Job, state):
@@ -231,7 +227,7 @@ def _preview_maker(host, parts, settings: TrainSettings, job: Job):
         image.save(path)
         image.save(out_dir / f"{settings.name}.preview.png")  # the Lora tab's card picture
         state.assign_current_image(image)
-        job.set_preview(path, step)
+        job.set_preview(path, step, prompts[0])
 
     return on_step
 

@@ -11,14 +11,15 @@ POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-sc
                               why}], "quiet"}; starts nothing. 422 when the text is neither
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
                               "batch_size", "reg_data_dir", "masked_loss"} → the dataset doctor's report: images,
-                              problems [{file, kind, message}], tag_frequency, trigger, suggested_steps, steps_reason,
-                              folders [{name, regularization, repeats, images, draws, share, trigger}] (kohya's N_name
-                              sub-folders, or the folder itself), regularization_images, masks
+                              problems [{file, kind, detail, message}], tag_frequency, trigger, suggested_steps,
+                              steps_reason, folders [{name, regularization, repeats, images, draws, share, trigger}]
+                              (kohya's N_name sub-folders, or the folder itself), regularization_images, masks
 POST /lohatrain/v1/grid       {"name", "prompts", "strengths", "seed"} (all but the name optional: the run's preview
                               prompts, 0.5/0.75/1, its preview seed) → the steps × strength grid through the WebUI's
                               txt2img: {"files", "images" (base64 PNG, one per prompt), "columns", "rows", "prompts"}
 GET  /lohatrain/v1/status     state idle|running|done|error|interrupted, step, total, loss, ETA, message,
-                              file_name, preview_url (never a server path)
+                              file_name, preview_url (never a server path), the chart's losses, smooth_losses and
+                              loss_steps
 POST /lohatrain/v1/interrupt  → {"interrupted": bool}: the training, or else a captioning pass or grid
 GET  /lohatrain/v1/presets    ?method=lora|locon|loha|lokr: that type's presets for the loaded model's family
                               (sizes, fp16 file MB)

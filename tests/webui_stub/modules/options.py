@@ -2,9 +2,12 @@
 
 As the host: attribute reads fall back to the registered default, attribute writes to a registered key go to
 `opts.data` (writes to an unknown key become plain attributes), `set()` returns whether the value changed
-and runs the option's `onchange` (reverting the value and returning False if it raises).
+and runs the option's `onchange` (reverting the value and returning False if it raises); `save()` writes
+`opts.data` as JSON.
 Ports modules/options.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
+import json
+
 from modules import errors
 from modules.shared_cmd_options import cmd_opts
 
@@ -111,6 +114,11 @@ class Options:
                 setattr(self, key, old)
                 return False
         return True
+
+    def save(self, filename):
+        assert not cmd_opts.freeze_settings, "saving settings is disabled"
+        with open(filename, "w", encoding="utf8") as file:
+            json.dump(self.data, file, indent=4, ensure_ascii=False)
 
     def get_default(self, key):
         info = self.data_labels.get(key)

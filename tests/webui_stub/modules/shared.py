@@ -15,6 +15,7 @@ from modules.paths_internal import (data_path, default_sd_model_file, extensions
 
 cmd_opts = shared_cmd_options.cmd_opts
 parser = shared_cmd_options.parser
+config_filename = cmd_opts.ui_settings_file
 
 parallel_processing_allowed = True
 demo = None
@@ -31,6 +32,7 @@ options_templates.update(options_section(("sd", "Stable Diffusion", "sd"), {
     "emphasis": OptionInfo("Original", "Emphasis mode", infotext="Emphasis"),
     "comma_padding_backtrack": OptionInfo(20, "Prompt word wrap length limit"),
     "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
+    "sd_checkpoint_dropdown_use_short": OptionInfo(False, "Checkpoint dropdown: use filenames without paths"),
     "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip", infotext="Clip skip"),
 }))
 options_templates.update(options_section(("sdxl", "Stable Diffusion XL", "sd"), {

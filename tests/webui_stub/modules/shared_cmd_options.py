@@ -6,7 +6,7 @@ Ports modules/shared_cmd_options.py of AUTOMATIC1111/stable-diffusion-webui v1.1
 import argparse
 import os
 
-from modules.paths_internal import models_path, normalized_filepath, script_path, sd_model_file
+from modules.paths_internal import data_path, models_path, normalized_filepath, script_path, sd_model_file
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--data-dir", type=normalized_filepath, default=script_path)
@@ -34,6 +34,7 @@ parser.add_argument("--freeze-specific-settings", type=str, default=None)
 parser.add_argument("--no-hashing", action="store_true", default=False)
 parser.add_argument("--no-download-sd-model", action="store_true", default=False)
 parser.add_argument("--embeddings-dir", type=normalized_filepath, default=os.path.join(script_path, "embeddings"))
+parser.add_argument("--ui-settings-file", type=str, default=os.path.join(data_path, "config.json"))
 parser.add_argument("--lora-dir", type=normalized_filepath, default=os.path.join(models_path, "Lora"))
 parser.add_argument("--lyco-dir-backcompat", type=normalized_filepath, default=os.path.join(models_path, "LyCORIS"))
 
