@@ -17,7 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import LohatrainError
 from .methods import TYPES
-from .settings import TrainSettings, check_file_name
+from .settings import RUN_CHOICES, TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_SUFFIX = ".lohatrain-state"  # a run's resumable state (lohatrain.run_state); not a Lora file
@@ -142,9 +142,14 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
 
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:
     """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder name."""
-    data = {**settings.to_dict(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
+    data = {**_recorded(settings), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
     del data["output_dir"]
     return data
+
+
+def _recorded(settings: TrainSettings) -> dict:
+    """The settings a file records: all but those about the machine it was trained on (RUN_CHOICES)."""
+    return {k: v for k, v in settings.to_dict().items() if k not in RUN_CHOICES}
 
 
 def safetensors_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -196,7 +201,7 @@ def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def write_sidecars(plan: OutputPlan, settings: TrainSettings, seed: int, activation_text: str,
                    notes: str, sd_version: str) -> None:
     """The settings JSON (to train again) and the WebUI card's activation text, beside the file."""
-    saved = json.dumps({**settings.to_dict(), "seed": seed}, indent=2, sort_keys=True) + "\n"
+    saved = json.dumps({**_recorded(settings), "seed": seed}, indent=2, sort_keys=True) + "\n"
     write_atomically(plan.settings_file, saved.encode(), overwrite=True)
     card = {"description": notes, "activation text": activation_text, "sd version": sd_version,
             "preferred weight": 0, "notes": notes}

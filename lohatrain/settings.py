@@ -47,6 +47,8 @@ PRESET_NAMES = tuple(TYPES[DEFAULT_METHOD].presets["sd1"])  # every type's, on e
 _DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
+# Settings about this machine and this click, not about the network: the file and its settings JSON leave them out.
+RUN_CHOICES = ("ignore_memory_estimate",)
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -110,6 +112,9 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # The memory estimate (lohatrain.memory): a run the estimate says does not fit the GPU starts only with this
+    # on. About this machine, not the network: not written into the file (RUN_CHOICES).
+    ignore_memory_estimate: bool = False
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -230,7 +235,7 @@ class TrainSettings:
         if not isinstance(self.preview_sampler, str) or not self.preview_sampler.strip():
             p.append("preview_sampler must be the name of one of the WebUI's samplers")
         for key in ("dora", "bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
-                    "color_aug", "overwrite", "zero_terminal_snr", "keep_state"):
+                    "color_aug", "overwrite", "zero_terminal_snr", "keep_state", "ignore_memory_estimate"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")
         if self.init_from and (check_file_name(self.init_from) or not self.init_from.endswith(".safetensors")):
@@ -309,6 +314,7 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "ignore_memory_estimate": "start even when the memory estimate says the run does not fit the GPU's free memory",
 }
 
 

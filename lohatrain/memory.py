@@ -1,0 +1,506 @@
+"""The memory a run needs, known before it starts: the peak on the device it trains on (GPU memory, or host RAM
+on a CPU host) and the host RAM beside it, for these settings on the loaded model; and, when that is more than the
+card has free, which changes of settings would make it fit.
+
+How (chosen over an exact count): lohatrain's own code runs one caching pass (one image through the VAE) and one
+training step (`lohatrain.loop.step`: the batch, the network attached as the trainer attaches it, the model's real
+forward and backward under the run's autocast and checkpointing, the loss) on fake tensors: torch's
+FakeTensorMode gives every tensor its shape, dtype and device and no memory, so nothing is computed or
+allocated. The model's parameters and buffers are stood in for by fakes for that call only
+(`torch.func.functional_call`): nothing of the loaded model is copied, loaded or moved. A dispatch mode
+(`Tracker`) adds up the bytes of each tensor the pass and the step create while it lives, by device, and keeps
+the peak; the same tracker measures a real step (tests/test_memory_estimate.py: on the tiny models the two are
+equal). An exact count of the activations would have to follow by hand what every layer keeps (attention
+kernels, checkpointing, autocast's casts, the ΔW the network rebuilds in backward); running the code follows
+it, and follows the code when it changes.
+
+What exists before the step and is not made by it is counted exactly: the frozen weights at their dtypes on the
+device that holds them during training (the trainer moves the VAE and text encoder off the GPU once the cache is
+made, unless the run needs them), the network (its fakes have its real sizes), its optimizer state (per optimizer
+from `OPTIMIZER_STATE`: an optimizer's state depends on its kind, and an 8-bit one cannot run on fakes) and the
+cached latents and captions. The step's own part ("activations") includes the network's gradients.
+
+Not counted: CUDA's own context (0.3-0.5 GB outside torch's allocator) and the allocator's fragmentation.
+benchmarks/gpu.py prints estimate and measured (`torch.cuda.max_memory_allocated`) side by side; until it has
+run on a GPU the estimate is unverified there (docs/speed.md). GB here are 2^30 bytes, as cards are sold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import weakref
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import compat, loop, trainer
+from . import dataset as ds
+from .cache import CHUNK_TOKENS, Cache, Sample, encode
+from .distributed import ALONE
+from .parts import ModelParts
+from .preflight import Prepared
+from .settings import TrainSettings
+
+GB = 2**30
+
+# Optimizer state per trained parameter, in float32 copies of it (AdamW: its two moments). Another optimizer adds
+# its row under the name its setting (`optimizer`) gives it; a run without that setting is AdamW's.
+OPTIMIZER_STATE = {"adamw": 2.0}
+DEFAULT_OPTIMIZER = "adamw"
+
+
+def optimizer_state_factor(settings: TrainSettings) -> float:
+    return OPTIMIZER_STATE.get(getattr(settings, "optimizer", DEFAULT_OPTIMIZER), OPTIMIZER_STATE[DEFAULT_OPTIMIZER])
+
+
+# --------------------------------------------------------------------------------------------- the tracker
+
+_DEVICE = torch.ops.prim.device.default
+_ITEM = torch.ops.aten._local_scalar_dense.default
+
+
+class Tracker(TorchDispatchMode):
+    """Bytes of the tensors created while it is on that are still alive (each storage once: views and in-place
+    results share their input's), by device type, and the peak of each.
+
+    With `fake` (a `compat.fake_mode()` under it), it also makes a step run on fakes: an op that draws from a
+    torch.Generator, and any op on such real CPU results, runs for real (the batch order, augmentation draws,
+    noise and timesteps are the run's own), and reading a fake's value (`.item()`) gives a stand-in (zero, or
+    true)."""
+
+    def __init__(self, fake=None):
+        super().__init__()
+        self.fake = fake
+        self.live: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
+        self._storages: dict[int, list] = {}  # storage key -> [device type, bytes, ids of the tensors alive on it]
+
+    def reset_peak(self) -> None:
+        self.peak = defaultdict(int, self.live)
+
+    def __enter__(self):
+        if self.fake is not None:
+            compat.forget_fakes(self.fake)
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _DEVICE:
+            return func(*args, **kwargs)
+        out = self._fake_or_real(func, args, kwargs) if self.fake is not None else func(*args, **kwargs)
+        self._track(out, args, kwargs)
+        return out
+
+    def _fake_or_real(self, func, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        leaves = _leaves(args, kwargs)
+        if any(isinstance(x, FakeTensor) for x in leaves):
+            if func is _ITEM:
+                return True if args[0].dtype == torch.bool else 0
+        elif _real_cpu_op(leaves, kwargs):
+            with torch._C._DisableTorchDispatch():
+                return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            compat.forget_fakes(self.fake)
+
+    def _track(self, out, args, kwargs) -> None:
+        inputs = None
+        for t in _leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            entry = self._storages.get(key)
+            if entry is None:
+                if inputs is None:
+                    inputs = {x.untyped_storage()._cdata for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)}
+                if key in inputs:  # a view or in-place result of a tensor made before
+                    continue
+                entry = self._storages[key] = [t.device.type, 0, set()]
+            device, size = entry[0], storage.nbytes()
+            self.live[device] += size - entry[1]  # a storage resized in place counts at its new size
+            entry[1] = size
+            self.peak[device] = max(self.peak[device], self.live[device])
+            if id(t) not in entry[2]:
+                entry[2].add(id(t))
+                weakref.finalize(t, self._free, key, id(t)).atexit = False
+
+    def _free(self, key: int, tensor_id: int) -> None:
+        entry = self._storages[key]
+        entry[2].discard(tensor_id)
+        if not entry[2]:
+            self.live[entry[0]] -= entry[1]
+            del self._storages[key]
+
+
+def _leaves(*trees) -> list:
+    leaves, stack = [], list(trees)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        else:
+            leaves.append(x)
+    return leaves
+
+
+def _real_cpu_op(leaves: list, kwargs: dict) -> bool:
+    """An op on real CPU tensors or drawing from a generator, making nothing on another device."""
+    return (any(isinstance(x, (torch.Tensor, torch.Generator)) for x in leaves)
+            and all(x.device.type == "cpu" for x in leaves if isinstance(x, torch.Tensor))
+            and torch.device(kwargs.get("device") or "cpu").type == "cpu")
+
+
+# -------------------------------------------------------------------------------------------- the estimate
+
+@dataclass
+class Change:
+    """A change that makes the run fit, and what the run then needs. `settings`: the settings it changes (empty
+    for one of the WebUI's own settings)."""
+
+    label: str
+    settings: dict
+    need: int
+
+
+@dataclass
+class Estimate:
+    device: str  # where the run trains: "cuda:0", "cpu"
+    need: int  # bytes on that device at the run's peak
+    parts: dict[str, int]  # what `need` is made of, by name
+    host: int  # bytes of host RAM the run's tensors and the model's parts there take at the same time (GPU hosts)
+    free: int | None = None  # bytes the run may use on the device; None: unknown (a CPU host)
+    phase: str = "training"  # when the peak comes: "training", or "caching" (encoding the images)
+    changes: list[Change] = field(default_factory=list)  # when it does not fit: what would
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.free is None else self.need <= self.free
+
+    def message(self) -> str:
+        """"needs ≈ 6.9 GB of your 8.0 GB free (model 3.4, network + optimizer 0.3, …)", and what would fit."""
+        parts = ", ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items())
+        on_gpu = self.device != "cpu"
+        text = (f"needs ≈ {_gb(self.need)} of your {_gb(self.free)} free" if self.free is not None else
+                f"needs ≈ {_gb(self.need)} of {'GPU memory' if on_gpu else 'memory'}") + f" ({parts})"
+        if self.phase == "caching":
+            text += ", most while encoding the images"
+        if on_gpu:
+            text += f"; CPU memory ≈ {_gb(self.host)}"
+        if self.fits is False:
+            text += ". " + (("These would make it fit: " + "; ".join(
+                f"{c.label} (≈ {_gb(c.need)})" for c in self.changes)) if self.changes else
+                "No change of batch size, resolution or memory setting makes it fit this card")
+        return text
+
+    def to_dict(self) -> dict:
+        return {"message": self.message(), "fits": self.fits, "device": self.device, "need_bytes": self.need,
+                "free_bytes": self.free, "host_bytes": self.host, "parts_bytes": dict(self.parts),
+                "phase": self.phase, "changes": [dataclasses.asdict(c) for c in self.changes]}
+
+
+def _gb(size: int) -> str:
+    return f"{size / GB:.1f} GB"
+
+
+def refusal(est: Estimate, settings: TrainSettings) -> str | None:
+    """Why the run must not start (it needs more than the card has free), naming what to change; None to start.
+    Only where the free memory is known (a GPU); `ignore_memory_estimate` starts it anyway."""
+    if est.fits is not False or settings.ignore_memory_estimate:
+        return None
+    return (f"This run {est.message()}. It would run out of GPU memory: change the settings, or turn on "
+            "ignore_memory_estimate (Start anyway) to try it all the same.")
+
+
+def available_bytes(parts: ModelParts) -> int | None:
+    """What a run on this model may use of its GPU: what is free, what torch's allocator holds unused, and what
+    the model's own tensors take there now (the estimate counts them). None on a CPU host."""
+    device = _device(parts)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + unused + sum(_bytes_on(entries, device.type) for entries in _model_tensors(parts).values())
+
+
+def estimate(parts: ModelParts, settings: TrainSettings, device_free_bytes: int | None = None, *,
+             prepared: Prepared | None = None, suggest: bool = True) -> Estimate:
+    """The memory a run of `settings` on `parts` needs (see the module's doc); `device_free_bytes`: what the run may
+    use on its device (`available_bytes`), None when unknown. `prepared` (preflight's result) gives the dataset: its
+    largest bucket and its number of images and captions; without it, one square image at the resolution.
+    When it does not fit and `suggest`: the changes that would make it fit, each estimated the same way."""
+    est = _estimate(parts, settings, prepared)
+    est.free = device_free_bytes
+    if est.fits is False and suggest:
+        est.changes = _fitting_changes(parts, settings, prepared, device_free_bytes)
+    return est
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What the estimate takes from the dataset: the batch that needs most, the images and captions cached."""
+
+    bucket: tuple[int, int]
+    batch: int
+    images: int
+    latent_pixels: int  # the latents' pixels summed over the cached images (flipped copies included)
+    image_pixels: int  # the images' pixels summed (kept for colour augmentation)
+    captions: list[str]
+
+    @classmethod
+    def of(cls, settings: TrainSettings, prepared: Prepared | None) -> "_Data":
+        items = prepared.items if prepared else []
+        buckets = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
+                                    settings.bucket_max_side) if items else [(settings.resolution,) * 2] * settings.batch_size
+        counts = {b: buckets.count(b) for b in set(buckets)}
+        bucket = max(counts, key=lambda b: (min(counts[b], settings.batch_size) * b[0] * b[1], b))
+        copies = 2 if settings.flip_aug else 1
+        return cls(bucket, min(counts[bucket], settings.batch_size), len(buckets),
+                   copies * sum(w * h for w, h in buckets) // 64, sum(w * h for w, h in buckets),
+                   sorted({i.caption for i in items}) or [""])
+
+
+def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False) -> Estimate:
+    device = _device(parts)
+    data = _Data.of(settings, prepared)
+    run = _fake_run(parts, settings, data, device, fp8)
+    train_text = settings.text_encoder_lr > 0
+    per_step_text = settings.shuffle_tags or train_text
+    kept = device.type == torch.device(parts.offload_device).type  # nothing to move the VAE and text encoder to
+    model = _model_tensors(parts, fp8)
+    on_device = {"unet": True, "vae": kept or settings.color_aug, "text_encoder": kept or per_step_text,
+                 "other": True}
+    weights = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if stays)
+    moved = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if not stays)
+    state = int(optimizer_state_factor(settings) * 4 * run.trained)
+    latents = 4 * 4 * data.latent_pixels
+    cond = 0 if per_step_text else run.caption_bytes * len(data.captions)
+    pixels = 4 * 3 * data.image_pixels if settings.color_aug else 0
+    host_model = sum(_bytes_on(entries, "cpu") for entries in model.values()) if device.type != "cpu" else 0
+
+    training = {"model": weights, "network + optimizer": run.network + state, "cached images and captions":
+                latents + cond, "activations": run.step[device.type]}
+    caching = {"model": weights + moved, "network + optimizer": 0, "cached images and captions": latents + cond,
+               "activations": run.encoding[device.type]}
+    phase, peak = max(("training", training), ("caching", caching), key=lambda p: sum(p[1].values()))
+    host = host_model + (moved if phase == "training" else 0) + pixels + run.step["cpu"]
+    if device.type == "cpu":
+        peak = {**peak, "cached images and captions": peak["cached images and captions"] + pixels}
+        host = 0
+    return Estimate(str(device), sum(peak.values()), peak, host, phase=phase)
+
+
+def _device(parts: ModelParts) -> torch.device:
+    return next(parts.unet.parameters()).device
+
+
+def _model_tensors(parts: ModelParts, fp8: bool = False) -> dict[str, list[tuple[torch.device, int]]]:
+    """The model's tensors by part, each storage once: {part: [(device, bytes)]}. With `fp8`, the UNet's Linear
+    and Conv2d weights at one byte a number (the WebUI's FP8 weight option)."""
+    parts_of = {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder}
+    seen, found = set(), {}
+    for name, module in [*parts_of.items(), ("other", parts.root)]:
+        found[name] = []
+        if not isinstance(module, nn.Module):
+            continue
+        fp8_weights = {id(m.weight) for m in module.modules() if fp8 and name == "unet"
+                       and isinstance(m, (nn.Linear, nn.Conv2d))}
+        for t in [*module.parameters(), *module.buffers()]:
+            key = t.untyped_storage()._cdata
+            if key not in seen:
+                seen.add(key)
+                size = t.numel() if id(t) in fp8_weights else t.untyped_storage().nbytes()
+                found[name].append((t.device, size))
+    return found
+
+
+def _bytes_on(entries: list[tuple[torch.device, int]], device_type: str) -> int:
+    return sum(size for device, size in entries if device.type == device_type)
+
+
+# ------------------------------------------------------------------------------- the run on fake tensors
+
+@dataclass
+class _Run:
+    network: int  # bytes of the network's tensors
+    trained: int  # its trained parameters (numbers)
+    caption_bytes: int  # one cached caption's conditioning
+    step: dict[str, int]  # the step's peak by device type
+    encoding: dict[str, int]  # one image's caching pass's peak by device type
+
+
+class _Holder(nn.Module):
+    """The model's modules under one module, to stand fakes in for all their tensors in one functional_call."""
+
+    def __init__(self, modules: list[nn.Module], run):
+        super().__init__()
+        self.held = nn.ModuleList(modules)
+        self.run = run
+
+    def forward(self):
+        return self.run()
+
+
+def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fp8: bool) -> _Run:
+    modules = [m for m in (parts.root, parts.unet, parts.vae, parts.text_encoder) if isinstance(m, nn.Module)]
+    inside = {id(sub) for m in modules for sub in list(m.modules())[1:]}
+    tops = list({id(m): m for m in modules if id(m) not in inside}.values())
+    fake = compat.fake_mode()
+    holder = _Holder(tops, lambda: _run(parts, settings, data, device, fake))
+    fp8_weights = {id(m.weight) for m in parts.unet.modules() if fp8 and isinstance(m, (nn.Linear, nn.Conv2d))}
+    fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
+    named = [*holder.named_parameters(), *holder.named_buffers()]
+    with fake:
+        fakes = {name: torch.empty_strided(t.shape, t.stride(), device=t.device,
+                                           dtype=fp8_dtype if id(t) in fp8_weights else t.dtype)
+                 for name, t in named}
+    with fake:
+        return torch.func.functional_call(holder, fakes, (), tie_weights=False)
+
+
+def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fake) -> _Run:
+    """Inside the functional call: the model's tensors are fakes. The run's setup as lohatrain.trainer makes it,
+    one image's caching pass and one training step, each tracked."""
+    train_text = settings.text_encoder_lr > 0
+    clip_skip = settings.effective_clip_skip if parts.applies_clip_skip else None
+    with ExitStack() as stack:
+        guard, autocast = trainer._hold(stack, parts, settings, train_text, device)
+        width, height = data.bucket
+        encoding = Tracker(fake)
+        if not parts.managed:  # a host that moves the parts itself would load the VAE to encode
+            pixels = torch.empty(1, 3, height, width)
+            with encoding, torch.no_grad(), autocast():
+                encode(parts, pixels, device, 0)
+        network = trainer._network(parts, settings, 0, train_text, device)
+        network.attach()
+        stack.callback(network.detach)
+        stack.enter_context(parts.unet_training())
+        if settings.gradient_checkpointing:
+            loop.checkpoint_blocks(parts.unet)
+        cond = _conditioning_like(parts, device)
+        caption = max(data.captions, key=len)
+        sizes = (height, width, 0, 0, height, width)
+        latent = torch.empty(1, 4, height // 8, width // 8, device=device)
+        samples = {i: Sample(ds.ImageItem(Path(f"{i}.png"), caption, width, height), data.bucket,
+                             torch.empty(3, height, width) if settings.color_aug else None, latent, latent, sizes,
+                             sizes)
+                   for i in range(data.batch)}
+        per_step_text = settings.shuffle_tags or train_text
+        cache = Cache(samples, [caption] * data.batch, {caption: cond}, per_step_text)
+        encode_prompts = parts.prompt_encoder(clip_skip)
+        if parts.managed:  # its text path would load the text encoder: the cached conditioning stands in
+            encode_prompts = lambda captions: cond if len(captions) == 1 else _repeat(cond, len(captions))  # noqa: E731
+        optimizer = _NoUpdate(network.parameters())
+        state = loop.LoopState(network, optimizer,
+                               torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
+                               compat.grad_scaler(device.type, enabled=False),
+                               ds.BucketBatchSampler([data.bucket] * data.batch, data.batch,
+                                                     torch.Generator().manual_seed(0)),
+                               torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
+        setup = loop.Setup(parts, loop.Prediction(network, parts.predict), cache, settings, encode_prompts,
+                           train_text, loop.training_alphas_cumprod(parts.alphas_cumprod,
+                                                                    settings.zero_terminal_snr).to(device),
+                           device, autocast, ALONE)
+        step = Tracker(fake)
+        with step:
+            loop.step(setup, state)
+        tensors = [*network.parameters(), *network.buffers()]
+        return _Run(sum(t.numel() * t.element_size() for t in tensors),
+                    sum(p.numel() for p in network.parameters() if p.requires_grad),
+                    sum(t.numel() * 4 for t in _leaves(cond)), step.peak, encoding.peak)
+
+
+class _NoUpdate(torch.optim.Optimizer):
+    """The step's optimizer: its state is counted from OPTIMIZER_STATE, and an optimizer of another kind (8-bit)
+    cannot run on fakes; its update (in place, a few small temporaries) is left out."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):
+        return None
+
+
+def _conditioning_like(parts: ModelParts, device: torch.device):
+    """One caption's cached conditioning, float32, of the shapes the UNet takes: its cross-attention width
+    (SDXL: and the pooled vector its label embedding takes); one 77-token chunk."""
+    width = next(m.in_features for name, m in parts.unet.named_modules() if name.endswith("attn2.to_k"))
+    crossattn = torch.empty(1, CHUNK_TOKENS, width, device=device)
+    if parts.family.name != "sdxl":
+        return crossattn
+    vector = next(m.in_features for m in parts.unet.label_emb.modules() if isinstance(m, nn.Linear))
+    return {"crossattn": crossattn, "vector": torch.empty(1, vector, device=device)}
+
+
+def _repeat(cond, n: int):
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()} if isinstance(cond, dict) else (
+        cond.expand(n, *cond.shape[1:]))
+
+
+# ------------------------------------------------------------------------------------ what would fit
+
+def _fitting_changes(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None,
+                     free: int) -> list[Change]:
+    """Each change of one setting that alone makes the run fit (for batch size and resolution: the largest that
+    fits), each estimated on fakes; when none does, all the memory settings together."""
+    def need(changes: dict, fp8: bool = False) -> int:
+        return _estimate(parts, dataclasses.replace(settings, **changes), prepared, fp8).need
+
+    toggles = []  # (label, settings, fp8)
+    if not settings.gradient_checkpointing:
+        toggles.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}, False))
+    if settings.text_encoder_lr > 0:
+        toggles.append(("train the UNet only (text_encoder_lr 0)", {"text_encoder_lr": 0.0}, False))
+    elif settings.shuffle_tags:
+        toggles.append(("turn off shuffle_tags (captions are then encoded once, before the first step)",
+                        {"shuffle_tags": False}, False))
+    eight_bit = [name for name in OPTIMIZER_STATE if "8bit" in name]
+    if eight_bit and "optimizer" in {f.name for f in dataclasses.fields(settings)} and \
+            getattr(settings, "optimizer") not in eight_bit:
+        toggles.append((f"the 8-bit optimizer ({eight_bit[0]})", {"optimizer": eight_bit[0]}, False))
+    fp8_possible = (compat.FP8_DTYPES and _device(parts).type == "cuda" and settings.train_dtype != "fp32"
+                    and not {p.dtype for p in parts.unet.parameters()} & compat.FP8_DTYPES)
+    if fp8_possible:
+        toggles.append(("store the weights in FP8 (the WebUI's Settings → Optimizations → FP8 weight)", {}, True))
+    changes = []
+    for label, change, fp8 in toggles:
+        size = need(change, fp8)
+        if size <= free:
+            changes.append(Change(label, change, size))
+    batches = [settings.batch_size >> k for k in range(1, settings.batch_size.bit_length())]
+    for key, values in (("batch_size", batches), ("resolution", _lower_resolutions(settings.resolution))):
+        for value in values:
+            change = {key: value} if key == "batch_size" else {key: value, **_buckets_for(settings, value)}
+            size = need(change)
+            if size <= free:
+                changes.append(Change(f"{key.replace('_', ' ')} {value}", change, size))
+                break
+    if not changes and toggles:
+        together = {k: v for _, change, _ in toggles for k, v in change.items()}
+        fp8 = any(f for *_, f in toggles)
+        size = need(together, fp8)
+        if size <= free:
+            changes.append(Change("all of: " + "; ".join(label for label, *_ in toggles), together, size))
+    return changes
+
+
+def _lower_resolutions(resolution: int) -> list[int]:
+    """Down to half the resolution in four steps of 64 px multiples, largest first."""
+    lower = {resolution * eighths // 8 // 64 * 64 for eighths in (7, 6, 5, 4)}
+    return sorted((r for r in lower if 64 <= r < resolution), reverse=True)
+
+
+def _buckets_for(settings: TrainSettings, resolution: int) -> dict:
+    """The bucket sides that go with a lower resolution (they may not exceed it)."""
+    return {"bucket_min_side": min(settings.bucket_min_side, resolution),
+            "bucket_max_side": max(min(settings.bucket_max_side, resolution * 2), resolution)}
