@@ -6,6 +6,7 @@
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
+    python -m lohatrain train --checkpoint MODEL.safetensors --config run.json --estimate   (the memory it needs)
     python -m lohatrain train --demo --resume out/demo-loha.lohatrain-state   (go on where a run stopped)
     torchrun --nproc-per-node 2 -m lohatrain train --demo --output-dir out   (data-parallel, README)
 
@@ -29,10 +30,12 @@ from pathlib import Path
 
 import torch
 
+from . import memory
 from .cli_settings import add_setting_options, given_settings, merge
 from .distributed import Ranks, join_torchrun, leave
 from .errors import LohatrainError
 from .output import STATE_SUFFIX
+from .preflight import preflight
 from .run_state import SavedRun, read_state
 from .settings import TrainSettings, read_settings_file
 from .families import ldm_parts
@@ -96,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="go on with a stopped run: its .lohatrain-state, or any .safetensors it saved (the run "
                             "goes on from its state's step, with its own settings; --output-dir and --steps may "
                             "move or extend it)")
+    model.add_argument("--estimate", action="store_true",
+                       help="print the memory the run needs on this device (and, when it does not fit the GPU, what "
+                            "would) and exit without training")
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
@@ -128,6 +134,11 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         else:
             model, settings, model_name, model_hash = _demo_run(args, resume, parser, ranks)
         parts = dataclasses.replace(ldm_parts(model), name=model_name, hash=model_hash)
+        if args.estimate:
+            prepared = preflight(parts, settings, resuming=resume is not None)
+            print(memory.estimate(parts, prepared.settings, memory.available_bytes(parts),
+                                  prepared=prepared).message(), flush=True)
+            return 0
         result = train(parts, settings, Hooks(progress=report), resume=resume, resume_anyway=args.resume_anyway,
                        ranks=ranks)
     except LohatrainError as e:
@@ -180,6 +191,8 @@ def _checkpoint_run(args, resume: SavedRun | None):
     print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
     model, source = load_model(checkpoint, settings.train_dtype, device)
     print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
+    if args.estimate:  # no file is written: no hash to record
+        return model, settings, path.name, ""
     print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
     return model, settings, path.name, file_sha256(path)
 

@@ -189,7 +189,7 @@ class Estimate:
 
     def message(self) -> str:
         """"needs ≈ 6.9 GB of your 8.0 GB free (model 3.4, network + optimizer 0.3, …)", and what would fit."""
-        parts = ", ".join(f"{name} {size / GB:.1f}" for name, size in self.parts.items())
+        parts = ", ".join(f"{name} {_figure(size)}" for name, size in self.parts.items())
         on_gpu = self.device != "cpu"
         text = (f"needs ≈ {_gb(self.need)} of your {_gb(self.free)} free" if self.free is not None else
                 f"needs ≈ {_gb(self.need)} of {'GPU memory' if on_gpu else 'memory'}") + f" ({parts})"
@@ -209,8 +209,13 @@ class Estimate:
                 "phase": self.phase, "changes": [dataclasses.asdict(c) for c in self.changes]}
 
 
+def _figure(size: int) -> str:
+    """GB with one decimal; two below 1 GB (the tiny models)."""
+    return f"{size / GB:.1f}" if size >= GB else f"{size / GB:.2f}"
+
+
 def _gb(size: int) -> str:
-    return f"{size / GB:.1f} GB"
+    return f"{_figure(size)} GB"
 
 
 def refusal(est: Estimate, settings: TrainSettings) -> str | None:
@@ -377,7 +382,7 @@ def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.
         guard, autocast = trainer._hold(stack, parts, settings, train_text, device)
         width, height = data.bucket
         encoding = Tracker(fake)
-        if not parts.managed:  # a host that moves the parts itself would load the VAE to encode
+        if parts.vae is not None and not parts.managed:  # a host that moves the parts would load the VAE itself
             pixels = torch.empty(1, 3, height, width)
             with encoding, torch.no_grad(), autocast():
                 encode(parts, pixels, device, 0)
@@ -397,9 +402,11 @@ def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.
                    for i in range(data.batch)}
         per_step_text = settings.shuffle_tags or train_text
         cache = Cache(samples, [caption] * data.batch, {caption: cond}, per_step_text)
-        encode_prompts = parts.prompt_encoder(clip_skip)
-        if parts.managed:  # its text path would load the text encoder: the cached conditioning stands in
-            encode_prompts = lambda captions: cond if len(captions) == 1 else _repeat(cond, len(captions))  # noqa: E731
+        encode_prompts = None
+        if per_step_text and parts.managed:  # its text path would load the text encoder: the conditioning stands in
+            encode_prompts = lambda captions: _repeat(cond, len(captions))  # noqa: E731
+        elif per_step_text:
+            encode_prompts = parts.prompt_encoder(clip_skip)
         optimizer = _NoUpdate(network.parameters())
         state = loop.LoopState(network, optimizer,
                                torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .. import captions, grid, hosts
+from .. import captions, grid, hosts, memory
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -85,7 +85,8 @@ def check_dataset_path(folder: str, via: str) -> None:
 
 def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prepared:
     """Everything that can refuse a run before it starts, once per click: the path rule, the host's memory options,
-    the preview sampler, then the engine's own preflight on the loaded model. The file goes into the host's Lora
+    the preview sampler, then the engine's own preflight on the loaded model and, on a GPU, the memory estimate (a run
+    that does not fit is refused, naming what would, unless `ignore_memory_estimate`). The file goes into the host's Lora
     folder, and the run's CLIP skip is the host's setting when it sets none, so the file says what was used. A host that loads its model lazily (Forge) has the
     model's own checks made when the run loads it."""
     host = hosts.current()
@@ -97,7 +98,36 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
                                    clip_skip=host.clip_skip() if settings.clip_skip is None else settings.clip_skip)
     if not host.is_loaded():
         return prepare(settings, resuming)
-    return engine_preflight(host.parts(), settings, resuming)
+    parts = host.parts()
+    prepared = engine_preflight(parts, settings, resuming)
+    # A resumed run ran on this card before with these settings, which it keeps: it is not refused.
+    if not resuming and not settings.ignore_memory_estimate and memory.available_bytes(parts) is not None:
+        problem = memory.refusal(_estimate(host, prepared), prepared.settings)
+        if problem:
+            raise LohatrainError(problem)
+    return prepared
+
+
+def _estimate(host, prepared: Prepared) -> memory.Estimate:
+    """The estimate runs the model's own code with fakes in its weights' places: under the GPU queue, so that no
+    generation uses the model meanwhile, and not while a training holds it (that would wait for its end)."""
+    from . import runner
+
+    runner().check_idle()
+    with host.gpu_queue():
+        parts = host.parts()
+        return memory.estimate(parts, prepared.settings, memory.available_bytes(parts), prepared=prepared)
+
+
+def memory_estimate(settings: TrainSettings, via: str) -> memory.Estimate:
+    """What the tab shows beside Train and POST /preflight answers: the click's own checks (a problem raises, as
+    Train would), then the memory the run needs on the loaded model and this card (lohatrain.memory), with the
+    changes that would make it fit when it does not. The message: `est.message()`; its parts: `est.parts`."""
+    host = hosts.current()
+    if not host.is_loaded():
+        raise LohatrainError("no model is loaded yet, so there is nothing to estimate: generate an image (or "
+                             "start the run) to load it")
+    return _estimate(host, preflight(dataclasses.replace(settings, ignore_memory_estimate=True), via))
 
 
 def run_training(job: Job) -> TrainResult:

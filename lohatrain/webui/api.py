@@ -4,6 +4,12 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               defaults) → {"job_id"}; 409 busy; 422 every bad value, each naming its field.
                               Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
+POST /lohatrain/v1/preflight  body: as /train → what Train checks, without starting: 422 with every problem, or
+                              the memory estimate (lohatrain.memory): {"message" ("needs ≈ 6.9 GB of your 8.0 GB
+                              free (model 3.4, …)"), "fits" (null without a GPU), "need_bytes", "free_bytes",
+                              "host_bytes", "parts_bytes", "phase", "changes" [{label, settings, need}] (what would
+                              fit, when it does not), "refusal" (why Train would refuse it, or null)}. Train refuses a
+                              run that does not fit the GPU unless "ignore_memory_estimate": true
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
                               "batch_size"} → the dataset doctor's report: images, problems [{file, kind,
@@ -33,7 +39,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .. import doctor
+from .. import doctor, memory
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
 from .. import hosts
@@ -69,6 +75,13 @@ def _logged_in(app, request: Request) -> bool:
     return token is not None and token in tokens
 
 
+def _settings_of(body: dict) -> TrainSettings:
+    """A run's settings from a request: what it leaves out, the loaded model family's and the device's defaults."""
+    host = hosts.current()
+    return TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
+                                   family=actions.loaded_family())
+
+
 def register(app: FastAPI, runner: JobRunner) -> None:
     route = dict(dependencies=[Depends(caller_guard(app))])
 
@@ -79,10 +92,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
             if "resume" in body:
                 job_id = _resume(body)
             else:
-                host = hosts.current()
-                settings = TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
-                                                   family=actions.loaded_family())
-                job_id = runner.start(actions.preflight(settings, via="api"), via="api")
+                job_id = runner.start(actions.preflight(_settings_of(body), via="api"), via="api")
         except SettingsError as e:
             return JSONResponse({"detail": e.problems}, status_code=422)
         except Busy as e:
@@ -90,6 +100,18 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         except LohatrainError as e:
             return JSONResponse({"detail": [str(e)]}, status_code=422)
         return {"job_id": job_id, "state": "running"}
+
+    def check_run(body=Body(...)):
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
+        try:
+            settings = _settings_of(body)
+            est = actions.memory_estimate(settings, via="api")
+        except SettingsError as e:
+            return JSONResponse({"detail": e.problems}, status_code=422)
+        except LohatrainError as e:
+            return JSONResponse({"detail": [str(e)]}, status_code=422)
+        return {**est.to_dict(), "refusal": memory.refusal(est, settings)}
 
     def _resume(body: dict) -> str:
         problems = [f"a resumed run keeps its own settings: {k!r} cannot be given with resume"
@@ -172,6 +194,7 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         return FileResponse(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     app.add_api_route(f"{PREFIX}/train", start, methods=["POST"], **route)
+    app.add_api_route(f"{PREFIX}/preflight", check_run, methods=["POST"], **route)
     app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/runs", runs, methods=["GET"], **route)
     app.add_api_route(f"{PREFIX}/dataset/check", check_dataset, methods=["POST"], **route)
