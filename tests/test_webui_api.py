@@ -202,6 +202,51 @@ def test_presets_route(webui_server):
     assert presets["highest"]["dim"] == 32 and presets["small"]["file_mb"] < presets["highest"]["file_mb"]
 
 
+# An estimate runs the model's step on fake tensors: seconds, or minutes on a loaded 2-core machine, and more
+# when it also estimates the changes that would fit (a bound, not a timing).
+ESTIMATE_S = 900
+
+
+def test_the_preflight_route_answers_the_memory_estimate_or_the_problems(webui_server):
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "estimated"), timeout=ESTIMATE_S)
+    assert r.status_code == 200
+    est = r.json()
+    assert est["message"].startswith("needs ≈") and "GB of memory (model" in est["message"]
+    assert est["need_bytes"] == sum(est["parts_bytes"].values()) > 0
+    assert est["device"] == "cpu" and est["fits"] is None and est["refusal"] is None  # no GPU: reported only
+    r = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "estimated", steps=0, dataset_dir=""),
+                   timeout=ESTIMATE_S)
+    assert r.status_code == 422 and [p.split()[0] for p in r.json()["detail"]] == ["dataset_dir:", "steps"]
+    assert not (ui.lora_dir / "estimated.safetensors").exists()
+
+
+def test_a_run_that_does_not_fit_the_gpu_is_refused_unless_the_user_insists(webui_server, monkeypatch):
+    """The card's free memory is the one thing this CPU machine lacks: it is set between what the run needs with
+    and without gradient checkpointing."""
+    from lohatrain import memory
+
+    ui = webui_server
+    needs = [httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(
+        ui, "too-big", gradient_checkpointing=checkpointing), timeout=ESTIMATE_S).json()["need_bytes"] for checkpointing in (True, False)]
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: sum(needs) // 2)
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big"), timeout=ESTIMATE_S)
+    assert r.status_code == 422
+    refusal = r.json()["detail"][0]
+    assert "turn on gradient checkpointing" in refusal and "ignore_memory_estimate" in refusal
+    assert not (ui.lora_dir / "too-big.safetensors").exists()
+    est = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "too-big"), timeout=ESTIMATE_S).json()
+    assert est["fits"] is False and est["refusal"] == refusal
+    assert {"label": "turn on gradient checkpointing", "settings": {"gradient_checkpointing": True},
+            "need": needs[0]} in est["changes"]
+
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big", ignore_memory_estimate=True),
+                   timeout=ESTIMATE_S)
+    assert r.status_code == 200
+    assert wait_until(ui, finished)["state"] == "done"
+    assert (ui.lora_dir / "too-big.safetensors").is_file()
+
+
 @pytest.mark.parametrize("flag", ["lowvram", "medvram"])
 def test_low_memory_modes_are_refused_with_the_reason(webui_server, monkeypatch, flag):
     monkeypatch.setattr(shared.cmd_opts, flag, True)
