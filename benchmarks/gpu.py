@@ -33,6 +33,9 @@ ones between two `torch.cuda.synchronize()`. Cells not started within `--max-min
 - it/s: timed steps / their seconds (a step is one batch: 4 images for sd15, 1 for sdxl);
 - peak GB: `torch.cuda.max_memory_allocated` over the cell, stats reset before it: the fp16 UNet, the
   network with its gradients and AdamW state, the activations. Not CUDA's context or the allocator's cache;
+- est GB: lohatrain's memory estimate of the same peak (`lohatrain.memory.estimate`, what the tab and
+  `--estimate` show before a run), made before the cell on fake tensors: beside peak GB, the check that it
+  holds on a GPU (a deterministic cell takes its twin's; `--no-estimate` leaves it out);
 - TFLOP/step: the counted FLOPs of one step as it runs (matmuls, convolutions and attention, forward and
   backward; checkpointing's recomputation and lycoris' second op included: the work the card does);
 - of peak: TFLOP/step x it/s / the card's dense fp16 tensor peak.
@@ -48,7 +51,8 @@ unknown card gets "n/a" unless --peak-tflops gives its figure.
 
 --tiny: the demo models' UNets (lohatrain.demo's SD1, demo_sdxl.TINY_SDXL), 64 px, on the CPU in fp32 (CPU
 torch 2.1 cannot train in fp16), each type's "small" preset, 5 cells that take every path, 2 steps each. Its
-figures only show that every path runs; peak GB is not measured on the CPU (null in the JSON).
+figures only show that every path runs; peak GB is not measured on the CPU (null in the JSON); est GB is the
+estimate for training on the CPU.
 """
 from __future__ import annotations
 
@@ -85,7 +89,7 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lohatrain import compat, loop, trainer  # noqa: E402
+from lohatrain import compat, loop, memory, trainer  # noqa: E402
 from lohatrain.cache import Cache, Sample  # noqa: E402
 from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
@@ -311,9 +315,7 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: Cache, device
                          ds.BucketBatchSampler([s.bucket for s in cache.samples.values()], settings.batch_size,
                                                torch.Generator().manual_seed(0)),
                          torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
-        parts = ModelParts(family, unet, None, None, partial(family.predict, model), None, None,
-                           family.alphas_cumprod(model), False, list, False,
-                           condition_on_images=partial(family.condition_on_images, model))
+        parts = bare_parts(spec, model)
         setup = loop.Setup(parts, loop.Prediction(network, parts.predict), cache, settings, None, False,
                            loop.training_alphas_cumprod(parts.alphas_cumprod).to(device), device, autocast, ALONE)
         step = partial(loop.step, setup, state)
@@ -331,21 +333,45 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: Cache, device
     return {"it_per_s": steps / seconds, **({"step_tflop": counter.get_total_flops() / 1e12} if count else {})}
 
 
+def bare_parts(spec: ModelSpec, model: BareModel) -> ModelParts:
+    """What the engine sees of the bare model: its UNet, prediction, schedule and size conditioning."""
+    family = spec.family
+    return ModelParts(family, family.unet(model), None, None, partial(family.predict, model), None, None,
+                      family.alphas_cumprod(model), False, list, False,
+                      condition_on_images=partial(family.condition_on_images, model))
+
+
+def estimate_cell(cell: Cell, spec: ModelSpec, model: BareModel) -> float:
+    """lohatrain.memory's estimate of the cell's peak, in GB (1e9 bytes, as peak GB): the weights, the network and
+    AdamW's state, the cached batch, and the step run on fake tensors (lohatrain's estimate before a run)."""
+    unet = spec.family.unet(model)
+    settings = cell_settings(cell, spec, "fp16" if next(unet.parameters()).dtype == torch.float16 else "fp32")
+    with forward_style(cell.forward == "lycoris"):
+        return memory.estimate(bare_parts(spec, model), settings, suggest=False).need / 1e9
+
+
 def blank_row(cell: Cell, spec: ModelSpec, status: str) -> dict:
     return {**dataclasses.asdict(cell), "network": cell.network, "resolution": spec.resolution, "batch": spec.batch,
-            "status": status, "error": None, "it_per_s": None, "peak_vram_gb": None, "step_tflop": None,
-            "achieved_tflops": None, "peak_share": None, "cell_seconds": None}
+            "status": status, "error": None, "it_per_s": None, "peak_vram_gb": None, "estimate_gb": None,
+            "step_tflop": None, "achieved_tflops": None, "peak_share": None, "cell_seconds": None}
 
 
 def measure(cell: Cell, spec: ModelSpec, model, cache, device, steps: int, warmup: int, peak: float | None,
-            flops: dict) -> dict:
+            flops: dict, estimates: dict | None) -> dict:
     """One row: the cell's figures, or its OOM / error, with the memory it held freed either way. `flops`
     holds the TFLOP/step counted so far: a deterministic cell does the same maths as its twin without, so the
-    twin's count serves (counting costs seconds of Python per step)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    twin's count serves (counting costs seconds of Python per step); `estimates` the same for the memory
+    estimate (made before the cell, on fake tensors: it allocates nothing), or None to make none."""
     row = blank_row(cell, spec, "ok")
     twin = dataclasses.replace(cell, deterministic=False)
+    if estimates is not None:
+        try:
+            row["estimate_gb"] = estimates[twin] if twin in estimates else estimates.setdefault(
+                twin, estimate_cell(cell, spec, model))
+        except Exception:  # noqa: BLE001 — the estimate's failure is reported; the cell is still measured
+            traceback.print_exc()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         row.update(run_cell(cell, spec, model, cache, device, steps, warmup, count=twin not in flops))
         row["step_tflop"] = flops.setdefault(twin, row["step_tflop"])
@@ -373,7 +399,7 @@ def lookup_peak(device_name: str) -> tuple[float, str] | None:
 # ----------------------------------------------------------------------------------------------- the table
 
 COLUMNS = (("model", 9), ("network", 10), ("ckpt", 4), ("forward", 7), ("determ", 6), ("it/s", 7),
-           ("peak GB", 7), ("TFLOP/step", 10), ("TFLOPS", 7), ("of peak", 7))
+           ("peak GB", 7), ("est GB", 6), ("TFLOP/step", 10), ("TFLOPS", 7), ("of peak", 7))
 
 
 def _fmt(value, spec: str) -> str:
@@ -391,16 +417,16 @@ def table(rows: list[dict]) -> str:
         share = "n/a" if r["status"] == "ok" and r["peak_share"] is None else _fmt(r["peak_share"], ".1%")
         lines.append(line([r["model"], r["network"], "on" if r["checkpointing"] else "off", r["forward"],
                            "on" if r["deterministic"] else "off", speed, _fmt(r["peak_vram_gb"], ".2f"),
-                           _fmt(r["step_tflop"], ".3g"), _fmt(r["achieved_tflops"], ".3g"), share]))
+                           _fmt(r["estimate_gb"], ".2f"), _fmt(r["step_tflop"], ".3g"), _fmt(r["achieved_tflops"], ".3g"), share]))
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ main
 
 def run_matrix(cells: list[Cell], specs: dict, device: torch.device, weights: torch.dtype, steps: int, warmup: int,
-               peak: float | None, deadline: float) -> list[dict]:
+               peak: float | None, deadline: float, estimate: bool = True) -> list[dict]:
     """Every cell, model by model (each built once), in order; a cell not started by `deadline` is skipped."""
-    rows, flops, started = [], {}, time.perf_counter()
+    rows, flops, estimates, started = [], {}, {} if estimate else None, time.perf_counter()
     for model_name in dict.fromkeys(c.model for c in cells):
         spec = specs[model_name]
         model, cond = build_model(spec, device, weights)
@@ -411,11 +437,12 @@ def run_matrix(cells: list[Cell], specs: dict, device: torch.device, weights: to
                 rows.append(blank_row(cell, spec, "skipped"))
                 continue
             cell_started = time.perf_counter()
-            rows.append(measure(cell, spec, model, cache, device, steps, warmup, peak, flops))
+            rows.append(measure(cell, spec, model, cache, device, steps, warmup, peak, flops, estimates))
             r = rows[-1]
             r["cell_seconds"] = round(time.perf_counter() - cell_started, 1)
             print(f"[{len(rows)}/{len(cells)}] {cell.model} {cell.network} ckpt={cell.checkpointing} {cell.forward} "
-                  f"det={cell.deterministic}: {r['status']} {_fmt(r['it_per_s'], '.2f')} it/s "
+                  f"det={cell.deterministic}: {r['status']} {_fmt(r['it_per_s'], '.2f')} it/s, peak "
+                  f"{_fmt(r['peak_vram_gb'], '.2f')} GB, estimate {_fmt(r['estimate_gb'], '.2f')} GB "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         del model, cond, cache
         free_memory(device)
@@ -437,6 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="sd15,sdxl", help="full-size models to run (default sd15,sdxl)")
     parser.add_argument("--steps", type=int, help="timed steps per cell (default 6; --tiny 1)")
     parser.add_argument("--warmup", type=int, help="untimed steps after the first one (default 2; --tiny 0)")
+    parser.add_argument("--no-estimate", action="store_true",
+                        help="leave out lohatrain's memory estimate of each cell (seconds of CPU each)")
     parser.add_argument("--max-minutes", type=float, default=7.0,
                         help="cells not started by then are skipped (default 7)")
     args = parser.parse_args(argv)
@@ -462,7 +491,8 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     with webui_runtime():
-        rows = run_matrix(cells, specs, device, weights, steps, warmup, peak, started + 60 * args.max_minutes)
+        rows = run_matrix(cells, specs, device, weights, steps, warmup, peak, started + 60 * args.max_minutes,
+                          estimate=not args.no_estimate)
 
     result = {
         "tiny": args.tiny, "device": name, "torch": torch.__version__,
@@ -472,6 +502,7 @@ def main(argv=None) -> int:
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "peak_vram": "torch.cuda.max_memory_allocated per cell" if device.type == "cuda" else
                      "not measured on the CPU (null)",
+        "estimate": "lohatrain.memory.estimate per cell, made before it (GB of 1e9 bytes, as peak_vram_gb)",
         "steps": steps, "warmup_steps": warmup, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }
     print(f"device: {name}; torch {torch.__version__}; lycoris-lora {result['lycoris_lora']}; weights "

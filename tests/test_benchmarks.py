@@ -25,7 +25,7 @@ def test_tiny_dry_run_measures_every_cell_of_its_matrix(tmp_path):
     out = tmp_path / "tiny.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
 
@@ -46,11 +46,13 @@ def test_tiny_dry_run_measures_every_cell_of_its_matrix(tmp_path):
         assert row["step_tflop"] > 0 and row["achieved_tflops"] > 0
         # the CPU has no max_memory_allocated and no known fp16 peak: both are reported as absent
         assert row["peak_vram_gb"] is None and row["peak_share"] is None
+        # lohatrain's memory estimate of every cell, beside the measured peak (on a GPU)
+        assert isinstance(row["estimate_gb"], float) and row["estimate_gb"] > 0
     assert result["tiny"] is True and result["peak_tflops"] is None
     # the table on stdout has one line per row, each with its network type and speed
     for row in result["rows"]:
         assert any(row["model"] in line and row["network"] in line and f"{row['it_per_s']:.2f}" in line
-                   for line in process.stdout.splitlines())
+                   and f"{row['estimate_gb']:.2f}" in line for line in process.stdout.splitlines())
 
 
 def test_peak_table_tells_apart_cards_whose_names_overlap():
