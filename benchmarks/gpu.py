@@ -417,7 +417,8 @@ def table(rows: list[dict]) -> str:
         share = "n/a" if r["status"] == "ok" and r["peak_share"] is None else _fmt(r["peak_share"], ".1%")
         lines.append(line([r["model"], r["network"], "on" if r["checkpointing"] else "off", r["forward"],
                            "on" if r["deterministic"] else "off", speed, _fmt(r["peak_vram_gb"], ".2f"),
-                           _fmt(r["estimate_gb"], ".2f"), _fmt(r["step_tflop"], ".3g"), _fmt(r["achieved_tflops"], ".3g"), share]))
+                           _fmt(r["estimate_gb"], ".2f"), _fmt(r["step_tflop"], ".3g"),
+                           _fmt(r["achieved_tflops"], ".3g"), share]))
     return "\n".join(lines)
 
 

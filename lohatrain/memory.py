@@ -242,7 +242,7 @@ def estimate(parts: ModelParts, settings: TrainSettings, device_free_bytes: int 
              prepared: Prepared | None = None, suggest: bool = True) -> Estimate:
     """The memory a run of `settings` on `parts` needs (see the module's doc); `device_free_bytes`: what the run may
     use on its device (`available_bytes`), None when unknown. `prepared` (preflight's result) gives the dataset: its
-    largest bucket and its number of images and captions; without it, one square image at the resolution.
+    largest batch and its images and captions; without it, one batch of square images at the resolution.
     When it does not fit and `suggest`: the changes that would make it fit, each estimated the same way."""
     est = _estimate(parts, settings, prepared)
     est.free = device_free_bytes
@@ -257,7 +257,6 @@ class _Data:
 
     bucket: tuple[int, int]
     batch: int
-    images: int
     latent_pixels: int  # the latents' pixels summed over the cached images (flipped copies included)
     image_pixels: int  # the images' pixels summed (kept for colour augmentation)
     captions: list[str]
@@ -265,14 +264,15 @@ class _Data:
     @classmethod
     def of(cls, settings: TrainSettings, prepared: Prepared | None) -> "_Data":
         items = prepared.items if prepared else []
-        buckets = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
-                                    settings.bucket_max_side) if items else [(settings.resolution,) * 2] * settings.batch_size
+        buckets = [(settings.resolution,) * 2] * settings.batch_size  # without a dataset: one square batch
+        if items:
+            buckets = ds.assign_buckets(items, settings.resolution, settings.bucketing, settings.bucket_min_side,
+                                        settings.bucket_max_side)
         counts = {b: buckets.count(b) for b in set(buckets)}
         bucket = max(counts, key=lambda b: (min(counts[b], settings.batch_size) * b[0] * b[1], b))
-        copies = 2 if settings.flip_aug else 1
-        return cls(bucket, min(counts[bucket], settings.batch_size), len(buckets),
-                   copies * sum(w * h for w, h in buckets) // 64, sum(w * h for w, h in buckets),
-                   sorted({i.caption for i in items}) or [""])
+        pixels = sum(w * h for w, h in buckets)
+        return cls(bucket, min(counts[bucket], settings.batch_size), (2 if settings.flip_aug else 1) * pixels // 64,
+                   pixels, sorted({i.caption for i in items}) or [""])
 
 
 def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False) -> Estimate:
@@ -379,7 +379,7 @@ def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.
     train_text = settings.text_encoder_lr > 0
     clip_skip = settings.effective_clip_skip if parts.applies_clip_skip else None
     with ExitStack() as stack:
-        guard, autocast = trainer._hold(stack, parts, settings, train_text, device)
+        _, autocast = trainer._hold(stack, parts, settings, train_text, device)
         width, height = data.bucket
         encoding = Tracker(fake)
         if parts.vae is not None and not parts.managed:  # a host that moves the parts would load the VAE itself
@@ -441,11 +441,11 @@ class _NoUpdate(torch.optim.Optimizer):
 def _conditioning_like(parts: ModelParts, device: torch.device):
     """One caption's cached conditioning, float32, of the shapes the UNet takes: its cross-attention width
     (SDXL: and the pooled vector its label embedding takes); one 77-token chunk."""
-    width = next(m.in_features for name, m in parts.unet.named_modules() if name.endswith("attn2.to_k"))
+    width = next(m.weight.shape[1] for name, m in parts.unet.named_modules() if name.endswith("attn2.to_k"))
     crossattn = torch.empty(1, CHUNK_TOKENS, width, device=device)
     if parts.family.name != "sdxl":
         return crossattn
-    vector = next(m.in_features for m in parts.unet.label_emb.modules() if isinstance(m, nn.Linear))
+    vector = next(m.weight.shape[1] for m in parts.unet.label_emb.modules() if isinstance(m, parts.linear_types))
     return {"crossattn": crossattn, "vector": torch.empty(1, vector, device=device)}
 
 

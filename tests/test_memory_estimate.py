@@ -8,7 +8,6 @@ import gc
 import json
 
 import pytest
-import torch
 
 from lohatrain import __main__ as cli
 from lohatrain import loop, memory

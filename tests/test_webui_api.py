@@ -227,8 +227,8 @@ def test_a_run_that_does_not_fit_the_gpu_is_refused_unless_the_user_insists(webu
     from lohatrain import memory
 
     ui = webui_server
-    needs = [httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(
-        ui, "too-big", gradient_checkpointing=checkpointing), timeout=ESTIMATE_S).json()["need_bytes"] for checkpointing in (True, False)]
+    needs = [httpx.post(f"{ui.url}/lohatrain/v1/preflight", timeout=ESTIMATE_S, json=run_body(
+        ui, "too-big", gradient_checkpointing=checkpointing)).json()["need_bytes"] for checkpointing in (True, False)]
     monkeypatch.setattr(memory, "available_bytes", lambda parts: sum(needs) // 2)
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big"), timeout=ESTIMATE_S)
     assert r.status_code == 422

@@ -7,7 +7,9 @@ import ctypes
 import dataclasses
 import gc
 import io
+import sys
 import threading
+import traceback
 from contextlib import contextmanager
 from hmac import compare_digest
 from pathlib import Path
@@ -85,10 +87,10 @@ def check_dataset_path(folder: str, via: str) -> None:
 
 def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prepared:
     """Everything that can refuse a run before it starts, once per click: the path rule, the host's memory options,
-    the preview sampler, then the engine's own preflight on the loaded model and, on a GPU, the memory estimate (a run
-    that does not fit is refused, naming what would, unless `ignore_memory_estimate`). The file goes into the host's Lora
-    folder, and the run's CLIP skip is the host's setting when it sets none, so the file says what was used. A host that loads its model lazily (Forge) has the
-    model's own checks made when the run loads it."""
+    the preview sampler, then the engine's own preflight on the loaded model and, on a GPU, the memory estimate (a
+    run that does not fit is refused, naming what would, unless `ignore_memory_estimate`). The file goes into the
+    host's Lora folder, and the run's CLIP skip is the host's setting when it sets none, so the file says what was
+    used. A host that loads its model lazily (Forge) has the model's own checks made when the run loads it."""
     host = hosts.current()
     check_dataset_path(settings.dataset_dir, via)
     host.check_memory_mode()
@@ -102,7 +104,15 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     prepared = engine_preflight(parts, settings, resuming)
     # A resumed run ran on this card before with these settings, which it keeps: it is not refused.
     if not resuming and not settings.ignore_memory_estimate and memory.available_bytes(parts) is not None:
-        problem = memory.refusal(_estimate(host, prepared), prepared.settings)
+        try:
+            est = _estimate(host, prepared)
+        except LohatrainError:
+            raise
+        except Exception:  # noqa: BLE001 — an estimate that fails must not stop a run it knows nothing about
+            traceback.print_exc()
+            print("lohatrain: the memory estimate failed (above); the run starts without it", file=sys.stderr)
+            return prepared
+        problem = memory.refusal(est, prepared.settings)
         if problem:
             raise LohatrainError(problem)
     return prepared
@@ -127,7 +137,14 @@ def memory_estimate(settings: TrainSettings, via: str) -> memory.Estimate:
     if not host.is_loaded():
         raise LohatrainError("no model is loaded yet, so there is nothing to estimate: generate an image (or "
                              "start the run) to load it")
-    return _estimate(host, preflight(dataclasses.replace(settings, ignore_memory_estimate=True), via))
+    prepared = preflight(dataclasses.replace(settings, ignore_memory_estimate=True), via)
+    try:
+        return _estimate(host, prepared)
+    except LohatrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 — said in the answer, with its reason
+        traceback.print_exc()
+        raise LohatrainError(f"the memory estimate failed on this model ({type(e).__name__}: {e})") from None
 
 
 def run_training(job: Job) -> TrainResult:
