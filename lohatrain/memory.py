@@ -278,11 +278,12 @@ class _Data:
 def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False) -> Estimate:
     device = _device(parts)
     data = _Data.of(settings, prepared)
-    run = _fake_run(parts, settings, data, device, fp8)
+    fp8_tensors = _fp8_tensors(parts) if fp8 else set()
+    run = _fake_run(parts, settings, data, device, fp8_tensors)
     train_text = settings.text_encoder_lr > 0
     per_step_text = settings.shuffle_tags or train_text
     kept = device.type == torch.device(parts.offload_device).type  # nothing to move the VAE and text encoder to
-    model = _model_tensors(parts, fp8)
+    model = _model_tensors(parts, fp8_tensors)
     on_device = {"unet": True, "vae": kept or settings.color_aug, "text_encoder": kept or per_step_text,
                  "other": True}
     weights = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if stays)
@@ -309,27 +310,37 @@ def _device(parts: ModelParts) -> torch.device:
     return next(parts.unet.parameters()).device
 
 
-def _model_tensors(parts: ModelParts, fp8: bool = False) -> dict[str, list[tuple[torch.device, int]]]:
-    """The model's tensors by part, each storage once: {part: [(device, bytes)]}. With `fp8`, the UNet's Linear
-    and Conv2d weights at one byte a number (the WebUI's FP8 weight option)."""
+_Entries = list[tuple[torch.device, int]]  # (device, bytes) of each tensor
+
+
+def _fp8_tensors(parts: ModelParts) -> set[int]:
+    """What the WebUI's FP8 weight option stores in float8 (one byte a number): the weights and biases of every
+    Linear and Conv2d outside the VAE (its load_model_weights)."""
+    vae = {id(m) for m in parts.vae.modules()} if isinstance(parts.vae, nn.Module) else set()
+    layers = (nn.Conv2d, *parts.linear_types)
+    return {id(t) for root in (parts.root, parts.unet, parts.text_encoder) if isinstance(root, nn.Module)
+            for m in root.modules() if id(m) not in vae and isinstance(m, layers) for t in m.parameters(False)}
+
+
+def _model_tensors(parts: ModelParts, fp8_tensors: set[int] = frozenset()) -> dict[str, _Entries]:
+    """The model's tensors by part, each storage once: {part: [(device, bytes)]}; those in `fp8_tensors` at one
+    byte a number."""
     parts_of = {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder}
     seen, found = set(), {}
     for name, module in [*parts_of.items(), ("other", parts.root)]:
         found[name] = []
         if not isinstance(module, nn.Module):
             continue
-        fp8_weights = {id(m.weight) for m in module.modules() if fp8 and name == "unet"
-                       and isinstance(m, (nn.Linear, nn.Conv2d))}
         for t in [*module.parameters(), *module.buffers()]:
             key = t.untyped_storage()._cdata
             if key not in seen:
                 seen.add(key)
-                size = t.numel() if id(t) in fp8_weights else t.untyped_storage().nbytes()
+                size = t.numel() if id(t) in fp8_tensors else t.untyped_storage().nbytes()
                 found[name].append((t.device, size))
     return found
 
 
-def _bytes_on(entries: list[tuple[torch.device, int]], device_type: str) -> int:
+def _bytes_on(entries: _Entries, device_type: str) -> int:
     return sum(size for device, size in entries if device.type == device_type)
 
 
@@ -356,18 +367,18 @@ class _Holder(nn.Module):
         return self.run()
 
 
-def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fp8: bool) -> _Run:
+def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device,
+              fp8_tensors: set[int]) -> _Run:
     modules = [m for m in (parts.root, parts.unet, parts.vae, parts.text_encoder) if isinstance(m, nn.Module)]
     inside = {id(sub) for m in modules for sub in list(m.modules())[1:]}
     tops = list({id(m): m for m in modules if id(m) not in inside}.values())
     fake = compat.fake_mode()
     holder = _Holder(tops, lambda: _run(parts, settings, data, device, fake))
-    fp8_weights = {id(m.weight) for m in parts.unet.modules() if fp8 and isinstance(m, (nn.Linear, nn.Conv2d))}
     fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
     named = [*holder.named_parameters(), *holder.named_buffers()]
     with fake:
         fakes = {name: torch.empty_strided(t.shape, t.stride(), device=t.device,
-                                           dtype=fp8_dtype if id(t) in fp8_weights else t.dtype)
+                                           dtype=fp8_dtype if id(t) in fp8_tensors else t.dtype)
                  for name, t in named}
     with fake:
         return torch.func.functional_call(holder, fakes, (), tie_weights=False)

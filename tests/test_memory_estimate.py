@@ -3,6 +3,7 @@ parts, the same step, the same tracker; a run that does not fit is refused namin
 is loaded, copied or moved to decide."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -10,7 +11,7 @@ import json
 import pytest
 
 from lohatrain import __main__ as cli
-from lohatrain import loop, memory
+from lohatrain import compat, loop, memory
 from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.families import ldm_parts
 from lohatrain.preflight import preflight
@@ -18,6 +19,7 @@ from lohatrain.settings import TrainSettings
 from lohatrain.trainer import train
 
 from test_engine import model_state
+from test_precision import hold_like_the_webui
 
 
 def settings_for(dataset, out, family: str = "sd1", **overrides) -> TrainSettings:
@@ -121,6 +123,22 @@ def test_a_run_that_does_not_fit_is_refused_naming_what_would_fit(tiny_model, sa
     assert memory.refusal(est, dataclasses.replace(heavy, ignore_memory_estimate=True)) is None
     assert memory.refusal(unfit, heavy) is None  # free memory unknown (a CPU host): reported, never refused
     assert memory.refusal(memory.estimate(parts, heavy, unfit.need, prepared=prepared), heavy) is None
+
+
+@pytest.mark.skipif(not compat.FP8_DTYPES, reason="this torch has no float8 dtypes")
+def test_the_fp8_change_is_the_estimate_of_the_model_held_in_fp8(tiny_model, sample_dataset, tmp_path,
+                                                                 live_tensor_bytes, monkeypatch):
+    """"FP8 weights" (a change offered on a GPU) estimates the model as the WebUI's FP8 option holds it: what the
+    estimate of a model so held says, which is what a real run on it holds."""
+    fp16 = hold_like_the_webui(copy.deepcopy(tiny_model), "fp16")
+    fp8 = hold_like_the_webui(tiny_model, "fp8")
+    settings = settings_for(sample_dataset, tmp_path, train_dtype="bf16")
+    prepared = preflight(ldm_parts(fp8), settings)
+    held = memory.estimate(ldm_parts(fp8), settings, prepared=prepared)
+    assert memory._estimate(ldm_parts(fp16), settings, prepared, fp8=True).parts == held.parts
+    peak, step = measured(ldm_parts(fp8), settings, live_tensor_bytes, monkeypatch)
+    assert held.parts["activations"] == pytest.approx(step, rel=0.1)
+    assert held.need == pytest.approx(peak, rel=0.1)
 
 
 def test_ignore_memory_estimate_leaves_the_file_as_it_was(tiny_model, sample_dataset, tmp_path, monkeypatch):
