@@ -385,8 +385,10 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
 
 
 def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fake) -> _Run:
-    """Inside the functional call: the model's tensors are fakes. The run's setup as lohatrain.trainer makes it,
-    one image's caching pass and one training step, each tracked."""
+    """Inside the functional call: the model's tensors are fakes. The run's setup as lohatrain.trainer._train makes
+    it (its own functions where it has them; the rest in its order: a change there belongs here too, and
+    tests/test_memory_estimate.py fails on one that changes the memory), one image's caching pass and one
+    training step, each tracked."""
     train_text = settings.text_encoder_lr > 0
     clip_skip = settings.effective_clip_skip if parts.applies_clip_skip else None
     with ExitStack() as stack:

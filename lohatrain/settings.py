@@ -314,7 +314,8 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
-    "ignore_memory_estimate": "start even when the memory estimate says the run does not fit the GPU's free memory",
+    "ignore_memory_estimate": "in the WebUI: start a run the memory estimate says does not fit the GPU's free memory "
+                              "(the command line does not refuse; --estimate reports)",
 }
 
 
