@@ -8,6 +8,9 @@ prints whatever it prints. So it must:
     install is `--no-deps` and names only packages that are missing, so pip cannot upgrade or
     downgrade anything that is already there;
   * never stop the WebUI from starting: any failure becomes one `[lohatrain] ...` line.
+
+`install.py bitsandbytes` installs AdamW 8-bit's package, which only a run that chooses it needs (see
+install_bitsandbytes); lohatrain runs it that way, as the WebUI runs this file.
 """
 
 import importlib.metadata
@@ -28,6 +31,16 @@ MIN_LYCORIS = (3, 2)  # lycoris.functional as lohatrain uses it (diff_weight per
 # numpy, scipy, PyWavelets and Pillow, which the WebUI has (scikit-image brings scipy and PyWavelets); without
 # them the doctor skips near duplicates and says so.
 LIGHT_DEPENDENCIES = ["einops", "safetensors", "toml", "tqdm", "Pillow", "ImageHash"]
+# The optimizers Prodigy and Lion (lohatrain/optimizers.py): pure Python, a few kB each, at the versions tested with
+# lohatrain on torch 2.1.2 and the newest; prodigyopt requires nothing, lion-pytorch only torch.
+OPTIMIZER_PACKAGES = {"prodigyopt": "1.1.2", "lion-pytorch": "0.2.5"}
+
+# AdamW 8-bit's bitsandbytes is a large binary (45 to 75 MB of GPU libraries), so it is installed only when a run
+# asks for it (`install.py bitsandbytes`, from lohatrain/webui/actions.py): for each torch, the newest release
+# whose torch requirement it meets (0.50 requires torch 2.4, 0.49 torch 2.3, 0.45 torch 2.0). It also needs numpy
+# and packaging, which every WebUI has.
+BITSANDBYTES = "bitsandbytes"
+BITSANDBYTES_FOR_TORCH = [((2, 4), "0.50.2"), ((2, 3), "0.49.2"), ((2, 0), "0.45.5")]
 
 
 def installed_version(name):
@@ -44,10 +57,16 @@ def version_tuple(version):
     return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
 
 
-def lycoris_for(torch_version):
-    """The lycoris-lora version to install beside this torch ("2.1.2+cu121"), or None if torch is too old."""
+def for_torch(table, torch_version):
+    """The version a table of (oldest torch, version) gives for this torch ("2.1.2+cu121"), or None if torch is
+    too old."""
     found = version_tuple(torch_version) if torch_version else (99, 0)
-    return next((lycoris for minimum, lycoris in LYCORIS_FOR_TORCH if found >= minimum), None)
+    return next((version for minimum, version in table if found >= minimum), None)
+
+
+def lycoris_for(torch_version):
+    """The lycoris-lora version to install beside this torch, or None if torch is too old."""
+    return for_torch(LYCORIS_FOR_TORCH, torch_version)
 
 
 def lycoris_works(lycoris_version, torch_version):
@@ -78,17 +97,19 @@ def missing_requirements():
               f"{LYCORIS} {wanted}, which does", flush=True)
         missing.append(f"{LYCORIS}=={wanted}")
     missing += [name for name in LIGHT_DEPENDENCIES if installed_version(name) is None]
+    missing += [f"{name}=={version}" for name, version in OPTIMIZER_PACKAGES.items() if installed_version(name) is None]
     return missing
 
 
-def pip_install(requirements):
-    """`pip install --no-deps <requirements>`, through the WebUI's `launch.run_pip` when there is one.
+def pip_install(requirements, desc=None):
+    """`pip install --no-deps <requirements>`, through the WebUI's `launch.run_pip` when there is one, which
+    prints one line: "Installing <desc>".
 
     `launch.run_pip` honours the WebUI's --skip-install and INDEX_URL, and raises RuntimeError on
     failure. Outside the WebUI (tests, a manual run) pip is run directly, the same way.
     """
     args = "install --no-deps " + " ".join(requirements)
-    desc = "lohatrain requirements: " + ", ".join(requirements)
+    desc = desc or "lohatrain requirements: " + ", ".join(requirements)
     try:
         import launch
         run_pip = launch.run_pip
@@ -112,7 +133,29 @@ def one_line_reason(error):
     return reason if len(reason) <= 300 else reason[:297] + "..."
 
 
+def install_bitsandbytes():
+    """`install.py bitsandbytes`: AdamW 8-bit's package for this torch, when it is missing; one line says so.
+    Returns the exit status: 1, after one `[lohatrain]` line saying why, when it cannot be installed."""
+    if installed_version(BITSANDBYTES) is not None:
+        return 0
+    torch_version = installed_version("torch")
+    wanted = for_torch(BITSANDBYTES_FOR_TORCH, torch_version)
+    if wanted is None:
+        print(f"[lohatrain] AdamW 8-bit needs bitsandbytes, which needs torch 2.0 or later, and this WebUI has torch "
+              f"{torch_version}: choose another optimizer, or update the WebUI", flush=True)
+        return 1
+    try:
+        pip_install([f"{BITSANDBYTES}=={wanted}"], f"bitsandbytes {wanted} for AdamW 8-bit (a large download, once)")
+    except Exception as error:
+        print(f"[lohatrain] could not install bitsandbytes {wanted} for AdamW 8-bit ({one_line_reason(error)}): "
+              "choose another optimizer", flush=True)
+        return 1
+    return 0
+
+
 def main():
+    if sys.argv[1:] == [BITSANDBYTES]:
+        sys.exit(install_bitsandbytes())
     requirements = []
     try:
         requirements = missing_requirements()

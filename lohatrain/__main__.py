@@ -3,6 +3,8 @@
     python -m lohatrain train --checkpoint MODEL.safetensors --config run.json
     python -m lohatrain train --checkpoint MODEL.ckpt --dataset-dir images --output-dir out --name my-loha
     python -m lohatrain train --checkpoint MODEL.safetensors --resume out/my-loha.lohatrain-state
+    python -m lohatrain train --checkpoint MODEL.safetensors --kohya-config kohya_ss.json --output-dir out
+    python -m lohatrain train --checkpoint MODEL.safetensors --kohya-config config.toml --kohya-dataset-config ds.toml
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
@@ -10,8 +12,11 @@
     python -m lohatrain train --demo --resume out/demo-loha.lohatrain-state   (go on where a run stopped)
     torchrun --nproc-per-node 2 -m lohatrain train --demo --output-dir out   (data-parallel, README)
 
-Every setting is also an option (`--learning-rate 5e-4`, `--flip-aug`), which overrides the --config file;
-`python -m lohatrain train --help` lists them all with their defaults.
+Every setting is also an option (`--learning-rate 5e-4`, `--flip-aug`), which overrides the --config file (or the
+kohya config); `python -m lohatrain train --help` lists them all with their defaults.
+
+--kohya-config reads a kohya_ss GUI config (.json) or an sd-scripts train_network.py config (.toml) instead of
+--config: what has an equivalent is taken, and one message lists every option that was not (lohatrain.kohya_config).
 
 --checkpoint takes an SD 1.x, SD 2.x or SDXL base single-file checkpoint (.safetensors, or .ckpt read
 weights-only): its family is told from its keys as the WebUI does, and a `<name>.yaml` beside it is its config.
@@ -34,6 +39,7 @@ from . import memory
 from .cli_settings import add_setting_options, given_settings, merge
 from .distributed import Ranks, join_torchrun, leave
 from .errors import LohatrainError
+from .kohya_config import import_file
 from .output import STATE_SUFFIX
 from .preflight import preflight
 from .run_state import SavedRun, read_state
@@ -95,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--device", help="where to train: cuda, cuda:1, cpu… (default: cuda when there is a GPU, "
                                         "else cpu; the demo: cpu)")
     model.add_argument("--config", type=Path, metavar="FILE", help="settings JSON (as saved beside every trained file)")
+    model.add_argument("--kohya-config", type=Path, metavar="FILE",
+                       help="a kohya_ss GUI config (.json) or an sd-scripts train_network.py config (.toml), instead "
+                            "of --config: its options with an equivalent are taken, the rest listed")
+    model.add_argument("--kohya-dataset-config", type=Path, metavar="FILE",
+                       help="with --kohya-config (or alone): sd-scripts' --dataset_config (.toml): its folders, "
+                            "repeats and dataset options")
     model.add_argument("--resume", type=Path, metavar="PATH",
                        help="go on with a stopped run: its .lohatrain-state, or any .safetensors it saved (the run "
                             "goes on from its state's step, with its own settings; --output-dir and --steps may "
@@ -123,16 +135,22 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
     args = parser.parse_args(argv)
     if args.demo == bool(args.checkpoint):
         parser.error("give --checkpoint MODEL.safetensors, or --demo to train on the built-in tiny model")
+    kohya = args.kohya_config or args.kohya_dataset_config
+    if kohya and args.config:
+        parser.error("give --config or --kohya-config, not both")
+    if kohya and args.resume:
+        parser.error("--resume goes on with the run's own settings: leave out --kohya-config")
     report = _ProgressReport()
     settings = None
     try:
         resume = read_state(args.resume) if args.resume else None
         if resume and resume.note and ranks.main:
             print(resume.note, flush=True)
+        file_settings = _settings_file(args, ranks)
         if args.checkpoint:
-            model, settings, model_name, model_hash = _checkpoint_run(args, resume)
+            model, settings, model_name, model_hash = _checkpoint_run(args, resume, file_settings)
         else:
-            model, settings, model_name, model_hash = _demo_run(args, resume, parser, ranks)
+            model, settings, model_name, model_hash = _demo_run(args, resume, parser, ranks, file_settings)
         parts = dataclasses.replace(ldm_parts(model), name=model_name, hash=model_hash)
         if args.estimate:
             prepared = preflight(parts, settings, resuming=resume is not None)
@@ -166,7 +184,24 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
     return 0
 
 
-def _checkpoint_run(args, resume: SavedRun | None):
+def _settings_file(args, ranks: Ranks) -> dict | None:
+    """The settings of the --config file, or of the kohya config (its message printed once); None without either
+    (or when resuming: a resumed run keeps its own)."""
+    if args.resume:
+        return None
+    if args.config:
+        return read_settings_file(args.config)
+    if not (args.kohya_config or args.kohya_dataset_config):
+        return None
+    config, dataset = ((args.kohya_config, args.kohya_dataset_config) if args.kohya_config
+                       else (args.kohya_dataset_config, None))
+    imported = import_file(config, dataset, family=args.family if args.demo else "sd1")
+    if ranks.main:
+        print(imported.message(), flush=True)
+    return imported.settings
+
+
+def _checkpoint_run(args, resume: SavedRun | None, file_settings: dict | None):
     from .checkpoint import file_sha256, load_model, read_checkpoint
     from .families import BY_NAME
 
@@ -176,7 +211,7 @@ def _checkpoint_run(args, resume: SavedRun | None):
     def settings_for(family: str) -> TrainSettings:
         if resume:
             return _resumed_settings(resume, given_settings(args))
-        base = read_settings_file(args.config) if args.config else {}
+        base = dict(file_settings or {})
         if torch.device(device).type == "cpu":
             base = {"train_dtype": "fp32", **base}  # as the WebUI's tab on a CPU: fp16 is emulated, twice as slow
         settings = TrainSettings.from_dict(merge(base, given_settings(args)), family)
@@ -197,7 +232,8 @@ def _checkpoint_run(args, resume: SavedRun | None):
     return model, settings, path.name, file_sha256(path)
 
 
-def _demo_run(args, resume: SavedRun | None, parser: argparse.ArgumentParser, ranks: Ranks):
+def _demo_run(args, resume: SavedRun | None, parser: argparse.ArgumentParser, ranks: Ranks,
+              file_settings: dict | None):
     from .demo import build_tiny_sd1, build_tiny_sd2, make_sample_dataset
 
     given = given_settings(args)
@@ -205,8 +241,8 @@ def _demo_run(args, resume: SavedRun | None, parser: argparse.ArgumentParser, ra
         args.family = resume.record.family
         settings = _resumed_settings(resume, given)
     else:
-        if args.config:
-            base = read_settings_file(args.config)
+        if file_settings is not None:
+            base = file_settings
         elif "output_dir" in given:
             output_dir = Path(given["output_dir"])
             base = demo_settings((output_dir / DEMO_IMAGES).resolve(), output_dir).to_dict()

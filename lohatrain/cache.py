@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import dataset as ds
 from .errors import LohatrainError
@@ -33,6 +34,13 @@ class Sample:
     latent_flipped: torch.Tensor | None
     sizes: tuple[int, ...]  # original (h, w), crop (top, left), target (h, w): SDXL's size conditioning
     sizes_flipped: tuple[int, ...]  # the same with the crop measured in the mirrored image
+    mask: torch.Tensor | None = None  # masked loss: the image's mask at latent size, (1, 1, h, w) in [0, 1]
+
+    def loss_mask(self, flipped: bool) -> torch.Tensor:
+        """The loss mask, mirrored with the image; all ones for an image without a mask."""
+        if self.mask is None:
+            return torch.ones_like(self.latent[:, :1])
+        return self.mask.flip(-1) if flipped else self.mask
 
 
 @dataclass
@@ -48,8 +56,8 @@ class Cache:
 
 def cache_latents(parts: ModelParts, items, bucket_of, needed: set[int], settings, device, autocast, stop,
                   seed: int) -> dict[int, Sample] | None:
-    """Each needed image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels.
-    None when `stop()` turned true meanwhile."""
+    """Each needed image through the VAE once (twice with flip augmentation); colour augmentation keeps pixels;
+    masked loss keeps each mask at latent size. None when `stop()` turned true meanwhile."""
     samples = {}
     for index in sorted(needed):
         item, bucket = items[index], bucket_of[index]
@@ -63,10 +71,21 @@ def cache_latents(parts: ModelParts, items, bucket_of, needed: set[int], setting
             latent = encode(parts, pixels[None], device, seed + 2 * index)
             flipped = (encode(parts, ds.flip(pixels)[None], device, seed + 2 * index + 1)
                        if settings.flip_aug else None)
+        mask = latent_mask(item, bucket, latent.shape[-2:], latent.device) if settings.masked_loss else None
         samples[index] = Sample(item, bucket, pixels if settings.color_aug else None, latent, flipped,
                                 (image.height, image.width, top, left, *target),
-                                (image.height, image.width, top, resized_w - left - bucket[0], *target))
+                                (image.height, image.width, top, resized_w - left - bucket[0], *target), mask)
     return samples
+
+
+def latent_mask(item: ds.ImageItem, bucket, latent_size, device="cpu") -> torch.Tensor | None:
+    """An image's mask resized and cropped as its pixels are, then averaged over each latent pixel's area (kohya's
+    apply_masked_loss, done once here rather than every step); None for an image without a mask."""
+    mask = ds.load_mask(item)
+    if mask is None:
+        return None
+    pixels = ds.prepare_mask(mask, bucket)
+    return F.interpolate(pixels[None, None], size=tuple(latent_size), mode="area").to(device)
 
 
 def cache_conditioning(encode_prompts, captions: list[str], autocast) -> dict[str, object]:

@@ -63,32 +63,37 @@ def compose(tagged: str, old: str | None, options: CaptionOptions) -> str:
     return ", ".join(tags)
 
 
+def dataset_images(folder: str | Path) -> list[tuple[Path, dict[str, Path], str]]:
+    """(image, its folder's files, its name in the dataset) for each image the dataset trains: those directly in
+    `folder`, else those of its kohya `N_name` sub-folders ("2_alice/photo.png"). DatasetError for a folder
+    without images or with sub-folders that are not `N_name`."""
+    given, folder = folder, ds._existing_folder(folder)
+    return [(image, sub.files, sub.label(image.name)) for sub in ds.subfolders(folder, given) for image in sub.images]
+
+
 def caption_folder(folder: str | Path, tag: Callable[[Image.Image], str], options: CaptionOptions,
                    should_stop: Callable[[], bool] = lambda: False) -> Iterator[CaptionStep]:
-    """Caption each image directly in `folder`, one step per image. `should_stop` is asked before each image,
-    so an Interrupt stops within one. Each file is written whole or not at all."""
+    """Caption each image of the dataset (`dataset_images`), one step per image. `should_stop` is asked before
+    each image, so an Interrupt stops within one. Each file is written whole or not at all."""
     options.validate()
-    folder = ds._existing_folder(folder)
-    files, images = ds.list_folder(folder)
-    if not images:
-        raise ds.DatasetError(f"No images found in {folder} (sub-folders are not searched)")
-    for done, image_path in enumerate(images, 1):
+    images = dataset_images(folder)
+    for done, (image_path, files, name) in enumerate(images, 1):
         if should_stop():
             return
         existing = ds.caption_file(image_path, files, options.ext)
         old = read_caption(existing) if existing else None
         if old is not None and options.existing == "keep":
-            yield CaptionStep(done, len(images), image_path.name, "kept", old)
+            yield CaptionStep(done, len(images), name, "kept", old)
             continue
         try:
             with ds.load_image(image_path) as image:
                 text = compose(tag(image), old, options)
         except ds.DatasetError:
-            yield CaptionStep(done, len(images), image_path.name, "broken")
+            yield CaptionStep(done, len(images), name, "broken")
             continue
-        target = existing or folder / (image_path.stem + options.ext)
+        target = existing or image_path.parent / (image_path.stem + options.ext)
         write_atomically(target, text.encode("utf-8"), overwrite=True)
-        yield CaptionStep(done, len(images), image_path.name, "written", text)
+        yield CaptionStep(done, len(images), name, "written", text)
 
 
 def read_caption(path: Path) -> str | None:
@@ -100,11 +105,15 @@ def read_caption(path: Path) -> str | None:
 
 
 def thumbnails(folder: str | Path, ext: str, limit: int = 200) -> list[tuple[str, str]]:
-    """(image path, its caption file's text or "(no caption)") for the first `limit` images, by name."""
-    folder = ds._existing_folder(folder)
-    files, images = ds.list_folder(folder)
+    """(image path, its caption file's text or "(no caption)") for the first `limit` images of the dataset
+    (`dataset_images`), by sub-folder and name; none when the dataset has none."""
+    try:
+        images = dataset_images(folder)
+    except ds.DatasetError:
+        ds._existing_folder(folder)  # a folder that is not there is still said; an empty one shows nothing
+        return []
     shown = []
-    for image_path in images[:limit]:
+    for image_path, files, _ in images[:limit]:
         existing = ds.caption_file(image_path, files, ext)
         text = read_caption(existing) if existing else None
         shown.append((str(image_path), text if text else NO_CAPTION))
@@ -112,13 +121,16 @@ def thumbnails(folder: str | Path, ext: str, limit: int = 200) -> list[tuple[str
 
 
 def save_caption(folder: str | Path, image_name: str, text: str, ext: str) -> Path:
-    """Write one image's caption as edited by hand; the image must be directly in the folder."""
+    """Write one image's caption as edited by hand; `image_name` is its name in the dataset (`dataset_images`)."""
     CaptionOptions(ext=ext).validate()
-    folder = ds._existing_folder(folder)
-    files, images = ds.list_folder(folder)
-    image_path = next((p for p in images if p.name == image_name), None)
-    if image_path is None:
+    try:
+        images = dataset_images(folder)
+    except ds.DatasetError:
+        images = []
+    found = next(((path, files) for path, files, name in images if name == image_name), None)
+    if found is None:
         raise LohatrainError(f"{image_name!r} is not an image in {folder}; choose a thumbnail first")
-    target = ds.caption_file(image_path, files, ext) or folder / (image_path.stem + ext)
+    image_path, files = found
+    target = ds.caption_file(image_path, files, ext) or image_path.parent / (image_path.stem + ext)
     write_atomically(target, ds.one_line(text).encode("utf-8"), overwrite=True)
     return target

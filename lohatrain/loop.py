@@ -66,6 +66,7 @@ class Setup:
     device: torch.device
     autocast: Callable
     ranks: Ranks
+    loss_weights: torch.Tensor | None = None  # each image's weight in the loss (regularization images'), or None
 
 
 class Diverged(LohatrainError):
@@ -89,26 +90,24 @@ def step(setup: Setup, loop: LoopState) -> None:
     indexes = loop.sampler.next_batch()
     share = ranks.share(len(indexes))
     augmentations = [Augmentation.draw(settings, loop.aug_gen) for _ in indexes]
-    latents, sizes = batch_latents(setup, [setup.cache.samples[i] for i in indexes[share]], augmentations[share])
+    latents, sizes, masks = batch_latents(setup, [setup.cache.samples[i] for i in indexes[share]],
+                                          augmentations[share])
     cond = setup.parts.condition_on_images(rows(conditioning(setup, loop, indexes), share), sizes)
 
     shape = (len(indexes), *latents.shape[1:])
-    noise = torch.randn(shape, generator=loop.noise_gen)[share].to(device)
-    if settings.noise_offset:
-        noise += settings.noise_offset * torch.randn(shape[:2] + (1, 1), generator=loop.noise_gen)[share].to(device)
-    timesteps = torch.randint(0, len(setup.alphas_cumprod), (len(indexes),), generator=loop.noise_gen)[share].to(device)
+    noise = draw_noise(settings, loop.noise_gen, shape)[share].to(device)
+    timesteps = draw_timesteps(settings, len(setup.alphas_cumprod), len(indexes), loop.noise_gen)[share].to(device)
+    perturbation = None
+    if settings.ip_noise_gamma:
+        perturbation = settings.ip_noise_gamma * torch.randn(shape, generator=loop.noise_gen)[share].to(device)
     ac = setup.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
-    target = ac.sqrt() * noise - (1 - ac).sqrt() * latents if setup.parts.v_prediction else noise
+    noisy, target = noisy_and_target(latents, noise, ac, setup.parts.v_prediction, perturbation)
 
     with setup.autocast():
         prediction = setup.predict(noisy, timesteps, cond)
-    loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-    if settings.min_snr_gamma:
-        snr = ac.flatten() / (1 - ac.flatten())
-        weight = snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if setup.parts.v_prediction else snr)
-        loss = loss * weight
-    loss = loss.mean()  # over the share: the processes' average gradient is the whole batch's
+    weights = None if setup.loss_weights is None else setup.loss_weights[indexes][share].to(device)
+    # the mean over the share: the processes' average gradient is the whole batch's
+    loss = image_losses(setup, prediction.float(), target, masks, timesteps, weights).mean()
     batch_loss = ranks.mean(loss)  # before the update: a process lost here leaves the weights of the last step
     loop.scaler.scale(loss).backward()
     loop.scaler.step(loop.optimizer)
@@ -125,12 +124,26 @@ def step(setup: Setup, loop: LoopState) -> None:
     loop.smooth = value if loop.smooth is None else 0.9 * loop.smooth + 0.1 * value
 
 
+def image_losses(setup: Setup, prediction: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None,
+                 timesteps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each image's loss, in kohya's order: the elementwise loss (`loss_type`) weighted by its mask (masked loss)
+    and averaged, times its own weight (`prior_loss_weight` for a regularization image), then weighted by its
+    timestep's SNR."""
+    loss = elementwise_loss(prediction, target, setup.settings, timesteps, setup.alphas_cumprod)
+    if masks is not None:
+        loss = loss * masks
+    loss = loss.mean(dim=(1, 2, 3))
+    if weights is not None:
+        loss = loss * weights
+    return weighted_by_snr(loss, setup.alphas_cumprod[timesteps], setup.settings, setup.parts.v_prediction)
+
+
 def conditioning(setup: Setup, loop: LoopState, indexes: list[int]):
-    """The whole batch's captions, encoded (shuffled tags, or a trained text encoder) or stacked from the cache: a
-    batch pads every caption to its longest, as in a one-process run."""
-    captions = [setup.cache.captions[i] for i in indexes]
-    if setup.settings.shuffle_tags:
-        captions = [ds.shuffle_caption(c, loop.caption_rng, setup.settings.keep_tokens) for c in captions]
+    """The whole batch's captions as drawn (shuffled, dropped: lohatrain.dataset.CaptionVariation), encoded
+    (shuffled tags, or a trained text encoder) or stacked from the cache: a batch pads every caption to its longest,
+    as in a one-process run."""
+    variation = ds.CaptionVariation.of(setup.settings)
+    captions = [variation.apply(setup.cache.captions[i], loop.caption_rng) for i in indexes]
     if setup.cache.per_step_text:
         with torch.set_grad_enabled(setup.train_text), setup.autocast():
             return setup.encode_prompts(captions)
@@ -139,18 +152,106 @@ def conditioning(setup: Setup, loop: LoopState, indexes: list[int]):
 
 
 def batch_latents(setup: Setup, batch: list[Sample], augmentations: list["Augmentation"]):
-    """Latents and size conditioning for one batch: cached latents, or (colour augmentation) a fresh VAE pass
-    of the changed pixels."""
-    latents, sizes = [], []
+    """Latents, size conditioning and (masked loss) loss masks for one batch: cached latents, or (colour
+    augmentation) a fresh VAE pass of the changed pixels."""
+    latents, sizes, masks = [], [], []
     for s, aug in zip(batch, augmentations):
         sizes.append(s.sizes_flipped if aug.flip else s.sizes)
+        if setup.settings.masked_loss:
+            masks.append(s.loss_mask(aug.flip))
         if aug.color:
             pixels = ds.change_colors(ds.flip(s.pixels) if aug.flip else s.pixels, *aug.color)
             with torch.no_grad(), setup.autocast():
                 latents.append(encode(setup.parts, pixels[None], setup.device, aug.vae_seed))
         else:
             latents.append(s.latent_flipped if aug.flip else s.latent)
-    return torch.cat(latents), sizes
+    return torch.cat(latents), sizes, torch.cat(masks) if masks else None
+
+
+# --- noise, timesteps and loss (kohya sd-scripts' options, by its names: library/train_util.py and
+# custom_train_functions.py); with every option off each is the plain DDPM step's, with the same random draws
+
+def draw_noise(settings: TrainSettings, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole batch's noise: Gaussian, plus the noise offset (one value per image and channel), then multires
+    noise over both, in kohya's order."""
+    noise = torch.randn(shape, generator=gen)
+    if settings.noise_offset:
+        noise += settings.noise_offset * torch.randn(shape[:2] + (1, 1), generator=gen)
+    if settings.multires_noise_iterations:
+        noise = pyramid_noise(noise, settings.multires_noise_iterations, settings.multires_noise_discount, gen)
+    return noise
+
+
+def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, gen: torch.Generator) -> torch.Tensor:
+    """Multires noise (J. Whitaker, "Multi-Resolution Noise for Diffusion Model Training"; kohya's
+    pyramid_noise_like): level i adds Gaussian noise drawn r^i times coarser (r in [2, 4), drawn per level) and
+    bilinearly upsampled, weighted discount^i, down to a 1-pixel level; the sum is scaled to unit deviation."""
+    b, c, h, w = noise.shape
+    for i in range(iterations):
+        r = torch.rand((), generator=gen, dtype=torch.float64).item() * 2 + 2
+        coarse_h, coarse_w = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn((b, c, coarse_h, coarse_w), generator=gen)
+        noise = noise + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
+        if coarse_h == 1 or coarse_w == 1:
+            break
+    return noise / noise.std()
+
+
+def draw_timesteps(settings: TrainSettings, schedule_length: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """Uniform over [min_timestep, max_timestep): by default the whole schedule."""
+    return torch.randint(settings.min_timestep, min(settings.max_timestep, schedule_length), (count,), generator=gen)
+
+
+def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, ac: torch.Tensor, v_prediction: bool,
+                     perturbation: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward process, √ᾱ·x₀ + √(1 - ᾱ)·ε, and what the model is to predict: ε, or v = √ᾱ·ε - √(1 - ᾱ)·x₀.
+    Input perturbation (Ning et al. 2023, kohya's ip_noise_gamma) noises the input with ε + γ·ε′ and keeps ε in
+    the target."""
+    seen = noise if perturbation is None else noise + perturbation
+    noisy = ac.sqrt() * latents + (1 - ac).sqrt() * seen
+    return noisy, ac.sqrt() * noise - (1 - ac).sqrt() * latents if v_prediction else noise
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, settings: TrainSettings,
+                     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """kohya's conditional_loss, per element: squared error (l2), absolute error (l1), or with d the error and c
+    the image's threshold (huber_threshold) pseudo-Huber 2c(sqrt(d² + c²) - c) (huber) or 2(sqrt(d² + c²) - c)
+    (smooth_l1): quadratic for errors below c, linear above."""
+    if settings.loss_type == "l2":
+        return F.mse_loss(prediction, target, reduction="none")
+    if settings.loss_type == "l1":
+        return F.l1_loss(prediction, target, reduction="none")
+    c = huber_threshold(settings, timesteps, alphas_cumprod).view(-1, 1, 1, 1)
+    excess = ((prediction - target) ** 2 + c ** 2).sqrt() - c
+    return 2 * c * excess if settings.loss_type == "huber" else 2 * excess
+
+
+def huber_threshold(settings: TrainSettings, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Each image's Huber threshold c by kohya's huber_schedule: `constant` huber_c; `exponential` from 1 at
+    timestep 0 down to huber_c at the schedule's end, exp(t·ln(huber_c)/T); `snr` (1 - huber_c)/(1 + σ)² + huber_c
+    with σ = sqrt((1 - ᾱ)/ᾱ), near 1 where there is little noise and huber_c where there is much. huber_scale
+    multiplies the first two."""
+    if settings.huber_schedule == "constant":
+        return torch.full(timesteps.shape, settings.huber_c * settings.huber_scale, device=timesteps.device)
+    if settings.huber_schedule == "exponential":
+        rate = math.log(settings.huber_c) / len(alphas_cumprod)
+        return torch.exp(timesteps.float() * rate) * settings.huber_scale
+    ac = alphas_cumprod[timesteps]
+    sigma = ((1 - ac) / ac).sqrt()
+    return (1 - settings.huber_c) / (1 + sigma) ** 2 + settings.huber_c
+
+
+def weighted_by_snr(loss: torch.Tensor, ac: torch.Tensor, settings: TrainSettings, v_prediction: bool) -> torch.Tensor:
+    """Each image's loss weighted by its timestep's signal-to-noise ratio SNR = ᾱ/(1 - ᾱ): Min-SNR (Hang et al.
+    2023: min(SNR, gamma)/SNR, or /(SNR + 1) for v-prediction), then debiased estimation (Yu et al. 2023:
+    1/sqrt(SNR), or 1/(SNR + 1) for v-prediction, SNR capped at 1000 as kohya's apply_debiased_estimation)."""
+    snr = ac / (1 - ac)
+    if settings.min_snr_gamma:
+        loss = loss * (snr.clamp(max=settings.min_snr_gamma) / (snr + 1 if v_prediction else snr))
+    if settings.debiased_estimation_loss:
+        capped = snr.clamp(max=1000)
+        loss = loss * (1 / (capped + 1) if v_prediction else 1 / capped.sqrt())
+    return loss
 
 
 @dataclass

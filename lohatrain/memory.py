@@ -16,9 +16,9 @@ it, and follows the code when it changes.
 
 What exists before the step and is not made by it is counted exactly: the frozen weights at their dtypes on the
 device that holds them during training (the trainer moves the VAE and text encoder off the GPU once the cache is
-made, unless the run needs them), the network (its fakes have its real sizes), its optimizer state (per optimizer
-from `OPTIMIZER_STATE`: an optimizer's state depends on its kind, and an 8-bit one cannot run on fakes) and the
-cached latents and captions. The step's own part ("activations") includes the network's gradients.
+made, unless the run needs them), the network (its fakes have its real sizes), its optimizer state
+(`optimizer_state_bytes`: each optimizer's own layout; an 8-bit one cannot run on fakes) and the cached latents,
+masks and captions. The step's own part ("activations") includes the network's gradients.
 
 Not counted: CUDA's own context (0.3-0.5 GB outside torch's allocator) and the allocator's fragmentation.
 benchmarks/gpu.py prints estimate and measured (`torch.cuda.max_memory_allocated`) side by side; until it has
@@ -27,6 +27,7 @@ run on a GPU the estimate is unverified there (docs/speed.md). GB here are 2^30 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import weakref
 from collections import defaultdict
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import compat, loop, trainer
+from . import compat, loop, optimizers, trainer
 from . import dataset as ds
 from .cache import CHUNK_TOKENS, Cache, Sample, encode
 from .distributed import ALONE
@@ -48,14 +49,35 @@ from .settings import TrainSettings
 
 GB = 2**30
 
-# Optimizer state per trained parameter, in float32 copies of it (AdamW: its two moments). Another optimizer adds
-# its row under the name its setting (`optimizer`) gives it; a run without that setting is AdamW's.
-OPTIMIZER_STATE = {"adamw": 2.0}
-DEFAULT_OPTIMIZER = "adamw"
 
-
-def optimizer_state_factor(settings: TrainSettings) -> float:
-    return OPTIMIZER_STATE.get(getattr(settings, "optimizer", DEFAULT_OPTIMIZER), OPTIMIZER_STATE[DEFAULT_OPTIMIZER])
+def optimizer_state_bytes(settings: TrainSettings, params) -> int:
+    """The bytes the run's optimizer keeps for its trained tensors `params` once it has stepped, as each package
+    lays its state out (torch's AdamW: two moments, a third with amsgrad; bitsandbytes 0.45-0.50 AdamW8bit: one
+    byte per moment and a float32 absmax per 256 numbers, full float32 moments for tensors under min_8bit_size;
+    prodigyopt: s, p0 (every slice_p-th number), exp_avg_sq, exp_avg unless beta1 is 0; lion-pytorch: exp_avg;
+    transformers' Adafactor: the second moment as row and column means for tensors of two or more dimensions,
+    exp_avg only with beta1). Step counters and shared tables (a few bytes) are left out. Prodigy's p0 is a
+    scalar for a tensor that starts at zero: counted in full, so its figure is at most one copy high."""
+    args, _ = optimizers.chosen_args(settings)
+    name, total = settings.optimizer, 0
+    for p in params:
+        n, size = p.numel(), p.element_size()
+        if name == "adamw8bit" and n >= args.get("min_8bit_size", 4096):
+            total += 2 * (n + 4 * -(-n // 256))
+        elif name == "adamw8bit":
+            total += 2 * 4 * n
+        elif name == "prodigy":
+            sliced = -(-n // args.get("slice_p", 1))
+            total += (2 * sliced + n * (1 + (args.get("betas", (0.9,))[0] > 0))) * size
+        elif name == "lion":
+            total += n * size
+        elif name == "adafactor":
+            shape = p.shape
+            second = n if len(shape) < 2 else math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+            total += (second + (n if args.get("beta1") is not None else 0)) * size
+        else:
+            total += (3 if args.get("amsgrad") else 2) * n * size
+    return total
 
 
 # --------------------------------------------------------------------------------------------- the tracker
@@ -258,8 +280,9 @@ class _Data:
     bucket: tuple[int, int]
     batch: int
     latent_pixels: int  # the latents' pixels summed over the cached images (flipped copies included)
+    mask_pixels: int  # the masks' pixels summed (masked loss: one float32 per latent pixel, not flipped)
     image_pixels: int  # the images' pixels summed (kept for colour augmentation)
-    captions: list[str]
+    captions: list[str]  # the captions a cache encodes
 
     @classmethod
     def of(cls, settings: TrainSettings, prepared: Prepared | None) -> "_Data":
@@ -271,8 +294,9 @@ class _Data:
         counts = {b: buckets.count(b) for b in set(buckets)}
         bucket = max(counts, key=lambda b: (min(counts[b], settings.batch_size) * b[0] * b[1], b))
         pixels = sum(w * h for w, h in buckets)
+        captions = ds.CaptionVariation.of(settings).cached_captions([i.caption for i in items])
         return cls(bucket, min(counts[bucket], settings.batch_size), (2 if settings.flip_aug else 1) * pixels // 64,
-                   pixels, sorted({i.caption for i in items}) or [""])
+                   pixels // 64 if settings.masked_loss else 0, pixels, sorted(set(captions)) or [""])
 
 
 def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False) -> Estimate:
@@ -281,20 +305,19 @@ def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | N
     fp8_tensors = _fp8_tensors(parts) if fp8 else set()
     run = _fake_run(parts, settings, data, device, fp8_tensors)
     train_text = settings.text_encoder_lr > 0
-    per_step_text = settings.shuffle_tags or train_text
+    per_step_text = ds.CaptionVariation.of(settings).per_step or train_text
     kept = device.type == torch.device(parts.offload_device).type  # nothing to move the VAE and text encoder to
     model = _model_tensors(parts, fp8_tensors)
     on_device = {"unet": True, "vae": kept or settings.color_aug, "text_encoder": kept or per_step_text,
                  "other": True}
     weights = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if stays)
     moved = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if not stays)
-    state = int(optimizer_state_factor(settings) * 4 * run.trained)
-    latents = 4 * 4 * data.latent_pixels
+    latents = 4 * 4 * data.latent_pixels + 4 * data.mask_pixels
     cond = 0 if per_step_text else run.caption_bytes * len(data.captions)
     pixels = 4 * 3 * data.image_pixels if settings.color_aug else 0
     host_model = sum(_bytes_on(entries, "cpu") for entries in model.values()) if device.type != "cpu" else 0
 
-    training = {"model": weights, "network + optimizer": run.network + state, "cached images and captions":
+    training = {"model": weights, "network + optimizer": run.network + run.optimizer, "cached images and captions":
                 latents + cond, "activations": run.step[device.type]}
     caching = {"model": weights + moved, "network + optimizer": 0, "cached images and captions": latents + cond,
                "activations": run.encoding[device.type]}
@@ -349,7 +372,7 @@ def _bytes_on(entries: _Entries, device_type: str) -> int:
 @dataclass
 class _Run:
     network: int  # bytes of the network's tensors
-    trained: int  # its trained parameters (numbers)
+    optimizer: int  # bytes of its optimizer's state
     caption_bytes: int  # one cached caption's conditioning
     step: dict[str, int]  # the step's peak by device type
     encoding: dict[str, int]  # one image's caching pass's peak by device type
@@ -409,18 +432,19 @@ def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.
         caption = max(data.captions, key=len)
         sizes = (height, width, 0, 0, height, width)
         latent = torch.empty(1, 4, height // 8, width // 8, device=device)
+        mask = torch.empty(1, 1, height // 8, width // 8, device=device) if settings.masked_loss else None
         samples = {i: Sample(ds.ImageItem(Path(f"{i}.png"), caption, width, height), data.bucket,
                              torch.empty(3, height, width) if settings.color_aug else None, latent, latent, sizes,
-                             sizes)
+                             sizes, mask)
                    for i in range(data.batch)}
-        per_step_text = settings.shuffle_tags or train_text
+        per_step_text = ds.CaptionVariation.of(settings).per_step or train_text
         cache = Cache(samples, [caption] * data.batch, {caption: cond}, per_step_text)
         encode_prompts = None
         if per_step_text and parts.managed:  # its text path would load the text encoder: the conditioning stands in
             encode_prompts = lambda captions: _repeat(cond, len(captions))  # noqa: E731
         elif per_step_text:
             encode_prompts = parts.prompt_encoder(clip_skip)
-        optimizer = _NoUpdate(network.parameters())
+        optimizer = _NoUpdate(trainer.param_groups(network, settings, parts.family))
         state = loop.LoopState(network, optimizer,
                                torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                                compat.grad_scaler(device.type, enabled=False),
@@ -436,16 +460,17 @@ def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.
             loop.step(setup, state)
         tensors = [*network.parameters(), *network.buffers()]
         return _Run(sum(t.numel() * t.element_size() for t in tensors),
-                    sum(p.numel() for p in network.parameters() if p.requires_grad),
+                    optimizer_state_bytes(settings, [p for g in optimizer.param_groups for p in g["params"]]),
                     sum(t.numel() * 4 for t in _leaves(cond)), step.peak, encoding.peak)
 
 
 class _NoUpdate(torch.optim.Optimizer):
-    """The step's optimizer: its state is counted from OPTIMIZER_STATE, and an optimizer of another kind (8-bit)
-    cannot run on fakes; its update (in place, a few small temporaries) is left out."""
+    """The step's optimizer over the run's parameter groups: its state is counted by `optimizer_state_bytes`, and
+    an optimizer of another kind (8-bit) cannot run on fakes; its update (in place, a few small temporaries) is
+    left out."""
 
-    def __init__(self, params):
-        super().__init__(params, {"lr": 0.0})
+    def __init__(self, groups):
+        super().__init__(groups, {"lr": 0.0})
 
     def step(self, closure=None):
         return None
@@ -481,13 +506,11 @@ def _fitting_changes(parts: ModelParts, settings: TrainSettings, prepared: Prepa
         toggles.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}, False))
     if settings.text_encoder_lr > 0:
         toggles.append(("train the UNet only (text_encoder_lr 0)", {"text_encoder_lr": 0.0}, False))
-    elif settings.shuffle_tags:
-        toggles.append(("turn off shuffle_tags (captions are then encoded once, before the first step)",
-                        {"shuffle_tags": False}, False))
-    eight_bit = [name for name in OPTIMIZER_STATE if "8bit" in name]
-    if eight_bit and "optimizer" in {f.name for f in dataclasses.fields(settings)} and \
-            getattr(settings, "optimizer") not in eight_bit:
-        toggles.append((f"the 8-bit optimizer ({eight_bit[0]})", {"optimizer": eight_bit[0]}, False))
+    elif ds.CaptionVariation.of(settings).per_step:
+        toggles.append(("turn off shuffle_tags and tag dropout (captions are then encoded once, before the first "
+                        "step)", {"shuffle_tags": False, "caption_tag_dropout_rate": 0.0}, False))
+    if settings.optimizer == "adamw":
+        toggles.append(("the 8-bit optimizer (adamw8bit)", {"optimizer": "adamw8bit"}, False))
     fp8_possible = (compat.FP8_DTYPES and _device(parts).type == "cuda" and settings.train_dtype != "fp32"
                     and not {p.dtype for p in parts.unet.parameters()} & compat.FP8_DTYPES)
     if fp8_possible:

@@ -32,6 +32,7 @@ from .methods import TYPES, Adapter
 from .parts import ModelParts
 from .precision import merge
 from .rng import seeded_global_rng
+from .targets import ATTENTION_LAYER, DEFAULT_TARGETS, TEXT_MLP_KEY
 
 
 # The projections of a fused attention, in the order of `in_proj_weight`'s rows (then out_proj).
@@ -55,6 +56,7 @@ class LayerPlan:
     fused: nn.MultiheadAttention | None = None
     part: str = ""
     linear: bool | None = None  # a Linear layer (torch's or a host's own class); unless said, any but a Conv2d
+    lr_block: tuple[str, int] | None = None  # the UNet block whose learning-rate weight it takes (lohatrain.targets)
 
     def __post_init__(self):
         if self.linear is None:
@@ -66,33 +68,45 @@ def _is_3x3(module: nn.Module) -> bool:
 
 
 def plan_unet(family, unet: nn.Module, dim: int, alpha: float, conv_dim: int, conv_alpha: float,
-              linear_types: tuple[type, ...] = (nn.Linear,)) -> list[LayerPlan]:
-    """The UNet layers to adapt, in module order, named by the family's key rule; `linear_types`: what counts as a
-    Linear layer (a host may have its own class, ModelParts.linear_types)."""
-    block_types = family.attention_blocks + (family.conv_blocks if conv_dim > 0 else ())
+              linear_types: tuple[type, ...] = (nn.Linear,), targets: str = DEFAULT_TARGETS) -> list[LayerPlan]:
+    """The UNet layers of a target set (lohatrain.targets) to adapt, in module order, named by the family's key rule;
+    `linear_types`: what counts as a Linear layer (a host may have its own class, ModelParts.linear_types)."""
+    with_convs = conv_dim > 0 or targets == "full"
+    block_types = family.attention_blocks + (family.conv_blocks if with_convs and targets != "attn-only" else ())
+    outer = family.outer_layers if targets == "full" else ()
     plans, seen = [], set()
     for block_path, block in unet.named_modules():
-        if type(block).__name__ not in block_types:
+        if type(block).__name__ in block_types:
+            inside = block.named_modules()
+        elif block_path in outer:
+            inside = [("", block)]
+        else:
             continue
-        for child_path, module in block.named_modules():
+        for child_path, module in inside:
             path = f"{block_path}.{child_path}" if child_path else block_path
             linear = isinstance(module, linear_types)
             if path in seen or not (linear or isinstance(module, nn.Conv2d)):
                 continue
+            if targets == "attn-only" and not ATTENTION_LAYER.search(child_path):
+                continue
             seen.add(path)
+            key, lr_block = family.unet_key(unet, path), family.lr_block(path)
             if _is_3x3(module):
                 if type(block).__name__ in family.attention_blocks or conv_dim <= 0:
                     continue
-                plans.append(LayerPlan(family.unet_key(unet, path), module, conv_dim, conv_alpha, linear=False))
+                plans.append(LayerPlan(key, module, conv_dim, conv_alpha, linear=False, lr_block=lr_block))
             else:
-                plans.append(LayerPlan(family.unet_key(unet, path), module, dim, alpha, linear=linear))
+                plans.append(LayerPlan(key, module, dim, alpha, linear=linear, lr_block=lr_block))
     return plans
 
 
-def plan_text_encoder(parts: ModelParts, dim: int, alpha: float) -> list[LayerPlan]:
-    """The family's text-encoder layers; a fused attention among them becomes its four projections."""
+def plan_text_encoder(parts: ModelParts, dim: int, alpha: float, targets: str = DEFAULT_TARGETS) -> list[LayerPlan]:
+    """The family's text-encoder layers (without the MLP for "attn-only"); a fused attention among them becomes its
+    four projections."""
     plans = []
     for key, module in parts.text_layers():
+        if targets == "attn-only" and TEXT_MLP_KEY.search(key):
+            continue
         if isinstance(module, nn.MultiheadAttention):
             plans += plan_fused_attention(key, module, dim, alpha, text_encoder=True)
         else:
@@ -145,6 +159,14 @@ class Network(nn.Module):
     def parameters_of(self, text_encoder: bool) -> list[nn.Parameter]:
         return [p for index, plan in enumerate(self.plans) if plan.text_encoder == text_encoder
                 for p in self._parameters_of(index)]
+
+    def parameters_by_block(self) -> dict[tuple[str, int] | None, list[nn.Parameter]]:
+        """The UNet adapters' parameters by the block whose learning-rate weight they take, in plan order."""
+        blocks: dict[tuple[str, int] | None, list[nn.Parameter]] = {}
+        for index, plan in enumerate(self.plans):
+            if not plan.text_encoder:
+                blocks.setdefault(plan.lr_block, []).extend(self._parameters_of(index))
+        return blocks
 
     def _parameters_of(self, index: int) -> list[nn.Parameter]:
         scale = self.dora_scales.get(str(index))
@@ -238,7 +260,7 @@ def _file_mismatch(own: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
         return "its layers belong to another model family than the loaded model's"
     if own_layers != their_layers:
         return (f"it adapts {len(their_layers)} layers, these settings {len(own_layers)} (the convolution size, "
-                "conv_dim, or the text-encoder learning rate differ)")
+                "conv_dim, the text-encoder learning rate or the network targets differ)")
     for key, value in own.items():
         if theirs[key].shape != value.shape:
             return (f"its sizes differ ({key} is {tuple(theirs[key].shape)}, these settings make "

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+from . import optimizers
+from .dataset import FolderCount
 from .errors import LohatrainError
 from .methods import TYPES
-from .settings import RUN_CHOICES, TrainSettings, check_file_name
+from .settings import TIMESTEPS, TrainSettings, check_file_name
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_SUFFIX = ".lohatrain-state"  # a run's resumable state (lohatrain.run_state); not a Lora file
@@ -83,13 +85,15 @@ def timestamp() -> int:
 
 
 def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name: str, model_hash: str,
-                   clip_skip: int | None, image_count: int, tag_frequency: dict, bucket_counts: dict,
+                   clip_skip: int | None, folders: list[FolderCount], bucket_counts: dict,
                    steps_done: int, started_at: int, batches_per_epoch: int, seed: int, processes: int = 1,
                    extra: dict[str, str] | None = None) -> dict[str, str]:
     """kohya's `ss_*` keys (what the WebUI's Lora tab and other tools read), plus our own settings.
 
-    `processes`: how many data-parallel processes shared each batch (lohatrain.distributed)."""
-    dataset = Path(settings.dataset_dir).name or "dataset"
+    `folders`: the run's image folders (lohatrain.dataset.folder_counts). `processes`: how many data-parallel
+    processes shared each batch (lohatrain.distributed)."""
+    dirs, reg_dirs, tag_frequency = _dataset_dirs(settings, folders)
+    image_count = sum(d["n_repeats"] * d["img_count"] for d in dirs.values())  # kohya's: with repeats
     module, args = TYPES[settings.training_method].network_module_and_args(settings)
     meta = {
         "ss_network_module": module,
@@ -102,8 +106,8 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_resolution": f"({settings.resolution}, {settings.resolution})",
         "ss_clip_skip": str(clip_skip) if clip_skip else "None",
         "ss_num_train_images": str(image_count),
-        "ss_tag_frequency": json.dumps({dataset: tag_frequency}, sort_keys=True),
-        "ss_dataset_dirs": json.dumps({dataset: {"n_repeats": 1, "img_count": image_count}}),
+        "ss_tag_frequency": json.dumps(tag_frequency, sort_keys=True),
+        "ss_dataset_dirs": json.dumps(dirs),
         "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n)
                                                   in enumerate(sorted(bucket_counts.items()))}}),
         "ss_enable_bucket": str(settings.bucketing),
@@ -129,27 +133,69 @@ def build_metadata(settings: TrainSettings, *, family_metadata: dict, model_name
         "ss_noise_offset": str(settings.noise_offset),
         "ss_min_snr_gamma": str(settings.min_snr_gamma),
         "ss_zero_terminal_snr": str(settings.zero_terminal_snr),
-        "ss_optimizer": "torch.optim.AdamW",
+        "ss_optimizer": optimizers.ss_optimizer(settings),
         "ss_training_started_at": str(started_at),
         "ss_training_finished_at": str(timestamp()),
         "ss_caption_mode": settings.caption_mode,
         "lohatrain_settings": json.dumps(_shareable_settings(settings, seed), sort_keys=True),
     }
+    if reg_dirs:
+        meta["ss_reg_dataset_dirs"] = json.dumps(reg_dirs)
+        meta["ss_num_reg_images"] = str(sum(d["n_repeats"] * d["img_count"] for d in reg_dirs.values()))
+        meta["ss_prior_loss_weight"] = str(settings.prior_loss_weight)
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "keep_tokens_separator"):
+        if getattr(settings, key):
+            meta[f"ss_{key}"] = str(getattr(settings, key))
+    meta.update(loss_and_noise_metadata(settings))
     meta.update(family_metadata)
     meta.update(extra or {})
     return meta
 
 
+def _dataset_dirs(settings: TrainSettings, folders: list[FolderCount]) -> tuple[dict, dict, dict]:
+    """kohya's `ss_dataset_dirs` and `ss_reg_dataset_dirs` ({folder: {"n_repeats", "img_count"}}) and
+    `ss_tag_frequency` ({folder: {tag: count}}, the regularization folders' too); images directly in the chosen
+    folder go under its name."""
+    dirs, reg_dirs, tags = {}, {}, {}
+    for folder in folders:
+        own = settings.reg_data_dir if folder.regularization else settings.dataset_dir
+        name = folder.name or Path(own).name or "dataset"
+        (reg_dirs if folder.regularization else dirs)[name] = {"n_repeats": folder.repeats, "img_count": folder.images}
+        merged = tags.setdefault(name, {})  # kohya counts a folder name used on both sides together
+        for tag, count in folder.tags.items():
+            merged[tag] = merged.get(tag, 0) + count
+    return dirs, reg_dirs, tags
+
+
+def loss_and_noise_metadata(settings: TrainSettings) -> dict[str, str]:
+    """kohya's keys for the loss and noise options (train_network.py's, and sai_model_spec's timestep range), each
+    only while its option is on, so a run with them off writes the same file as before they existed. kohya writes
+    no key for masked loss: `lohatrain_settings` records it."""
+    s, meta = settings, {}
+    if s.multires_noise_iterations:
+        meta["ss_multires_noise_iterations"] = str(s.multires_noise_iterations)
+        meta["ss_multires_noise_discount"] = str(s.multires_noise_discount)
+    if s.ip_noise_gamma:
+        meta["ss_ip_noise_gamma"] = str(s.ip_noise_gamma)
+    if s.debiased_estimation_loss:
+        meta["ss_debiased_estimation"] = "True"
+    if s.loss_type != "l2":
+        meta["ss_loss_type"] = s.loss_type
+    if s.loss_type in ("huber", "smooth_l1"):
+        meta.update(ss_huber_schedule=s.huber_schedule, ss_huber_c=str(s.huber_c), ss_huber_scale=str(s.huber_scale))
+    if (s.min_timestep, s.max_timestep) != (0, TIMESTEPS):
+        meta["modelspec.timestep_range"] = f"{s.min_timestep},{s.max_timestep}"
+    return meta
+
+
 def _shareable_settings(settings: TrainSettings, seed: int) -> dict:
-    """The settings for the file's metadata: LoRA files get shared, so no local paths, only the folder name."""
-    data = {**_recorded(settings), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
+    """The settings for the file's metadata (`recorded`): LoRA files get shared, so no local paths, only the
+    folder names."""
+    data = {**settings.recorded(), "seed": seed, "dataset_dir": Path(settings.dataset_dir).name}
+    if "reg_data_dir" in data:
+        data["reg_data_dir"] = Path(settings.reg_data_dir).name
     del data["output_dir"]
     return data
-
-
-def _recorded(settings: TrainSettings) -> dict:
-    """The settings a file records: all but those about the machine it was trained on (RUN_CHOICES)."""
-    return {k: v for k, v in settings.to_dict().items() if k not in RUN_CHOICES}
 
 
 def safetensors_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -201,7 +247,7 @@ def save_network(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def write_sidecars(plan: OutputPlan, settings: TrainSettings, seed: int, activation_text: str,
                    notes: str, sd_version: str) -> None:
     """The settings JSON (to train again) and the WebUI card's activation text, beside the file."""
-    saved = json.dumps({**_recorded(settings), "seed": seed}, indent=2, sort_keys=True) + "\n"
+    saved = json.dumps({**settings.recorded(), "seed": seed}, indent=2, sort_keys=True) + "\n"
     write_atomically(plan.settings_file, saved.encode(), overwrite=True)
     card = {"description": notes, "activation text": activation_text, "sd version": sd_version,
             "preferred weight": 0, "notes": notes}

@@ -3,21 +3,25 @@ and the command line call it, so a run is refused the same way wherever it comes
 its own: memory flags and the path rule).
 
 What it checks: this torch, what the host allows (a text encoder it cannot train), how the model is held (fp16,
-bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR), the output
-name and folder (a plain name, writable, no file overwritten unless asked), and the dataset (images that
-open, captions present). What it found is what the run then uses.
+bf16, FP8) against the train format, settings that need a particular model (zero-terminal SNR, block weights for
+the family's blocks), the optimizer (its package, its arguments against its constructor, bitsandbytes on the
+training device), the output name and folder (a plain name, writable, no file overwritten unless asked), and the
+dataset and regularization folders (images that open, captions present, kohya's `N_name` sub-folders, masks that
+fit). What it found is what the run then uses.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from . import dataset as ds
+from . import optimizers
 from .compat import torch_too_old
 from .errors import LohatrainError
 from .output import OutputPlan, plan_output
 from .parts import ModelParts
 from .precision import COMPUTE_DTYPES, check_precision
 from .settings import TrainSettings
+from .targets import block_weights
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Prepared:
 
     settings: TrainSettings
     plan: OutputPlan
-    items: list[ds.ImageItem]
+    items: list[ds.ImageItem]  # the training images, then the regularization images
 
 
 def preflight(parts: ModelParts, settings: TrainSettings, resuming: bool = False) -> Prepared:
@@ -50,12 +54,13 @@ def _check_settings(settings: TrainSettings) -> None:
     problem = torch_too_old()
     if problem:
         raise LohatrainError(problem)
+    optimizers.check(settings)
 
 
 def _prepared(settings: TrainSettings, resuming: bool) -> Prepared:
     plan = plan_output(settings, settings.output_dir or ".", resuming)
     items = ds.scan_dataset(settings.dataset_dir, settings.caption_mode, settings.caption_phrase,
-                            settings.caption_ext)
+                            settings.caption_ext, settings.reg_data_dir, settings.masked_loss)
     return Prepared(settings, plan, items)
 
 
@@ -69,4 +74,24 @@ def check_model(parts: ModelParts, settings: TrainSettings) -> None:
             "zero_terminal_snr needs a v-prediction model (such as SD 2.x 768-v): at the last timestep a "
             "zero-SNR schedule leaves no trace of the image, which a noise-predicting (eps) model cannot "
             "learn from. Turn zero_terminal_snr off for this checkpoint.")
-    check_precision(parts.unet, next(parts.unet.parameters()).device, COMPUTE_DTYPES[settings.train_dtype])
+    _check_block_weights(parts, settings)
+    if settings.max_timestep > len(parts.alphas_cumprod):
+        raise LohatrainError(f"max_timestep is {settings.max_timestep} but this model's noise schedule has "
+                             f"{len(parts.alphas_cumprod)} timesteps: lower max_timestep")
+    device = next(parts.unet.parameters()).device
+    check_precision(parts.unet, device, COMPUTE_DTYPES[settings.train_dtype])
+    optimizers.check_device(settings, device)
+
+
+def _check_block_weights(parts: ModelParts, settings: TrainSettings) -> None:
+    """kohya's block weights against the family's blocks (SDXL has fewer than SD 1.x); all of them 0 trains nothing."""
+    try:
+        weights = block_weights(settings, parts.family.lr_blocks)
+    except ValueError as e:
+        raise LohatrainError(f"{e} ({parts.family.label}: {parts.family.lr_blocks['down']} down, "
+                             f"{parts.family.lr_blocks['mid']} middle and {parts.family.lr_blocks['up']} up blocks)"
+                             ) from None
+    if weights and not any(weights.values()) and settings.network_targets != "full" and not settings.text_encoder_lr:
+        raise LohatrainError("every block's learning-rate weight is 0 (down_lr_weight, mid_lr_weight, up_lr_weight): "
+                             "nothing would be trained. Give some block a weight above 0 (and above "
+                             "block_lr_zero_threshold).")

@@ -1,7 +1,8 @@
 """A run's state: what a stopped training needs to go on exactly where it stopped.
 
 `LoopState` (lohatrain/loop.py) is what the loop changes from one step to the next: the step, the network's weights (float32), the
-optimizer, the schedule, the fp16 loss scaler and every random stream the loop draws from (batch order, noise
+optimizer (whichever it is: its tensors in the file; its counters, and its groups with Prodigy's adapted step size,
+in the header), the schedule, the fp16 loss scaler and every random stream the loop draws from (batch order, noise
 and timesteps, augmentation, tag shuffling). Everything else a run uses is rebuilt the same way from the
 settings and the seed (the images' VAE latents are drawn under per-image seeds), so saving and loading this is
 all resume needs: a resumed run ends in the same file, byte for byte, as one that never stopped.
@@ -40,21 +41,35 @@ def _tensors_and_info(loop: LoopState, streams: dict | None = None) -> tuple[dic
     tensors = {f"network.{k}": v.detach().to("cpu", torch.float32).contiguous()
                for k, v in loop.network.state_dict().items()}
     optimizer = loop.optimizer.state_dict()
-    for index, values in optimizer["state"].items():
-        for key, value in values.items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+    values = {}
+    for path, value in _flat(optimizer["state"]):
+        if isinstance(value, torch.Tensor):  # a copy: bitsandbytes shares one tensor between weights' states
+            tensors[f"optimizer.{path}"] = value.detach().to("cpu", copy=True).contiguous()
+        else:
+            values[path] = value
     tensors["rng.sampler"] = streams["sampler"]["generator"]
     tensors["rng.noise"] = streams["noise"]
     tensors["rng.aug"] = streams["aug"]
     info = {
         "step": loop.step, "losses": loop.losses, "smooth": loop.smooth,
         "optimizer_groups": optimizer["param_groups"],
+        "optimizer_values": values,
         "scheduler": loop.scheduler.state_dict(),
         "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else {},
         "sampler_pending": streams["sampler"]["pending"],
         "caption_rng": streams["caption"],
     }
     return tensors, info
+
+
+def _flat(entries: dict, prefix: str = ""):
+    """(path, value) for each value of an optimizer's state, nested dicts' keys joined with dots (`0.exp_avg`;
+    bitsandbytes keeps its 8-bit buffers in a dict of their own)."""
+    for key, value in entries.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def restore(loop: LoopState, saved: "SavedRun") -> None:
@@ -68,10 +83,14 @@ def restore(loop: LoopState, saved: "SavedRun") -> None:
                              "resumed with these settings")
     loop.network.load_state_dict({k: v.to(device) for k, v in theirs.items()})
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+    entries = {**{k[len("optimizer."):]: v for k, v in tensors.items() if k.startswith("optimizer.")},
+               **info.get("optimizer_values", {})}
+    for path, value in entries.items():
+        index, *keys = path.split(".")
+        place = state.setdefault(int(index), {})
+        for key in keys[:-1]:
+            place = place.setdefault(key, {})
+        place[keys[-1]] = value
     loop.optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_groups"]})
     loop.scheduler.load_state_dict(info["scheduler"])
     if loop.scaler.is_enabled():
@@ -94,7 +113,7 @@ class RunRecord:
     started_at: int
     model_name: str
     model_id: str
-    dataset: list[list]  # [file name, size, mtime_ns, caption] per image
+    dataset: list[list]  # [file name, size, mtime_ns, caption] per image, then [name, size, mtime_ns] of its mask file
 
 
 @dataclass
@@ -134,7 +153,9 @@ class SavedRun:
         for label, names in (("added", sorted(set(now) - set(then))), ("removed", sorted(set(then) - set(now))),
                              ("edited", sorted(n for n in set(now) & set(then) if now[n][1:3] != then[n][1:3])),
                              ("with another caption", sorted(n for n in set(now) & set(then)
-                                                             if now[n][3] != then[n][3]))):
+                                                             if now[n][3] != then[n][3])),
+                             ("with another mask", sorted(n for n in set(now) & set(then)
+                                                          if now[n][4:] != then[n][4:]))):
             if names:
                 shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
                 found.append(f"images {label}: {shown}")
@@ -142,15 +163,19 @@ class SavedRun:
 
 
 def dataset_fingerprint(items: list[ds.ImageItem]) -> list[list]:
-    """Per image: its path inside the dataset folder, size, modification time and caption."""
+    """Per image: its path inside the dataset folder (`ImageItem.label`), size, modification time and caption (and
+    its mask file's)."""
     entries = []
     for item in items:
+        files = [item.path] + ([item.mask] if item.mask and item.mask != item.path else [])  # masked loss: its mask
         try:
-            st = os.stat(item.path)
+            stats = [os.stat(f) for f in files]
         except OSError as e:
-            raise DatasetError(f"{item.path} cannot be read since the dataset was checked ({e.strerror}): put it "
+            raise DatasetError(f"{e.filename} cannot be read since the dataset was checked ({e.strerror}): put it "
                                   "back, or check the dataset again") from None
-        entries.append([Path(item.path).name, st.st_size, st.st_mtime_ns, item.caption])
+        entries.append([item.label, stats[0].st_size, stats[0].st_mtime_ns, item.caption])
+        for path, st in zip(files[1:], stats[1:]):
+            entries[-1] += [item.label_of(path.name), st.st_size, st.st_mtime_ns]
     return sorted(entries)
 
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from . import dataset as ds
-from . import run_state
+from . import optimizers, run_state
 from .loop import LoopState
 from .output import SAVE_DTYPES, build_metadata, save_network, write_sidecars
 from .parts import ModelParts
@@ -24,15 +24,19 @@ class Saves:
         self.parts, self.record, self.loop, self.clip_skip, self.processes = parts, record, loop, clip_skip, processes
         self.changes = changes
         self.overwrite = self.settings.overwrite or resumed  # a resumed run rewrites its own files
-        self.tag_frequency, self.bucket_counts = ds.tag_frequency(self.items), dict(ds.bucket_table(self.items, bucket_of))
+        draws = ds.draws_per_epoch(self.items)
+        self.folders = ds.folder_counts(self.items, draws)
+        self.bucket_counts = dict(ds.bucket_table(self.items, bucket_of, draws))
         self.files: list[Path] = []
 
     def metadata(self, steps_done: int) -> dict[str, str]:
-        extra = {"lohatrain_resumed_with_changes": "; ".join(self.changes)} if self.changes else None
+        extra = optimizers.run_metadata(self.loop.optimizer)
+        if self.changes:
+            extra["lohatrain_resumed_with_changes"] = "; ".join(self.changes)
         return build_metadata(
             self.settings, family_metadata=self.parts.metadata, model_name=self.parts.name,
-            model_hash=self.parts.hash, clip_skip=self.clip_skip, image_count=len(self.items),
-            tag_frequency=self.tag_frequency, bucket_counts=self.bucket_counts, steps_done=steps_done,
+            model_hash=self.parts.hash, clip_skip=self.clip_skip, folders=self.folders,
+            bucket_counts=self.bucket_counts, steps_done=steps_done,
             started_at=self.record.started_at, batches_per_epoch=self.loop.sampler.batches_per_epoch,
             seed=self.record.seed, processes=self.processes, extra=extra)
 

@@ -13,12 +13,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import optimizers
 from .errors import LohatrainError
 from .methods import TYPES, NetworkType
+from .targets import BLOCK_WEIGHTS, DEFAULT_TARGETS, TARGETS, weights_problem
 
 CAPTION_MODES = ("none", "phrase", "txt")
 DTYPES = ("fp16", "bf16", "fp32")
 SCHEDULERS = ("constant", "cosine", "linear")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # kohya sd-scripts' loss_type
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's huber_schedule
+TIMESTEPS = 1000  # every SD family's noise schedule
 DEFAULT_METHOD = "loha"
 
 
@@ -49,6 +54,13 @@ _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
 # Settings about this machine and this click, not about the network: the file and its settings JSON leave them out.
 RUN_CHOICES = ("ignore_memory_estimate",)
+
+
+def _added(default):
+    """A setting added after lohatrain's files were first shared: files record it only when it is set away from its
+    default, so a run that does not use it writes the same bytes as before it existed."""
+    return field(default=default, metadata={"recorded_when_set": True})
+
 
 _RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{p}{i}" for p in ("com", "lpt") for i in range(1, 10)}
 _BAD_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -112,6 +124,40 @@ class TrainSettings:
     preview_seed: int = 1234  # previews and the steps × strength grid: one seed, so images compare
     preview_steps: int = 20
     preview_sampler: str = "DPM++ 2M"  # a sampler name of the host's txt2img
+    # Every setting below (the options people know from kohya: issue 21) is recorded in a file's lohatrain_settings
+    # only when set away from its default (`_added`), so runs without them write the same files as before.
+    # Network targets and block learning-rate weights (lohatrain.targets):
+    network_targets: str = _added(DEFAULT_TARGETS)  # attn-only, attn-mlp, full
+    down_lr_weight: str = _added("")  # kohya's: "" = off, a comma list or a curve
+    mid_lr_weight: str = _added("")
+    up_lr_weight: str = _added("")
+    block_lr_zero_threshold: float = _added(0.0)  # at or below: that block not trained
+    # Masked loss, loss and noise, by kohya sd-scripts' names and defaults (all off by default):
+    masked_loss: bool = _added(False)
+    multires_noise_iterations: int = _added(0)  # 0 = off
+    multires_noise_discount: float = _added(0.3)
+    ip_noise_gamma: float = _added(0.0)  # 0 = off
+    debiased_estimation_loss: bool = _added(False)
+    loss_type: str = _added("l2")
+    huber_schedule: str = _added("snr")
+    huber_c: float = _added(0.1)
+    huber_scale: float = _added(1.0)
+    min_timestep: int = _added(0)
+    max_timestep: int = _added(TIMESTEPS)
+    # Optimizers (lohatrain.optimizers):
+    optimizer: str = _added(optimizers.DEFAULT)  # adamw, adamw8bit, prodigy, lion or adafactor
+    optimizer_args: str = _added("")  # more constructor arguments, kohya's form: "weight_decay=0.05 betas=0.9,0.99"
+    weight_decay: float | None = _added(None)  # None: the optimizer's own (AdamW 0.01, the others 0)
+    prodigy_d_coef: float = _added(1.0)
+    prodigy_bias_correction: bool = _added(False)
+    prodigy_safeguard_warmup: bool = _added(False)
+    adafactor_relative_step: bool = _added(True)  # False: a fixed rate, the learning rate and its schedule
+    # kohya's dataset shapes (`N_name` sub-folders of dataset_dir need no setting):
+    reg_data_dir: str = _added("")  # class images, flat or in `N_name` folders
+    prior_loss_weight: float = _added(1.0)  # the regularization images' loss ×
+    caption_dropout_rate: float = _added(0.0)  # a drawn image's caption emptied
+    caption_tag_dropout_rate: float = _added(0.0)  # each free tag left out
+    keep_tokens_separator: str = _added("")  # tags before it stay first
     # The memory estimate (lohatrain.memory): a run the estimate says does not fit the GPU starts only with this
     # on. About this machine, not the network: not written into the file (RUN_CHOICES).
     ignore_memory_estimate: bool = False
@@ -136,7 +182,8 @@ class TrainSettings:
             raise SettingsError(type_problems)
         kind = network_type(data.get("training_method", DEFAULT_METHOD))
         given = data
-        data = {**FAMILY_DEFAULTS[family], "learning_rate": kind.learning_rate_for(family), **data}
+        learning_rate = optimizers.PRODIGY_LR if data.get("optimizer") == "prodigy" else kind.learning_rate_for(family)
+        data = {**FAMILY_DEFAULTS[family], "learning_rate": learning_rate, **data}
         if "resolution" in given:  # bucket sides the user left out follow the resolution the user gave
             low, high = bucket_sides_for(data["resolution"])
             data["bucket_min_side"] = given.get("bucket_min_side", low)
@@ -162,6 +209,12 @@ class TrainSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def recorded(self) -> dict:
+        """`to_dict` less the settings added later (`_added`) left at their defaults and those about this machine
+        (RUN_CHOICES): what a file records."""
+        return {k: v for f, (k, v) in zip(dataclasses.fields(self), self.to_dict().items())
+                if k not in RUN_CHOICES and not (f.metadata.get("recorded_when_set") and v == f.default)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -243,6 +296,44 @@ class TrainSettings:
                      f"{self.init_from!r}")
         if not isinstance(self.preview_prompts, list) or not all(isinstance(x, str) for x in self.preview_prompts):
             p.append("preview_prompts must be a list of prompts")
+        if self.network_targets not in TARGETS:
+            p.append(f"network_targets must be one of {', '.join(TARGETS)}, not {self.network_targets!r}")
+        p += [problem for name in BLOCK_WEIGHTS if (problem := weights_problem(name, getattr(self, name)))]
+        _float_range(p, "block_lr_zero_threshold", self.block_lr_zero_threshold, 0, 1000)
+        return p + self._loss_and_noise_problems() + self._dataset_shape_problems()
+
+    def _loss_and_noise_problems(self) -> list[str]:
+        p = []  # the types are checked already (_type_problems)
+        _int_range(p, "multires_noise_iterations", self.multires_noise_iterations, 0, 100)
+        _float_range(p, "multires_noise_discount", self.multires_noise_discount, 0, 1, low_open=True)
+        _float_range(p, "ip_noise_gamma", self.ip_noise_gamma, 0, 1)
+        if self.loss_type not in LOSS_TYPES:
+            p.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            p.append(f"huber_schedule must be one of {', '.join(HUBER_SCHEDULES)}, not {self.huber_schedule!r}")
+        _float_range(p, "huber_c", self.huber_c, 0, 1, low_open=True)
+        _float_range(p, "huber_scale", self.huber_scale, 0, 100, low_open=True)
+        _int_range(p, "min_timestep", self.min_timestep, 0, TIMESTEPS - 1)
+        _int_range(p, "max_timestep", self.max_timestep, 1, TIMESTEPS)
+        if self.min_timestep >= self.max_timestep:
+            p.append(f"min_timestep ({self.min_timestep}) must be below max_timestep ({self.max_timestep})")
+        if self.weight_decay is not None:
+            _float_range(p, "weight_decay", self.weight_decay, 0, 10)
+        _float_range(p, "prodigy_d_coef", self.prodigy_d_coef, 0, 100, low_open=True)
+        for key in ("prodigy_bias_correction", "prodigy_safeguard_warmup", "adafactor_relative_step"):
+            if not isinstance(getattr(self, key), bool):
+                p.append(f"{key} must be true or false")
+        p += optimizers.problems(self)
+        return p
+
+    def _dataset_shape_problems(self) -> list[str]:
+        p = []
+        _float_range(p, "prior_loss_weight", self.prior_loss_weight, 0, 100)
+        _float_range(p, "caption_dropout_rate", self.caption_dropout_rate, 0, 1)
+        _float_range(p, "caption_tag_dropout_rate", self.caption_tag_dropout_rate, 0, 1)
+        if self.keep_tokens_separator and (not self.keep_tokens_separator.strip() or "," in self.keep_tokens_separator):
+            p.append(f"keep_tokens_separator must be a mark that is not in your tags, such as |||, not "
+                     f"{self.keep_tokens_separator!r} (no comma, not only spaces)")
         return p
 
     def validate(self) -> None:
@@ -280,7 +371,7 @@ SETTING_HELP = {
     "bucket_min_side": "the smallest bucket side in pixels (unless given: half the resolution)",
     "bucket_max_side": "the largest bucket side in pixels (unless given: twice the resolution)",
     "learning_rate": "the UNet's learning rate (unless given: 1e-4 for lora and locon, 1e-3 for loha and lokr, "
-                     "halved on SDXL)",
+                     "halved on SDXL; 1.0 with prodigy, which finds the step size itself)",
     "text_encoder_lr": "the text encoder's learning rate, 0 = the UNet only",
     "steps": "training steps",
     "batch_size": "images per step",
@@ -314,6 +405,44 @@ SETTING_HELP = {
     "preview_seed": "the previews' and the steps × strength grid's seed (in the WebUI only)",
     "preview_steps": "the previews' and the grid's sampling steps (in the WebUI only)",
     "preview_sampler": "the previews' and the grid's sampler, one of the WebUI's (in the WebUI only)",
+    "network_targets": "what is adapted: attn-only (attention projections), attn-mlp (attention blocks whole; with "
+                       "conv_dim > 0 also ResBlocks and samplers) or full (also conv_in, conv_out, the time and SDXL "
+                       "label embeddings; 3x3 convolutions only with conv_dim > 0), as LyCORIS' presets",
+    "down_lr_weight": "kohya's learning-rate weights of the down blocks (input_blocks 0-11, SDXL 0-8): comma-separated "
+                      "(empty = 0, missing = 1) or a curve: sine, cosine, linear, reverse_linear, zeros, with +base",
+    "mid_lr_weight": "kohya's learning-rate weight of the middle block (SDXL: 3, comma-separated)",
+    "up_lr_weight": "kohya's learning-rate weights of the up blocks (output_blocks 0-11, SDXL 0-8), as down_lr_weight",
+    "block_lr_zero_threshold": "block weights at or below this become 0: that block is not trained",
+    "masked_loss": "weight the loss by each image's mask, its alpha channel or a <name>.mask.png beside it (white "
+                   "trains, black does not)",
+    "multires_noise_iterations": "multires (pyramid) noise levels, 0 = off (6 to 10 is usual)",
+    "multires_noise_discount": "multires noise: each coarser level's strength relative to the one before",
+    "ip_noise_gamma": "input-perturbation noise strength, 0 = off (0.1 is usual)",
+    "debiased_estimation_loss": "weight each step's loss by 1/sqrt(SNR) (debiased estimation)",
+    "loss_type": f"loss: {', '.join(LOSS_TYPES)}",
+    "huber_schedule": f"huber and smooth_l1: how huber_c changes with the timestep: {', '.join(HUBER_SCHEDULES)}",
+    "huber_c": "huber and smooth_l1: the threshold between quadratic and linear loss",
+    "huber_scale": "huber and smooth_l1: a factor on huber_c (constant and exponential schedules)",
+    "min_timestep": "the lowest timestep trained (0 to 999)",
+    "max_timestep": f"the timestep trained up to, not included (1 to {TIMESTEPS})",
+    "optimizer": f"{', '.join(optimizers.OPTIMIZERS)}; prodigy finds the step size itself, so its learning rates "
+                 "are 1.0 unless given (they scale its estimate)",
+    "optimizer_args": "more arguments for the optimizer, as kohya's --optimizer_args: \"weight_decay=0.05 "
+                      "betas=0.9,0.99\" (checked against the optimizer's own arguments)",
+    "weight_decay": "the optimizer's weight decay (unset: its own, 0.01 for adamw and adamw8bit, 0 for the others)",
+    "prodigy_d_coef": "prodigy: scales its step-size estimate (0.5 to 2 are usual); the way to tune Prodigy",
+    "prodigy_bias_correction": "prodigy: Adam's bias correction (use_bias_correction)",
+    "prodigy_safeguard_warmup": "prodigy: keep the step-size estimate from growing during a warm-up "
+                                "(safeguard_warmup; turn on with lr_warmup_steps)",
+    "adafactor_relative_step": "adafactor: its own step size 1/sqrt(step), learning_rate unused (kohya's default); "
+                               "off: a fixed rate, the learning rate and its schedule",
+    "reg_data_dir": "kohya's regularization folder: class images (directly in it or in N_name sub-folders), drawn "
+                    "as often as the training images",
+    "prior_loss_weight": "the regularization images' weight in the loss",
+    "caption_dropout_rate": "the chance (0 to 1) a drawn image trains with an empty caption",
+    "caption_tag_dropout_rate": "the chance (0 to 1) each tag is left out of a drawn caption (the kept ones never)",
+    "keep_tokens_separator": "a mark in captions (such as |||): the tags before it stay first, never shuffled or "
+                             "dropped; a second one keeps the tags after it last (unset: keep_tokens)",
     "ignore_memory_estimate": "in the WebUI: start a run the memory estimate says does not fit the GPU's free memory "
                               "(the command line does not refuse; --estimate reports)",
 }

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from . import compat, loop, run_state
+from . import compat, loop, optimizers, run_state
 from . import dataset as ds
 from .cache import Cache, cache_conditioning, cache_latents
 from .distributed import ALONE, Ranks
@@ -36,6 +36,7 @@ from .preflight import Prepared, preflight
 from .run_state import RunRecord, SavedRun
 from .saves import Saves
 from .settings import TrainSettings
+from .targets import block_weights
 
 
 @dataclass
@@ -119,10 +120,13 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
 
     with ExitStack() as stack:
         guard, autocast = _hold(stack, parts, settings, train_text, device)
-        batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed))
+        draws = ds.draws_per_epoch(items)
+        batch_sampler = ds.BucketBatchSampler(bucket_of, settings.batch_size, torch.Generator().manual_seed(seed),
+                                              draws)
         if resume:
             batch_sampler.load_state_dict(resume.sampler_state)
-        needed = ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0), len(items))
+        needed = {i for i in ranks.images_needed(batch_sampler, settings.steps - (resume.step if resume else 0),
+                                                 len(items)) if draws[i]}  # regularization images left out: none
         cache = _cache(parts, prepared, bucket_of, needed, encode_prompts, train_text, autocast, stop, seed, report)
         if cache is None:
             return TrainResult("interrupted", None, 0, seed, time.perf_counter() - started, warnings=warnings)
@@ -142,7 +146,7 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         stack.enter_context(parts.unet_training())
         if settings.gradient_checkpointing:
             loop.checkpoint_blocks(parts.unet)
-        state = _loop_state(network, settings, seed, batch_sampler, device)
+        state = _loop_state(network, settings, seed, batch_sampler, device, parts.family)
         if resume:
             run_state.restore(state, resume)
         elif settings.init_from:
@@ -150,7 +154,7 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
         setup = loop.Setup(parts, ranks.parallel(loop.Prediction(network, parts.predict)), cache, settings,
                            encode_prompts, train_text,
                            loop.training_alphas_cumprod(parts.alphas_cumprod, settings.zero_terminal_snr).to(device),
-                           device, autocast, ranks)
+                           device, autocast, ranks, ds.loss_weights(items, settings.prior_loss_weight))
         saves = Saves(prepared, parts, record, state, clip_skip, bucket_of, ranks.world_size, changes,
                       resumed=resume is not None)
         first_step, rate = state.step, loop.Rate(state.step)
@@ -160,7 +164,8 @@ def _train(parts: ModelParts, prepared: Prepared, hooks: Hooks, resume: SavedRun
             nonlocal whole_step_streams
             whole_step_streams = state.streams()
             report(Progress("Training", step, settings.steps, state.losses[-1], state.smooth,
-                            state.scheduler.get_last_lr()[0], *rate.at(step, settings.steps)))
+                            optimizers.current_lr(state.optimizer, _unet_lr(state)),
+                            *rate.at(step, settings.steps)))
             if on_step:
                 with torch.no_grad():
                     on_step(step, network)
@@ -233,10 +238,11 @@ def _cache(parts: ModelParts, prepared: Prepared, bucket_of, needed: set[int], e
     if not settings.color_aug and not parts.managed:
         parts.vae.to(parts.offload_device)
     captions = [item.caption for item in prepared.items]
-    cache = Cache(samples, captions, {}, per_step_text=settings.shuffle_tags or train_text)
+    variation = ds.CaptionVariation.of(settings)
+    cache = Cache(samples, captions, {}, per_step_text=variation.per_step or train_text)
     if not cache.per_step_text:
         report(Progress("Encoding captions"))
-        cache.conditioning = cache_conditioning(encode_prompts, captions, autocast)
+        cache.conditioning = cache_conditioning(encode_prompts, variation.cached_captions(captions), autocast)
         if not parts.managed:
             parts.text_encoder.to(parts.offload_device)
     return cache
@@ -244,22 +250,45 @@ def _cache(parts: ModelParts, prepared: Prepared, bucket_of, needed: set[int], e
 
 def _network(parts: ModelParts, settings: TrainSettings, seed: int, train_text: bool, device) -> Network:
     plans = plan_unet(parts.family, parts.unet, settings.dim, settings.alpha, settings.conv_dim, settings.conv_alpha,
-                      parts.linear_types)
+                      parts.linear_types, settings.network_targets)
     if train_text:
-        plans += plan_text_encoder(parts, settings.dim, settings.alpha)
+        plans += plan_text_encoder(parts, settings.dim, settings.alpha, settings.network_targets)
     return Network(plans, seed, settings.training_method, settings.lokr_factor, settings.dora).to(device)
 
 
-def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_sampler, device) -> loop.LoopState:
-    groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
+def param_groups(network: Network, settings: TrainSettings, family) -> list[dict]:
+    """The optimizer's parameter groups: the UNet's at its learning rate, or with kohya's block weights one group per
+    block at the rate times its weight (`lr_weight`; a block of weight 0 is left out and frozen, as kohya leaves it
+    out); then the text encoder's."""
+    weights = block_weights(settings, family.lr_blocks)
+    if weights is None:
+        groups = [{"params": network.parameters_of(text_encoder=False), "lr": settings.learning_rate}]
+    else:
+        groups = []
+        for block, params in network.parameters_by_block().items():
+            weight = weights.get(block, 1.0)
+            if weight == 0:
+                for p in params:
+                    p.requires_grad_(False)
+            else:
+                groups.append({"params": params, "lr": settings.learning_rate * weight, "lr_weight": weight})
     if settings.text_encoder_lr > 0:
         groups.append({"params": network.parameters_of(text_encoder=True), "lr": settings.text_encoder_lr})
-    # The fused kernel updates all trainable tensors at once: the per-tensor loop was ~8% of a step.
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01, fused=compat.fused_adamw_supported(device.type))
+    return groups
+
+
+def _loop_state(network: Network, settings: TrainSettings, seed: int, batch_sampler, device,
+                family) -> loop.LoopState:
+    optimizer = optimizers.build(settings, param_groups(network, settings, family), device)
     return loop.LoopState(network, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, loop.lr_lambda(settings)),
                           compat.grad_scaler(device.type, enabled=settings.train_dtype == "fp16"), batch_sampler,
                           torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2),
                           random.Random(seed + 3))
+
+
+def _unet_lr(state: loop.LoopState) -> float:
+    """The UNet's learning rate now (the first group's, without its block weight)."""
+    return state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0].get("lr_weight", 1.0)
 
 
 def _check_resume(resume: SavedRun, settings: TrainSettings, now: RunRecord, anyway: bool) -> list[str]:
@@ -292,10 +321,17 @@ def _start_from_file(network: Network, path: Path) -> None:
 
 
 def _activation_text(settings: TrainSettings, items) -> str:
+    """The trigger the WebUI's card puts in a prompt: the phrase, else the first tag most captions start with, one
+    per `N_name` sub-folder (each concept its own); regularization images have none."""
     if settings.caption_mode == "phrase":
         return settings.caption_phrase
-    first_tags = [i.caption.split(",")[0].strip() for i in items if i.caption.strip()]
-    return max(sorted(set(first_tags)), key=first_tags.count) if first_tags else ""
+    triggers = []
+    for folder in dict.fromkeys(i.folder for i in items if not i.regularization):
+        first_tags = [i.caption.split(",")[0].strip() for i in items
+                      if i.folder == folder and not i.regularization and i.caption.strip()]
+        if first_tags:
+            triggers.append(max(sorted(set(first_tags)), key=first_tags.count))
+    return ", ".join(dict.fromkeys(triggers))
 
 
 @contextmanager

@@ -4,9 +4,9 @@ files from the loader's side. The ΔW formulas are the published ones (LoRA, LoH
 product, DoRA's W' = m · (W + ΔW) / ‖W + ΔW‖ with the norm per input channel, the axis the WebUI uses).
 
 Written from the host's rules, not from lohatrain's code: diffusers names are converted to ldm names
-(assuming SD1's 2 res blocks per level), then looked up among `model.model` and the text encoder's modules
-with dots turned into underscores; an ldm-named UNet key matches by the `lora_unet` → `diffusion_model`
-fallback.
+(assuming SD1's 2 res blocks per level; conv_in, conv_out and the time embedding's two Linears by name), then
+looked up among `model.model` and the text encoder's modules with dots turned into underscores; an ldm-named UNet
+key matches by the `lora_unet` → `diffusion_model` fallback.
 
 SD2 (the host decides it by a `model_transformer_resblocks` entry in that module map, i.e. an OpenCLIP text
 encoder): `lora_te_…_layers_N_<rest>` becomes `model_transformer_resblocks_N_<rest>` with `self_attn` →
@@ -34,6 +34,11 @@ _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_
 
 def diffusers_to_compvis(key: str, is_sd2: bool = False) -> str:
     """The host's conversion of a kohya SD1/SD2 key (without the `.hada_*` part) to its module-map name."""
+    outside = {"lora_unet_conv_in": "diffusion_model_input_blocks_0_0", "lora_unet_conv_out": "diffusion_model_out_2",
+               "lora_unet_time_embedding_linear_1": "diffusion_model_time_embed_0",
+               "lora_unet_time_embedding_linear_2": "diffusion_model_time_embed_2"}
+    if key in outside:
+        return outside[key]
     if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         level, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
         rest = _RESNET.get(rest, rest) if kind == "resnets" else rest

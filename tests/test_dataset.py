@@ -12,6 +12,7 @@ from lohatrain import dataset as ds
 from lohatrain.dataset import (
     IMAGE_EXTENSIONS,
     BucketBatchSampler,
+    CaptionVariation,
     ImageItem,
     assign_bucket,
     assign_buckets,
@@ -22,7 +23,6 @@ from lohatrain.dataset import (
     make_buckets,
     prepare_image,
     scan_dataset,
-    shuffle_caption,
     tag_frequency,
     upscale_warnings,
 )
@@ -250,6 +250,10 @@ def test_unusable_folder_is_explained(tmp_path, make_folder, expected):
 
 
 TAGS = "sks, 1girl, red hair, smile, outdoors, sky, tree, hat, dress, looking at viewer"
+
+
+def shuffle_caption(caption: str, rng: random.Random, keep_tokens: int = 0) -> str:
+    return CaptionVariation(shuffle=True, keep_tokens=keep_tokens).apply(caption, rng)
 
 
 def test_shuffle_keeps_first_tokens_and_the_same_tags():

@@ -132,20 +132,21 @@ def webui_root(tmp_path, with_launch):
     return root
 
 
-def run_install(python, root):
-    """Runs install.py as the WebUI does; returns (process, run_pip calls recorded by the fake launch)."""
+def run_install(python, root, *args):
+    """Runs install.py as the WebUI does (lohatrain too, with `bitsandbytes`); returns (process, run_pip calls
+    recorded by the fake launch)."""
     log = root / "run_pip.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PYTHONPATH=str(root), FAKE_LAUNCH_LOG=str(log))
     log.write_text("")
-    process = subprocess.run([str(python), str(INSTALL_PY)], cwd=root, env=env, capture_output=True,
+    process = subprocess.run([str(python), str(INSTALL_PY), *args], cwd=root, env=env, capture_output=True,
                              text=True, timeout=300)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     return process, calls
 
 
 ALL_PRESENT = dict(torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", safetensors="0.4.2", toml="0.10.2",
-                   tqdm="4.66.1", Pillow="9.5.0", ImageHash="4.3.1")
+                   tqdm="4.66.1", Pillow="9.5.0", ImageHash="4.3.1", prodigyopt="1.1.2", lion_pytorch="0.2.5")
 STOCK_TORCH = "2.1.2+cu121"  # what a stock WebUI v1.10.1 installs (modules/launch_utils.py)
 
 
@@ -209,15 +210,18 @@ def test_pip_failure_prints_one_line_and_exits_0(tmp_path):
     fake_installed(python, torch="2.13.0", lycoris_lora="4.1.3", einops="0.4.1", Pillow="9.5.0")
     process, calls = run_install(python, webui_root(tmp_path, with_launch=True))
     assert process.returncode == 0
-    assert [call["command"] for call in calls] == ["install --no-deps safetensors toml tqdm ImageHash"]
+    assert [call["command"] for call in calls] == [
+        "install --no-deps safetensors toml tqdm ImageHash prodigyopt==1.1.2 lion-pytorch==0.2.5"]
     ours = [line for line in process.stdout.splitlines() if line.startswith("[lohatrain]")]
     assert len(ours) == 1
-    assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm, ImageHash (")
+    assert ours[0].startswith("[lohatrain] could not install safetensors, toml, tqdm, ImageHash, prodigyopt==1.1.2, "
+                              "lion-pytorch==0.2.5 (")
     assert "No module named pip" in ours[0]
     assert ours[0].endswith("the LoRA training tab will be unavailable until it is installed")
     # Besides our line, only the host's own announcement from run_pip.
     assert [line for line in process.stdout.splitlines() if line not in ours] == [
-        "Installing lohatrain requirements: safetensors, toml, tqdm, ImageHash"]
+        "Installing lohatrain requirements: safetensors, toml, tqdm, ImageHash, prodigyopt==1.1.2, "
+        "lion-pytorch==0.2.5"]
     assert process.stderr == ""
 
 
@@ -226,10 +230,44 @@ def test_pip_failure_outside_webui_prints_one_line_and_exits_0(tmp_path):
     process, calls = run_install(python, webui_root(tmp_path, with_launch=False))
     assert process.returncode == 0 and process.stderr == ""
     lines = process.stdout.splitlines()
-    assert lines[0] == ("Installing lohatrain requirements: "
-                        "lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow, ImageHash")
-    assert len(lines) == 2 and lines[1].startswith(
-        "[lohatrain] could not install lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow, ImageHash (")
+    everything = ("lycoris-lora==4.1.3, einops, safetensors, toml, tqdm, Pillow, ImageHash, prodigyopt==1.1.2, "
+                  "lion-pytorch==0.2.5")
+    assert lines[0] == f"Installing lohatrain requirements: {everything}"
+    assert len(lines) == 2 and lines[1].startswith(f"[lohatrain] could not install {everything} (")
+
+
+@pytest.mark.parametrize("torch_version,wanted", [(STOCK_TORCH, "0.45.5"), ("2.3.1", "0.49.2"),
+                                                  ("2.4.0", "0.50.2"), ("2.13.0", "0.50.2")])
+def test_bitsandbytes_is_installed_only_when_asked_for_this_torch_with_one_line(tmp_path, torch_version, wanted):
+    """Each the newest release whose torch requirement this torch meets; the WebUI's start never installs it."""
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "torch": torch_version, "lycoris_lora": "3.4.0"})
+    root = webui_root(tmp_path, with_launch=True)
+    assert run_install(python, root)[1] == []  # the start: not asked for
+    process, calls = run_install(python, root, "bitsandbytes")
+    assert [call["command"] for call in calls] == [f"install --no-deps bitsandbytes=={wanted}"]
+    assert process.stdout.splitlines()[0] == f"Installing bitsandbytes {wanted} for AdamW 8-bit (a large download, once)"
+    # this venv has no pip: the failure is one line, and the exit status tells lohatrain to refuse the run
+    assert process.returncode == 1 and len(process.stdout.splitlines()) == 2
+    reason = process.stdout.splitlines()[1]
+    assert reason.startswith(f"[lohatrain] could not install bitsandbytes {wanted} for AdamW 8-bit (")
+    assert "No module named pip" in reason and reason.endswith("): choose another optimizer")
+
+
+def test_bitsandbytes_already_there_or_a_torch_too_old_installs_nothing(tmp_path):
+    python = make_venv(tmp_path / "venv", with_pip=False)
+    fake_installed(python, **{**ALL_PRESENT, "bitsandbytes": "0.43.3"})
+    process, calls = run_install(python, webui_root(tmp_path, with_launch=True), "bitsandbytes")
+    assert (process.returncode, process.stdout, process.stderr, calls) == (0, "", "", [])
+
+    (tmp_path / "old").mkdir()
+    old = make_venv(tmp_path / "old" / "venv", with_pip=False)
+    fake_installed(old, **{**ALL_PRESENT, "torch": "1.13.1+cu117"})
+    process, calls = run_install(old, webui_root(tmp_path / "old", with_launch=True), "bitsandbytes")
+    assert (process.returncode, calls) == (1, [])
+    assert process.stdout.splitlines() == [
+        "[lohatrain] AdamW 8-bit needs bitsandbytes, which needs torch 2.0 or later, and this WebUI has torch "
+        "1.13.1+cu117: choose another optimizer, or update the WebUI"]
 
 
 @pytest.fixture
@@ -258,9 +296,12 @@ def test_installs_lycoris_without_touching_pins_then_does_nothing(tmp_path, host
     after = installed(host_venv)
     assert after["lycoris-lora"] == "4.1.3"
     assert {name: after.get(name) for name in before} == before  # nothing upgraded or downgraded
-    assert set(after) - set(before) == {"lycoris-lora", "toml", "imagehash"}  # only additions: no torch
+    # only additions: no torch
+    assert set(after) - set(before) == {"lycoris-lora", "toml", "imagehash", "prodigyopt", "lion-pytorch"}
+    assert (after["prodigyopt"], after["lion-pytorch"]) == ("1.1.2", "0.2.5")
     if inside_webui:
-        assert [call["command"] for call in calls] == ["install --no-deps lycoris-lora==4.1.3 toml ImageHash"]
+        assert [call["command"] for call in calls] == [
+            "install --no-deps lycoris-lora==4.1.3 toml ImageHash prodigyopt==1.1.2 lion-pytorch==0.2.5"]
 
     # The second start: everything is present, so no pip call and no output at all.
     root = tmp_path / "second-start"

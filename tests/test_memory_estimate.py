@@ -7,11 +7,14 @@ import copy
 import dataclasses
 import gc
 import json
+from collections import defaultdict
 
 import pytest
+import torch
 
 from lohatrain import __main__ as cli
-from lohatrain import compat, loop, memory
+from lohatrain import compat, loop, memory, optimizers, trainer
+from lohatrain.errors import LohatrainError
 from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.families import ldm_parts
 from lohatrain.preflight import preflight
@@ -157,3 +160,42 @@ def test_the_command_line_prints_the_estimate_and_trains_nothing(tmp_path, capsy
     out = capsys.readouterr().out
     assert "needs ≈" in out and "GB of memory (model" in out and "activations" in out
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+STATE_CASES = [("adamw", ""), ("adamw", "amsgrad=True"), ("adamw8bit", ""), ("prodigy", ""), ("lion", ""),
+               ("adafactor", ""), ("adafactor", "beta1=0.9")]
+
+
+@pytest.mark.parametrize("optimizer, args", STATE_CASES, ids=[f"{o}-{a}" if a else o for o, a in STATE_CASES])
+def test_the_optimizer_state_counted_is_what_each_optimizer_keeps(tiny_model, sample_dataset, tmp_path, optimizer,
+                                                                  args):
+    """The state each optimizer's package really holds after a step, on the network a run trains (LoHa on the
+    UNet and the text encoder: matrices, convolutions' kernels, DoRA's vectors; tensors on both sides of
+    bitsandbytes' 4096-number limit)."""
+    parts = ldm_parts(tiny_model)
+    settings = settings_for(sample_dataset, tmp_path, training_method="loha", dora=True, conv_dim=4, conv_alpha=2,
+                            text_encoder_lr=1.0 if optimizer == "prodigy" else 1e-4, optimizer=optimizer,
+                            optimizer_args=args, learning_rate=1.0 if optimizer == "prodigy" else 1e-4)
+    try:
+        optimizers.check_device(settings, torch.device("cpu"))
+    except LohatrainError as e:
+        pytest.skip(str(e))
+    network = trainer._network(parts, settings, 0, True, torch.device("cpu"))
+    params = [p for g in trainer.param_groups(network, settings, parts.family) for p in g["params"]]
+    assert {p.numel() >= 4096 for p in params} == {True, False}
+    opt = optimizers.build(settings, trainer.param_groups(network, settings, parts.family), torch.device("cpu"))
+    starts_at_zero = sum(p.numel() * p.element_size() for p in params if not p.any())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    owners = defaultdict(set)  # storage -> the parameters whose state holds it (bitsandbytes shares its tables)
+    for p, state in opt.state.items():
+        for t in state.values():
+            if isinstance(t, torch.Tensor) and t.dim() > 0:  # not the step counters
+                owners[t.untyped_storage()._cdata, t.untyped_storage().nbytes()].add(id(p))
+    held = sum(size for (_, size), ps in owners.items() if len(ps) == 1)
+    counted = memory.optimizer_state_bytes(settings, params)
+    if optimizer == "prodigy":  # p0 of a tensor that starts at zero is a scalar; counted in full
+        assert starts_at_zero and held <= counted <= held + starts_at_zero
+    else:
+        assert counted == held

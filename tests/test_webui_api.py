@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import sys
 import threading
 import time
 
@@ -88,6 +89,25 @@ def test_every_bad_value_is_listed_with_422(webui_server):
     assert r.status_code == 422 and len(problems) == 4
     assert [p.split()[0] for p in problems] == ["name", "learning_rate", "steps", "train_dtype"]
     assert not list(ui.root.rglob("escape*"))
+
+
+def test_an_unknown_optimizer_a_missing_package_or_a_wrong_argument_is_a_422(webui_server, monkeypatch):
+    ui = webui_server
+    before = httpx.get(f"{ui.url}/lohatrain/v1/status").json()
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "opt", optimizer="sgd",
+                                                                optimizer_args="momentum"))
+    assert r.status_code == 422 and r.json()["detail"] == [
+        "optimizer must be one of adamw, adamw8bit, prodigy, lion, adafactor, not 'sgd'",
+        "optimizer_args: 'momentum' must be name=value, e.g. weight_decay=0.05"]
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "opt", optimizer="lion", optimizer_args="betas=0.9"))
+    assert r.status_code == 422 and r.json()["detail"] == [
+        "optimizer_args: betas must be 2 numbers separated by commas, not 0.9"]
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if its installation had failed
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "opt", optimizer="prodigy"))
+    assert r.status_code == 422 and r.json()["detail"][0].startswith(
+        "the optimizer prodigy needs the Python package prodigyopt, which is not installed: restart the WebUI")
+    assert httpx.get(f"{ui.url}/lohatrain/v1/status").json().get("job_id") == before.get("job_id")
+    assert not list(ui.lora_dir.glob("opt*"))
 
 
 def test_a_dataset_problem_is_refused_before_a_job_starts(webui_server, tmp_path):

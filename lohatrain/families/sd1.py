@@ -27,6 +27,10 @@ TEXT_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|o
 
 _RESNET_SUFFIX = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
                   "skip_connection": "conv_shortcut"}
+# The layers outside the blocks, as kohya (and LyCORIS' `full` preset) name them; the host maps them back
+# (`convert_diffusers_name_to_compvis`), as ComfyUI does (`UNET_MAP_BASIC`). SD1 has no label embedding.
+_OUTSIDE_BLOCKS = {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "time_embed.0": "time_embedding.linear_1",
+                   "time_embed.2": "time_embedding.linear_2"}
 
 
 def _is_sd1_layout(unet: nn.Module) -> bool:
@@ -39,6 +43,8 @@ def ldm_to_diffusers(path: str) -> str | None:
 
     The inverse of the host's `convert_diffusers_name_to_compvis` (extensions-builtin/Lora/networks.py).
     """
+    if path in _OUTSIDE_BLOCKS:
+        return _OUTSIDE_BLOCKS[path]
     parts = path.split(".")
     if parts[0] == "input_blocks":
         index, sub, rest = int(parts[1]), int(parts[2]), parts[3:]
@@ -87,6 +93,10 @@ class SD1:
     label = "SD 1.x"
     card_version = "SD1"  # the "sd version" the WebUI's Lora card understands (SD1, SD2, SDXL, Unknown)
     applies_clip_skip = True  # the run's CLIP skip is used (and recorded in ss_clip_skip)
+    # What the "full" targets add outside the blocks (ldm paths; a UNet without one, SD1's label embedding, skips it)
+    outer_layers = ("time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2", "input_blocks.0.0", "out.2")
+    # kohya's block learning-rate weights: how many blocks of each kind (sd-scripts' networks/lora.py)
+    lr_blocks = {"down": 12, "mid": 1, "up": 12}
 
     # --- the family's rules -----------------------------------------------------------------------------------
 
@@ -94,6 +104,15 @@ class SD1:
     def unet_key(cls, unet: nn.Module, path: str) -> str:
         diffusers = ldm_to_diffusers(path) if _is_sd1_layout(unet) else None
         return "lora_unet_" + (diffusers or path).replace(".", "_")
+
+    @classmethod
+    def lr_block(cls, path: str) -> tuple[str, int] | None:
+        """The block a UNet layer's learning-rate weight comes from (lohatrain.targets), or None outside them."""
+        top, *rest = path.split(".")
+        kind = {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}.get(top)
+        if kind is None:
+            return None
+        return kind, int(rest[0]) if kind != "mid" or cls.lr_blocks["mid"] > 1 else 0
 
     @staticmethod
     def stack_conditioning(conds: list[torch.Tensor], empty: torch.Tensor | None) -> torch.Tensor:

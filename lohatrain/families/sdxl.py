@@ -49,6 +49,7 @@ class SDXL(SD1):
     label = "SDXL"
     card_version = "SDXL"
     applies_clip_skip = False
+    lr_blocks = {"down": 9, "mid": 3, "up": 9}  # kohya's: the middle block's ResBlock, transformer, ResBlock
 
     @staticmethod
     def matches(model) -> bool:

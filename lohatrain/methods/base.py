@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from ..targets import BLOCK_WEIGHTS, DEFAULT_TARGETS
+
 if TYPE_CHECKING:
     from ..settings import TrainSettings
 
@@ -89,13 +91,20 @@ class NetworkType:
 
     def network_module_and_args(self, settings: TrainSettings) -> tuple[str, dict[str, str]]:
         """What kohya's tools and the WebUI's Lora tab read about the type (`ss_network_module`, `ss_network_args`).
-        Without DoRA a type with its own `kohya_module` (plain LoRA: kohya's `networks.lora`) names it; the
-        other types, and every type with DoRA (which kohya's module lacks), are LyCORIS' `lycoris.kohya` with
-        the type's `algo` name. DoRA adds `dora_wd` and `wd_on_output` "False": our `dora_scale` is per input
-        channel (the WebUI's axis), LyCORIS' default is per output."""
+        Without DoRA, on the default targets, a type with its own `kohya_module` (plain LoRA: kohya's `networks.lora`)
+        names it; the other types, and every type with DoRA or other targets (which kohya's module lacks), are
+        LyCORIS' `lycoris.kohya` with the type's `algo` name and the targets as LyCORIS' `preset`. DoRA adds
+        `dora_wd` and `wd_on_output` "False": our `dora_scale` is per input channel (the WebUI's axis), LyCORIS'
+        default is per output. kohya's block learning-rate weights are written as given, when set."""
         args = {"conv_dim": str(settings.conv_dim), "conv_alpha": str(settings.conv_alpha)} if settings.conv_dim else {}
+        weights = {name: getattr(settings, name).strip() for name in BLOCK_WEIGHTS}
+        args.update({name: value for name, value in weights.items() if value})
+        if settings.block_lr_zero_threshold:
+            args["block_lr_zero_threshold"] = str(settings.block_lr_zero_threshold)
+        targets = settings.network_targets
         if settings.dora:
             args.update(dora_wd="True", wd_on_output="False")
-        elif self.kohya_module:
+        elif self.kohya_module and targets == DEFAULT_TARGETS:
             return self.kohya_module, args
-        return "lycoris.kohya", {**args, "algo": self.name, **self.network_args(settings)}
+        preset = {"preset": targets} if targets != DEFAULT_TARGETS else {}
+        return "lycoris.kohya", {**args, "algo": self.name, **preset, **self.network_args(settings)}

@@ -6,7 +6,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib
+import importlib.util
 import io
+import os
+import subprocess
 import sys
 import threading
 import traceback
@@ -17,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .. import captions, grid, hosts, memory
+from .. import captions, grid, hosts, kohya_config, memory
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -83,6 +87,36 @@ def check_dataset_path(folder: str, via: str) -> None:
             f"the WebUI's folder (an administrator can allow other folders in {SETTINGS_PLACE})")
 
 
+# --- a kohya config -------------------------------------------------------------------------------------------------
+
+def import_kohya(text: str, dataset_config: str | None = None, via: str = "tab") -> kohya_config.KohyaImport:
+    """A kohya config's settings for the loaded model's family. The dataset folders it names are read (to turn
+    epochs into steps) only where the path rule lets this entry read them; files it names are not opened."""
+    def may_read(folder: Path) -> bool:
+        try:
+            check_dataset_path(str(folder), via)
+        except LohatrainError:
+            return False
+        return True
+
+    return kohya_config.import_text(text, dataset_config, family=loaded_family(), may_read=may_read)
+
+
+def kohya_form_settings(config_file: str, dataset_config_file: str | None = None) -> tuple[TrainSettings, str]:
+    """The tab's *Load settings → a file*: a kohya config file (and its dataset config) as the form's settings
+    (the loaded family's and the host's defaults for what it does not set) and the message to show."""
+    def text(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LohatrainError(f"the {what} cannot be read: {e}") from None
+
+    imported = import_kohya(text(config_file, "kohya config"),
+                            text(dataset_config_file, "kohya dataset config") if dataset_config_file else None)
+    settings = imported.complete(loaded_family(), hosts.current().device_defaults())
+    return settings, imported.message()
+
+
 # --- a run ----------------------------------------------------------------------------------------------------------
 
 def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prepared:
@@ -93,7 +127,10 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     used. A host that loads its model lazily (Forge) has the model's own checks made when the run loads it."""
     host = hosts.current()
     check_dataset_path(settings.dataset_dir, via)
+    if settings.reg_data_dir.strip():
+        check_dataset_path(settings.reg_data_dir, via)
     host.check_memory_mode()
+    install_optimizer_package(settings)
     if settings.preview_every_steps:
         host.check_sampler(settings.preview_sampler)
     settings = dataclasses.replace(settings, output_dir=str(host.lora_dir()),
@@ -145,6 +182,25 @@ def memory_estimate(settings: TrainSettings, via: str) -> memory.Estimate:
     except Exception as e:  # noqa: BLE001 — said in the answer, with its reason
         traceback.print_exc()
         raise LohatrainError(f"the memory estimate failed on this model ({type(e).__name__}: {e})") from None
+
+
+def install_optimizer_package(settings: TrainSettings) -> None:
+    """AdamW 8-bit's bitsandbytes (a large binary) is installed only when a run asks for it: once, at the click,
+    by lohatrain's installer run as the WebUI runs it at start (its Python, PYTHONPATH its folder): install.py
+    picks the version for this torch and installs it with the host's pip, --no-deps, printing one line. A failure
+    refuses the run with the installer's reason."""
+    if settings.optimizer != "adamw8bit" or importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    settings.validate()  # nothing is downloaded for settings that are refused anyway
+    root = os.path.abspath(".")  # the WebUI's folder, as the host's own installer runner takes it
+    done = subprocess.run([sys.executable, str(EXTENSION_DIR / "install.py"), "bitsandbytes"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, errors="replace")
+    print(done.stdout, end="", flush=True)
+    importlib.invalidate_caches()
+    if done.returncode:
+        reasons = [line for line in done.stdout.splitlines() if line.startswith("[lohatrain] ")]
+        raise LohatrainError(reasons[-1][len("[lohatrain] "):] if reasons else
+                             f"installing bitsandbytes for AdamW 8-bit failed: {done.stderr.strip()[-300:]}")
 
 
 def run_training(job: Job) -> TrainResult:

@@ -11,9 +11,15 @@ POST /lohatrain/v1/preflight  body: as /train → what Train checks, without sta
                               fit, when it does not), "refusal" (why Train would refuse it, or null)}. Train refuses a
                               run that does not fit the GPU unless "ignore_memory_estimate": true
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
+POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-scripts TOML's text, "dataset_config":
+                              its dataset config's text (optional)} → {"settings" (engine names: what the config sets,
+                              for POST /train), "message", "taken", "changed", "not_taken" [{group, option, value,
+                              why}], "quiet"}; starts nothing. 422 when the text is neither
 POST /lohatrain/v1/dataset/check  {"dataset_dir", "caption_mode", "caption_ext", "caption_phrase", "resolution",
-                              "batch_size"} → the dataset doctor's report: images, problems [{file, kind,
-                              message}], tag_frequency, trigger, suggested_steps, steps_reason
+                              "batch_size", "reg_data_dir", "masked_loss"} → the dataset doctor's report: images,
+                              problems [{file, kind, message}], tag_frequency, trigger, suggested_steps, steps_reason,
+                              folders [{name, regularization, repeats, images, draws, share, trigger}] (kohya's N_name
+                              sub-folders, or the folder itself), regularization_images, masks
 POST /lohatrain/v1/grid       {"name", "prompts", "strengths", "seed"} (all but the name optional: the run's preview
                               prompts, 0.5/0.75/1, its preview seed) → the steps × strength grid through the WebUI's
                               txt2img: {"files", "images" (base64 PNG, one per prompt), "columns", "rows", "prompts"}
@@ -33,6 +39,7 @@ allows it in Settings → LoRA training.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from pathlib import Path
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
@@ -75,6 +82,11 @@ def _logged_in(app, request: Request) -> bool:
     return token is not None and token in tokens
 
 
+def _refuse(problems: list[str], status_code: int = 422) -> JSONResponse:
+    """The answer to a call that cannot be done: every problem at once, as FastAPI lists its own."""
+    return JSONResponse({"detail": problems}, status_code=status_code)
+
+
 def _settings_of(body: dict) -> TrainSettings:
     """A run's settings from a request: what it leaves out, the loaded model family's and the device's defaults."""
     host = hosts.current()
@@ -82,38 +94,57 @@ def _settings_of(body: dict) -> TrainSettings:
                                    family=actions.loaded_family())
 
 
-def register(app: FastAPI, runner: JobRunner) -> None:
-    route = dict(dependencies=[Depends(caller_guard(app))])
+def _unknown(body: dict, known) -> list[str]:
+    return [f"unknown field {k!r}" for k in sorted(set(body) - set(known))]
 
-    def start(body=Body(...)):
+
+_TYPE_WORDS = {str: "a text", int: "a whole number", bool: "true or false"}
+
+
+def _mistyped(body: dict, known: dict) -> list[str]:
+    """The known fields given with another JSON type (true/false is not a number here, nor a number true/false)."""
+    return [k for k, t in known.items()
+            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool) != (t is bool))]
+
+
+class Routes:
+    """The route handlers: each does what one call asks of the shared JobRunner and the host (actions.py)."""
+
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+
+    def start(self, body=Body(...)):
+        """A new run from settings (the loaded family's defaults fill the rest), or a stopped run resumed."""
         if not isinstance(body, dict):
-            return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
+            return _refuse(["the body must be a JSON object of settings"])
         try:
-            if "resume" in body:
-                job_id = _resume(body)
-            else:
-                job_id = runner.start(actions.preflight(_settings_of(body), via="api"), via="api")
+            job_id = self._resume(body) if "resume" in body else self._train(body)
         except SettingsError as e:
-            return JSONResponse({"detail": e.problems}, status_code=422)
+            return _refuse(e.problems)
         except Busy as e:
-            return JSONResponse({"detail": [str(e)]}, status_code=409)
+            return _refuse([str(e)], 409)
         except LohatrainError as e:
-            return JSONResponse({"detail": [str(e)]}, status_code=422)
+            return _refuse([str(e)])
         return {"job_id": job_id, "state": "running"}
 
-    def check_run(body=Body(...)):
+    def check_run(self, body=Body(...)):
+        """What Train would check and the memory estimate, without starting."""
         if not isinstance(body, dict):
-            return JSONResponse({"detail": ["the body must be a JSON object of settings"]}, status_code=422)
+            return _refuse(["the body must be a JSON object of settings"])
         try:
             settings = _settings_of(body)
             est = actions.memory_estimate(settings, via="api")
         except SettingsError as e:
-            return JSONResponse({"detail": e.problems}, status_code=422)
+            return _refuse(e.problems)
         except LohatrainError as e:
-            return JSONResponse({"detail": [str(e)]}, status_code=422)
+            return _refuse([str(e)])
         return {**est.to_dict(), "refusal": memory.refusal(est, settings)}
 
-    def _resume(body: dict) -> str:
+    def _train(self, body: dict) -> str:
+        return self.runner.start(actions.preflight(_settings_of(body), via="api"), via="api")
+
+    def _resume(self, body: dict) -> str:
+        """A resumed run keeps its own settings: only how far it goes (steps) may change."""
         problems = [f"a resumed run keeps its own settings: {k!r} cannot be given with resume"
                     for k in sorted(set(body) - {"resume", "resume_anyway", "steps"})]
         if not isinstance(body.get("resume_anyway", False), bool):
@@ -124,84 +155,105 @@ def register(app: FastAPI, runner: JobRunner) -> None:
         if problems:
             raise SettingsError(problems)
         settings, saved = actions.resume_settings(body["resume"], steps)
-        return runner.start(actions.preflight(settings, via="api", resuming=True), via="api", resume=saved,
-                            resume_anyway=body.get("resume_anyway", False))
+        return self.runner.start(actions.preflight(settings, via="api", resuming=True), via="api", resume=saved,
+                                 resume_anyway=body.get("resume_anyway", False))
 
-    def runs():
+    def runs(self):
         return {"runs": actions.resumable_runs()}
 
-    def check_dataset(body=Body(...)):
-        known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
-                 "resolution": int, "batch_size": int}
+    def import_settings(self, body=Body(...)):
+        """A kohya config as settings, and where each of its options went; nothing is started."""
+        known = {"config": str, "dataset_config": str}
         if not isinstance(body, dict):
-            return JSONResponse({"detail": ["the body must be a JSON object"]}, status_code=422)
-        problems = [f"unknown field {k!r}" for k in sorted(set(body) - set(known))] + [
-            f"{k} must be {'a whole number' if t is int else 'a text'}" for k, t in known.items()
-            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool))]
+            return _refuse(["the body must be a JSON object"])
+        problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
+        if "config" not in body:
+            problems.append("config (the kohya config file's text) is required")
         if problems:
-            return JSONResponse({"detail": problems}, status_code=422)
+            return _refuse(problems)
+        try:
+            imported = actions.import_kohya(body["config"], body.get("dataset_config"), via="api")
+        except LohatrainError as e:
+            return _refuse(e.problems if isinstance(e, SettingsError) else [str(e)])
+        return {"settings": imported.settings, "message": imported.message(), "taken": imported.taken,
+                "changed": imported.changed, "not_taken": [dataclasses.asdict(n) for n in imported.not_taken],
+                "quiet": imported.quiet}
+
+    def check_dataset(self, body=Body(...)):
+        """The dataset doctor's report, before anything is trained."""
+        known = {"dataset_dir": str, "caption_mode": str, "caption_ext": str, "caption_phrase": str,
+                 "resolution": int, "batch_size": int, "reg_data_dir": str, "masked_loss": bool}
+        if not isinstance(body, dict):
+            return _refuse(["the body must be a JSON object"])
+        problems = _unknown(body, known) + [f"{k} must be {_TYPE_WORDS[known[k]]}" for k in _mistyped(body, known)]
+        if problems:
+            return _refuse(problems)
         try:
             actions.check_dataset_path(body.get("dataset_dir", ""), via="api")
+            if body.get("reg_data_dir", "").strip():
+                actions.check_dataset_path(body["reg_data_dir"], via="api")
             report = doctor.check(body.get("dataset_dir", ""), body.get("caption_mode", "txt"),
                                   body.get("caption_ext", ".txt"), body.get("caption_phrase", ""),
-                                  body.get("resolution", 512), body.get("batch_size", 1))
+                                  body.get("resolution", 512), body.get("batch_size", 1),
+                                  reg_data_dir=body.get("reg_data_dir", ""),
+                                  masked_loss=body.get("masked_loss", False))
         except (LohatrainError, ValueError) as e:
-            return JSONResponse({"detail": [str(e)]}, status_code=422)
+            return _refuse([str(e)])
         return report.to_dict()
 
-    def make_grid(body=Body(...)):
+    def make_grid(self, body=Body(...)):
+        """The steps × strength grid of a finished run, the PNGs inline (a caller may not reach the disk)."""
         known = {"name": (str,), "prompts": (list,), "strengths": (list,), "seed": (int,)}
         if not isinstance(body, dict):
-            return JSONResponse({"detail": ["the body must be a JSON object"]}, status_code=422)
-        problems = [f"unknown field {k!r}" for k in sorted(set(body) - set(known))] + [
-            f"{k} has the wrong type" for k, t in known.items()
-            if k in body and (not isinstance(body[k], t) or isinstance(body[k], bool))]
+            return _refuse(["the body must be a JSON object"])
+        problems = _unknown(body, known) + [f"{k} has the wrong type" for k in _mistyped(body, known)]
         if "name" not in body:
             problems.append("name (the trained file's name) is required")
         if problems:
-            return JSONResponse({"detail": problems}, status_code=422)
-        if runner.job is not None and runner.job.state == "running":
-            return JSONResponse({"detail": ["a training is running: make the grid when it has finished"]},
-                                status_code=409)
+            return _refuse(problems)
+        if self.runner.job is not None and self.runner.job.state == "running":
+            return _refuse(["a training is running: make the grid when it has finished"], 409)
         try:
             made = actions.make_grid(body["name"], body.get("prompts"), body.get("strengths"), body.get("seed"))
         except LohatrainError as e:
-            return JSONResponse({"detail": [str(e)]}, status_code=422)
+            return _refuse([str(e)])
         encoded = [base64.b64encode(f.read_bytes()).decode() for f in made.files]  # the PNGs as saved
         return {"files": [f.name for f in made.files], "images": encoded, "prompts": made.plan.prompts,
                 "columns": [c.label for c in made.plan.columns], "rows": made.plan.strengths}
 
-    def status():
-        return public_status(runner.status())
+    def status(self):
+        return public_status(self.runner.status())
 
-    def interrupt():
-        return {"interrupted": runner.interrupt() or actions.interrupt_task()}
+    def interrupt(self):
+        """Stops the training, or else what the host is doing for us (a captioning pass, a grid)."""
+        return {"interrupted": self.runner.interrupt() or actions.interrupt_task()}
 
-    def presets(method: str = "loha"):
+    def presets(self, method: str = "loha"):
         family = actions.loaded_family()
         if method not in TYPES:
-            return JSONResponse({"detail": [f"method must be one of {', '.join(TYPES)}"]},
-                                status_code=422)
+            return _refuse([f"method must be one of {', '.join(TYPES)}"])
         return {key: {"label": p.label, "dim": p.dim, "alpha": p.alpha, "conv_dim": p.conv_dim,
                       "conv_alpha": p.conv_alpha, "lokr_factor": p.factor, "file_mb": p.file_mb, "family": family,
                       "training_method": method}
                 for key, p in TYPES[method].presets[family].items()}
 
-    def preview():
-        job = runner.job
+    def preview(self):
+        job = self.runner.job
         if job is None or not job.preview or not Path(job.preview).is_file():
-            return JSONResponse({"detail": ["no preview yet"]}, status_code=404)
+            return _refuse(["no preview yet"], 404)
         return FileResponse(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    app.add_api_route(f"{PREFIX}/train", start, methods=["POST"], **route)
-    app.add_api_route(f"{PREFIX}/preflight", check_run, methods=["POST"], **route)
-    app.add_api_route(f"{PREFIX}/status", status, methods=["GET"], **route)
-    app.add_api_route(f"{PREFIX}/runs", runs, methods=["GET"], **route)
-    app.add_api_route(f"{PREFIX}/dataset/check", check_dataset, methods=["POST"], **route)
-    app.add_api_route(f"{PREFIX}/grid", make_grid, methods=["POST"], **route)
-    app.add_api_route(f"{PREFIX}/interrupt", interrupt, methods=["POST"], **route)
-    app.add_api_route(f"{PREFIX}/presets", presets, methods=["GET"], **route)
-    app.add_api_route(f"{PREFIX}/preview", preview, methods=["GET"], **route)
+
+def register(app: FastAPI, runner: JobRunner) -> None:
+    """Adds the routes, each behind the caller guard."""
+    r, guard = Routes(runner), [Depends(caller_guard(app))]
+    for method, path, handler in [("POST", "/train", r.start), ("POST", "/preflight", r.check_run),
+                                  ("GET", "/status", r.status), ("GET", "/runs", r.runs),
+                                  ("POST", "/dataset/check", r.check_dataset), ("POST", "/grid", r.make_grid),
+                                  ("POST", "/interrupt", r.interrupt), ("GET", "/presets", r.presets),
+                                  ("POST", "/settings/import", r.import_settings),
+                                  ("GET", "/preview", r.preview)]:
+        app.add_api_route(f"{PREFIX}{path}", handler, methods=[method], dependencies=guard)
 
 
 def public_status(data: dict) -> dict:

@@ -37,10 +37,13 @@ EXISTING_LABELS = {"keep": "Keep them", "append": "Add the new tags to them", "o
 CUSTOM_LABEL = "Custom (set the sizes below)"
 # Fields whose default depends on the training method (its presets and rate), and those that also depend on
 # the loaded model's family (see settings.FAMILY_DEFAULTS and the presets).
-METHOD_FIELDS = ["network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "lokr_factor", "learning_rate"]
+SIZE_FIELDS = ["dim", "alpha", "conv_dim", "conv_alpha", "lokr_factor"]  # what a preset sets
+METHOD_FIELDS = ["network_preset", *SIZE_FIELDS, "learning_rate"]
 FAMILY_FIELDS = METHOD_FIELDS + ["resolution", "batch_size", "bucket_min_side", "bucket_max_side"]
 SAVED_PRESETS_DIR = actions.EXTENSION_DIR / "presets"
 BUCKET_FIELDS = ("bucket_min_side", "bucket_max_side")  # 0 in the tab: half and twice the resolution
+CHECK_FIELDS = ["dataset_dir", "caption_mode", "caption_phrase", "caption_ext", "resolution", "bucketing",
+                *BUCKET_FIELDS, "batch_size"]  # what "Check dataset" reads, in check_dataset's order
 
 # Form fields in the order the handlers receive them; each is a TrainSettings field.
 FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "alpha", "conv_dim", "conv_alpha", "clip_skip", "name", "dataset_dir",
@@ -119,8 +122,11 @@ def _message(text: str, kind: str = "info") -> str:
     return f'<div class="lohatrain-message lohatrain-{kind}">{lines}</div>'
 
 
-# The keyword of an event's front-end code: `_js` in Gradio 3 (A1111, reForge main), `js` in Gradio 4 (Forge 2).
-_JS = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+# Gradio 3 (A1111, reForge main) and Gradio 4 (Forge 2) name a few event arguments differently.
+_GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
+_JS = "js" if _GRADIO_4 else "_js"  # the keyword of an event's front-end code
+# Gradio 4's way for a change event: one made while the last is answered runs after it (Gradio 3 has no choice)
+_LIKE_CHANGE = {"trigger_mode": "always_last"} if _GRADIO_4 else {}
 
 
 def _model_markdown() -> str:
@@ -253,9 +259,11 @@ def make_grid(runner: JobRunner, name, prompts, strengths, seed):
 
 
 def _thumbnails(dataset_dir, ext: str) -> tuple[list, list[str]]:
-    """The gallery's (image, caption) pairs and the file names behind them (a per-page state, for editing)."""
+    """The gallery's (image, caption) pairs and the images' names in the dataset behind them ("2_alice/photo.png"
+    in a kohya sub-folder; a per-page state, for editing)."""
     shown = captions.thumbnails(dataset_dir, ext)
-    return shown, [Path(p).name for p, _ in shown]
+    folder = ds.resolve_folder(dataset_dir) if shown else None
+    return shown, [Path(p).relative_to(folder).as_posix() for p, _ in shown]
 
 
 def select_thumbnail(names, evt: gr.SelectData):
@@ -278,33 +286,54 @@ def save_edited_caption(dataset_dir, name, text, ext):
 
 
 def check_dataset(dataset_dir, caption_label, phrase, ext, resolution, bucketing, min_side, max_side,
-                  batch_size=1):
-    """The dataset doctor's findings (lohatrain/doctor.py), then count, buckets, captions and a few
-    thumbnails, before anything is trained."""
+                  batch_size=1, reg_data_dir=""):
+    """The dataset doctor's findings (lohatrain/doctor.py), then count, kohya's folders (repeats, draws, the
+    regularization share), buckets, captions and a few thumbnails, before anything is trained."""
     mode = _key_for(CAPTION_LABELS, caption_label)
     low, high = bucket_sides_for(int(resolution))
     min_side, max_side = int(min_side or 0) or low, int(max_side or 0) or high
+    reg_data_dir = (reg_data_dir or "").strip()
     try:
         actions.check_dataset_path(dataset_dir, via="tab")
+        if reg_data_dir:
+            actions.check_dataset_path(reg_data_dir, via="tab")
         found = doctor.check(dataset_dir, mode, ext, phrase, int(resolution), int(batch_size), bool(bucketing),
-                             int(min_side), int(max_side))
+                             int(min_side), int(max_side), reg_data_dir)
     except (LohatrainError, ValueError) as e:
         return _message(str(e), "error"), [], []
     doctor_html = _doctor_html(found)
     shown, names = _thumbnails(dataset_dir, ext or ".txt")
     try:
-        items = ds.scan_dataset(dataset_dir, mode, phrase, ext)
+        items = ds.scan_dataset(dataset_dir, mode, phrase, ext, reg_data_dir)
         bucket_of = ds.assign_buckets(items, int(resolution), bool(bucketing), int(min_side), int(max_side))
     except (LohatrainError, ValueError) as e:  # the doctor lists each file; this says what blocks training
         return doctor_html + _message(str(e), "error"), shown, names
-    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td></tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
-    captioned = sum(1 for i in items if i.caption.strip())
+    draws = ds.draws_per_epoch(items)
+    kohya = len(found.folders) > 1 or any(f.repeats > 1 for f in found.folders)
+    per_epoch = dict(ds.bucket_table(items, bucket_of, draws))
+    rows = "".join(f"<tr><td>{w}×{h}</td><td>{n}</td>" + (f"<td>{per_epoch.get((w, h), 0)}</td>" if kohya else "")
+                   + "</tr>" for (w, h), n in ds.bucket_table(items, bucket_of))
+    captioned = sum(1 for i in items if i.caption.strip() and not i.regularization)
     note = ds.grouping_note(items, bucket_of, int(resolution), bool(bucketing), int(min_side), int(max_side))
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in ds.upscale_warnings(items, bucket_of) + [note] if w)
-    report = (f'<div class="lohatrain-dataset"><p><b>{len(items)}</b> images, <b>{captioned}</b> with a caption.</p>'
-              f'<table><tr><th>bucket</th><th>images</th></tr>{rows}</table>'
+    report = (f'<div class="lohatrain-dataset"><p><b>{found.images}</b> images, <b>{captioned}</b> with a caption'
+              + (f", and <b>{found.regularization_images}</b> regularization images" if found.regularization_images
+                 else "") + ".</p>"
+              + (_folders_html(found.folders) if kohya else "")
+              + "<table><tr><th>bucket</th><th>images</th>" + ("<th>draws per epoch</th>" if kohya else "")
+              + f"</tr>{rows}</table>"
               + (f"<ul class='lohatrain-warnings'>{warnings}</ul>" if warnings else "") + "</div>") + doctor_html
     return report, shown, names
+
+
+def _folders_html(folders) -> str:
+    """kohya's folders: repeats, images, draws per epoch and their share, the trigger of each."""
+    rows = "".join(
+        f"<tr><td>{html.escape(f.name)}{' (regularization)' if f.regularization else ''}</td><td>{f.repeats}</td>"
+        f"<td>{f.images}</td><td>{f.draws}</td><td>{f.share:.0%}</td><td>{html.escape(f.trigger)}</td></tr>"
+        for f in folders)
+    return ('<table class="lohatrain-folders"><tr><th>folder</th><th>repeats</th><th>images</th>'
+            f"<th>draws per epoch</th><th>share</th><th>trigger</th></tr>{rows}</table>")
 
 
 def _doctor_html(found) -> str:
@@ -395,219 +424,474 @@ def load_checkpoint(title, method_label):
             after, _key_for(METHOD_LABELS, method_label), FAMILY_FIELDS)
 
 
+# The tab, panel by panel. Each `_…_panel` makes its components in the order they show, wires the events that
+# stay inside it, and returns them as a Panel; build_tab lays the panels out and wires the events between them.
+# A Panel field named after a TrainSettings field is that setting's form field. A new panel: a Panel subclass,
+# its `_…_panel` function, its place in Tab and build_tab, and its settings in FIELDS (and INT_FIELDS).
+
+
+@dataclasses.dataclass
+class Panel:
+    def settings(self) -> dict:
+        """This panel's form fields by setting name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in FIELDS}
+
+
+@dataclasses.dataclass
+class MethodPanel(Panel):
+    training_method: gr.Dropdown
+    dora: gr.Checkbox
+    lokr_factor: gr.Number
+
+
+def _method_panel(d: TrainSettings) -> MethodPanel:
+    """The network type first: it decides the presets, sizes and learning rate below."""
+    with gr.Row():
+        return MethodPanel(
+            training_method=gr.Dropdown(list(METHOD_LABELS.values()), value=METHOD_LABELS[d.training_method],
+                                        label="Training method", elem_id="lohatrain_method"),
+            dora=gr.Checkbox(d.dora, label="DoRA (weight decomposition)", elem_id="lohatrain_dora"),
+            lokr_factor=gr.Number(d.lokr_factor, label="LoKr factor (-1 = automatic)", precision=0,
+                                  elem_id="lohatrain_lokr_factor"))
+
+
+@dataclasses.dataclass
+class ModelPanel(Panel):
+    summary: gr.Markdown
+    checkpoint: gr.Dropdown
+    load: gr.Button
+
+
+def _model_panel() -> ModelPanel:
+    """The checkpoint the WebUI has loaded (what is trained on), and another one to load through the WebUI."""
+    with gr.Row():
+        summary = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
+    with gr.Row():
+        checkpoint = gr.Dropdown(hosts.current().checkpoint_titles(),
+                                 value=hosts.current().model_summary()["title"] or None,
+                                 label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
+        refresh = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
+        load = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
+    refresh.click(lambda: gr.update(choices=hosts.current().checkpoint_titles()), [], [checkpoint])
+    return ModelPanel(summary, checkpoint, load)
+
+
+@dataclasses.dataclass
+class NetworkPanel(Panel):
+    network_preset: gr.Dropdown
+    clip_skip: gr.Slider
+    dim: gr.Number
+    alpha: gr.Number
+    conv_dim: gr.Number
+    conv_alpha: gr.Number
+
+
+def _network_panel(d: TrainSettings, labels: dict[str, str]) -> NetworkPanel:
+    """The preset, and the sizes it sets (folded: most users keep the preset's)."""
+    with gr.Row():
+        preset = gr.Dropdown(list(labels.values()), value=labels[d.network_preset], label="Network preset",
+                             elem_id="lohatrain_preset")
+        # a callable value: each page load shows the WebUI's CLIP-skip setting as it is then
+        clip_skip = gr.Slider(1, 12, step=1, value=hosts.current().clip_skip, label="CLIP skip",
+                              elem_id="lohatrain_clip_skip")
+    with gr.Accordion("Network size", open=False):
+        with gr.Row():
+            return NetworkPanel(
+                preset, clip_skip,
+                dim=gr.Number(d.dim, label="Dim (rank)", precision=0, elem_id="lohatrain_dim"),
+                alpha=gr.Number(d.alpha, label="Alpha", elem_id="lohatrain_alpha"),
+                conv_dim=gr.Number(d.conv_dim, label="Conv dim (0 = attention only)", precision=0),
+                conv_alpha=gr.Number(d.conv_alpha, label="Conv alpha"))
+
+
+@dataclasses.dataclass
+class DatasetPanel(Panel):
+    name: gr.Textbox
+    dataset_dir: gr.Textbox
+    caption_mode: gr.Radio
+    caption_phrase: gr.Textbox
+    caption_ext: gr.Textbox
+
+
+def _dataset_panel(d: TrainSettings) -> DatasetPanel:
+    """What the file is called and what it learns from: the images and where their captions come from."""
+    name = gr.Textbox(d.name, label="Project name (file name and <lora:name:1>)", elem_id="lohatrain_name")
+    dataset_dir = gr.Textbox("", label="Dataset folder", placeholder="/path/to/images", elem_id="lohatrain_dataset")
+    with gr.Row():
+        caption_mode = gr.Radio(list(CAPTION_LABELS.values()), value=CAPTION_LABELS[d.caption_mode], label="Captions",
+                                elem_id="lohatrain_caption_mode")
+        caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase",
+                                    visible=d.caption_mode == "phrase")
+        caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext",
+                                 visible=d.caption_mode == "txt")
+    caption_mode.change(caption_fields, [caption_mode], [caption_phrase, caption_ext])
+    return DatasetPanel(name, dataset_dir, caption_mode, caption_phrase, caption_ext)
+
+
+@dataclasses.dataclass
+class TaggerPanel(Panel):
+    tagger: gr.Radio
+    existing: gr.Radio
+    prefix: gr.Textbox
+    drop_tags: gr.Textbox
+    threshold: gr.Slider
+    sort_alpha: gr.Checkbox
+    use_spaces: gr.Checkbox
+    escape: gr.Checkbox
+    caption: gr.Button
+    message: gr.HTML
+
+
+def _tagger_panel() -> TaggerPanel:
+    """Captions written by the WebUI's own taggers, for a folder that has none yet (or too few)."""
+    with gr.Accordion("Caption the images with the WebUI's taggers", open=False, elem_id="lohatrain_caption_box"):
+        with gr.Row():
+            tagger = gr.Radio(list(TAGGER_LABELS.values()), value=TAGGER_LABELS["deepbooru"], label="Tagger",
+                              elem_id="lohatrain_tagger")
+            existing = gr.Radio(list(EXISTING_LABELS.values()), value=EXISTING_LABELS["keep"],
+                                label="Images that already have a caption", elem_id="lohatrain_existing")
+        with gr.Row():
+            prefix = gr.Textbox("", label="Put first (your trigger phrase)", elem_id="lohatrain_caption_prefix")
+            drop_tags = gr.Textbox("", label="Leave out these tags (comma-separated)", elem_id="lohatrain_drop_tags")
+        # the host's own DeepBooru options (Settings → Interrogate) as they are when the page loads;
+        # a change here holds for this pass only
+        with gr.Row():
+            threshold = gr.Slider(0, 1, step=0.01, value=lambda: hosts.current().tag_options()[
+                "interrogate_deepbooru_score_threshold"], label="DeepBooru score threshold",
+                elem_id="lohatrain_tag_threshold")
+            sort_alpha = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_sort_alpha"],
+                                     label="Sort tags alphabetically")
+            use_spaces = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_use_spaces"],
+                                     label="Spaces instead of underscores", elem_id="lohatrain_tag_spaces")
+            escape = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_escape"], label="Escape brackets")
+        with gr.Row():
+            caption = gr.Button("Caption", scale=0, min_width=120, elem_id="lohatrain_caption")
+            message = gr.HTML("", elem_id="lohatrain_caption_message")
+    return TaggerPanel(tagger, existing, prefix, drop_tags, threshold, sort_alpha, use_spaces, escape, caption,
+                       message)
+
+
+@dataclasses.dataclass
+class TrainingPanel(Panel):
+    resolution: gr.Slider
+    bucketing: gr.Checkbox
+    learning_rate: gr.Number
+    steps: gr.Number
+    batch_size: gr.Slider
+
+
+def _training_panel(d: TrainSettings) -> TrainingPanel:
+    """The few numbers most runs change: resolution, rate, length and batch."""
+    with gr.Row():
+        resolution = gr.Slider(64, 2048, step=64, value=d.resolution, label="Training resolution",
+                               elem_id="lohatrain_resolution")
+        bucketing = gr.Checkbox(d.bucketing, label="Aspect ratio grouping", elem_id="lohatrain_bucketing")
+    with gr.Row():
+        return TrainingPanel(
+            resolution, bucketing,
+            learning_rate=gr.Number(d.learning_rate, label="Learning rate", elem_id="lohatrain_lr"),
+            steps=gr.Number(d.steps, label="Training steps", precision=0, elem_id="lohatrain_steps"),
+            batch_size=gr.Slider(1, 16, step=1, value=d.batch_size, label="Batch size",
+                                 elem_id="lohatrain_batch_size"))
+
+
+@dataclasses.dataclass
+class DeveloperPanel(Panel):
+    train_dtype: gr.Radio
+    save_dtype: gr.Radio
+    gradient_checkpointing: gr.Checkbox
+    seed: gr.Number
+    deterministic: gr.Checkbox
+    shuffle_tags: gr.Checkbox
+    keep_tokens: gr.Number
+    flip_aug: gr.Checkbox
+    color_aug: gr.Checkbox
+    save_every_steps: gr.Number
+    lr_scheduler: gr.Dropdown
+    lr_warmup_steps: gr.Number
+    noise_offset: gr.Number
+    min_snr_gamma: gr.Number
+    text_encoder_lr: gr.Number
+    bucket_min_side: gr.Number
+    bucket_max_side: gr.Number
+    overwrite: gr.Checkbox
+    zero_terminal_snr: gr.Checkbox
+
+
+def _developer_panel(d: TrainSettings) -> DeveloperPanel:
+    """Every other setting, folded away: the defaults suit most runs."""
+    made = {}
+    with gr.Accordion("Developer options", open=False, elem_id="lohatrain_dev"):
+        with gr.Row():
+            made["train_dtype"] = gr.Radio(list(DTYPES), value=d.train_dtype, label="Train format",
+                                        elem_id="lohatrain_train_dtype")
+            made["save_dtype"] = gr.Radio(list(DTYPES), value=d.save_dtype, label="Save format",
+                                       elem_id="lohatrain_save_dtype")
+        with gr.Row():
+            made["gradient_checkpointing"] = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing")
+            made["seed"] = gr.Number(d.seed, label="Seed (-1 = random, recorded)", precision=0,
+                                     elem_id="lohatrain_seed")
+            made["deterministic"] = gr.Checkbox(d.deterministic, label="Deterministic (GPU, slower)")
+        with gr.Row():
+            made["shuffle_tags"] = gr.Checkbox(d.shuffle_tags, label="Shuffle tags")
+            made["keep_tokens"] = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0)
+            made["flip_aug"] = gr.Checkbox(d.flip_aug, label="Flip augmentation")
+            made["color_aug"] = gr.Checkbox(d.color_aug, label="Color augmentation")
+        with gr.Row():
+            made["save_every_steps"] = gr.Number(d.save_every_steps, label="Save every N steps (0 = off)", precision=0)
+            made["lr_scheduler"] = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="LR scheduler")
+            made["lr_warmup_steps"] = gr.Number(d.lr_warmup_steps, label="Warm-up steps", precision=0)
+        with gr.Row():
+            made["noise_offset"] = gr.Number(d.noise_offset, label="Noise offset")
+            made["min_snr_gamma"] = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0 = off)")
+            made["text_encoder_lr"] = gr.Number(d.text_encoder_lr, label="Text encoder LR (0 = off)")
+        with gr.Row():
+            made["bucket_min_side"] = gr.Number(0, label="Bucket min side (0 = half the resolution)", precision=0,
+                                             elem_id="lohatrain_bucket_min")
+            made["bucket_max_side"] = gr.Number(0, label="Bucket max side (0 = twice the resolution)", precision=0,
+                                             elem_id="lohatrain_bucket_max")
+            made["overwrite"] = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
+                                            elem_id="lohatrain_overwrite")
+            made["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr,
+                                                    label="Zero terminal SNR (v-prediction models)")
+    return DeveloperPanel(**made)
+
+
+@dataclasses.dataclass
+class PreviewPanel(Panel):
+    preview_every_steps: gr.Number
+    preview_prompts: gr.Textbox
+    preview_seed: gr.Number
+    preview_steps: gr.Number
+    preview_sampler: gr.Dropdown
+
+
+def _preview_panel(d: TrainSettings) -> PreviewPanel:
+    """Pictures made with the network while it trains, through the host's own txt2img."""
+    with gr.Accordion("Previews", open=False):
+        every = gr.Number(d.preview_every_steps, label="Preview every N steps (0 = off)", precision=0,
+                          elem_id="lohatrain_preview_every")
+        prompts = gr.Textbox("", lines=2, label="Preview prompt (default: the phrase)",
+                             elem_id="lohatrain_preview_prompt")
+        with gr.Row():
+            return PreviewPanel(
+                every, prompts,
+                preview_seed=gr.Number(d.preview_seed, label="Preview seed", precision=0,
+                                       elem_id="lohatrain_preview_seed"),
+                preview_steps=gr.Number(d.preview_steps, label="Preview sampling steps", precision=0,
+                                        elem_id="lohatrain_preview_steps"),
+                preview_sampler=gr.Dropdown(hosts.current().sampler_names(), value=d.preview_sampler,
+                                            label="Preview sampler", elem_id="lohatrain_preview_sampler"))
+
+
+@dataclasses.dataclass
+class ResumePanel(Panel):
+    run: gr.Dropdown
+    resume: gr.Button
+    anyway: gr.Checkbox
+    keep_state: gr.Checkbox
+    init_from: gr.Dropdown
+
+
+def _resume_panel(d: TrainSettings) -> ResumePanel:
+    """Going on from a stopped run's saved state, or starting a new run from a finished file."""
+    with gr.Accordion("Resume a stopped run, or train a file further", open=False, elem_id="lohatrain_resume_box"):
+        with gr.Row():
+            run = gr.Dropdown(resume_choices(), label="Stopped runs (name — step — type — model — saved)",
+                              elem_id="lohatrain_resume_run")
+            refresh = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_runs")
+            resume = gr.Button("Resume", scale=0, min_width=100, elem_id="lohatrain_resume")
+        with gr.Row():
+            anyway = gr.Checkbox(False, label="Resume even if the images or the model changed",
+                                 elem_id="lohatrain_resume_anyway")
+            keep_state = gr.Checkbox(d.keep_state, label="Keep the run's state when it finishes",
+                                     elem_id="lohatrain_keep_state")
+        init_from = gr.Dropdown(lora_file_names(), value="",
+                                label="Start a new run from this file (same type and size)",
+                                elem_id="lohatrain_init_from")
+    # listing files needs no GPU: outside the queue, so it answers at once even while something generates
+    refresh.click(lambda: [gr.update(choices=resume_choices()), gr.update(choices=lora_file_names())], [],
+                  [run, init_from], queue=False)
+    return ResumePanel(run, resume, anyway, keep_state, init_from)
+
+
+@dataclasses.dataclass
+class SavedSettingsPanel(Panel):
+    saved: gr.Dropdown
+    save_as: gr.Textbox
+    save: gr.Button
+    load: gr.Button
+
+
+def _saved_settings_panel() -> SavedSettingsPanel:
+    """The whole form saved under a name, to train the same way again."""
+    with gr.Row():
+        return SavedSettingsPanel(
+            saved=gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved"),
+            save_as=gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name"),
+            save=gr.Button("Save settings", scale=0, min_width=120, elem_id="lohatrain_save_settings"),
+            load=gr.Button("Load settings", scale=0, min_width=120, elem_id="lohatrain_load_settings"))
+
+
+@dataclasses.dataclass
+class RunPanel(Panel):
+    check: gr.Button
+    train: gr.Button
+    message: gr.HTML
+
+
+def _run_panel(runner: JobRunner) -> RunPanel:
+    """Train, Interrupt and the live panel that javascript/lohatrain.js draws from the polled status."""
+    with gr.Row():
+        check = gr.Button("Check dataset", elem_id="lohatrain_check")
+        train = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
+        interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
+    message = gr.HTML("", elem_id="lohatrain_message")
+    gr.HTML('<div id="lohatrain_live"></div>')
+    status_json = gr.Textbox("", show_label=False, interactive=False, elem_id="lohatrain_status_json",
+                             elem_classes=["lohatrain-hidden"])
+    poll = gr.Button("status", elem_id="lohatrain_poll", elem_classes=["lohatrain-hidden"])
+    sent_preview = gr.State(None)
+    send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
+    interrupt_btn.click(lambda: interrupt(runner), [], [message])
+    poll.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview], queue=False,
+               show_progress="hidden")
+    send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
+    return RunPanel(check, train, message)
+
+
+@dataclasses.dataclass
+class GalleryPanel(Panel):
+    report: gr.HTML
+    thumbs: gr.Gallery
+    shown_files: gr.State
+
+
+def _gallery_panel() -> GalleryPanel:
+    """The dataset check's report and the images with their captions (shown_files: the files behind them)."""
+    return GalleryPanel(
+        report=gr.HTML("", elem_id="lohatrain_report"),
+        thumbs=gr.Gallery(label="Dataset (click an image to edit its caption)", columns=4, height="auto",
+                          elem_id="lohatrain_thumbs"),
+        shown_files=gr.State([]))
+
+
+@dataclasses.dataclass
+class GridPanel(Panel):
+    prompts: gr.Textbox
+    strengths: gr.Textbox
+    grid_seed: gr.Number  # not `seed`: that names the training seed's form field
+    make: gr.Button
+    message: gr.HTML
+    images: gr.Gallery
+
+
+def _grid_panel() -> GridPanel:
+    """The steps × strength grid of the trained file, to choose which save to keep and at what weight."""
+    with gr.Accordion("Steps × strength grid of the trained file", open=False, elem_id="lohatrain_grid_box"):
+        prompts = gr.Textbox("", lines=2, label="Prompts, one a line (default: the preview prompt)",
+                             elem_id="lohatrain_grid_prompts")
+        with gr.Row():
+            strengths = gr.Textbox("0.5, 0.75, 1", label="Strengths (rows)", elem_id="lohatrain_grid_strengths")
+            seed = gr.Number(-1, label="Seed (-1 = the preview seed)", precision=0, elem_id="lohatrain_grid_seed")
+            make = gr.Button("Make grid", scale=0, min_width=120, elem_id="lohatrain_grid")
+        return GridPanel(prompts, strengths, seed, make,
+                         message=gr.HTML("", elem_id="lohatrain_grid_message"),
+                         images=gr.Gallery(label="Grid: the saved steps × strengths, for each prompt", columns=1,
+                                           height="auto", object_fit="contain", elem_id="lohatrain_grid_images"))
+
+
+@dataclasses.dataclass
+class CaptionEditorPanel(Panel):
+    image: gr.Textbox
+    caption: gr.Textbox
+    save: gr.Button
+
+
+def _caption_editor_panel() -> CaptionEditorPanel:
+    """One image's caption, chosen by clicking its thumbnail, edited in place."""
+    with gr.Row():
+        return CaptionEditorPanel(
+            image=gr.Textbox("", label="Image", interactive=False, scale=1, elem_id="lohatrain_edit_name"),
+            caption=gr.Textbox("", label="Its caption", scale=3, elem_id="lohatrain_edit_caption"),
+            save=gr.Button("Save caption", scale=0, min_width=120, elem_id="lohatrain_save_caption"))
+
+
+@dataclasses.dataclass
+class Tab:
+    """Every panel: the form on the left, the run and its results on the right."""
+    method: MethodPanel
+    model: ModelPanel
+    network: NetworkPanel
+    dataset: DatasetPanel
+    tagger: TaggerPanel
+    training: TrainingPanel
+    developer: DeveloperPanel
+    previews: PreviewPanel
+    resume: ResumePanel
+    saved: SavedSettingsPanel
+    run: RunPanel
+    gallery: GalleryPanel
+    grid: GridPanel
+    editor: CaptionEditorPanel
+
+    def fields(self, names: list[str]) -> list:
+        """The form fields of these settings, in that order, from whichever panels hold them."""
+        found = {}
+        for f in dataclasses.fields(self):
+            for name, component in getattr(self, f.name).settings().items():
+                if name in found:
+                    raise ValueError(f"two panels have a form field for {name!r}")
+                found[name] = component
+        return [found[name] for name in names]
+
+
 def build_tab(runner: JobRunner) -> gr.Blocks:
+    """The form's panels on the left, the run's on the right; then the events between them."""
     family = actions.loaded_family()
     d = dataclasses.replace(TrainSettings.defaults_for(family), **hosts.current().device_defaults())
-    labels = preset_labels(family)
-    with gr.Blocks(analytics_enabled=False) as tab:
+    with gr.Blocks(analytics_enabled=False) as blocks:
         with gr.Row(elem_id="lohatrain_tab"):
             with gr.Column(scale=3, elem_id="lohatrain_form"):
-                with gr.Row():
-                    training_method = gr.Dropdown(list(METHOD_LABELS.values()), value=METHOD_LABELS[d.training_method],
-                                                  label="Training method", elem_id="lohatrain_method")
-                    dora = gr.Checkbox(d.dora, label="DoRA (weight decomposition)", elem_id="lohatrain_dora")
-                    lokr_factor = gr.Number(d.lokr_factor, label="LoKr factor (-1 = automatic)", precision=0,
-                                            elem_id="lohatrain_lokr_factor")
-                with gr.Row():
-                    model_md = gr.Markdown(_model_markdown(), elem_id="lohatrain_model")
-                with gr.Row():
-                    ckpt = gr.Dropdown(hosts.current().checkpoint_titles(), value=hosts.current().model_summary()["title"] or None,
-                                       label="Base model (loads through the WebUI)", elem_id="lohatrain_checkpoint")
-                    refresh_ckpt = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_checkpoints")
-                    load_ckpt = gr.Button("Load", scale=0, min_width=90, elem_id="lohatrain_load_checkpoint")
-                with gr.Row():
-                    preset = gr.Dropdown(list(labels.values()), value=labels[d.network_preset],
-                                         label="Network preset", elem_id="lohatrain_preset")
-                    # a callable value: each page load shows the WebUI's CLIP-skip setting as it is then
-                    clip_skip = gr.Slider(1, 12, step=1, value=hosts.current().clip_skip, label="CLIP skip",
-                                          elem_id="lohatrain_clip_skip")
-                with gr.Accordion("Network size", open=False):
-                    with gr.Row():
-                        dim = gr.Number(d.dim, label="Dim (rank)", precision=0, elem_id="lohatrain_dim")
-                        alpha = gr.Number(d.alpha, label="Alpha", elem_id="lohatrain_alpha")
-                        conv_dim = gr.Number(d.conv_dim, label="Conv dim (0 = attention only)", precision=0)
-                        conv_alpha = gr.Number(d.conv_alpha, label="Conv alpha")
-                name = gr.Textbox(d.name, label="Project name (file name and <lora:name:1>)", elem_id="lohatrain_name")
-                dataset_dir = gr.Textbox("", label="Dataset folder", placeholder="/path/to/images",
-                                         elem_id="lohatrain_dataset")
-                with gr.Row():
-                    caption_mode = gr.Radio(list(CAPTION_LABELS.values()), value=CAPTION_LABELS[d.caption_mode],
-                                            label="Captions", elem_id="lohatrain_caption_mode")
-                    caption_phrase = gr.Textbox("", label="Phrase (Single phrase)", elem_id="lohatrain_phrase",
-                                                visible=d.caption_mode == "phrase")
-                    caption_ext = gr.Textbox(d.caption_ext, label="Caption extension", elem_id="lohatrain_ext",
-                                             visible=d.caption_mode == "txt")
-                with gr.Accordion("Caption the images with the WebUI's taggers", open=False,
-                                  elem_id="lohatrain_caption_box"):
-                    with gr.Row():
-                        tagger = gr.Radio(list(TAGGER_LABELS.values()), value=TAGGER_LABELS["deepbooru"],
-                                          label="Tagger", elem_id="lohatrain_tagger")
-                        existing = gr.Radio(list(EXISTING_LABELS.values()), value=EXISTING_LABELS["keep"],
-                                            label="Images that already have a caption", elem_id="lohatrain_existing")
-                    with gr.Row():
-                        caption_prefix = gr.Textbox("", label="Put first (your trigger phrase)",
-                                                    elem_id="lohatrain_caption_prefix")
-                        drop_tags = gr.Textbox("", label="Leave out these tags (comma-separated)",
-                                               elem_id="lohatrain_drop_tags")
-                    # the host's own DeepBooru options (Settings → Interrogate) as they are when the page loads;
-                    # a change here holds for this pass only
-                    with gr.Row():
-                        threshold = gr.Slider(0, 1, step=0.01, value=lambda: hosts.current().tag_options()[
-                            "interrogate_deepbooru_score_threshold"], label="DeepBooru score threshold",
-                            elem_id="lohatrain_tag_threshold")
-                        sort_alpha = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_sort_alpha"],
-                                                 label="Sort tags alphabetically")
-                        use_spaces = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_use_spaces"],
-                                                 label="Spaces instead of underscores", elem_id="lohatrain_tag_spaces")
-                        escape = gr.Checkbox(lambda: hosts.current().tag_options()["deepbooru_escape"],
-                                             label="Escape brackets")
-                    with gr.Row():
-                        caption_btn = gr.Button("Caption", scale=0, min_width=120, elem_id="lohatrain_caption")
-                        caption_message = gr.HTML("", elem_id="lohatrain_caption_message")
-                with gr.Row():
-                    resolution = gr.Slider(64, 2048, step=64, value=d.resolution, label="Training resolution",
-                                           elem_id="lohatrain_resolution")
-                    bucketing = gr.Checkbox(d.bucketing, label="Aspect ratio grouping", elem_id="lohatrain_bucketing")
-                with gr.Row():
-                    learning_rate = gr.Number(d.learning_rate, label="Learning rate", elem_id="lohatrain_lr")
-                    steps = gr.Number(d.steps, label="Training steps", precision=0, elem_id="lohatrain_steps")
-                    batch_size = gr.Slider(1, 16, step=1, value=d.batch_size, label="Batch size",
-                                           elem_id="lohatrain_batch_size")
-                with gr.Accordion("Developer options", open=False, elem_id="lohatrain_dev"):
-                    with gr.Row():
-                        train_dtype = gr.Radio(list(DTYPES), value=d.train_dtype, label="Train format",
-                                               elem_id="lohatrain_train_dtype")
-                        save_dtype = gr.Radio(list(DTYPES), value=d.save_dtype, label="Save format",
-                                              elem_id="lohatrain_save_dtype")
-                    with gr.Row():
-                        gradient_checkpointing = gr.Checkbox(d.gradient_checkpointing, label="Gradient checkpointing")
-                        seed = gr.Number(d.seed, label="Seed (-1 = random, recorded)", precision=0,
-                                         elem_id="lohatrain_seed")
-                        deterministic = gr.Checkbox(d.deterministic, label="Deterministic (GPU, slower)")
-                    with gr.Row():
-                        shuffle_tags = gr.Checkbox(d.shuffle_tags, label="Shuffle tags")
-                        keep_tokens = gr.Number(d.keep_tokens, label="Keep first N tags", precision=0)
-                        flip_aug = gr.Checkbox(d.flip_aug, label="Flip augmentation")
-                        color_aug = gr.Checkbox(d.color_aug, label="Color augmentation")
-                    with gr.Row():
-                        save_every_steps = gr.Number(d.save_every_steps, label="Save every N steps (0 = off)",
-                                                     precision=0)
-                        lr_scheduler = gr.Dropdown(list(SCHEDULERS), value=d.lr_scheduler, label="LR scheduler")
-                        lr_warmup_steps = gr.Number(d.lr_warmup_steps, label="Warm-up steps", precision=0)
-                    with gr.Row():
-                        noise_offset = gr.Number(d.noise_offset, label="Noise offset")
-                        min_snr_gamma = gr.Number(d.min_snr_gamma, label="Min-SNR gamma (0 = off)")
-                        text_encoder_lr = gr.Number(d.text_encoder_lr, label="Text encoder LR (0 = off)")
-                    with gr.Row():
-                        bucket_min_side = gr.Number(0, label="Bucket min side (0 = half the resolution)",
-                                                    precision=0, elem_id="lohatrain_bucket_min")
-                        bucket_max_side = gr.Number(0, label="Bucket max side (0 = twice the resolution)",
-                                                    precision=0, elem_id="lohatrain_bucket_max")
-                        overwrite = gr.Checkbox(d.overwrite, label="Overwrite an existing file",
-                                                elem_id="lohatrain_overwrite")
-                        zero_terminal_snr = gr.Checkbox(d.zero_terminal_snr,
-                                                        label="Zero terminal SNR (v-prediction models)")
-                with gr.Accordion("Previews", open=False):
-                    preview_every_steps = gr.Number(d.preview_every_steps, label="Preview every N steps (0 = off)",
-                                                    precision=0, elem_id="lohatrain_preview_every")
-                    preview_prompts = gr.Textbox("", lines=2, label="Preview prompt (default: the phrase)",
-                                                 elem_id="lohatrain_preview_prompt")
-                    with gr.Row():
-                        preview_seed = gr.Number(d.preview_seed, label="Preview seed", precision=0,
-                                                 elem_id="lohatrain_preview_seed")
-                        preview_steps = gr.Number(d.preview_steps, label="Preview sampling steps", precision=0,
-                                                  elem_id="lohatrain_preview_steps")
-                        preview_sampler = gr.Dropdown(hosts.current().sampler_names(), value=d.preview_sampler,
-                                                      label="Preview sampler", elem_id="lohatrain_preview_sampler")
-                with gr.Accordion("Resume a stopped run, or train a file further", open=False,
-                                  elem_id="lohatrain_resume_box"):
-                    with gr.Row():
-                        resume_run = gr.Dropdown(resume_choices(), label="Stopped runs (name — step — type — "
-                                                 "model — saved)", elem_id="lohatrain_resume_run")
-                        refresh_runs = gr.Button("\U0001f504", scale=0, min_width=50, elem_id="lohatrain_refresh_runs")
-                        resume_btn = gr.Button("Resume", scale=0, min_width=100, elem_id="lohatrain_resume")
-                    with gr.Row():
-                        resume_anyway = gr.Checkbox(False, label="Resume even if the images or the model changed",
-                                                    elem_id="lohatrain_resume_anyway")
-                        keep_state = gr.Checkbox(d.keep_state, label="Keep the run's state when it finishes",
-                                                 elem_id="lohatrain_keep_state")
-                    init_from = gr.Dropdown(lora_file_names(), value="", label="Start a new run from this file "
-                                            "(same type and size)", elem_id="lohatrain_init_from")
-                with gr.Row():
-                    saved = gr.Dropdown(saved_preset_names(), label="Saved settings", elem_id="lohatrain_saved")
-                    preset_name = gr.Textbox("", label="Save as", elem_id="lohatrain_saved_name")
-                    save_btn = gr.Button("Save settings", scale=0, min_width=120, elem_id="lohatrain_save_settings")
-                    load_btn = gr.Button("Load settings", scale=0, min_width=120, elem_id="lohatrain_load_settings")
+                left = dict(method=_method_panel(d), model=_model_panel(),
+                            network=_network_panel(d, preset_labels(family)), dataset=_dataset_panel(d),
+                            tagger=_tagger_panel(), training=_training_panel(d), developer=_developer_panel(d),
+                            previews=_preview_panel(d), resume=_resume_panel(d), saved=_saved_settings_panel())
             with gr.Column(scale=2, elem_id="lohatrain_side"):
-                with gr.Row():
-                    check_btn = gr.Button("Check dataset", elem_id="lohatrain_check")
-                    train_btn = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
-                    interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
-                message = gr.HTML("", elem_id="lohatrain_message")
-                gr.HTML('<div id="lohatrain_live"></div>')
-                status_json = gr.Textbox("", show_label=False, interactive=False, elem_id="lohatrain_status_json",
-                                         elem_classes=["lohatrain-hidden"])
-                poll_btn = gr.Button("status", elem_id="lohatrain_poll", elem_classes=["lohatrain-hidden"])
-                sent_preview = gr.State(None)
-                send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
-                report = gr.HTML("", elem_id="lohatrain_report")
-                thumbs = gr.Gallery(label="Dataset (click an image to edit its caption)", columns=4, height="auto",
-                                    elem_id="lohatrain_thumbs")
-                shown_files = gr.State([])
-                with gr.Accordion("Steps × strength grid of the trained file", open=False, elem_id="lohatrain_grid_box"):
-                    grid_prompts = gr.Textbox("", lines=2, label="Prompts, one a line (default: the preview prompt)",
-                                              elem_id="lohatrain_grid_prompts")
-                    with gr.Row():
-                        grid_strengths = gr.Textbox("0.5, 0.75, 1", label="Strengths (rows)",
-                                                    elem_id="lohatrain_grid_strengths")
-                        grid_seed = gr.Number(-1, label="Seed (-1 = the preview seed)", precision=0,
-                                              elem_id="lohatrain_grid_seed")
-                        grid_btn = gr.Button("Make grid", scale=0, min_width=120, elem_id="lohatrain_grid")
-                    grid_message = gr.HTML("", elem_id="lohatrain_grid_message")
-                    grid_images = gr.Gallery(label="Grid: the saved steps × strengths, for each prompt", columns=1,
-                                             height="auto", object_fit="contain", elem_id="lohatrain_grid_images")
-                with gr.Row():
-                    edit_name = gr.Textbox("", label="Image", interactive=False, scale=1, elem_id="lohatrain_edit_name")
-                    edit_text = gr.Textbox("", label="Its caption", scale=3, elem_id="lohatrain_edit_caption")
-                    save_caption_btn = gr.Button("Save caption", scale=0, min_width=120,
-                                                 elem_id="lohatrain_save_caption")
+                right = dict(run=_run_panel(runner), gallery=_gallery_panel(), grid=_grid_panel(),
+                            editor=_caption_editor_panel())
+        _wire(runner, Tab(**left, **right))
+    return blocks
 
-        form = [training_method, dora, lokr_factor, preset, dim, alpha, conv_dim, conv_alpha, clip_skip, name, dataset_dir, caption_mode,
-                caption_phrase, caption_ext, resolution, bucketing, learning_rate, steps, batch_size, train_dtype,
-                save_dtype, gradient_checkpointing, seed, deterministic, shuffle_tags, keep_tokens, flip_aug,
-                color_aug, save_every_steps, lr_scheduler, lr_warmup_steps, noise_offset, min_snr_gamma,
-                text_encoder_lr, bucket_min_side, bucket_max_side, overwrite, zero_terminal_snr, preview_every_steps,
-                preview_prompts, keep_state, init_from, preview_seed, preview_steps, preview_sampler]
-        preset.change(preset_sizes, [preset, training_method], [dim, alpha, conv_dim, conv_alpha, lokr_factor])
-        caption_mode.change(caption_fields, [caption_mode], [caption_phrase, caption_ext])
-        training_method.change(method_changed, [training_method],
-                               [dora, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate])
-        train_btn.click(lambda *v: start_training(runner, *v), form, [message])
-        interrupt_btn.click(lambda: interrupt(runner), [], [message])
-        resume_btn.click(lambda label, anyway: resume_training(runner, label, anyway), [resume_run, resume_anyway],
-                         [message])
-        # listing files needs no GPU: outside the queue, so it answers at once even while something generates
-        refresh_runs.click(lambda: [gr.update(choices=resume_choices()), gr.update(choices=lora_file_names())], [],
-                           [resume_run, init_from], queue=False)
-        poll_btn.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview],
-                       queue=False, show_progress="hidden")
-        check_btn.click(check_dataset, [dataset_dir, caption_mode, caption_phrase, caption_ext, resolution,
-                                        bucketing, bucket_min_side, bucket_max_side, batch_size],
-                        [report, thumbs, shown_files])
-        caption_btn.click(lambda *v: (yield from caption_dataset(runner, *v)),
-                          [dataset_dir, tagger, existing, caption_prefix, drop_tags, caption_ext, threshold, sort_alpha,
-                           use_spaces, escape], [caption_message, thumbs, shown_files])
-        grid_btn.click(lambda *v: make_grid(runner, *v), [name, grid_prompts, grid_strengths, grid_seed],
-                       [grid_message, grid_images])
-        thumbs.select(select_thumbnail, [shown_files], [edit_name, edit_text])
-        save_caption_btn.click(save_edited_caption, [dataset_dir, edit_name, edit_text, caption_ext],
-                               [message, thumbs, shown_files])
-        load_ckpt.click(load_checkpoint, [ckpt, training_method],
-                        [model_md, message, preset, dim, alpha, conv_dim, conv_alpha, lokr_factor, learning_rate,
-                         resolution, batch_size, bucket_min_side, bucket_max_side])
-        refresh_ckpt.click(lambda: gr.update(choices=hosts.current().checkpoint_titles()), [], [ckpt])
-        save_btn.click(save_preset, [preset_name, *form], [message, saved])
-        load_btn.click(load_preset, [saved], [message, *form])
-        send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
-    return tab
 
+def _wire(runner: JobRunner, t: Tab) -> None:
+    """The events between panels."""
+    form, message = t.fields(FIELDS), t.run.message
+    thumbs = [t.gallery.thumbs, t.gallery.shown_files]
+    # The user's pick only: what else sets the preset (the type, a checkpoint, saved settings) sets the sizes too.
+    # On `change`, the type's own preset update started this event, and Gradio drops a new one while it is
+    # pending: a preset picked right after the type kept the sizes of the type's default preset.
+    t.network.network_preset.input(preset_sizes, [t.network.network_preset, t.method.training_method],
+                                   t.fields(SIZE_FIELDS), **_LIKE_CHANGE)
+    t.method.training_method.change(method_changed, [t.method.training_method],
+                                    [t.method.dora, *t.fields(METHOD_FIELDS)])
+    t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method],
+                       [t.model.summary, message, *t.fields(FAMILY_FIELDS)])
+    t.run.train.click(lambda *v: start_training(runner, *v), form, [message])
+    t.resume.resume.click(lambda label, anyway: resume_training(runner, label, anyway),
+                          [t.resume.run, t.resume.anyway], [message])
+    t.run.check.click(check_dataset, t.fields(CHECK_FIELDS), [t.gallery.report, *thumbs])
+    tagging = t.tagger
+    tagging.caption.click(lambda *v: (yield from caption_dataset(runner, *v)),
+                          [t.dataset.dataset_dir, tagging.tagger, tagging.existing, tagging.prefix, tagging.drop_tags,
+                           t.dataset.caption_ext, tagging.threshold, tagging.sort_alpha, tagging.use_spaces,
+                           tagging.escape], [tagging.message, *thumbs])
+    t.grid.make.click(lambda *v: make_grid(runner, *v),
+                      [t.dataset.name, t.grid.prompts, t.grid.strengths, t.grid.grid_seed],
+                      [t.grid.message, t.grid.images])
+    t.gallery.thumbs.select(select_thumbnail, [t.gallery.shown_files], [t.editor.image, t.editor.caption])
+    t.editor.save.click(save_edited_caption,
+                        [t.dataset.dataset_dir, t.editor.image, t.editor.caption, t.dataset.caption_ext],
+                        [message, *thumbs])
+    t.saved.save.click(save_preset, [t.saved.save_as, *form], [message, t.saved.saved])
+    t.saved.load.click(load_preset, [t.saved.saved], [message, *form])
