@@ -34,6 +34,7 @@ from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -185,14 +186,61 @@ def _real_cpu_op(leaves: list, kwargs: dict) -> bool:
 
 # -------------------------------------------------------------------------------------------- the estimate
 
+@dataclass(frozen=True)
+class FitOptions:
+    """What the recipe (`fit`) may use besides the run's own settings: `fp8_setting`, where the user turns on the
+    host's FP8 weight storage (None: the host has none that lohatrain trains on); `why_no_8bit(device)`, why the
+    8-bit optimizer cannot run there (None: it can); `changeable`, the settings the caller can change (None: all)."""
+
+    fp8_setting: str | None = None
+    why_no_8bit: Callable[[torch.device], str | None] = optimizers.why_no_8bit
+    changeable: frozenset[str] | None = None
+
+
 @dataclass
-class Change:
-    """A change that makes the run fit, and what the run then needs. `settings`: the settings it changes (empty
-    for one of the WebUI's own settings)."""
+class FitStep:
+    """One change of the recipe and what the run needs with it and every change before it. `settings`: the
+    settings it changes; empty for the host's own setting `host_setting`, which lohatrain cannot change."""
 
     label: str
     settings: dict
     need: int
+    host_setting: str | None = None
+
+
+@dataclass
+class Fit:
+    """The recipe for a card: changes in a fixed order, each kept only where it lowers the need, until the run
+    fits (`fits`) or none is left; `need`: what the run needs with all of them; `notes`: changes that would help
+    and cannot be made here, and why."""
+
+    steps: list[FitStep]
+    need: int
+    free: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.free
+
+    @property
+    def settings(self) -> dict:
+        """Every step's settings together: what applying the recipe changes."""
+        return {k: v for step in self.steps for k, v in step.settings.items()}
+
+    def message(self) -> str:
+        listed = ", then ".join(f"{s.label} (≈ {_gb(s.need)})" for s in self.steps)
+        if self.fits:
+            text = f"To fit: {listed}." if listed else f"It fits: ≈ {_gb(self.need)} of {_gb(self.free)}."
+        else:
+            text = (f"Even with {listed} it needs ≈ {_gb(self.need)}" if listed else "No change lowers it") + (
+                f": no setting lohatrain can change makes it fit {_gb(self.free)}.")
+        return " ".join([text, *(f"{note[0].upper()}{note[1:]}." for note in self.notes)])
+
+    def to_dict(self) -> dict:
+        return {"message": self.message(), "fits": self.fits, "need_bytes": self.need, "free_bytes": self.free,
+                "settings": self.settings, "steps": [dataclasses.asdict(s) for s in self.steps],
+                "notes": list(self.notes)}
 
 
 @dataclass
@@ -203,15 +251,16 @@ class Estimate:
     host: int  # bytes of host RAM the run's tensors and the model's parts there take at the same time (GPU hosts)
     free: int | None = None  # bytes the run may use on the device; None: unknown (a CPU host)
     phase: str = "training"  # when the peak comes: "training", or "caching" (encoding the images)
-    changes: list[Change] = field(default_factory=list)  # when it does not fit: what would
+    fit: Fit | None = None  # when it does not fit: the changes that would make it (`fit`)
 
     @property
     def fits(self) -> bool | None:
         return None if self.free is None else self.need <= self.free
 
     def message(self) -> str:
-        """"needs ≈ 6.9 GB of your 8.0 GB free (model 3.4, network + optimizer 0.3, …)", and what would fit."""
-        parts = ", ".join(f"{name} {_figure(size)}" for name, size in self.parts.items())
+        """"needs ≈ 6.9 GB of your 8.0 GB free (model 3.4, network + optimizer 0.3, activations 2.9)" (the parts
+        that take nothing left out), and, when it does not fit, the changes that would make it."""
+        parts = ", ".join(f"{name} {_figure(size)}" for name, size in self.parts.items() if size)
         on_gpu = self.device != "cpu"
         text = (f"needs ≈ {_gb(self.need)} of your {_gb(self.free)} free" if self.free is not None else
                 f"needs ≈ {_gb(self.need)} of {'GPU memory' if on_gpu else 'memory'}") + f" ({parts})"
@@ -219,16 +268,14 @@ class Estimate:
             text += ", most while encoding the images"
         if on_gpu:
             text += f"; CPU memory ≈ {_gb(self.host)}"
-        if self.fits is False:
-            text += ". " + (("These would make it fit: " + "; ".join(
-                f"{c.label} (≈ {_gb(c.need)})" for c in self.changes)) if self.changes else
-                "No change of batch size, resolution or memory setting makes it fit this card")
+        if self.fits is False and self.fit is not None:
+            text += ". " + self.fit.message()
         return text
 
     def to_dict(self) -> dict:
         return {"message": self.message(), "fits": self.fits, "device": self.device, "need_bytes": self.need,
                 "free_bytes": self.free, "host_bytes": self.host, "parts_bytes": dict(self.parts),
-                "phase": self.phase, "changes": [dataclasses.asdict(c) for c in self.changes]}
+                "phase": self.phase, "fit": self.fit.to_dict() if self.fit else None}
 
 
 def _figure(size: int) -> str:
@@ -245,8 +292,8 @@ def refusal(est: Estimate, settings: TrainSettings) -> str | None:
     Only where the free memory is known (a GPU); `ignore_memory_estimate` starts it anyway."""
     if est.fits is not False or settings.ignore_memory_estimate:
         return None
-    return (f"This run {est.message()}. It would run out of GPU memory: change the settings, or turn on "
-            "ignore_memory_estimate (Start anyway) to try it all the same.")
+    return (f"This run {est.message()} As it is, it would run out of GPU memory: change the settings (Fit my card, "
+            "beside Train, makes these changes), or start it all the same with ignore_memory_estimate (REST API).")
 
 
 def available_bytes(parts: ModelParts) -> int | None:
@@ -261,15 +308,18 @@ def available_bytes(parts: ModelParts) -> int | None:
 
 
 def estimate(parts: ModelParts, settings: TrainSettings, device_free_bytes: int | None = None, *,
-             prepared: Prepared | None = None, suggest: bool = True) -> Estimate:
+             prepared: Prepared | None = None, suggest: bool = True, device: torch.device | None = None,
+             options: FitOptions = FitOptions()) -> Estimate:
     """The memory a run of `settings` on `parts` needs (see the module's doc); `device_free_bytes`: what the run may
     use on its device (`available_bytes`), None when unknown. `prepared` (preflight's result) gives the dataset: its
     largest batch and its images and captions; without it, one batch of square images at the resolution.
-    When it does not fit and `suggest`: the changes that would make it fit, each estimated the same way."""
-    est = _estimate(parts, settings, prepared)
+    `device`: where the run trains, when not where the model is (a model on the CPU or the meta device estimated
+    for a GPU: the whole model counted there, as the WebUI holds it before a run). When it does not fit and
+    `suggest`: the recipe that would make it fit (`fit`)."""
+    est = _estimate(parts, settings, prepared, device=device)
     est.free = device_free_bytes
     if est.fits is False and suggest:
-        est.changes = _fitting_changes(parts, settings, prepared, device_free_bytes)
+        est.fit = _fit(parts, settings, prepared, device, options, device_free_bytes, est.need)
     return est
 
 
@@ -299,15 +349,17 @@ class _Data:
                    pixels // 64 if settings.masked_loss else 0, pixels, sorted(set(captions)) or [""])
 
 
-def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False) -> Estimate:
-    device = _device(parts)
+def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, fp8: bool = False,
+              device: torch.device | None = None) -> Estimate:
+    run_on = _run_device(parts)
+    device = torch.device(device or run_on)
     data = _Data.of(settings, prepared)
     fp8_tensors = _fp8_tensors(parts) if fp8 else set()
-    run = _fake_run(parts, settings, data, device, fp8_tensors)
+    run = _fake_run(parts, settings, data, run_on, fp8_tensors)
     train_text = settings.text_encoder_lr > 0
     per_step_text = ds.CaptionVariation.of(settings).per_step or train_text
     kept = device.type == torch.device(parts.offload_device).type  # nothing to move the VAE and text encoder to
-    model = _model_tensors(parts, fp8_tensors)
+    model = _model_tensors(parts, fp8_tensors, device if device != _device(parts) else None)
     on_device = {"unet": True, "vae": kept or settings.color_aug, "text_encoder": kept or per_step_text,
                  "other": True}
     weights = sum(_bytes_on(model[name], device.type) for name, stays in on_device.items() if stays)
@@ -318,11 +370,12 @@ def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | N
     host_model = sum(_bytes_on(entries, "cpu") for entries in model.values()) if device.type != "cpu" else 0
 
     training = {"model": weights, "network + optimizer": run.network + run.optimizer, "cached images and captions":
-                latents + cond, "activations": run.step[device.type]}
+                latents + cond, "activations": run.step[run_on.type]}
     caching = {"model": weights + moved, "network + optimizer": 0, "cached images and captions": latents + cond,
-               "activations": run.encoding[device.type]}
+               "activations": run.encoding[run_on.type]}
     phase, peak = max(("training", training), ("caching", caching), key=lambda p: sum(p[1].values()))
-    host = host_model + (moved if phase == "training" else 0) + pixels + run.step["cpu"]
+    step_on_host = run.step["cpu"] if run_on.type != "cpu" else 0  # on the CPU, the step is the device's part
+    host = host_model + (moved if phase == "training" else 0) + pixels + step_on_host
     if device.type == "cpu":
         peak = {**peak, "cached images and captions": peak["cached images and captions"] + pixels}
         host = 0
@@ -331,6 +384,12 @@ def _estimate(parts: ModelParts, settings: TrainSettings, prepared: Prepared | N
 
 def _device(parts: ModelParts) -> torch.device:
     return next(parts.unet.parameters()).device
+
+
+def _run_device(parts: ModelParts) -> torch.device:
+    """Where the fakes run: the model's device; the CPU for a model on the meta device (built without memory)."""
+    device = _device(parts)
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 _Entries = list[tuple[torch.device, int]]  # (device, bytes) of each tensor
@@ -345,9 +404,10 @@ def _fp8_tensors(parts: ModelParts) -> set[int]:
             for m in root.modules() if id(m) not in vae and isinstance(m, layers) for t in m.parameters(False)}
 
 
-def _model_tensors(parts: ModelParts, fp8_tensors: set[int] = frozenset()) -> dict[str, _Entries]:
+def _model_tensors(parts: ModelParts, fp8_tensors: set[int] = frozenset(),
+                   on: torch.device | None = None) -> dict[str, _Entries]:
     """The model's tensors by part, each storage once: {part: [(device, bytes)]}; those in `fp8_tensors` at one
-    byte a number."""
+    byte a number; all on `on` when given."""
     parts_of = {"unet": parts.unet, "vae": parts.vae, "text_encoder": parts.text_encoder}
     seen, found = set(), {}
     for name, module in [*parts_of.items(), ("other", parts.root)]:
@@ -359,7 +419,7 @@ def _model_tensors(parts: ModelParts, fp8_tensors: set[int] = frozenset()) -> di
             if key not in seen:
                 seen.add(key)
                 size = t.numel() if id(t) in fp8_tensors else t.untyped_storage().nbytes()
-                found[name].append((t.device, size))
+                found[name].append((on or t.device, size))
     return found
 
 
@@ -400,7 +460,7 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
     fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
     named = [*holder.named_parameters(), *holder.named_buffers()]
     with fake:
-        fakes = {name: torch.empty_strided(t.shape, t.stride(), device=t.device,
+        fakes = {name: torch.empty_strided(t.shape, t.stride(), device=device if t.device.type == "meta" else t.device,
                                            dtype=fp8_dtype if id(t) in fp8_tensors else t.dtype)
                  for name, t in named}
     with fake:
@@ -494,47 +554,93 @@ def _repeat(cond, n: int):
 
 # ------------------------------------------------------------------------------------ what would fit
 
-def _fitting_changes(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None,
-                     free: int) -> list[Change]:
-    """Each change of one setting that alone makes the run fit (for batch size and resolution: the largest that
-    fits), each estimated on fakes; when none does, all the memory settings together."""
-    def need(changes: dict, fp8: bool = False) -> int:
-        return _estimate(parts, dataclasses.replace(settings, **changes), prepared, fp8).need
+def fit(parts: ModelParts, settings: TrainSettings, free_bytes: int, *, prepared: Prepared | None = None,
+        device: torch.device | None = None, options: FitOptions = FitOptions()) -> Fit:
+    """The recipe that makes the run fit `free_bytes` ("Fit my card"): the changes that cost the training least
+    first, each estimated after those before it, up to the first combination that fits (none when it fits as
+    it is). The order: gradient checkpointing; the captions encoded once (the text encoder not trained, no tag
+    shuffling or tag dropout), so the text encoder leaves the GPU; no colour augmentation, so the VAE leaves it
+    after encoding the images; AdamW's moments in 8 bits (where `options.why_no_8bit` allows); the weights in
+    FP8 (the host's own setting, `options.fp8_setting`); the largest batch size that fits, down to 1; the
+    largest resolution that fits, down to half. Arguments as `estimate`'s."""
+    need = _estimate(parts, settings, prepared, device=device).need
+    return _fit(parts, settings, prepared, device, options, free_bytes, need)
 
-    toggles = []  # (label, settings, fp8)
-    if not settings.gradient_checkpointing:
-        toggles.append(("turn on gradient checkpointing", {"gradient_checkpointing": True}, False))
-    if settings.text_encoder_lr > 0:
-        toggles.append(("train the UNet only (text_encoder_lr 0)", {"text_encoder_lr": 0.0}, False))
-    elif ds.CaptionVariation.of(settings).per_step:
-        toggles.append(("turn off shuffle_tags and tag dropout (captions are then encoded once, before the first "
-                        "step)", {"shuffle_tags": False, "caption_tag_dropout_rate": 0.0}, False))
-    if settings.optimizer == "adamw":
-        toggles.append(("the 8-bit optimizer (adamw8bit)", {"optimizer": "adamw8bit"}, False))
-    fp8_possible = (compat.FP8_DTYPES and _device(parts).type == "cuda" and settings.train_dtype != "fp32"
-                    and not {p.dtype for p in parts.unet.parameters()} & compat.FP8_DTYPES)
-    if fp8_possible:
-        toggles.append(("store the weights in FP8 (the WebUI's Settings → Optimizations → FP8 weight)", {}, True))
-    changes = []
-    for label, change, fp8 in toggles:
-        size = need(change, fp8)
-        if size <= free:
-            changes.append(Change(label, change, size))
-    batches = [settings.batch_size >> k for k in range(1, settings.batch_size.bit_length())]
-    for key, values in (("batch_size", batches), ("resolution", _lower_resolutions(settings.resolution))):
-        for value in values:
-            change = {key: value} if key == "batch_size" else {key: value, **_buckets_for(settings, value)}
-            size = need(change)
-            if size <= free:
-                changes.append(Change(f"{key.replace('_', ' ')} {value}", change, size))
-                break
-    if not changes and toggles:
-        together = {k: v for _, change, _ in toggles for k, v in change.items()}
-        fp8 = any(f for *_, f in toggles)
-        size = need(together, fp8)
-        if size <= free:
-            changes.append(Change("all of: " + "; ".join(label for label, *_ in toggles), together, size))
-    return changes
+
+def _fit(parts: ModelParts, settings: TrainSettings, prepared: Prepared | None, device: torch.device | None,
+         options: FitOptions, free: int, need: int) -> Fit:
+    device = torch.device(device or _run_device(parts))
+    recipe = Fit([], need, free)
+    current, fp8 = settings, False
+
+    def need_with(change: dict, to_fp8: bool = False) -> int:
+        return _estimate(parts, dataclasses.replace(current, **change), prepared, fp8 or to_fp8, device).need
+
+    def take(label: str, change: dict, size: int, to_fp8: bool = False, host: str | None = None) -> bool:
+        """The step, where it lowers the need; whether the run fits now."""
+        nonlocal current, fp8
+        if size < recipe.need:
+            current, fp8 = dataclasses.replace(current, **change), fp8 or to_fp8
+            recipe.steps.append(FitStep(label, change, size, host))
+            recipe.need = size
+        return recipe.fits
+
+    def allowed(label: str, change: dict) -> bool:
+        outside = sorted(set(change) - options.changeable) if options.changeable is not None else []
+        if outside:
+            recipe.notes.append(f"{label}: {', '.join(outside)} cannot be set here")
+        return not outside
+
+    def toggle(label: str, change: dict) -> bool:
+        return allowed(label, change) and take(label, change, need_with(change))
+
+    if recipe.fits:
+        return recipe
+    if (not current.gradient_checkpointing
+            and toggle("gradient checkpointing on", {"gradient_checkpointing": True})):
+        return recipe
+    text = {**({"text_encoder_lr": 0.0} if current.text_encoder_lr > 0 else {}),
+            **({"shuffle_tags": False} if current.shuffle_tags else {}),
+            **({"caption_tag_dropout_rate": 0.0} if current.caption_tag_dropout_rate > 0 else {})}
+    if text and toggle("captions encoded once (" + ", ".join(
+            {"text_encoder_lr": "the UNet trained alone", "shuffle_tags": "no tag shuffling",
+             "caption_tag_dropout_rate": "no tag dropout"}[k] for k in text) + "), so the text encoder leaves the GPU",
+            text):
+        return recipe
+    if current.color_aug and toggle("color_aug off, so the VAE leaves the GPU once the images are encoded",
+                                    {"color_aug": False}):
+        return recipe
+    if current.optimizer == "adamw":
+        why = options.why_no_8bit(device)
+        if why:
+            recipe.notes.append(f"the 8-bit optimizer (adamw8bit) is left out: {why}")
+        elif toggle("the 8-bit optimizer adamw8bit (AdamW's moments in 8 bits)", {"optimizer": "adamw8bit"}):
+            return recipe
+    if _fp8_possible(parts, current, device):
+        if options.fp8_setting is None:
+            recipe.notes.append("FP8 storage of the frozen weights (the WebUI's FP8 weight option) is not "
+                                "available here")
+        elif take(f"the weights stored in FP8 ({options.fp8_setting}: the WebUI's own setting, which lohatrain "
+                  "cannot change)", {}, need_with({}, True), True, options.fp8_setting):
+            return recipe
+    for key, values in (("batch_size", [current.batch_size >> k for k in range(1, current.batch_size.bit_length())]),
+                        ("resolution", _lower_resolutions(current.resolution))):
+        if values and allowed(key.replace("_", " "), {key: None}):
+            for value in values:
+                change = {key: value} if key == "batch_size" else {key: value, **_buckets_for(current, value)}
+                size = need_with(change)
+                if size <= free or value == values[-1]:
+                    if take(f"{key.replace('_', ' ')} {value}", change, size):
+                        return recipe
+                    break
+    return recipe
+
+
+def _fp8_possible(parts: ModelParts, settings: TrainSettings, device: torch.device) -> bool:
+    """FP8 storage of the frozen weights: on a GPU, training in half precision, a torch with float8 dtypes, the
+    model not already so held."""
+    return bool(compat.FP8_DTYPES) and device.type == "cuda" and settings.train_dtype != "fp32" and not (
+        {p.dtype for p in parts.unet.parameters()} & compat.FP8_DTYPES)
 
 
 def _lower_resolutions(resolution: int) -> list[int]:

@@ -114,18 +114,80 @@ def test_a_run_that_does_not_fit_is_refused_naming_what_would_fit(tiny_model, sa
     free = (light.need + unfit.need) // 2
     est = memory.estimate(parts, heavy, free, prepared=prepared)
     assert est.fits is False and est.free == free
-    changes = {c.label: c for c in est.changes}
-    assert changes["turn on gradient checkpointing"].need == light.need
-    for change in est.changes:  # each change named fits, estimated the same way
-        assert change.need <= free
-        assert memory.estimate(parts, dataclasses.replace(heavy, **change.settings), prepared=prepared,
-                               suggest=False).need == change.need
+    # the recipe's first change is enough, and is what the run with it needs
+    assert [(s.label, s.settings, s.need) for s in est.fit.steps] == [
+        ("gradient checkpointing on", {"gradient_checkpointing": True}, light.need)]
+    assert est.fit.fits and est.fit.settings == {"gradient_checkpointing": True}
     message = memory.refusal(est, heavy)
-    assert "turn on gradient checkpointing" in message and "ignore_memory_estimate" in message
-    assert f"of your {free / memory.GB:.2f} GB free" in message
+    assert message.startswith(f"This run needs ≈ {unfit.need / memory.GB:.2f} GB of your {free / memory.GB:.2f} GB "
+                              "free (model ")
+    assert f"To fit: gradient checkpointing on (≈ {light.need / memory.GB:.2f} GB)." in message
+    assert "Fit my card" in message and "ignore_memory_estimate" in message
+    assert est.to_dict()["fit"]["steps"][0]["settings"] == {"gradient_checkpointing": True}
     assert memory.refusal(est, dataclasses.replace(heavy, ignore_memory_estimate=True)) is None
     assert memory.refusal(unfit, heavy) is None  # free memory unknown (a CPU host): reported, never refused
+    assert memory.estimate(parts, heavy, unfit.need, prepared=prepared).fit is None  # it fits: nothing to change
     assert memory.refusal(memory.estimate(parts, heavy, unfit.need, prepared=prepared), heavy) is None
+
+
+def test_the_recipe_goes_through_its_changes_in_order_until_the_run_fits(tiny_model, sample_dataset, tmp_path):
+    """A card that the run fits only with every change of the recipe and batch size 1: each change is taken in
+    the recipe's order, each lowers the need, and the settings the recipe gives estimate at its figure, under the
+    card's memory."""
+    parts = ldm_parts(tiny_model)
+    heavy = settings_for(sample_dataset, tmp_path, batch_size=4, text_encoder_lr=1e-4, shuffle_tags=True,
+                         color_aug=True)
+    prepared = preflight(parts, heavy)
+    light = dataclasses.replace(heavy, gradient_checkpointing=True, text_encoder_lr=0.0, shuffle_tags=False,
+                                color_aug=False, optimizer="adamw8bit", batch_size=1)
+    free = memory.estimate(parts, light, prepared=prepared).need
+    options = memory.FitOptions(why_no_8bit=lambda device: None)  # as on a card bitsandbytes runs on
+    recipe = memory.fit(parts, heavy, free, prepared=prepared, options=options)
+    assert [s.label.split(" (")[0].split(",")[0] for s in recipe.steps] == [
+        "gradient checkpointing on", "captions encoded once", "color_aug off", "the 8-bit optimizer adamw8bit",
+        "batch size 1"]
+    needs = [memory.estimate(parts, heavy, prepared=prepared).need, *(s.need for s in recipe.steps)]
+    assert needs == sorted(needs, reverse=True) and len(set(needs)) == len(needs)
+    assert recipe.fits and recipe.need == free and not recipe.notes
+    fitted = dataclasses.replace(heavy, **recipe.settings)
+    assert fitted == light
+    assert memory.estimate(parts, fitted, free, prepared=prepared).fits is True
+    assert recipe.message().startswith("To fit: gradient checkpointing on (≈ ")
+
+    # one byte less: nothing lohatrain can change makes it fit, and the recipe says so
+    short = memory.fit(parts, heavy, free - 1, prepared=prepared, options=options)
+    assert not short.fits and short.settings == recipe.settings
+    assert "no setting lohatrain can change makes it fit" in short.message()
+
+
+def test_the_recipe_says_what_it_cannot_change(tiny_model, sample_dataset, tmp_path):
+    """The 8-bit optimizer where bitsandbytes cannot run, a setting the caller cannot change, and FP8 weights (the
+    WebUI's own option, estimated here for a GPU: named as a step of the recipe, never changed by it)."""
+    parts = ldm_parts(tiny_model)
+    settings = settings_for(sample_dataset, tmp_path, train_dtype="bf16", gradient_checkpointing=True)
+    prepared = preflight(parts, settings)
+    need = memory.estimate(parts, settings, prepared=prepared).need
+    recipe = memory.fit(parts, settings, need - 1, prepared=prepared, options=memory.FitOptions(
+        why_no_8bit=lambda device: "no 8-bit kernels for this CPU", changeable=frozenset({"resolution"})))
+    assert [s.label for s in recipe.steps] == [] and not recipe.fits
+    assert recipe.notes == ["the 8-bit optimizer (adamw8bit) is left out: no 8-bit kernels for this CPU",
+                            "batch size: batch_size cannot be set here"]
+    assert "The 8-bit optimizer (adamw8bit) is left out: no 8-bit kernels for this CPU." in recipe.message()
+    if not compat.FP8_DTYPES:
+        return
+    on_gpu = memory.estimate(parts, settings, device="cuda", prepared=prepared)
+    held = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in [
+        *tiny_model.parameters(), *tiny_model.buffers()]}.values())
+    assert on_gpu.device == "cuda"  # the whole model counted on the card while the images are encoded
+    assert on_gpu.parts["model"] == held if on_gpu.phase == "caching" else on_gpu.parts["model"] + on_gpu.host >= held
+    fp8 = memory.fit(parts, settings, on_gpu.need - 1, prepared=prepared, device="cuda", options=memory.FitOptions(
+        fp8_setting="Settings → FP8 weight", why_no_8bit=lambda device: "not here"))
+    step = fp8.steps[0]
+    assert step.label.startswith("the weights stored in FP8 (Settings → FP8 weight: the WebUI's own setting")
+    assert (step.settings, step.host_setting) == ({}, "Settings → FP8 weight") and fp8.fits
+    assert step.need == memory._estimate(parts, settings, prepared, fp8=True, device="cuda").need < on_gpu.need
+    assert memory.fit(parts, settings, on_gpu.need - 1, prepared=prepared, device="cuda").notes[-1] == (
+        "FP8 storage of the frozen weights (the WebUI's FP8 weight option) is not available here")
 
 
 @pytest.mark.skipif(not compat.FP8_DTYPES, reason="this torch has no float8 dtypes")

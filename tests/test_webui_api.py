@@ -18,6 +18,7 @@ from modules import call_queue, processing, shared
 
 
 import lohatrain.demo
+from lohatrain.errors import LohatrainError
 from lohatrain.families import ldm_parts
 from lohatrain.trainer import train
 
@@ -253,18 +254,46 @@ def test_a_run_that_does_not_fit_the_gpu_is_refused_unless_the_user_insists(webu
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big"), timeout=ESTIMATE_S)
     assert r.status_code == 422
     refusal = r.json()["detail"][0]
-    assert "turn on gradient checkpointing" in refusal and "ignore_memory_estimate" in refusal
+    assert "To fit: gradient checkpointing on" in refusal and "ignore_memory_estimate" in refusal
     assert not (ui.lora_dir / "too-big.safetensors").exists()
     est = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "too-big"), timeout=ESTIMATE_S).json()
     assert est["fits"] is False and est["refusal"] == refusal
-    assert {"label": "turn on gradient checkpointing", "settings": {"gradient_checkpointing": True},
-            "need": needs[0]} in est["changes"]
+    assert est["fit"]["fits"] is True and est["fit"]["settings"] == {"gradient_checkpointing": True}
+    assert est["fit"]["steps"] == [{"label": "gradient checkpointing on", "settings": {"gradient_checkpointing": True},
+                                    "need": needs[0], "host_setting": None}]
 
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big", ignore_memory_estimate=True),
                    timeout=ESTIMATE_S)
     assert r.status_code == 200
     assert wait_until(ui, finished)["state"] == "done"
     assert (ui.lora_dir / "too-big.safetensors").is_file()
+
+
+def test_fit_my_card_changes_the_forms_settings_until_the_run_fits(webui_server, monkeypatch):
+    """The tab's Fit my card (actions.fit_my_card with the form's fields): on a card whose free memory is what the
+    run needs with checkpointing at half the batch, the form gets both, says so, and Train then starts."""
+    from lohatrain import memory
+    from lohatrain.webui import actions, api, ui as tab
+
+    ui = webui_server
+    form = api._settings_of(run_body(ui, "fitted", batch_size=4))
+    unchanged, text = actions.fit_my_card(form, "tab", frozenset(tab.FIELDS))
+    assert unchanged == form and text.startswith("There is no GPU here, so nothing to fit: the run needs ≈")
+    free = actions.memory_estimate(dataclasses.replace(form, gradient_checkpointing=True, batch_size=2),
+                                   "tab").need
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: free)
+    with pytest.raises(LohatrainError, match="As it is, it would run out of GPU memory"):
+        actions.preflight(form, "tab")
+
+    fitted, text = actions.fit_my_card(form, "tab", frozenset(tab.FIELDS))
+    assert dataclasses.asdict(fitted) == {**dataclasses.asdict(form), "gradient_checkpointing": True, "batch_size": 2}
+    lines = text.splitlines()
+    assert lines[0].startswith("Fit my card: the run needs ≈") and "To fit: gradient checkpointing on (≈ " in lines[0]
+    assert f"batch size 2 (≈ {free / memory.GB:.2f} GB)." in lines[0]
+    assert lines[1] == "Changed in the form: gradient_checkpointing → True, batch_size → 2."
+    actions.preflight(fitted, "tab")  # Train is no longer refused
+    again, text = actions.fit_my_card(fitted, "tab", frozenset(tab.FIELDS))
+    assert again == fitted and text.startswith("It fits as it is: the run needs ≈")
 
 
 @pytest.mark.parametrize("flag", ["lowvram", "medvram"])

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .. import captions, grid, hosts, kohya_config, memory
+from .. import captions, grid, hosts, kohya_config, memory, optimizers
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -155,7 +155,7 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
     return prepared
 
 
-def _estimate(host, prepared: Prepared) -> memory.Estimate:
+def _estimate(host, prepared: Prepared, changeable: frozenset[str] | None = None) -> memory.Estimate:
     """The estimate runs the model's own code with fakes in its weights' places: under the GPU queue, so that no
     generation uses the model meanwhile, and not while a training holds it (that would wait for its end)."""
     from . import runner
@@ -163,25 +163,51 @@ def _estimate(host, prepared: Prepared) -> memory.Estimate:
     runner().check_idle()
     with host.gpu_queue():
         parts = host.parts()
-        return memory.estimate(parts, prepared.settings, memory.available_bytes(parts), prepared=prepared)
+        return memory.estimate(parts, prepared.settings, memory.available_bytes(parts), prepared=prepared,
+                               options=memory.FitOptions(host.fp8_setting, _why_no_8bit, changeable))
 
 
-def memory_estimate(settings: TrainSettings, via: str) -> memory.Estimate:
-    """What the tab shows beside Train and POST /preflight answers: the click's own checks (a problem raises, as
-    Train would), then the memory the run needs on the loaded model and this card (lohatrain.memory), with the
-    changes that would make it fit when it does not. The message: `est.message()`; its parts: `est.parts`."""
+def _why_no_8bit(device) -> str | None:
+    """AdamW 8-bit is offered where bitsandbytes runs on the card, or is not installed yet: a Train click that
+    chooses it installs it (`install_optimizer_package`)."""
+    return None if importlib.util.find_spec("bitsandbytes") is None else optimizers.why_no_8bit(device)
+
+
+def memory_estimate(settings: TrainSettings, via: str, changeable: frozenset[str] | None = None) -> memory.Estimate:
+    """What POST /preflight answers: the click's own checks (a problem raises, as Train would), then the memory the
+    run needs on the loaded model and this card (lohatrain.memory), with the recipe that would make it fit when
+    it does not (only changes of `changeable` settings, when given). The message: `est.message()`."""
     host = hosts.current()
     if not host.is_loaded():
         raise LohatrainError("no model is loaded yet, so there is nothing to estimate: generate an image (or "
                              "start the run) to load it")
     prepared = preflight(dataclasses.replace(settings, ignore_memory_estimate=True), via)
     try:
-        return _estimate(host, prepared)
+        return _estimate(host, prepared, changeable)
     except LohatrainError:
         raise
     except Exception as e:  # noqa: BLE001 — said in the answer, with its reason
         traceback.print_exc()
         raise LohatrainError(f"the memory estimate failed on this model ({type(e).__name__}: {e})") from None
+
+
+def fit_my_card(settings: TrainSettings, via: str, changeable: frozenset[str] | None = None
+                ) -> tuple[TrainSettings, str]:
+    """The tab's Fit my card: the form's settings with the recipe's changes (`memory.fit`) for the loaded model and
+    this card's free memory, and the message to show (what changed, what the run then needs, and what only the
+    user can change: the WebUI's FP8 option). `changeable`: the settings the form has. The settings come back as
+    given where there is no GPU or the run fits already."""
+    est = memory_estimate(settings, via, changeable)
+    if est.fits is None:
+        return settings, f"There is no GPU here, so nothing to fit: the run {est.message()}."
+    if est.fits:
+        return settings, f"It fits as it is: the run {est.message()}."
+    recipe = est.fit
+    lines = [f"Fit my card: the run {est.message()}"]
+    if recipe.settings:
+        lines.append("Changed in the form: " + ", ".join(f"{k} → {v}" for k, v in recipe.settings.items()) + ".")
+    lines += [f"Not changed (only you can, in the WebUI): {s.host_setting}." for s in recipe.steps if s.host_setting]
+    return dataclasses.replace(settings, **recipe.settings), "\n".join(lines)
 
 
 def install_optimizer_package(settings: TrainSettings) -> None:

@@ -7,9 +7,10 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
 POST /lohatrain/v1/preflight  body: as /train → what Train checks, without starting: 422 with every problem, or
                               the memory estimate (lohatrain.memory): {"message" ("needs ≈ 6.9 GB of your 8.0 GB
                               free (model 3.4, …)"), "fits" (null without a GPU), "need_bytes", "free_bytes",
-                              "host_bytes", "parts_bytes", "phase", "changes" [{label, settings, need}] (what would
-                              fit, when it does not), "refusal" (why Train would refuse it, or null)}. Train refuses a
-                              run that does not fit the GPU unless "ignore_memory_estimate": true
+                              "host_bytes", "parts_bytes", "phase", "fit" (when it does not fit: the recipe,
+                              {message, fits, need_bytes, free_bytes, settings, steps [{label, settings, need,
+                              host_setting}], notes}), "refusal" (why Train would refuse it, or null)}. Train refuses
+                              a run that does not fit the GPU unless "ignore_memory_estimate": true
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
 POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-scripts TOML's text, "dataset_config":
                               its dataset config's text (optional)} → {"settings" (engine names: what the config sets,

@@ -154,6 +154,16 @@ def start_training(runner: JobRunner, *values) -> str:
     return _answer(f"Training {settings.name} started: progress below.", job_id=job_id)
 
 
+def fit_my_card(*values) -> list:
+    """Fit my card: the form's fields the recipe changes (actions.fit_my_card), the others left as they are."""
+    try:
+        settings, text = actions.fit_my_card(settings_from_form(list(values)), "tab", frozenset(FIELDS))
+    except LohatrainError as e:
+        return [_message(str(e), "error"), *(gr.update() for _ in values)]
+    fitted = form_values(settings)
+    return [_message(text), *(gr.update(value=new) if new != old else gr.update() for new, old in zip(fitted, values))]
+
+
 def _run_label(run: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["saved_at"]))
     return (f"{run['name']} — step {run['step']}/{run['total']} — {METHOD_LABELS.get(run['method'], run['method'])}"
@@ -738,6 +748,7 @@ class RunPanel(Panel):
     check: gr.Button
     train: gr.Button
     message: gr.HTML
+    fit: gr.Button
 
 
 def _run_panel(runner: JobRunner) -> RunPanel:
@@ -745,6 +756,7 @@ def _run_panel(runner: JobRunner) -> RunPanel:
     with gr.Row():
         check = gr.Button("Check dataset", elem_id="lohatrain_check")
         train = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
+        fit = gr.Button("Fit my card", elem_id="lohatrain_fit")
         interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
     message = gr.HTML("", elem_id="lohatrain_message")
     gr.HTML('<div id="lohatrain_live"></div>')
@@ -757,7 +769,7 @@ def _run_panel(runner: JobRunner) -> RunPanel:
     poll.click(lambda step: poll_status(runner, step), [sent_preview], [status_json, sent_preview], queue=False,
                show_progress="hidden")
     send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
-    return RunPanel(check, train, message)
+    return RunPanel(check, train, message, fit)
 
 
 @dataclasses.dataclass
@@ -878,6 +890,7 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     t.model.load.click(load_checkpoint, [t.model.checkpoint, t.method.training_method],
                        [t.model.summary, message, *t.fields(FAMILY_FIELDS)])
     t.run.train.click(lambda *v: start_training(runner, *v), form, [message])
+    t.run.fit.click(fit_my_card, form, [message, *form])
     t.resume.resume.click(lambda label, anyway: resume_training(runner, label, anyway),
                           [t.resume.run, t.resume.anyway], [message])
     t.run.check.click(check_dataset, t.fields(CHECK_FIELDS), [t.gallery.report, *thumbs])
