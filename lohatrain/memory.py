@@ -387,9 +387,11 @@ def _device(parts: ModelParts) -> torch.device:
 
 
 def _run_device(parts: ModelParts) -> torch.device:
-    """Where the fakes run: the model's device; the CPU for a model on the meta device (built without memory)."""
-    device = _device(parts)
-    return torch.device("cpu") if device.type == "meta" else device
+    """Where the fakes run: the model's device; the CPU for a model on the meta device (built without memory).
+    Counted for a GPU, fakes on the CPU hold the same tensors: the run's autocast casts the same ops (its norms
+    run in float32 on every device, lohatrain.precision) and SDPA takes a fused kernel there too."""
+    model = _device(parts)
+    return torch.device("cpu") if model.type == "meta" else model
 
 
 _Entries = list[tuple[torch.device, int]]  # (device, bytes) of each tensor
