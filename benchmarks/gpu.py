@@ -1,7 +1,8 @@
 """GPU benchmark: speed, peak VRAM and FLOP utilisation of lohatrain's training step on full-size SD1.5 and SDXL.
 
     .venv-stock/bin/python benchmarks/gpu.py [--json PATH] [--peak-tflops N] [--models sd15,sdxl]
-    .venv/bin/python benchmarks/gpu.py --tiny     the dry run: tiny UNets on the CPU, seconds (what CI runs)
+    .venv-stock/bin/python benchmarks/gpu.py --quick   every type once per model: under 8 minutes on one H100
+    .venv/bin/python benchmarks/gpu.py --tiny [--quick]   the dry runs: tiny UNets on the CPU (what CI runs)
 
 Needs a CUDA build of torch (.venv-stock has torch 2.1.2+cu121, the stock WebUI's). Prints one table and
 writes it as JSON (default benchmarks/gpu-results.json; --tiny: gpu-results-tiny.json). Without a CUDA GPU
@@ -25,6 +26,13 @@ The matrix, per model (20 cells): every network type the tab offers (LoRA, LoCon
 LoRA, LoCon and LoHa) with gradient checkpointing on and off; for LoHa also lycoris-lora's own forward (the
 base op, then a second full-size op with ΔW: benchmarks/engine.py `forward_style`) against lohatrain's one
 merged op, and the `deterministic` setting on, each with checkpointing on and off.
+
+--quick (14 cells): per model, every network type (the 7 above) with gradient checkpointing on (the tab's
+default) and lohatrain's forward; 1 warm-up step and 3 timed ones. Sized for one H100 in under 8 minutes
+(not yet run on one): each cell's memory estimate runs its step on fakes in Python, ~10-30 s of CPU for SDXL
+and less for SD1.5, which dominates; the GPU's part is a counted first step and 4 more (SDXL ~0.4 s a step
+at 1024 px), plus building each model once; cells not started by --max-minutes (7) are skipped, so it ends
+within 8 minutes whatever the CPU.
 
 Per cell: a first step, its FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (a deterministic
 cell takes its twin's count: the same maths), `--warmup` (2) more untimed steps, then `--steps` (6) timed
@@ -171,6 +179,11 @@ def full_matrix(models: list[str]) -> list[Cell]:
                       Cell(model, "loha", checkpointing=ckpt, deterministic=True),
                       Cell(model, "loha", checkpointing=ckpt, forward="lycoris", deterministic=True)]
     return cells
+
+
+def quick_matrix(models: list[str]) -> list[Cell]:
+    """Every network type once per model, as the tab trains it by default (checkpointing on, lohatrain's forward)."""
+    return [Cell(model, method, dora) for model in models for method, dora in NETWORK_TYPES]
 
 
 def tiny_matrix() -> list[Cell]:
@@ -459,12 +472,16 @@ def describe_device(device: torch.device) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the dry run: tiny UNets on the CPU, in seconds")
-    parser.add_argument("--json", type=Path, help="where the JSON goes (default benchmarks/gpu-results.json, "
-                                                  "--tiny: benchmarks/gpu-results-tiny.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every network type once per model, checkpointing on, 1 warm-up and 3 timed steps: "
+                             "under 8 minutes on one H100 (with --tiny: its dry run on the tiny UNets)")
+    parser.add_argument("--json", type=Path, help="where the JSON goes (default benchmarks/gpu-results.json; "
+                                                  "-quick, -tiny before .json for those runs)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak (default: by device name)")
     parser.add_argument("--models", default="sd15,sdxl", help="full-size models to run (default sd15,sdxl)")
-    parser.add_argument("--steps", type=int, help="timed steps per cell (default 6; --tiny 1)")
-    parser.add_argument("--warmup", type=int, help="untimed steps after the first one (default 2; --tiny 0)")
+    parser.add_argument("--steps", type=int, help="timed steps per cell (default 6; --quick 3; --tiny 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps after the first one (default 2; --quick 1; "
+                                                   "--tiny 0)")
     parser.add_argument("--no-estimate", action="store_true",
                         help="leave out lohatrain's memory estimate of each cell (seconds of CPU each)")
     parser.add_argument("--max-minutes", type=float, default=7.0,
@@ -480,10 +497,14 @@ def main(argv=None) -> int:
               "needed); running the --tiny dry run on the CPU instead", flush=True)
         args.tiny = True
     device = torch.device("cpu" if args.tiny else "cuda")
-    specs, cells = (TINY_MODELS, tiny_matrix()) if args.tiny else (MODELS, full_matrix(models))
-    steps = args.steps or (1 if args.tiny else 6)
-    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 2)
-    out = args.json or BENCHMARKS / ("gpu-results-tiny.json" if args.tiny else "gpu-results.json")
+    specs = TINY_MODELS if args.tiny else MODELS
+    if args.quick:
+        cells = quick_matrix(list(TINY_MODELS) if args.tiny else models)
+    else:
+        cells = tiny_matrix() if args.tiny else full_matrix(models)
+    steps = args.steps or (1 if args.tiny else 3 if args.quick else 6)
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1 if args.quick else 2)
+    out = args.json or BENCHMARKS / f"gpu-results{'-quick' * args.quick}{'-tiny' * args.tiny}.json"
     name = describe_device(device)
     found = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else (
         lookup_peak(name) if device.type == "cuda" else None)
@@ -496,7 +517,7 @@ def main(argv=None) -> int:
                           estimate=not args.no_estimate)
 
     result = {
-        "tiny": args.tiny, "device": name, "torch": torch.__version__,
+        "tiny": args.tiny, "quick": args.quick, "device": name, "torch": torch.__version__,
         "lycoris_lora": metadata.version("lycoris-lora"), "weights_dtype": str(weights).replace("torch.", ""),
         "train_dtype": "fp16" if weights == torch.float16 else "fp32",
         "attention": "torch SDPA, memory-efficient kernel off (the WebUI's default sdp-no-mem)",

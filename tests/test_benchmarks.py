@@ -56,6 +56,32 @@ def test_tiny_dry_run_measures_every_cell_of_its_matrix(tmp_path):
                    and f"{row['estimate_gb']:.2f}" in line for line in process.stdout.splitlines())
 
 
+def test_quick_dry_run_runs_every_type_once_on_both_models(tmp_path):
+    """`--quick` (every network type once per model, what an unattended first GPU run measures) without a GPU: its
+    dry run, the same matrix on the tiny UNets, each cell measured and estimated, in the JSON and the table."""
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), "--max-minutes", "60"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.startswith("no CUDA GPU: nothing to measure on this machine")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["quick"] is True and result["tiny"] is True
+
+    from lohatrain.methods import TYPES
+
+    # every type the tab offers, DoRA on those that take it
+    types = {(m, False) for m in TYPES} | {(m, True) for m, t in TYPES.items() if t.dora}
+    rows = result["rows"]
+    assert sorted((r["model"], r["method"], r["dora"]) for r in rows) == sorted(
+        (model, method, dora) for model in ("sd1-tiny", "sdxl-tiny") for method, dora in types)
+    for row in rows:
+        assert row["status"] == "ok" and row["checkpointing"] and row["forward"] == "merged", row
+        assert row["it_per_s"] > 0 and row["step_tflop"] > 0 and row["estimate_gb"] > 0
+        assert any(row["model"] in line and row["network"] in line and f"{row['estimate_gb']:.2f}" in line
+                   for line in process.stdout.splitlines())
+
+
 def test_peak_table_tells_apart_cards_whose_names_overlap():
     peak = _load_script().lookup_peak
     sxm, pcie, h200 = (peak(n)[0] for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200"))
