@@ -292,8 +292,9 @@ def refusal(est: Estimate, settings: TrainSettings) -> str | None:
     Only where the free memory is known (a GPU); `ignore_memory_estimate` starts it anyway."""
     if est.fits is not False or settings.ignore_memory_estimate:
         return None
-    return (f"This run {est.message()} As it is, it would run out of GPU memory: change the settings (Fit my card, "
-            "beside Train, makes these changes), or start it all the same with ignore_memory_estimate (REST API).")
+    said = est.message().rstrip(".")
+    return (f"This run {said}. As it is, it would run out of GPU memory: change the settings (Fit my card, beside "
+            "Train, makes these changes), or start it all the same with ignore_memory_estimate (REST API).")
 
 
 def available_bytes(parts: ModelParts) -> int | None:

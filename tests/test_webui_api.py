@@ -288,7 +288,8 @@ def test_fit_my_card_changes_the_forms_settings_until_the_run_fits(webui_server,
     fitted, text = actions.fit_my_card(form, "tab", frozenset(tab.FIELDS))
     assert dataclasses.asdict(fitted) == {**dataclasses.asdict(form), "gradient_checkpointing": True, "batch_size": 2}
     lines = text.splitlines()
-    assert lines[0].startswith("Fit my card: the run needs ≈") and "To fit: gradient checkpointing on (≈ " in lines[0]
+    assert lines[0].startswith("Fit my card: the run needs ≈")
+    assert "To fit: gradient checkpointing on (≈ " in lines[0]
     assert f"batch size 2 (≈ {free / memory.GB:.2f} GB)." in lines[0]
     assert lines[1] == "Changed in the form: gradient_checkpointing → True, batch_size → 2."
     actions.preflight(fitted, "tab")  # Train is no longer refused
