@@ -41,7 +41,8 @@ STOCK_TESTS := tests/test_allocator.py tests/test_engine.py tests/test_golden.py
 	tests/test_precision.py tests/test_resume.py tests/test_entry.py tests/test_install.py tests/test_process_state.py \
 	tests/test_dataset.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_benchmarks.py tests/test_imports.py tests/test_targets.py \
-	tests/test_loss_and_noise.py tests/test_optimizers.py tests/test_kohya_dataset.py tests/test_kohya_config.py
+	tests/test_loss_and_noise.py tests/test_optimizers.py tests/test_kohya_dataset.py tests/test_kohya_config.py \
+	tests/test_memory_estimate.py
 # The files of every type and family byte for byte (test_golden.py, hashes recorded per torch version) run here
 # too. What differs by model family (the SD2 and SDXL cases: -m), by operating system or only in lohatrain's own
 # logic (refusal messages) runs once, above: STOCK_SKIP.
@@ -50,7 +51,7 @@ STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or anoth
 	or a_lycoris_that or pip_failure or torch_too_old or does_not_divide or help_lists or options_override \
 	or progress_bar or process_that_dies or rest_refuses or doctor_counts_masks or settings_that_cannot_work \
 	or prodigy_takes_learning_rates or missing_package or the_rest_check_and_the_tab or doctor_reports_each_sub_folder \
-	or kohya_over_rest or kohya_form_settings
+	or kohya_over_rest or kohya_form_settings or leaves_the_file_as_it_was or prints_the_estimate
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS) \
 		-m "not other_families" -k "not ($(STOCK_SKIP))"

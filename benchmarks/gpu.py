@@ -1,7 +1,8 @@
 """GPU benchmark: speed, peak VRAM and FLOP utilisation of lohatrain's training step on full-size SD1.5 and SDXL.
 
     .venv-stock/bin/python benchmarks/gpu.py [--json PATH] [--peak-tflops N] [--models sd15,sdxl]
-    .venv/bin/python benchmarks/gpu.py --tiny     the dry run: tiny UNets on the CPU, seconds (what CI runs)
+    .venv-stock/bin/python benchmarks/gpu.py --quick   every type once per model: under 8 minutes on one H100
+    .venv/bin/python benchmarks/gpu.py --tiny [--quick]   the dry runs: tiny UNets on the CPU (what CI runs)
 
 Needs a CUDA build of torch (.venv-stock has torch 2.1.2+cu121, the stock WebUI's). Prints one table and
 writes it as JSON (default benchmarks/gpu-results.json; --tiny: gpu-results-tiny.json). Without a CUDA GPU
@@ -26,6 +27,13 @@ LoRA, LoCon and LoHa) with gradient checkpointing on and off; for LoHa also lyco
 base op, then a second full-size op with ΔW: benchmarks/engine.py `forward_style`) against lohatrain's one
 merged op, and the `deterministic` setting on, each with checkpointing on and off.
 
+--quick (14 cells): per model, every network type (the 7 above) with gradient checkpointing on (the tab's
+default) and lohatrain's forward; 1 warm-up step and 3 timed ones. Sized for one H100 in under 8 minutes
+(not yet run on one): each cell's memory estimate runs its step on fakes in Python, ~10-30 s of CPU for SDXL
+and less for SD1.5, which dominates; the GPU's part is a counted first step and 4 more (SDXL ~0.4 s a step
+at 1024 px), plus building each model once; cells not started by --max-minutes (7) are skipped, so it ends
+within 8 minutes whatever the CPU.
+
 Per cell: a first step, its FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` (a deterministic
 cell takes its twin's count: the same maths), `--warmup` (2) more untimed steps, then `--steps` (6) timed
 ones between two `torch.cuda.synchronize()`. Cells not started within `--max-minutes` (7) are skipped.
@@ -33,6 +41,9 @@ ones between two `torch.cuda.synchronize()`. Cells not started within `--max-min
 - it/s: timed steps / their seconds (a step is one batch: 4 images for sd15, 1 for sdxl);
 - peak GB: `torch.cuda.max_memory_allocated` over the cell, stats reset before it: the fp16 UNet, the
   network with its gradients and AdamW state, the activations. Not CUDA's context or the allocator's cache;
+- est GB: lohatrain's memory estimate of the same peak (`lohatrain.memory.estimate`, what the tab and
+  `--estimate` show before a run), made before the cell on fake tensors: beside peak GB, the check that it
+  holds on a GPU (a deterministic cell takes its twin's; `--no-estimate` leaves it out);
 - TFLOP/step: the counted FLOPs of one step as it runs (matmuls, convolutions and attention, forward and
   backward; checkpointing's recomputation and lycoris' second op included: the work the card does);
 - of peak: TFLOP/step x it/s / the card's dense fp16 tensor peak.
@@ -48,7 +59,8 @@ unknown card gets "n/a" unless --peak-tflops gives its figure.
 
 --tiny: the demo models' UNets (lohatrain.demo's SD1, demo_sdxl.TINY_SDXL), 64 px, on the CPU in fp32 (CPU
 torch 2.1 cannot train in fp16), each type's "small" preset, 5 cells that take every path, 2 steps each. Its
-figures only show that every path runs; peak GB is not measured on the CPU (null in the JSON).
+figures only show that every path runs; peak GB is not measured on the CPU (null in the JSON); est GB is the
+estimate for training on the CPU.
 """
 from __future__ import annotations
 
@@ -85,7 +97,7 @@ from ldm.modules.diffusionmodules.util import make_beta_schedule  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lohatrain import compat, loop, trainer  # noqa: E402
+from lohatrain import compat, loop, memory, trainer  # noqa: E402
 from lohatrain.cache import Cache, Sample  # noqa: E402
 from lohatrain import dataset as ds  # noqa: E402
 from lohatrain.demo import TINY_SD1_CONFIG  # noqa: E402
@@ -167,6 +179,11 @@ def full_matrix(models: list[str]) -> list[Cell]:
                       Cell(model, "loha", checkpointing=ckpt, deterministic=True),
                       Cell(model, "loha", checkpointing=ckpt, forward="lycoris", deterministic=True)]
     return cells
+
+
+def quick_matrix(models: list[str]) -> list[Cell]:
+    """Every network type once per model, as the tab trains it by default (checkpointing on, lohatrain's forward)."""
+    return [Cell(model, method, dora) for model in models for method, dora in NETWORK_TYPES]
 
 
 def tiny_matrix() -> list[Cell]:
@@ -311,9 +328,7 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: Cache, device
                          ds.BucketBatchSampler([s.bucket for s in cache.samples.values()], settings.batch_size,
                                                torch.Generator().manual_seed(0)),
                          torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), random.Random(3))
-        parts = ModelParts(family, unet, None, None, partial(family.predict, model), None, None,
-                           family.alphas_cumprod(model), False, list, False,
-                           condition_on_images=partial(family.condition_on_images, model))
+        parts = bare_parts(spec, model)
         setup = loop.Setup(parts, loop.Prediction(network, parts.predict), cache, settings, None, False,
                            loop.training_alphas_cumprod(parts.alphas_cumprod).to(device), device, autocast, ALONE)
         step = partial(loop.step, setup, state)
@@ -331,21 +346,45 @@ def run_cell(cell: Cell, spec: ModelSpec, model: BareModel, cache: Cache, device
     return {"it_per_s": steps / seconds, **({"step_tflop": counter.get_total_flops() / 1e12} if count else {})}
 
 
+def bare_parts(spec: ModelSpec, model: BareModel) -> ModelParts:
+    """What the engine sees of the bare model: its UNet, prediction, schedule and size conditioning."""
+    family = spec.family
+    return ModelParts(family, family.unet(model), None, None, partial(family.predict, model), None, None,
+                      family.alphas_cumprod(model), False, list, False,
+                      condition_on_images=partial(family.condition_on_images, model))
+
+
+def estimate_cell(cell: Cell, spec: ModelSpec, model: BareModel) -> float:
+    """lohatrain.memory's estimate of the cell's peak, in GB (1e9 bytes, as peak GB): the weights, the network and
+    AdamW's state, the cached batch, and the step run on fake tensors (lohatrain's estimate before a run)."""
+    unet = spec.family.unet(model)
+    settings = cell_settings(cell, spec, "fp16" if next(unet.parameters()).dtype == torch.float16 else "fp32")
+    with forward_style(cell.forward == "lycoris"):
+        return memory.estimate(bare_parts(spec, model), settings, suggest=False).need / 1e9
+
+
 def blank_row(cell: Cell, spec: ModelSpec, status: str) -> dict:
     return {**dataclasses.asdict(cell), "network": cell.network, "resolution": spec.resolution, "batch": spec.batch,
-            "status": status, "error": None, "it_per_s": None, "peak_vram_gb": None, "step_tflop": None,
-            "achieved_tflops": None, "peak_share": None, "cell_seconds": None}
+            "status": status, "error": None, "it_per_s": None, "peak_vram_gb": None, "estimate_gb": None,
+            "step_tflop": None, "achieved_tflops": None, "peak_share": None, "cell_seconds": None}
 
 
 def measure(cell: Cell, spec: ModelSpec, model, cache, device, steps: int, warmup: int, peak: float | None,
-            flops: dict) -> dict:
+            flops: dict, estimates: dict | None) -> dict:
     """One row: the cell's figures, or its OOM / error, with the memory it held freed either way. `flops`
     holds the TFLOP/step counted so far: a deterministic cell does the same maths as its twin without, so the
-    twin's count serves (counting costs seconds of Python per step)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    twin's count serves (counting costs seconds of Python per step); `estimates` the same for the memory
+    estimate (made before the cell, on fake tensors: it allocates nothing), or None to make none."""
     row = blank_row(cell, spec, "ok")
     twin = dataclasses.replace(cell, deterministic=False)
+    if estimates is not None:
+        try:
+            row["estimate_gb"] = estimates[twin] if twin in estimates else estimates.setdefault(
+                twin, estimate_cell(cell, spec, model))
+        except Exception:  # noqa: BLE001 — the estimate's failure is reported; the cell is still measured
+            traceback.print_exc()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     try:
         row.update(run_cell(cell, spec, model, cache, device, steps, warmup, count=twin not in flops))
         row["step_tflop"] = flops.setdefault(twin, row["step_tflop"])
@@ -373,7 +412,7 @@ def lookup_peak(device_name: str) -> tuple[float, str] | None:
 # ----------------------------------------------------------------------------------------------- the table
 
 COLUMNS = (("model", 9), ("network", 10), ("ckpt", 4), ("forward", 7), ("determ", 6), ("it/s", 7),
-           ("peak GB", 7), ("TFLOP/step", 10), ("TFLOPS", 7), ("of peak", 7))
+           ("peak GB", 7), ("est GB", 6), ("TFLOP/step", 10), ("TFLOPS", 7), ("of peak", 7))
 
 
 def _fmt(value, spec: str) -> str:
@@ -391,16 +430,17 @@ def table(rows: list[dict]) -> str:
         share = "n/a" if r["status"] == "ok" and r["peak_share"] is None else _fmt(r["peak_share"], ".1%")
         lines.append(line([r["model"], r["network"], "on" if r["checkpointing"] else "off", r["forward"],
                            "on" if r["deterministic"] else "off", speed, _fmt(r["peak_vram_gb"], ".2f"),
-                           _fmt(r["step_tflop"], ".3g"), _fmt(r["achieved_tflops"], ".3g"), share]))
+                           _fmt(r["estimate_gb"], ".2f"), _fmt(r["step_tflop"], ".3g"),
+                           _fmt(r["achieved_tflops"], ".3g"), share]))
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ main
 
 def run_matrix(cells: list[Cell], specs: dict, device: torch.device, weights: torch.dtype, steps: int, warmup: int,
-               peak: float | None, deadline: float) -> list[dict]:
+               peak: float | None, deadline: float, estimate: bool = True) -> list[dict]:
     """Every cell, model by model (each built once), in order; a cell not started by `deadline` is skipped."""
-    rows, flops, started = [], {}, time.perf_counter()
+    rows, flops, estimates, started = [], {}, {} if estimate else None, time.perf_counter()
     for model_name in dict.fromkeys(c.model for c in cells):
         spec = specs[model_name]
         model, cond = build_model(spec, device, weights)
@@ -411,11 +451,12 @@ def run_matrix(cells: list[Cell], specs: dict, device: torch.device, weights: to
                 rows.append(blank_row(cell, spec, "skipped"))
                 continue
             cell_started = time.perf_counter()
-            rows.append(measure(cell, spec, model, cache, device, steps, warmup, peak, flops))
+            rows.append(measure(cell, spec, model, cache, device, steps, warmup, peak, flops, estimates))
             r = rows[-1]
             r["cell_seconds"] = round(time.perf_counter() - cell_started, 1)
             print(f"[{len(rows)}/{len(cells)}] {cell.model} {cell.network} ckpt={cell.checkpointing} {cell.forward} "
-                  f"det={cell.deterministic}: {r['status']} {_fmt(r['it_per_s'], '.2f')} it/s "
+                  f"det={cell.deterministic}: {r['status']} {_fmt(r['it_per_s'], '.2f')} it/s, peak "
+                  f"{_fmt(r['peak_vram_gb'], '.2f')} GB, estimate {_fmt(r['estimate_gb'], '.2f')} GB "
                   f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         del model, cond, cache
         free_memory(device)
@@ -431,12 +472,18 @@ def describe_device(device: torch.device) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the dry run: tiny UNets on the CPU, in seconds")
-    parser.add_argument("--json", type=Path, help="where the JSON goes (default benchmarks/gpu-results.json, "
-                                                  "--tiny: benchmarks/gpu-results-tiny.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every network type once per model, checkpointing on, 1 warm-up and 3 timed steps: "
+                             "under 8 minutes on one H100 (with --tiny: its dry run on the tiny UNets)")
+    parser.add_argument("--json", type=Path, help="where the JSON goes (default benchmarks/gpu-results.json; "
+                                                  "-quick, -tiny before .json for those runs)")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense fp16 peak (default: by device name)")
     parser.add_argument("--models", default="sd15,sdxl", help="full-size models to run (default sd15,sdxl)")
-    parser.add_argument("--steps", type=int, help="timed steps per cell (default 6; --tiny 1)")
-    parser.add_argument("--warmup", type=int, help="untimed steps after the first one (default 2; --tiny 0)")
+    parser.add_argument("--steps", type=int, help="timed steps per cell (default 6; --quick 3; --tiny 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps after the first one (default 2; --quick 1; "
+                                                   "--tiny 0)")
+    parser.add_argument("--no-estimate", action="store_true",
+                        help="leave out lohatrain's memory estimate of each cell (seconds of CPU each)")
     parser.add_argument("--max-minutes", type=float, default=7.0,
                         help="cells not started by then are skipped (default 7)")
     args = parser.parse_args(argv)
@@ -450,10 +497,14 @@ def main(argv=None) -> int:
               "needed); running the --tiny dry run on the CPU instead", flush=True)
         args.tiny = True
     device = torch.device("cpu" if args.tiny else "cuda")
-    specs, cells = (TINY_MODELS, tiny_matrix()) if args.tiny else (MODELS, full_matrix(models))
-    steps = args.steps or (1 if args.tiny else 6)
-    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 2)
-    out = args.json or BENCHMARKS / ("gpu-results-tiny.json" if args.tiny else "gpu-results.json")
+    specs = TINY_MODELS if args.tiny else MODELS
+    if args.quick:
+        cells = quick_matrix(list(TINY_MODELS) if args.tiny else models)
+    else:
+        cells = tiny_matrix() if args.tiny else full_matrix(models)
+    steps = args.steps or (1 if args.tiny else 3 if args.quick else 6)
+    warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1 if args.quick else 2)
+    out = args.json or BENCHMARKS / f"gpu-results{'-quick' * args.quick}{'-tiny' * args.tiny}.json"
     name = describe_device(device)
     found = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else (
         lookup_peak(name) if device.type == "cuda" else None)
@@ -462,16 +513,18 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     with webui_runtime():
-        rows = run_matrix(cells, specs, device, weights, steps, warmup, peak, started + 60 * args.max_minutes)
+        rows = run_matrix(cells, specs, device, weights, steps, warmup, peak, started + 60 * args.max_minutes,
+                          estimate=not args.no_estimate)
 
     result = {
-        "tiny": args.tiny, "device": name, "torch": torch.__version__,
+        "tiny": args.tiny, "quick": args.quick, "device": name, "torch": torch.__version__,
         "lycoris_lora": metadata.version("lycoris-lora"), "weights_dtype": str(weights).replace("torch.", ""),
         "train_dtype": "fp16" if weights == torch.float16 else "fp32",
         "attention": "torch SDPA, memory-efficient kernel off (the WebUI's default sdp-no-mem)",
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "peak_vram": "torch.cuda.max_memory_allocated per cell" if device.type == "cuda" else
                      "not measured on the CPU (null)",
+        "estimate": "lohatrain.memory.estimate per cell, made before it (GB of 1e9 bytes, as peak_vram_gb)",
         "steps": steps, "warmup_steps": warmup, "seconds": round(time.perf_counter() - started, 1), "rows": rows,
     }
     print(f"device: {name}; torch {torch.__version__}; lycoris-lora {result['lycoris_lora']}; weights "

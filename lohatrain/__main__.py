@@ -8,6 +8,7 @@
     python -m lohatrain train --demo --output-dir out [--seed N] [--steps N]
     python -m lohatrain train --demo --config run.json      (your settings, on the built-in tiny model)
     python -m lohatrain train --demo --family sdxl --output-dir out   (the tiny SD2 or SDXL model instead)
+    python -m lohatrain train --checkpoint MODEL.safetensors --config run.json --estimate   (the memory it needs)
     python -m lohatrain train --demo --resume out/demo-loha.lohatrain-state   (go on where a run stopped)
     torchrun --nproc-per-node 2 -m lohatrain train --demo --output-dir out   (data-parallel, README)
 
@@ -39,11 +40,13 @@ import torch
 if "--verbose" in sys.argv[1:]:  # before lohatrain's modules import the libraries (the option parser needs them)
     os.environ["LOHATRAIN_VERBOSE"] = "1"
 
+from . import memory
 from .cli_settings import add_setting_options, given_settings, merge
 from .distributed import Ranks, join_torchrun, leave
 from .errors import LohatrainError
 from .kohya_config import import_file
 from .output import STATE_SUFFIX
+from .preflight import preflight
 from .run_state import SavedRun, read_state
 from .settings import TrainSettings, read_settings_file
 from .families import ldm_parts
@@ -113,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="go on with a stopped run: its .lohatrain-state, or any .safetensors it saved (the run "
                             "goes on from its state's step, with its own settings; --output-dir and --steps may "
                             "move or extend it)")
+    model.add_argument("--estimate", action="store_true",
+                       help="print the memory the run needs on this device (and, when it does not fit the GPU, what "
+                            "would) and exit without training")
     model.add_argument("--resume-anyway", action="store_true",
                        help="resume even though the dataset or model changed (the result then differs from an "
                             "uninterrupted run, and its metadata says so)")
@@ -156,6 +162,11 @@ def _main(argv: list[str] | None, ranks: Ranks) -> int:
         else:
             model, settings, model_name, model_hash = _demo_run(args, resume, parser, ranks, file_settings)
         parts = dataclasses.replace(ldm_parts(model), name=model_name, hash=model_hash)
+        if args.estimate:
+            prepared = preflight(parts, settings, resuming=resume is not None)
+            print(memory.estimate(parts, prepared.settings, memory.available_bytes(parts),
+                                  prepared=prepared).message(), flush=True)
+            return 0
         result = train(parts, settings, Hooks(progress=report), resume=resume, resume_anyway=args.resume_anyway,
                        ranks=ranks)
     except LohatrainError as e:
@@ -223,12 +234,15 @@ def _checkpoint_run(args, resume: SavedRun | None, file_settings: dict | None):
     checkpoint = read_checkpoint(path)
     settings = settings_for(checkpoint.family)
     # The file's sha256 (as the WebUI records a checkpoint's hash) is read while the model loads: hashlib and
-    # file reads release the GIL, so the two take one's time where a second core is free.
+    # file reads release the GIL, so the two take one's time where a second core is free. An estimate writes no
+    # file: no hash to record.
     with ThreadPoolExecutor(1) as pool:
-        sha256 = pool.submit(file_sha256, path)
+        sha256 = pool.submit(file_sha256, path) if not args.estimate else None
         print(f"Loading the {BY_NAME[checkpoint.family].label} model…", flush=True)
         model, source = load_model(checkpoint, settings.train_dtype, device)
         print(f"loaded {path.name} with {source}, {settings.train_dtype} on {device}", flush=True)
+        if sha256 is None:
+            return model, settings, path.name, ""
         if not sha256.done():
             print(f"Hashing {path.name} (its sha256, as the WebUI records it)…", flush=True)
         return model, settings, path.name, sha256.result()

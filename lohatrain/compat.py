@@ -7,6 +7,7 @@ so the rest of the package calls one name on every torch.
 from __future__ import annotations
 
 import re
+import weakref
 
 import torch
 
@@ -62,6 +63,29 @@ def grad_scaler(device_type: str, enabled: bool):
     if TORCH_VERSION >= (2, 3):
         return torch.amp.GradScaler(device_type, enabled=enabled)
     return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")
+
+
+def fake_mode():
+    """torch's FakeTensorMode (tensors with a shape, dtype and device but no memory), taking real tensors in.
+
+    Newer torch (2.13 here; 2.1 does not) remembers each fake an op makes through a weak reference
+    (`meta_converter.tensor_memo`), and `nn.Module.to()`/`.float()` refuse to convert a fake parameter that has
+    one (`torch.utils.swap_tensors`). That memory is made a plain dict, which `forget_fakes` empties after every
+    op: nothing then holds a weak (or, past its op, a strong) reference to a fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    converter = getattr(mode.fake_tensor_converter, "meta_converter", None)
+    if isinstance(getattr(converter, "tensor_memo", None), weakref.WeakValueDictionary):
+        converter.tensor_memo = {}
+    return mode
+
+
+def forget_fakes(mode) -> None:
+    """Empty what `fake_mode()` remembered of the fakes made so far (see there)."""
+    memo = getattr(getattr(mode.fake_tensor_converter, "meta_converter", None), "tensor_memo", None)
+    if type(memo) is dict:
+        memo.clear()
 
 
 def fused_adamw_supported(device_type: str) -> bool:

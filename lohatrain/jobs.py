@@ -90,13 +90,17 @@ class JobRunner:
     def start(self, prepared: Prepared, via: str = "tab", resume=None, resume_anyway: bool = False) -> str:
         """Start training (or resume a stopped run) in the background; raises Busy while another one runs."""
         with self._lock:
-            if self.job is not None and self.job.state == "running":
-                raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
-                           "or interrupt it")
+            self.check_idle()
             self.job = Job(uuid.uuid4().hex[:12], prepared, via, resume=resume, resume_anyway=resume_anyway)
             self._thread = threading.Thread(target=self._work, args=(self.job,), name="lohatrain", daemon=True)
             self._thread.start()
             return self.job.id
+
+    def check_idle(self) -> None:
+        """Raise Busy while a training runs."""
+        if self.job is not None and self.job.state == "running":
+            raise Busy(f"a training ({self.job.settings.name}) is already running: wait for it to finish "
+                       "or interrupt it")
 
     def _work(self, job: Job) -> None:
         outcome = {}

@@ -246,13 +246,25 @@ def _runs_8bit(device: str) -> str | None:
     """Why bitsandbytes cannot take an 8-bit AdamW step on this device, or None: one step on a tensor big
     enough for its 8-bit state (a build without this device's kernels fails only there)."""
     cls = optimizer_class("adamw8bit")
-    weight = torch.nn.Parameter(torch.ones(4096, device=device))
-    weight.grad = torch.ones_like(weight)
     try:
+        weight = torch.nn.Parameter(torch.ones(4096, device=device))  # a device this torch lacks fails here
+        weight.grad = torch.ones_like(weight)
         cls([weight]).step()
     except Exception as e:
         return _one_line(e)
     return None
+
+
+def why_no_8bit(device) -> str | None:
+    """Why AdamW 8-bit cannot run on `device` here (bitsandbytes missing, unloadable, or without kernels for the
+    device), or None when it can."""
+    try:
+        optimizer_class("adamw8bit")
+    except LohatrainError as e:
+        return str(e)
+    reason = _runs_8bit(str(device))
+    return reason and (f"bitsandbytes {_version('bitsandbytes')} has no 8-bit optimizer for this "
+                       f"{torch.device(device).type.upper()} ({reason})")
 
 
 def check_device(settings, device: torch.device) -> None:

@@ -52,6 +52,8 @@ PRESET_NAMES = tuple(TYPES[DEFAULT_METHOD].presets["sd1"])  # every type's, on e
 _DEFAULT_SIZE = TYPES[DEFAULT_METHOD].presets["sd1"][DEFAULT_PRESET]
 _SIZE_KEYS = ("dim", "alpha", "conv_dim", "conv_alpha")
 CUSTOM_PRESET = "custom"
+# Settings about this machine and this click, not about the network: the file and its settings JSON leave them out.
+RUN_CHOICES = ("ignore_memory_estimate",)
 
 
 def _added(default):
@@ -148,6 +150,9 @@ class TrainSettings:
     caption_dropout_rate: float = _added(0.0)  # a drawn image's caption emptied
     caption_tag_dropout_rate: float = _added(0.0)  # each free tag left out
     keep_tokens_separator: str = _added("")  # tags before it stay first
+    # The memory estimate (lohatrain.memory): a run the estimate says does not fit the GPU starts only with this
+    # on. About this machine, not the network: not written into the file (RUN_CHOICES).
+    ignore_memory_estimate: bool = False
 
     @classmethod
     def defaults_for(cls, family: str, method: str = DEFAULT_METHOD) -> "TrainSettings":
@@ -198,9 +203,10 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
     def recorded(self) -> dict:
-        """`to_dict` less the settings added later (`_added`) left at their defaults: what a file records."""
+        """`to_dict` less the settings added later (`_added`) left at their defaults and those about this machine
+        (RUN_CHOICES): what a file records."""
         return {k: v for f, (k, v) in zip(dataclasses.fields(self), self.to_dict().items())
-                if not (f.metadata.get("recorded_when_set") and v == f.default)}
+                if k not in RUN_CHOICES and not (f.metadata.get("recorded_when_set") and v == f.default)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -274,7 +280,7 @@ class TrainSettings:
         if not isinstance(self.preview_sampler, str) or not self.preview_sampler.strip():
             p.append("preview_sampler must be the name of one of the WebUI's samplers")
         for key in ("dora", "bucketing", "gradient_checkpointing", "deterministic", "shuffle_tags", "flip_aug",
-                    "color_aug", "overwrite", "zero_terminal_snr", "keep_state"):
+                    "color_aug", "overwrite", "zero_terminal_snr", "keep_state", "ignore_memory_estimate"):
             if not isinstance(getattr(self, key), bool):
                 p.append(f"{key} must be true or false")
         if self.init_from and (check_file_name(self.init_from) or not self.init_from.endswith(".safetensors")):
@@ -429,6 +435,8 @@ SETTING_HELP = {
     "caption_tag_dropout_rate": "the chance (0 to 1) each tag is left out of a drawn caption (the kept ones never)",
     "keep_tokens_separator": "a mark in captions (such as |||): the tags before it stay first, never shuffled or "
                              "dropped; a second one keeps the tags after it last (unset: keep_tokens)",
+    "ignore_memory_estimate": "in the WebUI: start a run the memory estimate says does not fit the GPU's free memory "
+                              "(the command line does not refuse; --estimate reports)",
 }
 
 

@@ -1,7 +1,7 @@
 """What the engine's tests share: a small run's settings, a run stopped as Interrupt stops it and resumed, the state a
 run must leave a model in, the loss a trained file must lower (SD1/SD2 and SDXL), the modules a file must reach, the
-tiny model of each family, and a small dataset with masks. A plain module the test files import (fixtures are in
-conftest.py)."""
+tiny model of each family, the model held as the WebUI holds it, and a small dataset with masks. A plain module the
+test files import (fixtures are in conftest.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 
 from lohatrain import dataset as ds
 from lohatrain.families import ldm_parts
@@ -62,6 +63,23 @@ def model_state(model) -> dict:
         "ldm_flags": {k: (m.__dict__.get("checkpoint"), m.__dict__.get("use_checkpoint"))
                       for k, m in model.named_modules()},
     }
+
+
+def hold_like_the_webui(model, held: str):
+    """The model as the WebUI v1.10.1 holds it on a GPU (modules/sd_models.py, load_model_weights): `held` "fp16"
+    (half(), its default) or "bf16", keeping alphas_cumprod float32; "fp8": its FP8 weight option on top of half,
+    every Linear and Conv2d outside the VAE in float8."""
+    alphas_cumprod = model.alphas_cumprod
+    model.alphas_cumprod = None
+    model.to(torch.bfloat16 if held == "bf16" else torch.float16)
+    model.alphas_cumprod = alphas_cumprod
+    if held == "fp8":
+        vae, model.first_stage_model = model.first_stage_model, None
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.to(torch.float8_e4m3fn)
+        model.first_stage_model = vae
+    return model
 
 
 def family_model(family: str, seed: int = 0):

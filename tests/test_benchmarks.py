@@ -24,8 +24,9 @@ def _load_script():
 def test_tiny_dry_run_measures_every_cell_of_its_matrix(tmp_path):
     out = tmp_path / "tiny.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)
+    # bounds, not timings: every cell must run, however loaded the machine (its estimates take CPU seconds each)
+    process = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--json", str(out), "--max-minutes", "60"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
 
@@ -46,10 +47,38 @@ def test_tiny_dry_run_measures_every_cell_of_its_matrix(tmp_path):
         assert row["step_tflop"] > 0 and row["achieved_tflops"] > 0
         # the CPU has no max_memory_allocated and no known fp16 peak: both are reported as absent
         assert row["peak_vram_gb"] is None and row["peak_share"] is None
+        # lohatrain's memory estimate of every cell, beside the measured peak (on a GPU)
+        assert isinstance(row["estimate_gb"], float) and row["estimate_gb"] > 0
     assert result["tiny"] is True and result["peak_tflops"] is None
     # the table on stdout has one line per row, each with its network type and speed
     for row in result["rows"]:
         assert any(row["model"] in line and row["network"] in line and f"{row['it_per_s']:.2f}" in line
+                   and f"{row['estimate_gb']:.2f}" in line for line in process.stdout.splitlines())
+
+
+def test_quick_dry_run_runs_every_type_once_on_both_models(tmp_path):
+    """`--quick` (every network type once per model, what an unattended first GPU run measures) without a GPU: its
+    dry run, the same matrix on the tiny UNets, each cell measured and estimated, in the JSON and the table."""
+    out = tmp_path / "quick.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), "--max-minutes", "60"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.startswith("no CUDA GPU: nothing to measure on this machine")
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["quick"] is True and result["tiny"] is True
+
+    from lohatrain.methods import TYPES
+
+    # every type the tab offers, DoRA on those that take it
+    types = {(m, False) for m in TYPES} | {(m, True) for m, t in TYPES.items() if t.dora}
+    rows = result["rows"]
+    assert sorted((r["model"], r["method"], r["dora"]) for r in rows) == sorted(
+        (model, method, dora) for model in ("sd1-tiny", "sdxl-tiny") for method, dora in types)
+    for row in rows:
+        assert row["status"] == "ok" and row["checkpointing"] and row["forward"] == "merged", row
+        assert row["it_per_s"] > 0 and row["step_tflop"] > 0 and row["estimate_gb"] > 0
+        assert any(row["model"] in line and row["network"] in line and f"{row['estimate_gb']:.2f}" in line
                    for line in process.stdout.splitlines())
 
 

@@ -92,6 +92,33 @@ def test_a_run_holds_no_second_copy_of_forges_weights(sample_dataset, tmp_path, 
     assert max(during) < unet_bytes / 2, (max(during), unet_bytes)
 
 
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_memory_estimate_leaves_forges_model_as_found_and_is_what_its_step_holds(kind, sample_dataset, tmp_path,
+                                                                                     monkeypatch):
+    """Forge's weights are inference tensors its memory manager moves: the estimate stands fakes in for them
+    without loading or moving anything, and the step it tracks is the step a run on them takes."""
+    from lohatrain import loop, memory
+
+    engine = forge_loader(kind)
+    settings = settings_for(sample_dataset, tmp_path, steps=2, gradient_checkpointing=True, shuffle_tags=True)
+    before = forge_state(engine)
+    est = memory.estimate(ForgeHost().parts_of(engine), settings)
+    assert forge_state(engine) == before
+    tracker, seen, real_step = memory.Tracker(), {}, loop.step
+
+    def tracked_step(setup, state):
+        if state.step == 1:
+            tracker.reset_peak()
+            seen["start"] = tracker.live["cpu"]
+        with tracker:
+            real_step(setup, state)
+        seen["step"] = tracker.peak["cpu"] - seen.get("start", 0)
+
+    monkeypatch.setattr(loop, "step", tracked_step)
+    train_on(engine, settings)
+    assert est.parts["activations"] == pytest.approx(seen["step"], rel=0.1)
+
+
 def test_a_unet_forge_cannot_fit_whole_is_refused_and_left_as_found(sample_dataset, tmp_path):
     engine = forge_loader("sd1")
     with torch.inference_mode():

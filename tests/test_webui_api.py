@@ -1,6 +1,7 @@
 """The REST routes and the host integration, over real HTTP against the page served on the host stand-in."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 
@@ -15,6 +16,7 @@ from modules import call_queue, processing, shared
 
 
 import lohatrain.demo
+from lohatrain.errors import LohatrainError
 from lohatrain.trainer import train
 
 from page import finished, rest_behind_gradio_auth, run_body, wait_until
@@ -180,6 +182,82 @@ def test_presets_route(webui_server):
     presets = httpx.get(f"{webui_server.url}/lohatrain/v1/presets").json()
     assert list(presets) == ["small", "medium", "high", "highest"]
     assert presets["highest"]["dim"] == 32 and presets["small"]["file_mb"] < presets["highest"]["file_mb"]
+
+
+# An estimate runs the model's step on fake tensors: seconds, or minutes on a loaded 2-core machine, and more
+# when it also estimates the changes that would fit (a bound, not a timing).
+ESTIMATE_S = 900
+
+
+def test_the_preflight_route_answers_the_memory_estimate_or_the_problems(webui_server):
+    ui = webui_server
+    r = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "estimated"), timeout=ESTIMATE_S)
+    assert r.status_code == 200
+    est = r.json()
+    assert est["message"].startswith("needs ≈") and "GB of memory (model" in est["message"]
+    assert est["need_bytes"] == sum(est["parts_bytes"].values()) > 0
+    assert est["device"] == "cpu" and est["fits"] is None and est["refusal"] is None  # no GPU: reported only
+    r = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "estimated", steps=0, dataset_dir=""),
+                   timeout=ESTIMATE_S)
+    assert r.status_code == 422 and [p.split()[0] for p in r.json()["detail"]] == ["dataset_dir:", "steps"]
+    assert not (ui.lora_dir / "estimated.safetensors").exists()
+
+
+def test_a_run_that_does_not_fit_the_gpu_is_refused_unless_the_user_insists(webui_server, monkeypatch):
+    """The card's free memory is the one thing this CPU machine lacks: it is set between what the run needs with
+    and without gradient checkpointing."""
+    from lohatrain import memory
+
+    ui = webui_server
+    needs = [httpx.post(f"{ui.url}/lohatrain/v1/preflight", timeout=ESTIMATE_S, json=run_body(
+        ui, "too-big", gradient_checkpointing=checkpointing)).json()["need_bytes"] for checkpointing in (True, False)]
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: sum(needs) // 2)
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big"), timeout=ESTIMATE_S)
+    assert r.status_code == 422
+    refusal = r.json()["detail"][0]
+    assert "To fit: gradient checkpointing on" in refusal and "ignore_memory_estimate" in refusal
+    assert not (ui.lora_dir / "too-big.safetensors").exists()
+    est = httpx.post(f"{ui.url}/lohatrain/v1/preflight", json=run_body(ui, "too-big"), timeout=ESTIMATE_S).json()
+    assert est["fits"] is False and est["refusal"] == refusal
+    assert est["fit"]["fits"] is True and est["fit"]["settings"] == {"gradient_checkpointing": True}
+    assert est["fit"]["steps"] == [{"label": "gradient checkpointing on", "settings": {"gradient_checkpointing": True},
+                                    "need": needs[0], "host_setting": None}]
+
+    r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(ui, "too-big", ignore_memory_estimate=True),
+                   timeout=ESTIMATE_S)
+    assert r.status_code == 200
+    assert wait_until(ui, finished)["state"] == "done"
+    assert (ui.lora_dir / "too-big.safetensors").is_file()
+
+
+def test_fit_my_card_changes_the_forms_settings_until_the_run_fits(webui_server, monkeypatch):
+    """The tab's Fit my card (actions.fit_my_card with the form's fields): on a card whose free memory is what the
+    run needs with checkpointing at half the batch, the form gets both, says so, and Train then starts."""
+    from lohatrain import memory
+    from lohatrain.webui import actions, api, ui as tab
+
+    ui = webui_server
+    # the 8-bit optimizer left out, as on a card bitsandbytes has no kernels for (here it depends on its version)
+    monkeypatch.setattr(actions, "_why_no_8bit", lambda device: "no 8-bit kernels for it")
+    form = api._settings_of(run_body(ui, "fitted", batch_size=4))
+    unchanged, text = actions.fit_my_card(form, "tab", frozenset(tab.FIELDS))
+    assert unchanged == form and text.startswith("There is no GPU here, so nothing to fit: the run needs ≈")
+    free = actions.memory_estimate(dataclasses.replace(form, gradient_checkpointing=True, batch_size=2),
+                                   "tab").need
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: free)
+    with pytest.raises(LohatrainError, match="As it is, it would run out of GPU memory"):
+        actions.preflight(form, "tab")
+
+    fitted, text = actions.fit_my_card(form, "tab", frozenset(tab.FIELDS))
+    assert dataclasses.asdict(fitted) == {**dataclasses.asdict(form), "gradient_checkpointing": True, "batch_size": 2}
+    lines = text.splitlines()
+    assert lines[0].startswith("Fit my card: the run needs ≈")
+    assert "To fit: gradient checkpointing on (≈ " in lines[0]
+    assert f"batch size 2 (≈ {free / memory.GB:.2f} GB)." in lines[0]
+    assert lines[1] == "Changed in the form: gradient_checkpointing → True, batch_size → 2."
+    actions.preflight(fitted, "tab")  # Train is no longer refused
+    again, text = actions.fit_my_card(fitted, "tab", frozenset(tab.FIELDS))
+    assert again == fitted and text.startswith("It fits as it is: the run needs ≈")
 
 
 @pytest.mark.parametrize("flag", ["lowvram", "medvram"])

@@ -244,6 +244,28 @@ def test_settings_can_be_saved_and_loaded_by_name(page, webui_server, tmp_path, 
     assert (tmp_path / "my-style.json").is_file()
 
 
+def test_fit_my_card_changes_the_forms_fields_and_says_what_it_changed(page, webui_server, monkeypatch):
+    """Beside Train: on a card nothing fits (its free memory is the one thing this CPU machine lacks), the form
+    gets every change that lowers the need (checkpointing, batch size 1) and the message says what it still
+    needs; the fields it does not change keep what the user typed."""
+    from lohatrain import memory
+    from lohatrain.webui import actions
+
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: 1)
+    # the 8-bit optimizer left out whichever bitsandbytes is installed (it is not a field of the form everywhere)
+    monkeypatch.setattr(actions, "_why_no_8bit", lambda device: "no 8-bit kernels for it")
+    fill_small_run(page, webui_server, "fit-run", steps=33)
+    page.locator("#lohatrain_fit").click()
+    message = page.locator("div.prose#lohatrain_message")
+    expect(message).to_contain_text("Fit my card: the run needs ≈", timeout=TIMEOUT)
+    expect(message).to_contain_text("Even with gradient checkpointing on")
+    expect(message).to_contain_text("Changed in the form: gradient_checkpointing → True, batch_size → 1.")
+    expect(page.get_by_label("Gradient checkpointing")).to_be_checked()
+    expect(page.locator("#lohatrain_batch_size input[type=number]")).to_have_value("1")
+    expect(page.locator("#lohatrain_steps input")).to_have_value("33")
+    assert not (webui_server.lora_dir / "fit-run.safetensors").exists()
+
+
 def test_base_model_dropdown_loads_another_checkpoint_through_the_host(page, webui_server):
     from safetensors.torch import save_file
 

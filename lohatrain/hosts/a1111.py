@@ -34,6 +34,9 @@ TAG_OPTIONS = ("interrogate_deepbooru_score_threshold", "deepbooru_sort_alpha", 
 
 class A1111Host(Host):
     name = "AUTOMATIC1111"
+    # The option takes effect when the weights are loaded (sd_models.reload_model_weights reloads on a change).
+    fp8_setting = ("Settings → Optimizations → FP8 weight (Enable, or Enable for SDXL), then load the checkpoint "
+                   "again")
 
     def register_settings(self) -> None:
         """The extension's section in the WebUI's Settings tab."""

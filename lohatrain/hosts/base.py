@@ -20,6 +20,9 @@ LoadUnet = Callable[[], None]
 class Host:
     name = "host"
     notes: tuple[str, ...] = ()  # what the tab offers that this host cannot do, and why (shown under the model)
+    # Where the user turns on the host's FP8 storage of the frozen weights, as the memory estimate counts it (every
+    # Linear and Conv2d outside the VAE in float8), for "Fit my card" to name; None: no such option here.
+    fp8_setting: str | None = None
 
     # --- the loaded model ---------------------------------------------------------------------------------------
     def model_summary(self) -> dict:

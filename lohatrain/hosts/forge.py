@@ -52,6 +52,7 @@ class ForgeHost(A1111Host):
     name = "Forge"
     notes = ("In Forge the text encoder is not trained (keep Text encoder LR at 0): Forge runs its whole text path "
              "under torch.inference_mode. Everything else works as in the WebUI.",)
+    fp8_setting = None  # Forge's "Diffusion in Low Bits" stores the UNet alone, not what the estimate counts
 
     # --- the loaded model ---------------------------------------------------------------------------------------
     def is_loaded(self) -> bool:

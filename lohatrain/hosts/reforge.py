@@ -50,6 +50,7 @@ class ReForgeHost(A1111Host):
     notes = ("In reForge the SDXL text encoders are not trained (keep Text encoder LR at 0 on SDXL): both are "
              "transformers CLIPs there, which lohatrain's SDXL text-encoder training does not cover. Everything "
              "else works as in the WebUI.",)
+    fp8_setting = None  # reForge holds weights through its own backend: A1111's FP8 option is not what it does
 
     def __init__(self, memory=model_management):
         self.memory = memory

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 from contextlib import contextmanager
 from hmac import compare_digest
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from .. import allocator, captions, grid, hosts, kohya_config
+from .. import allocator, captions, grid, hosts, kohya_config, memory, optimizers
 from .. import dataset as ds
 from ..errors import LohatrainError
 from ..jobs import Job
@@ -119,9 +120,10 @@ def kohya_form_settings(config_file: str, dataset_config_file: str | None = None
 
 def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prepared:
     """Everything that can refuse a run before it starts, once per click: the path rule, the host's memory options,
-    the preview sampler, then the engine's own preflight on the loaded model. The file goes into the host's Lora
-    folder, and the run's CLIP skip is the host's setting when it sets none, so the file says what was used. A host that loads its model lazily (Forge) has the
-    model's own checks made when the run loads it."""
+    the preview sampler, then the engine's own preflight on the loaded model and, on a GPU, the memory estimate (a
+    run that does not fit is refused, naming what would, unless `ignore_memory_estimate`). The file goes into the
+    host's Lora folder, and the run's CLIP skip is the host's setting when it sets none, so the file says what was
+    used. A host that loads its model lazily (Forge) has the model's own checks made when the run loads it."""
     host = hosts.current()
     check_dataset_path(settings.dataset_dir, via)
     if settings.reg_data_dir.strip():
@@ -134,7 +136,77 @@ def preflight(settings: TrainSettings, via: str, resuming: bool = False) -> Prep
                                    clip_skip=host.clip_skip() if settings.clip_skip is None else settings.clip_skip)
     if not host.is_loaded():
         return prepare(settings, resuming)
-    return engine_preflight(host.parts(), settings, resuming)
+    parts = host.parts()
+    prepared = engine_preflight(parts, settings, resuming)
+    # A resumed run ran on this card before with these settings, which it keeps: it is not refused.
+    if not resuming and not settings.ignore_memory_estimate and memory.available_bytes(parts) is not None:
+        try:
+            est = _estimate(host, prepared)
+        except LohatrainError:
+            raise
+        except Exception:  # noqa: BLE001 — an estimate that fails must not stop a run it knows nothing about
+            traceback.print_exc()
+            print("lohatrain: the memory estimate failed (above); the run starts without it", file=sys.stderr)
+            return prepared
+        problem = memory.refusal(est, prepared.settings)
+        if problem:
+            raise LohatrainError(problem)
+    return prepared
+
+
+def _estimate(host, prepared: Prepared, changeable: frozenset[str] | None = None) -> memory.Estimate:
+    """The estimate runs the model's own code with fakes in its weights' places: under the GPU queue, so that no
+    generation uses the model meanwhile, and not while a training holds it (that would wait for its end)."""
+    from . import runner
+
+    runner().check_idle()
+    with host.gpu_queue():
+        parts = host.parts()
+        return memory.estimate(parts, prepared.settings, memory.available_bytes(parts), prepared=prepared,
+                               options=memory.FitOptions(host.fp8_setting, _why_no_8bit, changeable))
+
+
+def _why_no_8bit(device) -> str | None:
+    """AdamW 8-bit is offered where bitsandbytes runs on the card, or is not installed yet: a Train click that
+    chooses it installs it (`install_optimizer_package`)."""
+    return None if importlib.util.find_spec("bitsandbytes") is None else optimizers.why_no_8bit(device)
+
+
+def memory_estimate(settings: TrainSettings, via: str, changeable: frozenset[str] | None = None) -> memory.Estimate:
+    """What POST /preflight answers: the click's own checks (a problem raises, as Train would), then the memory the
+    run needs on the loaded model and this card (lohatrain.memory), with the recipe that would make it fit when
+    it does not (only changes of `changeable` settings, when given). The message: `est.message()`."""
+    host = hosts.current()
+    if not host.is_loaded():
+        raise LohatrainError("no model is loaded yet, so there is nothing to estimate: generate an image (or "
+                             "start the run) to load it")
+    prepared = preflight(dataclasses.replace(settings, ignore_memory_estimate=True), via)
+    try:
+        return _estimate(host, prepared, changeable)
+    except LohatrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 — said in the answer, with its reason
+        traceback.print_exc()
+        raise LohatrainError(f"the memory estimate failed on this model ({type(e).__name__}: {e})") from None
+
+
+def fit_my_card(settings: TrainSettings, via: str, changeable: frozenset[str] | None = None
+                ) -> tuple[TrainSettings, str]:
+    """The tab's Fit my card: the form's settings with the recipe's changes (`memory.fit`) for the loaded model and
+    this card's free memory, and the message to show (what changed, what the run then needs, and what only the
+    user can change: the WebUI's FP8 option). `changeable`: the settings the form has. The settings come back as
+    given where there is no GPU or the run fits already."""
+    est = memory_estimate(settings, via, changeable)
+    if est.fits is None:
+        return settings, f"There is no GPU here, so nothing to fit: the run {est.message()}."
+    if est.fits:
+        return settings, f"It fits as it is: the run {est.message()}."
+    recipe = est.fit
+    lines = [f"Fit my card: the run {est.message()}"]
+    if recipe.settings:
+        lines.append("Changed in the form: " + ", ".join(f"{k} → {v}" for k, v in recipe.settings.items()) + ".")
+    lines += [f"Not changed (only you can, in the WebUI): {s.host_setting}." for s in recipe.steps if s.host_setting]
+    return dataclasses.replace(settings, **recipe.settings), "\n".join(lines)
 
 
 def install_optimizer_package(settings: TrainSettings) -> None:

@@ -4,6 +4,13 @@ POST /lohatrain/v1/train      body: settings JSON (engine names; what it leaves 
                               defaults) → {"job_id"}; 409 busy; 422 every bad value, each naming its field.
                               Or {"resume": "<run name>", "resume_anyway": false, "steps": N}: go on with a
                               stopped run from its state in the Lora folder (its own settings; steps may extend)
+POST /lohatrain/v1/preflight  body: as /train → what Train checks, without starting: 422 with every problem, or
+                              the memory estimate (lohatrain.memory): {"message" ("needs ≈ 6.9 GB of your 8.0 GB
+                              free (model 3.4, …)"), "fits" (null without a GPU), "need_bytes", "free_bytes",
+                              "host_bytes", "parts_bytes", "phase", "fit" (when it does not fit: the recipe,
+                              {message, fits, need_bytes, free_bytes, settings, steps [{label, settings, need,
+                              host_setting}], notes}), "refusal" (why Train would refuse it, or null)}. Train refuses
+                              a run that does not fit the GPU unless "ignore_memory_estimate": true
 GET  /lohatrain/v1/runs       the stopped runs that can be resumed: name, step, total, model, method, saved_at
 POST /lohatrain/v1/settings/import  {"config": a kohya_ss GUI JSON's or an sd-scripts TOML's text, "dataset_config":
                               its dataset config's text (optional)} → {"settings" (engine names: what the config sets,
@@ -41,7 +48,7 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from .. import doctor
+from .. import doctor, memory
 from ..errors import LohatrainError
 from ..jobs import Busy, JobRunner
 from .. import hosts
@@ -82,6 +89,13 @@ def _refuse(problems: list[str], status_code: int = 422) -> JSONResponse:
     return JSONResponse({"detail": problems}, status_code=status_code)
 
 
+def _settings_of(body: dict) -> TrainSettings:
+    """A run's settings from a request: what it leaves out, the loaded model family's and the device's defaults."""
+    host = hosts.current()
+    return TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
+                                   family=actions.loaded_family())
+
+
 def _unknown(body: dict, known) -> list[str]:
     return [f"unknown field {k!r}" for k in sorted(set(body) - set(known))]
 
@@ -115,11 +129,21 @@ class Routes:
             return _refuse([str(e)])
         return {"job_id": job_id, "state": "running"}
 
+    def check_run(self, body=Body(...)):
+        """What Train would check and the memory estimate, without starting."""
+        if not isinstance(body, dict):
+            return _refuse(["the body must be a JSON object of settings"])
+        try:
+            settings = _settings_of(body)
+            est = actions.memory_estimate(settings, via="api")
+        except SettingsError as e:
+            return _refuse(e.problems)
+        except LohatrainError as e:
+            return _refuse([str(e)])
+        return {**est.to_dict(), "refusal": memory.refusal(est, settings)}
+
     def _train(self, body: dict) -> str:
-        host = hosts.current()
-        settings = TrainSettings.from_dict({**host.device_defaults(), **body, "output_dir": str(host.lora_dir())},
-                                           family=actions.loaded_family())
-        return self.runner.start(actions.preflight(settings, via="api"), via="api")
+        return self.runner.start(actions.preflight(_settings_of(body), via="api"), via="api")
 
     def _resume(self, body: dict) -> str:
         """A resumed run keeps its own settings: only how far it goes (steps) may change."""
@@ -225,7 +249,8 @@ class Routes:
 def register(app: FastAPI, runner: JobRunner) -> None:
     """Adds the routes, each behind the caller guard."""
     r, guard = Routes(runner), [Depends(caller_guard(app))]
-    for method, path, handler in [("POST", "/train", r.start), ("GET", "/status", r.status), ("GET", "/runs", r.runs),
+    for method, path, handler in [("POST", "/train", r.start), ("POST", "/preflight", r.check_run),
+                                  ("GET", "/status", r.status), ("GET", "/runs", r.runs),
                                   ("POST", "/dataset/check", r.check_dataset), ("POST", "/grid", r.make_grid),
                                   ("POST", "/interrupt", r.interrupt), ("GET", "/presets", r.presets),
                                   ("POST", "/settings/import", r.import_settings),

@@ -63,7 +63,8 @@ FIELDS = ["training_method", "dora", "lokr_factor", "network_preset", "dim", "al
           "batch_size", "train_dtype", "save_dtype", "gradient_checkpointing", "seed", "deterministic",
           "shuffle_tags", "keep_tokens", "flip_aug", "color_aug", "save_every_steps", "lr_scheduler",
           "lr_warmup_steps", "noise_offset", "min_snr_gamma", "text_encoder_lr", "bucket_min_side",
-          "bucket_max_side", "overwrite", "zero_terminal_snr", "preview_every_steps", "preview_prompts", "keep_state",
+          "bucket_max_side", "overwrite", "zero_terminal_snr", "ignore_memory_estimate", "preview_every_steps",
+          "preview_prompts", "keep_state",
           "init_from", "preview_seed", "preview_steps", "preview_sampler",
           # the Advanced panels (the options people know from kohya: issue 21)
           "optimizer", "optimizer_args", "weight_decay", "prodigy_d_coef", "prodigy_bias_correction",
@@ -259,6 +260,16 @@ def start_training(runner: JobRunner, *values) -> str:
     except LohatrainError as e:
         return _answer(str(e), "error")
     return _answer(f"Training {settings.name} started: progress below.", job_id=job_id)
+
+
+def fit_my_card(*values) -> list:
+    """Fit my card: the form's fields the recipe changes (actions.fit_my_card), the others left as they are."""
+    try:
+        settings, text = actions.fit_my_card(settings_from_form(list(values)), "tab", frozenset(FIELDS))
+    except LohatrainError as e:
+        return [_message(str(e), "error"), *(gr.update() for _ in values)]
+    fitted = form_values(settings)
+    return [_message(text), *(gr.update(value=new) if new != old else gr.update() for new, old in zip(fitted, values))]
 
 
 def _run_label(run: dict) -> str:
@@ -824,6 +835,7 @@ class DeveloperPanel(Panel):
     bucket_max_side: gr.Number
     overwrite: gr.Checkbox
     zero_terminal_snr: gr.Checkbox
+    ignore_memory_estimate: gr.Checkbox
 
 
 def _developer_panel(d: TrainSettings) -> DeveloperPanel:
@@ -862,6 +874,9 @@ def _developer_panel(d: TrainSettings) -> DeveloperPanel:
                                             elem_id="lohatrain_overwrite")
             made["zero_terminal_snr"] = gr.Checkbox(d.zero_terminal_snr,
                                                     label="Zero terminal SNR (v-prediction models)")
+            made["ignore_memory_estimate"] = gr.Checkbox(
+                d.ignore_memory_estimate, label="Train even when the memory estimate says it does not fit",
+                elem_id="lohatrain_ignore_memory_estimate")
     return DeveloperPanel(**made)
 
 
@@ -1088,6 +1103,7 @@ class RunPanel(Panel):
     check: gr.Button
     train: gr.Button
     message: gr.HTML
+    fit: gr.Button
     poll: gr.Button  # hidden: javascript/lohatrain.js presses it (poll_status)
     status_json: gr.Textbox  # hidden: the status it reads
     sent_preview: gr.State  # the preview this page has
@@ -1100,6 +1116,7 @@ def _run_panel(runner: JobRunner) -> RunPanel:
     with gr.Row():
         check = gr.Button("Check dataset", elem_id="lohatrain_check")
         train = gr.Button("Train", variant="primary", elem_id="lohatrain_train")
+        fit = gr.Button("Fit my card", elem_id="lohatrain_fit")
         interrupt_btn = gr.Button("Interrupt", elem_id="lohatrain_interrupt")
     message = gr.HTML("", elem_id="lohatrain_message")
     gr.HTML('<div id="lohatrain_live"></div>')
@@ -1109,7 +1126,8 @@ def _run_panel(runner: JobRunner) -> RunPanel:
     send = gr.Button("Send to txt2img", elem_id="lohatrain_send")
     interrupt_btn.click(lambda: interrupt(runner), [], [message])
     send.click(None, [], [], **{_JS: "lohatrainSendToTxt2img"})
-    return RunPanel(check, train, message, poll, status_json, sent_preview=gr.State(None), shown_model=gr.State(None))
+    return RunPanel(check, train, message, fit, poll, status_json, sent_preview=gr.State(None),
+                    shown_model=gr.State(None))
 
 
 @dataclasses.dataclass
@@ -1273,6 +1291,7 @@ def _wire(runner: JobRunner, t: Tab) -> None:
     for field in follows:
         field.change(suggestion, suggest_from, suggested, queue=False)
     t.run.train.click(lambda *v: start_training(runner, *v), form, [message])
+    t.run.fit.click(fit_my_card, form, [message, *form])
     t.resume.resume.click(lambda label, anyway: resume_training(runner, label, anyway),
                           [t.resume.run, t.resume.anyway], [message])
     t.run.check.click(check_dataset, t.fields(CHECK_FIELDS), [t.gallery.report, *thumbs, t.gallery.images]).then(
