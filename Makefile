@@ -37,22 +37,24 @@ test-newest: $(VENV_STAMP)
 # data-parallel runs and the GPU benchmark's dry run (torch's FLOP counter differs by version). Gradio, the web
 # stack and ldm are at the same pins in both environments, so the tab, the routes and the host stand-ins run once,
 # above (Forge 2 installs torch 2.3.1 and reForge main torch 2.9.0, not 2.1.2: their tests run once too).
-STOCK_TESTS := tests/test_allocator.py tests/test_engine.py tests/test_network.py tests/test_methods.py tests/test_precision.py tests/test_resume.py \
-	tests/test_entry.py tests/test_install.py tests/test_process_state.py tests/test_dataset.py tests/test_demo_model.py \
+STOCK_TESTS := tests/test_allocator.py tests/test_engine.py tests/test_golden.py tests/test_network.py tests/test_methods.py \
+	tests/test_precision.py tests/test_resume.py tests/test_entry.py tests/test_install.py tests/test_process_state.py \
+	tests/test_dataset.py \
 	tests/test_checkpoint.py tests/test_distributed.py tests/test_benchmarks.py tests/test_imports.py tests/test_targets.py \
 	tests/test_loss_and_noise.py tests/test_optimizers.py tests/test_kohya_dataset.py tests/test_kohya_config.py \
 	tests/test_memory_estimate.py
-# What differs by model family, by operating system or only in lohatrain's own logic (refusal messages) runs
-# once, above: STOCK_SKIP.
+# The files of every type and family byte for byte (test_golden.py, hashes recorded per torch version) run here
+# too. What differs by model family (the SD2 and SDXL cases: -m), by operating system or only in lohatrain's own
+# logic (refusal messages) runs once, above: STOCK_SKIP.
 STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or another_model or damaged_state \
-	or keeps_the_runs_settings or any_file_a_run_saved or saved_demo or lowers_the_loss or same_seed_gives \
+	or keeps_the_runs_settings or any_file_a_run_saved or saved_demo or lowers_the_loss or another_seed \
 	or a_lycoris_that or pip_failure or torch_too_old or does_not_divide or help_lists or options_override \
 	or progress_bar or process_that_dies or rest_refuses or doctor_counts_masks or settings_that_cannot_work \
 	or prodigy_takes_learning_rates or missing_package or the_rest_check_and_the_tab or doctor_reports_each_sub_folder \
 	or kohya_over_rest or kohya_form_settings or leaves_the_file_as_it_was or prints_the_estimate
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS) \
-		-k "not ($(STOCK_SKIP))"
+		-m "not other_families" -k "not ($(STOCK_SKIP))"
 
 # What depends on the Gradio version, under Forge 2's web stack (Gradio 4.40, FastAPI 0.104, pydantic 2): the tab in
 # the browser and the REST routes, on a Forge host. The A1111 page under Gradio 3.41 runs above, in test-newest.

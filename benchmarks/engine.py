@@ -249,7 +249,7 @@ def forward_style(two_op: bool):
 @torch.no_grad()
 def denoising_loss(model, dataset: Path, seed: int = 0) -> float:
     """Mean noise-prediction error on the dataset's images over fixed noise and timesteps (the measure of
-    tests/test_engine.py). fp32, or fp16 autocast when the UNet's weights are fp16."""
+    tests/runs.py). fp32, or fp16 autocast when the UNet's weights are fp16."""
     from lohatrain import dataset as ds
 
     device = next(SD1.unet(model).parameters()).device

@@ -35,7 +35,7 @@ from lohatrain.settings import TrainSettings
 from lohatrain.sgm_standin import SIZE_KEYS
 from lohatrain.trainer import Progress, train
 
-from test_engine import settings_for
+from runs import settings_for
 
 BUILD = {"sd1": build_tiny_sd1, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}
 _LDM_TEXT, _SGM_TEXT = "ldm.modules.encoders.modules.", "sgm.modules.encoders.modules."
@@ -93,9 +93,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
             for family in BUILD}
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def lora_file(path: Path) -> tuple[dict, dict]:

@@ -21,8 +21,7 @@ from lohatrain.errors import LohatrainError
 from lohatrain.run_state import read_state
 from lohatrain.trainer import train
 
-from test_engine import settings_for
-from test_resume import EVERY_STREAM
+from runs import EVERY_STREAM, settings_for
 
 REPO = Path(__file__).resolve().parent.parent
 # The largest difference of any weight between a two-process and a one-process run of these settings, both in

@@ -21,7 +21,7 @@ from lohatrain.settings import SettingsError
 from lohatrain.cache import CAPTION_BATCH
 from lohatrain.trainer import train
 
-from test_engine import model_state, settings_for
+from runs import model_state, settings_for
 
 
 def recording_encoder(model, seen: list):

@@ -5,149 +5,21 @@ Forge's ComfyUI-derived loader reproduces the trained model's output."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-import lohatrain.ldm_importable  # noqa: F401  (before the stand-in imports ldm)
-
-sys.path.insert(0, str(Path(__file__).parent / "forge_stub"))
-sys.path.insert(0, str(Path(__file__).parent / "webui_stub"))  # Forge keeps A1111's `modules`
-
-from backend import memory_management  # noqa: E402
+from forge_env import (USERS_LORA_LAYERS, a_users_lora, forge_state, lora_patcher, probe, settings_for, train_on,
+                       unet_of, unet_output)
+from backend import memory_management  # noqa: E402  (forge_env put the Forge stand-in on sys.path)
 from backend.loader import forge_loader  # noqa: E402
-from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora_keys_unet  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from lohatrain.errors import LohatrainError  # noqa: E402
-from lohatrain.hosts.forge import ForgeHost  # noqa: E402
-from lohatrain.settings import TrainSettings  # noqa: E402
-from lohatrain.trainer import Hooks, train  # noqa: E402
+from lohatrain.errors import LohatrainError
 
-
-@pytest.fixture(autouse=True)
-def fresh_memory_manager():
-    memory_management.current_loaded_models.clear()
-    memory_management.total_vram = float("inf")
-    yield
-    memory_management.current_loaded_models.clear()
-    memory_management.total_vram = float("inf")
-
-
-def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
-    base = TrainSettings(name="forge", dataset_dir=str(dataset), output_dir=str(out), resolution=64,
-                         bucket_min_side=64, bucket_max_side=128, steps=4, batch_size=2, learning_rate=3e-3,
-                         train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
-                         ).with_preset("small")
-    return dataclasses.replace(base, **overrides)
-
-
-def train_on(engine, settings: TrainSettings, **hooks):
-    """A run on Forge's engine as lohatrain's Forge host makes it: the engine's parts, in the host's session."""
-    host = ForgeHost()
-    parts = host.parts_of(engine)
-    with host.session(parts) as load_unet:
-        return train(parts, settings, Hooks(load_unet=load_unet, **hooks))
-
-
-def unet_of(engine):
-    return engine.forge_objects.unet.model.diffusion_model
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().clone().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def forge_state(engine) -> dict:
-    """What a run must leave as it found it, as comparable values: every tensor of the UNet, VAE and text
-    encoders (value, inference status, requires_grad, device, dtype; for parameters also the object itself: torch
-    replaces buffers on every move, Forge's own included), the UNet's forwards and modes, which UNet patcher is
-    loaded and its LoRA state. Which of the other parts are loaded is the memory manager's choice."""
-    parts = {"unet": engine.forge_objects.unet.model, "vae": engine.forge_objects.vae.first_stage_model,
-             "clip": engine.forge_objects.clip.cond_stage_model}
-    kmodel = engine.forge_objects.unet.model
-    return {
-        "tensors": {(part, name): (t.is_inference(), t.requires_grad, str(t.device), t.dtype, _digest(t))
-                    for part, module in parts.items()
-                    for name, t in [*module.named_parameters(), *module.named_buffers()]},
-        "objects": {(part, name): id(t) for part, module in parts.items() for name, t in module.named_parameters()},
-        "forwards": {name: "forward" in m.__dict__ for name, m in kmodel.named_modules()},
-        "modes": {name: m.training for name, m in kmodel.named_modules()},
-        "unet_loaded": [id(m.model) for m in memory_management.current_loaded_models if m.model.model is kmodel],
-        "unet_location": getattr(kmodel, "stub_location", None) is memory_management.gpu,
-        "lora": (kmodel.lora_loader.loaded_hash, sorted(kmodel.lora_loader.backup)),
-        "patchers": (engine.forge_objects.unet, engine.forge_objects_original.unet),
-    }
-
-
-def lora_patcher(engine, tensors: dict, filename: str):
-    """A clone of the unpatched UNet patcher with a file's patches, as Forge's Lora extension makes it; every key of
-    the file must match under ComfyUI's rules."""
-    patches, unmatched = load_lora(tensors, model_lora_keys_unet(engine.forge_objects_original.unet.model))
-    assert unmatched == {}, sorted(unmatched)
-    patcher = engine.forge_objects_original.unet.clone()
-    assert patcher.add_patches(filename=filename, patches=patches) == set(patches)
-    return patcher
-
-
-USERS_LORA_LAYERS = ("input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.proj_in")
-
-
-def a_users_lora(engine) -> dict:
-    """A small LoRA on two layers, as a user might have had active in the last generation."""
-    gen = torch.Generator().manual_seed(3)
-    unet = unet_of(engine)
-    tensors = {}
-    for path in USERS_LORA_LAYERS:
-        weight = unet.get_submodule(path).weight
-        out_dim, fan_in = weight.shape[0], weight[0].numel()
-        key = "lora_unet_" + path.replace(".", "_")
-        tensors[f"{key}.lora_up.weight"] = torch.randn(out_dim, 2, generator=gen) * 0.5
-        tensors[f"{key}.lora_down.weight"] = torch.randn(2, fan_in, generator=gen).reshape(2, *weight.shape[1:])
-    return tensors
-
-
-def probe(engine, kind: str):
-    """A fixed input to compare UNet outputs: latents, timesteps and the engine's own conditioning."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 8, 8, generator=gen)
-    cond = engine.get_learned_conditioning(["blue circle"])
-    cond = {k: v.clone() for k, v in cond.items()} if isinstance(cond, dict) else cond.clone()
-    return x, torch.tensor([500.0]), cond
-
-
-def unet_output(engine, kind, inputs):
-    x, t, cond = inputs
-    with torch.no_grad():
-        if kind == "sdxl":
-            return unet_of(engine)(x, t, context=cond["crossattn"], y=cond["vector"])
-        return unet_of(engine)(x, t, context=cond)
-
-
-def test_the_stand_in_computes_what_the_tiny_model_computes_and_keeps_forges_traps():
-    from lohatrain.demo import build_tiny_sd1
-
-    engine, tiny = forge_loader("sd1"), build_tiny_sd1(0)
-    unet = unet_of(engine)
-    linears = [m for m in unet.modules() if type(m).__name__ == "Linear"]
-    assert linears and not any(isinstance(m, torch.nn.Linear) for m in linears)
-    assert all(p.is_inference() for p in unet.parameters())
-    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
-    cond = engine.get_learned_conditioning(["red square"])
-    with torch.no_grad():  # Forge's weights require grad: outside no_grad even a forward is refused
-        torch.testing.assert_close(unet(x, t.float(), context=cond), tiny.model.diffusion_model(x, t, context=cond))
-    x.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-        unet(x, t.float(), context=cond.clone()).sum().backward()
-    for module in unet.modules():  # ordinary weights: the in-place adds of Forge's blocks still stop a backward
-        for name, p in list(module._parameters.items()):
-            module._parameters[name] = torch.nn.Parameter(p.detach().clone())
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        unet(x, t.float(), context=cond.clone()).sum().backward()
+pytestmark = pytest.mark.usefixtures("forge_memory")
 
 
 @pytest.mark.parametrize("kind,method,extra", [
@@ -158,6 +30,10 @@ def test_the_stand_in_computes_what_the_tiny_model_computes_and_keeps_forges_tra
 def test_training_leaves_forges_model_as_found_and_the_file_reproduces_it(kind, method, extra, sample_dataset,
                                                                         tmp_path):
     engine = forge_loader(kind)
+    # What the run must get past, as in Forge: every weight an inference tensor, and `Linear` not an nn.Linear.
+    assert all(p.is_inference() for p in unet_of(engine).parameters())
+    linears = [m for m in unet_of(engine).modules() if type(m).__name__ == "Linear"]
+    assert linears and not any(isinstance(m, torch.nn.Linear) for m in linears)
     # The last generation used a LoRA: Forge merged it into the weights when it loaded that patcher.
     users = lora_patcher(engine, a_users_lora(engine), "users.safetensors")
     engine.forge_objects.unet = users
@@ -261,60 +137,6 @@ def test_the_text_encoder_is_not_trained_on_forge_and_the_refusal_says_why(sampl
         train_on(engine, settings_for(sample_dataset, tmp_path, text_encoder_lr=1e-4))
 
 
-@pytest.fixture
-def forge_host(tmp_path, monkeypatch):
-    """lohatrain's host adapter in Forge mode, on the WebUI stand-in's `modules` (Forge keeps that API) with the
-    Forge stand-in's engine as `shared.sd_model`, Forge's `sd_models.forge_model_reload` (the loaded model is
-    the chosen one: it returns it), Forge's txt2img (tests/forge_stub/forge_processing.py) and its Lora extension."""
-    stub = str(Path(__file__).parent / "webui_stub")
-    if stub not in sys.path:
-        sys.path.insert(0, stub)
-    from modules import sd_models, shared
-
-    from lohatrain import hosts
-
-    host = ForgeHost()
-    monkeypatch.setattr(hosts, "_current", host)
-    monkeypatch.setattr(sd_models, "model_data", sd_models.SdModelData())
-    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(tmp_path / "Lora"))
-    (tmp_path / "Lora").mkdir()
-    install_forge_txt2img(monkeypatch)
-    yield host, shared, monkeypatch
-
-
-def install_forge_txt2img(monkeypatch):
-    """Forge's txt2img in the WebUI stand-in: its `process_images` (tests/forge_stub/forge_processing.py), its
-    `sd_models.forge_model_reload` (the loaded model is the chosen one: it returns it) and its Lora extension.
-    Shared with tests/webui_app.py's Forge page, which keeps them for the page's process and puts Forge's own
-    checkpoint loading over them (tests/forge_stub/forge_sd_models.py)."""
-    import forge_processing
-    from modules import processing, sd_models, shared
-
-    monkeypatch.setattr(processing, "process_images", forge_processing.process_images)
-    monkeypatch.setattr(sd_models, "forge_model_reload", lambda: (shared.sd_model, False), raising=False)
-    return forge_lora_extension(monkeypatch)
-
-
-def forge_lora_extension(monkeypatch):
-    """Forge's built-in Lora extension as Forge loads it: its folder's modules imported by their own names
-    (`networks` replaces the A1111 one for this test), its ExtraNetworkLora the only registered extra network."""
-    from modules import extra_networks
-
-    folder = Path(__file__).parent / "forge_stub" / "extensions-builtin" / "sd_forge_lora"
-    loaded = {}
-    for name in ("network", "networks", "extra_networks_lora"):
-        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-        loaded[name] = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, name, loaded[name])
-        spec.loader.exec_module(loaded[name])
-    monkeypatch.setattr(extra_networks, "extra_network_registry", {})
-    monkeypatch.setattr(extra_networks, "extra_network_aliases", {})
-    networks = loaded["networks"]
-    networks.extra_network_lora = loaded["extra_networks_lora"].ExtraNetworkLora()  # lora_script.before_ui
-    extra_networks.register_extra_network(networks.extra_network_lora)
-    return networks
-
-
 def test_the_hosts_job_trains_forges_loaded_model_with_its_clip_skip_and_leaves_it_as_found(forge_host,
                                                                                             sample_dataset, run_job):
     from types import SimpleNamespace
@@ -366,21 +188,38 @@ def test_before_forge_loads_the_checkpoint_the_tab_says_so_and_the_job_loads_it(
     assert actions.run_training(Job("lazy", prepared)).status == "done"
 
 
-@pytest.mark.parametrize("packages,kind", [(("modules_forge", "backend", "backend/diffusion_engine"), "forge"),
-                                            (("modules_forge", "ldm_patched"), "reforge"), ((), "a1111")])
-def test_the_host_is_told_apart_at_start_up(tmp_path, packages, kind):
+# Each WebUI folder in turn first on sys.path, as the WebUI's own folder is, in one fresh Python.
+TELL_APART = """
+import importlib, sys
+from lohatrain.hosts import kind
+found = []
+for root in sys.argv[1:]:
+    sys.path.insert(0, root)
+    importlib.invalidate_caches()
+    found.append(kind())
+    sys.path.remove(root)
+    for name in [n for n in sys.modules if n.split(".")[0] in ("modules_forge", "backend", "ldm_patched")]:
+        del sys.modules[name]
+print(" ".join(found))
+"""
+
+
+def test_the_host_is_told_apart_at_start_up(tmp_path):
     """Forge 2 has modules_forge and its own backend, reForge's main modules_forge on Forge's first backend
     (ldm_patched), A1111 neither: each gets its own host."""
     import subprocess
 
-    root = tmp_path / "webui"
-    for package in packages:
-        (root / package).mkdir(parents=True)
-        (root / package / "__init__.py").touch()
-    env = {"PYTHONPATH": f"{root}:{Path(__file__).parents[1]}", "PATH": "/usr/bin:/bin"}
-    found = subprocess.run([sys.executable, "-c", "from lohatrain.hosts import kind; print(kind())"], env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    assert found == kind
+    layouts = {"forge": ("modules_forge", "backend", "backend/diffusion_engine"),
+               "reforge": ("modules_forge", "ldm_patched"), "a1111": ()}
+    for kind, packages in layouts.items():
+        (tmp_path / kind).mkdir()
+        for package in packages:
+            (tmp_path / kind / package).mkdir(parents=True)
+            (tmp_path / kind / package / "__init__.py").touch()
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin:/bin"}
+    found = subprocess.run([sys.executable, "-c", TELL_APART, *(str(tmp_path / k) for k in layouts)], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert found == list(layouts)
 
 
 def test_the_tab_says_what_forge_cannot_do(forge_host):

@@ -18,15 +18,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from test_forge import (USERS_LORA_LAYERS, a_users_lora, forge_host, forge_state,  # noqa: F401
-                        fresh_memory_manager, settings_for)
+from forge_env import USERS_LORA_LAYERS, a_users_lora, forge_state, settings_for
+from backend import memory_management  # (forge_env put the Forge stand-in on sys.path)
+from backend.loader import forge_loader
 
-from backend import memory_management  # noqa: E402  (test_forge put the Forge stand-in on sys.path)
-from backend.loader import forge_loader  # noqa: E402
-
-from lohatrain.errors import LohatrainError  # noqa: E402
-from lohatrain.jobs import Job  # noqa: E402
-from lohatrain.webui import actions  # noqa: E402
+from lohatrain.errors import LohatrainError
+from lohatrain.jobs import Job
+from lohatrain.webui import actions
 
 
 USERS_TEXT_LAYER = "transformer.text_model.encoder.layers.0.self_attn.q_proj"
@@ -46,7 +44,7 @@ MERGED_AGAIN = {("unet", f"diffusion_model.{path}.weight") for path in USERS_LOR
 
 
 @pytest.fixture
-def forge(forge_host):  # noqa: F811
+def forge(forge_host):
     """Forge with a tiny SD1 checkpoint loaded, its txt2img and Lora extension, and a user's LoRA (users.safetensors,
     UNet and text encoder) used in the last generation: Forge merged it into their weights. Memory fits one part at
     a time, so each load unloads the others, as on a small GPU."""

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_engine import model_state, settings_for
-from test_webui_stub import loaded, webui  # noqa: F401  (webui is a fixture)
+from a1111 import loaded
+from runs import model_state, settings_for
 
 from lohatrain import grid
 from lohatrain.errors import LohatrainError

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from lohatrain.__main__ import main
-from lohatrain.kohya_config import (FIELDS, KOHYA_FOLDERS, NEEDS_DATASET, NO_EQUIVALENT, OTHER_FAMILY, OWN_WAY,
-                                    REFUSED, import_file, import_text)
+from lohatrain.kohya_config import (NEEDS_DATASET, NO_EQUIVALENT, OTHER_FAMILY, OWN_WAY, REFUSED, import_file,
+                                    import_text)
 from lohatrain.settings import SettingsError, TrainSettings
 
 DATA = Path(__file__).parent / "data" / "kohya"
@@ -67,10 +67,7 @@ def test_a_lycoris_loha_config_is_taken_by_name_and_value():
     assert (s["train_dtype"], s["save_dtype"], s["batch_size"], s["seed"]) == ("bf16", "fp16", 2, 4321)
     assert (s["shuffle_tags"], s["keep_tokens"], s["flip_aug"], s["lr_scheduler"]) == (True, 1, True, "cosine")
     assert (s["name"], s["caption_ext"], s["gradient_checkpointing"]) == ("test-loha-xl", ".txt", True)
-    if "caption_dropout_rate" in FIELDS:
-        assert s["caption_dropout_rate"] == 0.1
-    else:
-        assert listed(imported, NO_EQUIVALENT)["caption_dropout_rate"] == 0.1
+    assert s["caption_dropout_rate"] == 0.1
     # no folder: the epochs, the save interval in epochs and the warm-up percent cannot become steps
     assert listed(imported, NEEDS_DATASET) == {"epoch": 6, "save_every_n_epochs": 2, "lr_warmup": 10}
     assert "steps" not in s and "lr_warmup_steps" not in s
@@ -163,7 +160,6 @@ def test_epochs_become_steps_from_the_dataset_folder(tmp_path):
     assert "may not be read" in next(n.why for n in not_allowed.not_taken if n.option == "max_train_epochs")
 
 
-@pytest.mark.skipif(not KOHYA_FOLDERS, reason="needs kohya's N_name dataset folders (issue 21's dataset settings)")
 def test_kohya_folders_count_their_repeats_and_regularization_images(tmp_path):
     image_folder(tmp_path / "train" / "10_alice", 3)
     image_folder(tmp_path / "train" / "5_bob", 2)
@@ -246,14 +242,8 @@ max_bucket_reso = 1024
     assert listed(imported, NO_EQUIVALENT)["flip_aug"] == {"datasets[0].subsets[0]": False,
                                                           "datasets[0].subsets[1]": True,
                                                           "datasets[0].subsets[2]": False}
-    if KOHYA_FOLDERS:
-        assert (s["dataset_dir"], s["reg_data_dir"]) == (str(tmp_path / "train"), str(tmp_path / "reg"))
-        assert (s["steps"], s["lr_warmup_steps"]) == (160, 16)  # 4 epochs of (30 + 10) × 2 draws / batch 2
-    else:
-        assert "dataset_dir" not in s and "steps" not in s
-        subsets = listed(imported, NO_EQUIVALENT)["training subsets' image_dir and num_repeats"]
-        assert subsets == {str(tmp_path / "train" / "10_alice"): 10, str(tmp_path / "train" / "5_bob"): 5}
-        assert set(listed(imported, NEEDS_DATASET)) == {"max_train_epochs", "lr_warmup_steps"}
+    assert (s["dataset_dir"], s["reg_data_dir"]) == (str(tmp_path / "train"), str(tmp_path / "reg"))
+    assert (s["steps"], s["lr_warmup_steps"]) == (160, 16)  # 4 epochs of (30 + 10) × 2 draws / batch 2
 
 
 def test_subsets_whose_folder_names_do_not_carry_their_repeats_are_listed(tmp_path):
@@ -272,8 +262,7 @@ def test_subsets_whose_folder_names_do_not_carry_their_repeats_are_listed(tmp_pa
     assert imported.kind == "sd-scripts dataset config" and "dataset_dir" not in imported.settings
     why = next(n.why for n in imported.not_taken if n.option == "training subsets' image_dir and num_repeats")
     assert "named N_name with N its num_repeats (10_alice)" in why
-    if KOHYA_FOLDERS:
-        assert why.endswith("alice (num_repeats 10), 3_bob (num_repeats 5)")
+    assert why.endswith("alice (num_repeats 10), 3_bob (num_repeats 5)")
 
 
 def test_what_an_sd_scripts_toml_leaves_out_is_sd_scripts_default():

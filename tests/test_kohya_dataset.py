@@ -28,14 +28,10 @@ from lohatrain.families import ldm_parts
 from lohatrain.settings import TrainSettings
 from lohatrain.trainer import train
 
-from test_engine import settings_for
-from test_loss_and_noise import square_mask, write_dataset
-from test_resume import lora_files, resume_run, stopping_at
+from runs import lora_files, resume_run, settings_for, square_mask, stopping_at, write_dataset
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def concept(folder: Path, trigger: str | None, count: int, seed: int) -> Path:
@@ -145,7 +141,7 @@ def test_with_prior_loss_weight_0_the_class_images_change_nothing_in_the_file(ti
     for weight in (0.0, 1.0):
         for reg in ("people", "others"):
             settings = settings_for(two_concepts, tmp_path / f"{reg}-{weight}", reg_data_dir=str(tmp_path / reg),
-                                    prior_loss_weight=weight)
+                                    prior_loss_weight=weight, steps=2)
             files[reg, weight] = load_file(train(ldm_parts(copy.deepcopy(tiny_model)), settings).file)
     assert all(torch.equal(files["people", 0.0][k], files["others", 0.0][k]) for k in files["people", 0.0])
     assert not all(torch.equal(files["people", 1.0][k], files["others", 1.0][k]) for k in files["people", 1.0])
@@ -323,7 +319,7 @@ def test_a_bad_rate_or_separator_is_refused(setting, value, message):
 
 
 def test_rest_refuses_each_mistake_with_422(webui_server, tmp_path):
-    from test_webui_api import run_body
+    from page import run_body
 
     url = f"{webui_server.url}/lohatrain/v1/train"
     for what, (folder, reg, message) in _layouts(tmp_path).items():

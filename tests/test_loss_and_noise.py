@@ -18,7 +18,6 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -33,7 +32,10 @@ from lohatrain.errors import DatasetError, LohatrainError
 from lohatrain.families import ldm_parts
 from lohatrain.run_state import SavedRun, dataset_fingerprint
 from lohatrain.settings import SettingsError, TrainSettings
-from lohatrain.trainer import Hooks, train
+from lohatrain.trainer import train
+
+from runs import settings_for as _settings_for
+from runs import resume_run, square_mask, stopping_at, write_dataset
 
 NEW_SETTINGS = ("masked_loss", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
                 "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c", "huber_scale", "min_timestep",
@@ -59,17 +61,12 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def settings_for(dataset: Path, out: Path, **overrides) -> TrainSettings:
-    base = TrainSettings(name="loss", dataset_dir=str(dataset), output_dir=str(out), resolution=64,
-                         bucket_min_side=64, bucket_max_side=128, steps=3, batch_size=2, learning_rate=3e-3,
-                         train_dtype="fp32", save_dtype="fp32", gradient_checkpointing=False, seed=7,
-                         ).with_preset("small")
-    return dataclasses.replace(base, **overrides)
+    """A 3-step run named "loss"."""
+    return _settings_for(dataset, out, **{"name": "loss", "steps": 3, **overrides})
 
 
 def run(model, settings: TrainSettings) -> tuple[dict, dict, list[int]]:
@@ -246,19 +243,15 @@ def test_huber_and_smooth_l1_follow_kohyas_schedules_and_formulas():
 
 
 def test_a_run_with_every_option_on_resumes_to_the_same_file(_tiny_model_template, tmp_path):
-    from lohatrain.run_state import read_state
-
     masked = tmp_path / "masked"
     write_dataset(masked, {0: square_mask(16, 48), 2: square_mask(0, 32)})
     every = dict(steps=4, multires_noise_iterations=4, ip_noise_gamma=0.05, debiased_estimation_loss=True,
                  loss_type="huber", min_timestep=100, max_timestep=900, masked_loss=True, flip_aug=True)
     whole = train(ldm_parts(copy.deepcopy(_tiny_model_template)), settings_for(masked, tmp_path / "whole", **every))
-    done = []
     stopped = train(ldm_parts(copy.deepcopy(_tiny_model_template)), settings_for(masked, tmp_path / "out", **every),
-                    Hooks(on_step=lambda s, n: done.append(s), stop=lambda: len(done) >= 2))
+                    stopping_at(2))
     assert stopped.status == "interrupted"
-    saved = read_state(tmp_path / "out" / "loss.lohatrain-state")
-    resumed = train(ldm_parts(copy.deepcopy(_tiny_model_template)), saved.record.settings, resume=saved)
+    resumed = resume_run(copy.deepcopy(_tiny_model_template), tmp_path / "out", name="loss")
     assert resumed.file.read_bytes() == whole.file.read_bytes()
 
 
@@ -295,27 +288,6 @@ def test_the_command_line_takes_every_option_by_kohyas_name():
 
 
 # --- masked loss -----------------------------------------------------------------------------------------------------
-
-def square_mask(start: int, stop: int, size: int = 64) -> Image.Image:
-    """White inside the square [start, stop)², black elsewhere."""
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).rectangle((start, start, stop - 1, stop - 1), fill=255)
-    return mask
-
-
-def write_dataset(folder: Path, masks: dict[int, Image.Image] | None = None, count: int = 4,
-                  pixels_seed: int = 0) -> Path:
-    """`count` 64×64 images (one bucket: two batches an epoch) with captions; `masks` beside some as
-    img_N.mask.png. `pixels_seed` chooses image 0's pixels only."""
-    folder.mkdir(parents=True)
-    for i in range(count):
-        rng = np.random.default_rng(pixels_seed if i == 0 else 100 + i)
-        (folder / f"img_{i}.txt").write_text(f"shape {i}, simple")
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
-        if masks and i in masks:
-            masks[i].save(folder / f"img_{i}{ds.MASK_SUFFIX}")
-    return folder
-
 
 def file_of(model, settings: TrainSettings) -> bytes:
     return train(ldm_parts(copy.deepcopy(model)), settings).file.read_bytes()

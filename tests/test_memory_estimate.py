@@ -21,8 +21,7 @@ from lohatrain.preflight import preflight
 from lohatrain.settings import TrainSettings
 from lohatrain.trainer import train
 
-from test_engine import model_state
-from test_precision import hold_like_the_webui
+from runs import hold_like_the_webui, model_state
 
 
 def settings_for(dataset, out, family: str = "sd1", **overrides) -> TrainSettings:

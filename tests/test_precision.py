@@ -22,24 +22,9 @@ from lohatrain.errors import LohatrainError
 from lohatrain.network import LayerPlan, Network
 from lohatrain.trainer import train
 
-from test_engine import model_state, settings_for
+from runs import hold_like_the_webui, model_state, settings_for
 
 CPU_FP16 = compat.autocast_supports("cpu", torch.float16)
-
-
-def hold_like_the_webui(model, held: str):
-    """The WebUI's load_model_weights: half() (or bf16) keeping alphas_cumprod float32; FP8 on top of half."""
-    alphas_cumprod = model.alphas_cumprod
-    model.alphas_cumprod = None
-    model.to(torch.bfloat16 if held == "bf16" else torch.float16)
-    model.alphas_cumprod = alphas_cumprod
-    if held == "fp8":
-        vae, model.first_stage_model = model.first_stage_model, None
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.to(torch.float8_e4m3fn)
-        model.first_stage_model = vae
-    return model
 
 
 @pytest.mark.parametrize("held,train_dtype", [

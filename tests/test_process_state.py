@@ -15,7 +15,7 @@ from lohatrain.output import write_atomically
 from lohatrain.preflight import Prepared
 from lohatrain.trainer import TrainResult, _determinism, train
 
-from test_engine import settings_for
+from runs import settings_for
 
 
 def test_files_are_written_without_touching_the_process_umask(tmp_path, monkeypatch):

@@ -25,33 +25,14 @@ from lohatrain.compat import autocast_supports
 from lohatrain.errors import LohatrainError
 from lohatrain.run_state import list_resumable, read_state
 from lohatrain.families import ldm_parts
-from lohatrain.trainer import Hooks, train
+from lohatrain.trainer import train
 
-from test_engine import settings_for
+from runs import EVERY_STREAM, family_model, lora_files, resume_run, settings_for, stopping_at
 
 REPO = Path(__file__).resolve().parent.parent
-EVERY_STREAM = dict(flip_aug=True, color_aug=True, shuffle_tags=True, text_encoder_lr=1e-3, lr_scheduler="cosine",
-                    lr_warmup_steps=1, noise_offset=0.05)
 
 
-@pytest.fixture(autouse=True)
-def fixed_clock(monkeypatch):
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-
-
-def stopping_at(step: int) -> Hooks:
-    """Hooks that stop a run after `step` steps, as the Interrupt button does."""
-    done = []
-    return Hooks(on_step=lambda s, network: done.append(s), stop=lambda: len(done) >= step)
-
-
-def resume_run(model, folder: Path, name: str = "test-loha"):
-    saved = read_state(folder / f"{name}.lohatrain-state")
-    return train(ldm_parts(model), saved.record.settings, resume=saved)
-
-
-def lora_files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+pytestmark = pytest.mark.usefixtures("fixed_clock")
 
 
 def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(tiny_model, sample_dataset, tmp_path):
@@ -59,7 +40,7 @@ def test_stopped_at_any_step_and_resumed_the_files_are_the_uninterrupted_runs(ti
     text-encoder training, a warm-up and cosine schedule and intermediate saves: after the first step, between
     two saves (the middle), and one before the last (at a save)."""
     kw = dict(steps=5, save_every_steps=2, **EVERY_STREAM)
-    reference = train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
+    train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     assert not (tmp_path / "whole" / "test-loha.lohatrain-state").exists()  # a finished run leaves no state
     for stop in (1, 3, 4):
         out = tmp_path / f"stopped-{stop}"
@@ -97,9 +78,7 @@ def test_an_error_keeps_the_last_whole_step_and_resumes_from_it(tiny_model, samp
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_resume_is_exact_on_sd2_and_sdxl(sample_dataset, tmp_path, family):
-    from test_methods import _family_model
-
-    template = _family_model(family)
+    template = family_model(family)
     kw = dict(steps=4, text_encoder_lr=1e-3, flip_aug=True, conv_dim=2, conv_alpha=1)
     reference = train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "whole", **kw))
     train(ldm_parts(copy.deepcopy(template)), settings_for(sample_dataset, tmp_path / "stopped", **kw), stopping_at(2))
@@ -213,9 +192,8 @@ def test_init_from_starts_from_the_file_and_refuses_another_type_size_or_family(
         with pytest.raises(LohatrainError, match=message):
             train(ldm_parts(copy.deepcopy(tiny_model)), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                           init_from="yesterday.safetensors", **overrides))
-    from test_methods import _family_model
     with pytest.raises(LohatrainError, match="another model family"):
-        train(ldm_parts(_family_model("sdxl")), settings_for(sample_dataset, tmp_path, name="x", steps=1,
+        train(ldm_parts(family_model("sdxl")), settings_for(sample_dataset, tmp_path, name="x", steps=1,
                                                   init_from="yesterday.safetensors"))
     assert not (tmp_path / "x.safetensors").exists()
 

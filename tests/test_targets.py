@@ -21,15 +21,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import host_rules
-from test_engine import settings_for
-from test_forge import fresh_memory_manager, forge_loader, lora_patcher, probe, train_on, unet_output  # noqa: F401
-from test_forge import settings_for as forge_settings
-from test_resume import resume_run, stopping_at
-from test_webui_stub import _one_thread, generate, loaded, loaded_sdxl, webui  # noqa: F401
+from a1111 import generate, loaded, loaded_sdxl
+from forge_env import lora_patcher, memory_management, probe, train_on, unet_output
+from forge_env import settings_for as forge_settings
+from runs import resume_run, settings_for, stopping_at
 
-import networks  # noqa: E402  (the A1111 stand-in's, on the path test_webui_stub sets)
-from backend import memory_management  # noqa: E402  (the Forge stand-in's, on the path test_forge sets)
-from backend.loader import unet_config  # noqa: E402
+import networks  # noqa: E402  (the A1111 stand-in's, on the path a1111.py sets)
+from backend.loader import forge_loader, unet_config  # noqa: E402  (the Forge stand-in's, on forge_env.py's path)
 from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora_keys_unet  # noqa: E402
 
 from lohatrain.demo import build_tiny_sd1
@@ -143,7 +141,8 @@ def test_a_full_file_applied_by_the_a1111_stand_in_reproduces_the_trained_model(
     assert (meta["ss_network_module"], args["algo"], args["preset"]) == ("lycoris.kohya", "locon", "full")
 
 
-def test_a_full_file_trained_on_forge_reproduces_the_trained_model_through_its_loader(sample_dataset, tmp_path):
+def test_a_full_file_trained_on_forge_reproduces_the_trained_model_through_its_loader(forge_memory, sample_dataset,
+                                                                                     tmp_path):
     """On Forge's own SDXL (its Linear class in the time and label embeddings), with ComfyUI's loader."""
     engine = forge_loader("sdxl")
     inputs, seen = probe(engine, "sdxl"), {}
@@ -316,7 +315,7 @@ def test_rest_refuses_a_bad_target_or_block_weight_with_422(webui_server):
     """Each bad value named in the 422's list; weights for more blocks than the loaded model (SD 1.x) has are
     refused before a job starts."""
     import httpx
-    from test_webui_api import run_body
+    from page import run_body
 
     ui = webui_server
     r = httpx.post(f"{ui.url}/lohatrain/v1/train", json=run_body(

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -19,33 +17,10 @@ from modules import call_queue, processing, shared
 
 import lohatrain.demo
 from lohatrain.errors import LohatrainError
-from lohatrain.families import ldm_parts
 from lohatrain.trainer import train
 
-from test_engine import model_state, settings_for
-
-
-def run_body(ui, name: str, **overrides) -> dict:
-    body = {"name": name, "dataset_dir": str(ui.root / "dataset"), "caption_mode": "txt", "resolution": 64,
-            "bucket_min_side": 64, "bucket_max_side": 128, "steps": 4, "batch_size": 2, "train_dtype": "fp32",
-            "save_dtype": "fp16", "gradient_checkpointing": False, "seed": 3, "network_preset": "small",
-            "overwrite": True}
-    return {**body, **overrides}
-
-
-def wait_until(ui, predicate, timeout: float = 180, **request) -> dict:
-    """Poll the status route until `predicate(status)` holds (a bounded wait for a state, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = httpx.get(f"{ui.url}/lohatrain/v1/status", **request).json()
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, f"gave up waiting; last status: {status}"
-        time.sleep(0.05)
-
-
-def finished(status) -> bool:
-    return status["state"] in ("done", "error", "interrupted")
+from page import finished, rest_behind_gradio_auth, run_body, wait_until
+from runs import model_state, settings_for
 
 
 def test_train_through_rest_writes_the_lora_and_the_webui_lists_it(webui_server):
@@ -197,20 +172,6 @@ def test_a_lora_the_user_had_applied_is_taken_off_and_can_be_applied_again(webui
     assert generate("<lora:style:1> blue circle").tobytes() == with_lora.tobytes()  # applies again
     generate("blue circle")  # and comes off again, as in the host: later tests start from the pure model
     assert all(torch.equal(v, pure[k]) for k, v in shared.sd_model.state_dict().items())
-
-
-def rest_behind_gradio_auth(ui, monkeypatch) -> None:
-    """On a WebUI reachable from the network with --gradio-auth and no --api-auth, the REST routes answer the
-    page's own logged-in browser (Gradio's login cookie, named per app in Gradio 4) and refuse anyone else."""
-    monkeypatch.setattr(shared.cmd_opts, "listen", True)
-    monkeypatch.setattr(shared.cmd_opts, "gradio_auth", "user:secret")
-    monkeypatch.setattr(ui.demo.server_app, "auth", {"user": "secret"})
-    assert httpx.get(f"{ui.url}/lohatrain/v1/status").status_code == 403
-    with httpx.Client(base_url=ui.url) as browser:
-        assert browser.post("/login", data={"username": "user", "password": "wrong"}).status_code == 400
-        assert browser.get("/lohatrain/v1/status").status_code == 403
-        assert browser.post("/login", data={"username": "user", "password": "secret"}).status_code == 200
-        assert browser.get("/lohatrain/v1/status").status_code == 200
 
 
 def test_the_pages_logged_in_browser_may_call_the_routes_behind_gradio_auth(webui_server, monkeypatch):

@@ -23,14 +23,12 @@ from safetensors import safe_open  # noqa: E402
 import webui_app  # noqa: E402  (puts the host stand-in on sys.path)
 from lohatrain.demo import make_sample_dataset  # noqa: E402
 from modules import shared  # noqa: E402
-from test_forge import forge_state  # noqa: E402
-from test_webui_api import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
-from test_webui_browser import (TIMEOUT, check_a_clean_folder_and_apply_the_suggestion,  # noqa: E402
-                                check_loading_a_kohya_toml, check_only_the_fields_that_apply_are_shown,
-                                check_the_doctor_lists_each_file_once,
-                                expect_the_chart_and_the_preview, expect_the_last_run_after_a_reload, fill,
-                                fill_small_run, open_accordion, open_the_tab, screenshot, train_then_interrupt,
-                                wait_for_card_refresh)
+from forge_env import forge_state  # noqa: E402
+from page import finished, rest_behind_gradio_auth, run_body, wait_until  # noqa: E402
+from tab import (TIMEOUT, check_a_clean_folder_and_apply_the_suggestion, check_loading_a_kohya_toml,  # noqa: E402
+                 check_only_the_fields_that_apply_are_shown, check_the_doctor_lists_each_file_once,
+                 expect_the_chart_and_the_preview, expect_the_last_run_after_a_reload, fill, fill_small_run,
+                 open_accordion, open_the_tab, screenshot, train_then_interrupt, wait_for_card_refresh)
 
 
 @pytest.fixture(scope="module")

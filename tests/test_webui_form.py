@@ -15,7 +15,7 @@ import lohatrain.webui
 from lohatrain.settings import TrainSettings
 from lohatrain.webui import actions, ui
 
-from test_webui_api import run_body
+from page import run_body
 
 ADDED = [f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded_when_set")]
 

@@ -19,8 +19,8 @@ from modules import shared
 import lohatrain.demo
 from lohatrain.webui import ui
 
-from test_engine import model_state
-from test_webui_api import finished, run_body, wait_until
+from page import finished, run_body, wait_until
+from runs import model_state
 
 ROUTES = [("POST", "train"), ("GET", "status"), ("POST", "interrupt"), ("GET", "presets"), ("GET", "preview")]
 
@@ -107,7 +107,7 @@ def test_the_exposure_settings_cannot_be_changed_through_the_webuis_options_api(
 def test_the_tabs_panel_status_holds_no_server_path(webui_server, flags):
     flags()
     httpx.post(f"{webui_server.url}/lohatrain/v1/train", json=run_body(
-        webui_server, "panel", steps=2, preview_every_steps=1, preview_prompts=["blue circle"]))
+        webui_server, "panel", steps=2, preview_every_steps=1, preview_steps=2, preview_prompts=["blue circle"]))
     assert wait_until(webui_server, finished)["state"] == "done"
     text, sent, model_line, checkpoint, types, shown = ui.poll_status(lohatrain.webui.runner(), None, None, "panel")
     data = json.loads(text)

@@ -9,7 +9,7 @@ As a Forge 2 host (`start(..., forge=True)`): the Forge stand-in (tests/forge_st
 (tests/forge_host_stub: its top bar's checkpoint list and choice) on sys.path, so lohatrain picks its Forge adapter;
 Forge's checkpoint loading (tests/forge_stub/forge_sd_models.py) has loaded the chosen checkpoint, as after a first
 generation: `shared.sd_model` is the stand-in's engine (Forge's `forge_loader`); txt2img (previews, the grid) is
-Forge's and `networks` is Forge's Lora extension (tests/test_forge.py's install_forge_txt2img). Forge keeps the rest
+Forge's and `networks` is Forge's Lora extension (tests/forge_env.py's install_forge_txt2img). Forge keeps the rest
 of the `modules` API, so the WebUI stand-in serves it.
 
 Run it by hand to look at the tab:  .venv/bin/python tests/webui_app.py [--forge]  (prints the URL)
@@ -95,7 +95,7 @@ def _start_forge() -> None:
     import forge_sd_models
     from backend import memory_management
     from modules_forge import main_entry
-    from test_forge import install_forge_txt2img
+    from forge_env import install_forge_txt2img
 
     monkeypatch = pytest.MonkeyPatch()  # never undone: the page's process is a Forge host
     install_forge_txt2img(monkeypatch)

@@ -107,11 +107,6 @@ class NetworkOnDisk:
         if not self.hash:
             self.set_hash(hashes.sha256(self.filename, "lora/" + self.name, use_addnet_hash=self.is_safetensors) or '')
 
-    def get_alias(self):
-        if shared.opts.lora_preferred_name == "Filename" or self.alias.lower() in forbidden_network_aliases:
-            return self.name
-        return self.alias
-
 
 class Network:
     def __init__(self, name, network_on_disk):
@@ -689,7 +684,6 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
 available_networks = {}
 available_network_aliases = {}
 loaded_networks = []
-loaded_bundle_embeddings = {}
 networks_in_memory = {}
 available_network_hash_lookup = {}
 forbidden_network_aliases = {}

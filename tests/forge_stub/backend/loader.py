@@ -5,6 +5,7 @@ gives it Forge's shape: the UNet rebuilt under `using_forge_operations` with For
 weights, text encoders and VAE copied, all inside `torch.inference_mode` (every parameter and buffer an inference
 tensor, as in Forge), the UNet in a `UnetPatcher` over a `KModel` with the schedule's `Prediction`. Nothing is on
 the "GPU" until the memory manager loads it.
+Ports backend/loader.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 import copy
 

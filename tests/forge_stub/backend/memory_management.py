@@ -11,6 +11,7 @@ tensor of the model (new storage, made in the caller's grad mode), which is what
 and `current_device` on the patcher says where the model is. `total_vram` is infinite unless a test lowers it.
 Forge's CPU-swap (a model partly left in CPU memory when VRAM is short) is modelled by `model_accelerated`: a model
 loaded while it does not fit is marked so, with its layers' `parameters_manual_cast` set, as Forge does.
+Ports backend/memory_management.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 import math
 
@@ -110,7 +111,3 @@ def load_model_gpu(model):
 
 def unload_all_models():
     free_memory(math.inf, gpu, free_all=True)
-
-
-def soft_empty_cache(force=False):
-    pass

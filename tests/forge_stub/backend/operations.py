@@ -5,6 +5,7 @@ What an adapter has to respect: `Linear` is a plain `nn.Module`, NOT an `nn.Line
 With `parameters_manual_cast` the weights are cast to the input's dtype and device on every call (Forge sets it when
 the storage dtype differs from the computation dtype, and for modules its memory manager leaves in CPU memory).
 Forge's online-LoRA path (`forge_online_loras`) and quantised layers are left out.
+Ports backend/operations.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 import contextlib
 

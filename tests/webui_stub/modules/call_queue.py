@@ -12,6 +12,7 @@ What the host's wrappers do, kept here:
   `extra_outputs + ["<div class='error'>Type: message</div>"]` (extra_outputs defaults to [None, '']) — so
   the handler's LAST output must be an HTML component. With add_stats (the gpu wrapper) a timing `<div>` is
   appended with `+=` to the last output, which therefore must be a string; the result is a tuple.
+Ports modules/call_queue.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import html
 import time

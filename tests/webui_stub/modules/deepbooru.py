@@ -6,6 +6,7 @@ options from `shared.opts` at each call, drops `rating:` tags, and joins with ",
 Differences: the model is `deepbooru_model.DeepDanbooruModel`, a tiny deterministic colour tagger built in
 code (the host downloads a ResNet's weights); the image is resized to 512×512 directly (the host's
 `images.resize_image(2, …)` fills the borders first), which changes nothing for the tiny model's colour means.
+Ports modules/deepbooru.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import re
 

@@ -1,6 +1,9 @@
 """`modules.deepbooru_model`: in the host a ResNet with ~9,000 booru tags; here a tiny deterministic tagger with
 the same interface (`tags`, forward on a [1, H, W, 3] float image in 0..1 giving one probability per tag), so
-captions depend on the picture: each colour tag's probability is how much of that colour the image holds."""
+captions depend on the picture: each colour tag's probability is how much of that colour the image holds.
+
+Ports modules/deepbooru_model.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import torch
 from torch import nn
 

@@ -1,4 +1,7 @@
-"""The host's error reporting: print to stderr and remember the exception (see `exception_records`)."""
+"""The host's error reporting: print to stderr and remember the exception (see `exception_records`).
+
+Ports modules/errors.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import sys
 import traceback
 

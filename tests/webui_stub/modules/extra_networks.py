@@ -1,6 +1,9 @@
 """`<name:arg1:arg2>` tags in prompts: parsed out of the prompt, then every registered extra network is
 activated (those the prompt does not name with an empty list, which for Lora means "no networks").
-An error while activating is printed, never raised."""
+An error while activating is printed, never raised.
+
+Ports modules/extra_networks.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import logging
 import re
 from collections import defaultdict

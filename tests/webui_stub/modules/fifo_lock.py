@@ -3,6 +3,7 @@
 Difference: here release hands the lock straight to the oldest waiter, so the order is strict; the host's
 releases its inner lock and wakes the oldest waiter, so a thread arriving at that instant can get in first.
 Like the host's, acquiring it again from the thread that holds it blocks forever (blocking=False: False).
+Ports modules/fifo_lock.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import collections
 import threading

@@ -1,5 +1,8 @@
 """File hashes with the host's cache rule: a cached hash counts while the file's mtime is not newer than when
-it was hashed. The host keeps the cache in cache.json; here it lives in memory (`cache`)."""
+it was hashed. The host keeps the cache in cache.json; here it lives in memory (`cache`).
+
+Ports modules/hashes.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import hashlib
 import os
 

@@ -4,6 +4,7 @@
 
 Differences: `get_font` uses DejaVu Sans (the host ships Roboto); `image_grid` runs no `image_grid_callback`
 (no extension here changes a grid's shape); nothing about saving images.
+Ports modules/images.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import math
 

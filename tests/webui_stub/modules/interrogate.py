@@ -8,6 +8,7 @@ Differences: BLIP and CLIP are tiny deterministic colour describers built in cod
 categories are the `*.txt` files of `content_dir` when it exists (the host downloads four when it does not),
 each giving its first top-n lines (the host ranks them by CLIP similarity);
 no `lowvram.send_everything_to_cpu()` (the stand-in has no low-VRAM mode).
+Ports modules/interrogate.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import os
 import re

@@ -4,6 +4,7 @@ As the host: attribute reads fall back to the registered default, attribute writ
 `opts.data` (writes to an unknown key become plain attributes), `set()` returns whether the value changed
 and runs the option's `onchange` (reverting the value and returning False if it raises); `save()` writes
 `opts.data` as JSON.
+Ports modules/options.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import json
 
@@ -43,14 +44,6 @@ class OptionInfo:
 
     def html(self, html):
         self.comment_after += html
-        return self
-
-    def needs_restart(self):
-        self.comment_after += " <span class='info'>(requires restart)</span>"
-        return self
-
-    def needs_reload_ui(self):
-        self.comment_after += " <span class='info'>(requires Reload UI)</span>"
         return self
 
 
@@ -140,15 +133,3 @@ class Options:
         self.data_labels[key].onchange = func
         if call:
             func()
-
-    def cast_value(self, key, value):
-        if value is None:
-            return None
-        default = self.data_labels[key].default
-        if default is None:
-            default = getattr(self, key, None)
-        if default is None:
-            return None
-        if type(default) is bool and value == "False":
-            return False
-        return type(default)(value)

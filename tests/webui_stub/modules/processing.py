@@ -23,6 +23,7 @@ The stand-in's sampler: DDIM (eta 0, uniform timesteps) with classifier-free gui
 batches them). As the host's timestep samplers, each prediction is first turned into noise (a v-prediction
 model's "v" by ε = √ᾱ·v + √(1−ᾱ)·x_t, `predict_eps`), guidance mixes the two noises, and the denoised
 estimate is x0 = (x_t − √(1−ᾱ)·ε) / √ᾱ. Nothing is written to disk (the host saves samples unless do_not_save_samples).
+Ports modules/processing.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 from __future__ import annotations
 
@@ -160,9 +161,6 @@ class StableDiffusionProcessing:
         model = self.sd_model
         self.uc = model.get_learned_conditioning(negative_prompts)
         self.c = model.get_learned_conditioning(prompts)
-
-    def save_samples(self) -> bool:
-        return False  # the stand-in writes no files
 
 
 @dataclass(repr=False)

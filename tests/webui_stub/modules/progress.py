@@ -1,4 +1,7 @@
-"""Task bookkeeping behind the host's progress bar (`/internal/progress`), as call_queue uses it."""
+"""Task bookkeeping behind the host's progress bar (`/internal/progress`), as call_queue uses it.
+
+Ports modules/progress.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import time
 from collections import OrderedDict
 
@@ -32,9 +35,3 @@ def record_results(id_task, res):
 
 def add_task_to_queue(id_job):
     pending_tasks[id_job] = time.time()
-
-
-def create_task_id(task_type):
-    import random
-    import string
-    return f"task({task_type}-{''.join(random.choices(string.ascii_uppercase + string.digits, k=7))})"

@@ -4,6 +4,7 @@ width/height (SDXL puts them into its "vector") and whether these are negative p
 Left out: prompt editing / alternation schedules (`[a:b:0.5]`, `[a|b]`) and `get_learned_conditioning`'s
 per-step schedules and caching; the stand-in's txt2img calls the model's `get_learned_conditioning` once per
 batch with an `SdConditioning`.
+Ports modules/prompt_parser.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 
 

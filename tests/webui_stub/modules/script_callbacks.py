@@ -1,6 +1,9 @@
 """Extension callbacks (the few lohatrain uses). As the host: registration appends a `ScriptCallback`; the
 callers run every callback in order and a callback that raises is reported to stderr and skipped, never
-propagated. (The host also orders callbacks by user settings and extension metadata; not done here.)"""
+propagated. (The host also orders callbacks by user settings and extension metadata; not done here.)
+
+Ports modules/script_callbacks.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +51,6 @@ def clear_callbacks():
         callbacks.clear()
 
 
-def remove_callbacks_for_function(callback_func):
-    for callbacks in callback_map.values():
-        callbacks[:] = [c for c in callbacks if c.callback != callback_func]
-
-
 def ordered_callbacks(category):
     return list(callback_map['callbacks_' + category])
 
@@ -91,22 +89,6 @@ def ui_settings_callback():
             report_exception(c, 'ui_settings_callback')
 
 
-def before_ui_callback():
-    for c in ordered_callbacks('before_ui'):
-        try:
-            c.callback()
-        except Exception:
-            report_exception(c, 'before_ui')
-
-
-def script_unloaded_callback():
-    for c in reversed(ordered_callbacks('script_unloaded')):
-        try:
-            c.callback()
-        except Exception:
-            report_exception(c, 'script_unloaded')
-
-
 def on_app_started(callback, *, name=None):
     """callback(demo: gr.Blocks | None, app: FastAPI)"""
     add_callback(callback_map['callbacks_app_started'], callback, name=name, category='app_started')
@@ -125,11 +107,3 @@ def on_ui_tabs(callback, *, name=None):
 def on_ui_settings(callback, *, name=None):
     """callback(): add settings with shared.opts.add_option(key, shared.OptionInfo(...))"""
     add_callback(callback_map['callbacks_ui_settings'], callback, name=name, category='ui_settings')
-
-
-def on_script_unloaded(callback, *, name=None):
-    add_callback(callback_map['callbacks_script_unloaded'], callback, name=name, category='script_unloaded')
-
-
-def on_before_ui(callback, *, name=None):
-    add_callback(callback_map['callbacks_before_ui'], callback, name=name, category='before_ui')

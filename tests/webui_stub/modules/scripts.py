@@ -5,6 +5,7 @@ each running that hook of every always-on script with its slice of `p.script_arg
 reported, not raised), and reForge reads `alwayson_scripts` directly. The host fills a runner from the extensions'
 scripts at start-up (`scripts_txt2img`); here no script is ever loaded, so a runner has none. Left out: the UI,
 selectable scripts, user ordering of callbacks.
+Ports modules/scripts.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 from modules import errors
 

@@ -11,6 +11,7 @@ before loading other weights into the same model object.
   Undo puts the embedders back in the list and deletes `cond_stage_model`, as the host does.
 Left out: the `EmbeddingsWithFixes` wrapper around token embeddings (textual inversion), cross-attention
 optimizations, SD3/XLM-R wrappers, the flattened `layers` list.
+Ports modules/sd_hijack.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 
 

@@ -15,6 +15,7 @@ separately and the results concatenated; `(torch.hstack(zs), zs[0].pooled)` when
 Left out: emphasis parsing `(word:1.2)` / BREAK (prompts are read literally, as the host's emphasis "None";
 without brackets "Original" gives the same numbers), moving words after a nearby comma to the next chunk,
 textual-inversion embeddings (and the `EmbeddingsWithFixes` wrapper around the token embedding).
+Ports modules/sd_hijack_clip.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import torch
 

@@ -14,6 +14,7 @@ imports torchvision), so `tokenizer` below is the same CLIP BPE (lohatrain.text_
 open_clip's `encode()` / `encoder` names.
 Left out: textual inversion (`encode_embedding_init_text`, and the `EmbeddingsWithFixes` wrapper the host puts
 around `wrapped.model.token_embedding`), the `use_old_emphasis_implementation` assertion.
+Ports modules/sd_hijack_open_clip.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 from modules import sd_hijack_clip
 

@@ -25,6 +25,7 @@ As the host:
   methods) and sets `is_sdxl_inpaint`. The host takes an SDXL state dict without the middle block's first
   attention for SSD-1B; the stand-in only looks when the file holds a state dict (a placeholder stands for
   the factory's complete model), and leaves out the SSD conversion itself.
+Ports modules/sd_models.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import collections
 import enum
@@ -44,8 +45,6 @@ os.makedirs(model_path, exist_ok=True)
 
 checkpoints_list = {}
 checkpoint_aliases = {}
-checkpoint_alisases = checkpoint_aliases  # the host's old misspelled name
-checkpoints_loaded = collections.OrderedDict()
 
 
 class ModelType(enum.Enum):

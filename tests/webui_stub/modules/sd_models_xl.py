@@ -15,6 +15,7 @@ Stand-in difference: the host sets the three methods on sgm's DiffusionEngine CL
 binds them on each SDXL model it loads (`extend_sdxl`), so bare SDXL engines built elsewhere in a test session
 stay as sgm makes them. The parameterization is the model's own (the host reads it off `model.denoiser`,
 which the tiny engine does not have). The GeneralConditioner additions (tokenize, process_texts, ...) are left out.
+Ports modules/sd_models_xl.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 from __future__ import annotations
 

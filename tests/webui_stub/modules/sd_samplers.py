@@ -3,6 +3,7 @@ sd_samplers_kdiffusion / sd_samplers_timesteps / sd_samplers_lcm). `set_samplers
 (initialize_rest); `visible_sampler_names()` leaves out Settings → `hide_samplers`.
 
 Difference: only names and aliases; the stand-in's txt2img samples with one DDIM sampler whatever the name.
+Ports modules/sd_samplers.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 from collections import namedtuple
 

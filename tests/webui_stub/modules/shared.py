@@ -3,6 +3,7 @@ shared_init.initialize()).
 
 `shared.sd_model` is a property as in the host: reading it loads the selected checkpoint if no model was ever
 loaded (a failure prints and gives None); assigning it makes that model the current one.
+Ports modules/shared.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
 """
 import os
 import re
@@ -19,8 +20,6 @@ config_filename = cmd_opts.ui_settings_file
 parallel_processing_allowed = True
 demo = None
 device = None
-weight_load_location = "cpu"
-hf_endpoint = "https://huggingface.co"
 
 OptionInfo = options.OptionInfo
 options_section = options.options_section

@@ -1,5 +1,8 @@
 """Command-line options: the flags lohatrain and the stand-in read, with the host's defaults (cmd_args.py and
-the Lora extension's preload.py). Parsed from an empty command line; tests change `cmd_opts` attributes."""
+the Lora extension's preload.py). Parsed from an empty command line; tests change `cmd_opts` attributes.
+
+Ports modules/shared_cmd_options.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import argparse
 import os
 

@@ -1,5 +1,8 @@
 """`shared.state`: the progress of the current job, read by the host's progress bar and live preview, and
-set by its Interrupt / Skip buttons."""
+set by its Interrupt / Skip buttons.
+
+Ports modules/shared_state.py of AUTOMATIC1111/stable-diffusion-webui v1.10.1 (commit 30c19445f94a).
+"""
 import datetime
 import logging
 import time
@@ -38,10 +41,6 @@ class State:
     def interrupt(self):
         self.interrupted = True
         log.info("Received interrupt request")
-
-    def stop_generating(self):
-        self.stopping_generation = True
-        log.info("Received stop generating request")
 
     def nextjob(self):
         if shared.opts.live_previews_enable and shared.opts.show_progress_every_n_steps == -1:
@@ -90,14 +89,6 @@ class State:
         self.job = ""
         self.job_count = 0
         devices.torch_gc()
-
-    def set_current_image(self):
-        if not shared.parallel_processing_allowed:
-            return
-        every = shared.opts.show_progress_every_n_steps
-        if (self.sampling_step - self.current_image_sampling_step >= every and shared.opts.live_previews_enable
-                and every != -1):
-            self.do_set_current_image()
 
     def do_set_current_image(self):
         if self.current_latent is None:

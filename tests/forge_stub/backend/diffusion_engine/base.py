@@ -9,6 +9,7 @@ and applies the latent scale (`get_first_stage_encoding` is the identity), `deco
 (images in [-1, 1]). CLIP skip is `set_clip_skip(n)`; SDXL's
 vector is the pooled text embedding then `embedder` (Forge's `Timestep(256)`; the tiny model's width) of height,
 width, crop top, crop left, target height, target width. Textual inversion, emphasis and chunking are left out.
+Ports backend/diffusion_engine/base.py, sd15.py, sd20.py, sdxl.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 import torch
 

@@ -1,5 +1,8 @@
 """Forge's `KModel` (backend/modules/k_model.py): the UNet (`diffusion_model`) with its schedule (`predictor`);
-`apply_model` takes sigmas, as Forge's samplers call it."""
+`apply_model` takes sigmas, as Forge's samplers call it.
+
+Ports backend/modules/k_model.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
+"""
 import torch
 
 

@@ -1,6 +1,9 @@
 """Forge's noise schedule (backend/modules/k_prediction.py, `Prediction`): SD's "scaled linear" betas, the
 checkpoint's `alphas_cumprod`, the `sigmas` samplers use, and the prediction type ('epsilon' or 'v_prediction').
-Forge keeps the schedule here only: its model object has no `alphas_cumprod` or `parameterization`."""
+Forge keeps the schedule here only: its model object has no `alphas_cumprod` or `parameterization`.
+
+Ports backend/modules/k_prediction.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
+"""
 import torch
 
 
@@ -13,11 +16,6 @@ class Prediction(torch.nn.Module):
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
-        self.register_buffer("sigmas", sigmas.float())
-        self.register_buffer("log_sigmas", sigmas.log().float())
-
-    def set_sigmas(self, sigmas):
-        """What Forge's zero-terminal-SNR option changes: the sampling sigmas, not `alphas_cumprod`."""
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("log_sigmas", sigmas.log().float())
 

@@ -10,6 +10,7 @@ and gives the blocks Forge's forwards. What an adapter has to respect, from Forg
 - `forward(x, timesteps, context, y, control, transformer_options)`; `timesteps` are the float model timesteps;
 - `config` holds the UNet's layout (ComfyUI's LoRA key map reads it), and the loader sets `storage_dtype`,
   `computation_dtype`, `load_device`, `offload_device`, `initial_device`.
+Ports backend/nn/unet.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 import torch
 from torch import nn

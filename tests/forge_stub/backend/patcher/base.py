@@ -1,6 +1,9 @@
 """Forge's `ModelPatcher` (backend/patcher/base.py): a model with its LoRA patches. Clones share the model and its
 `lora_loader`; `add_patches` keys ComfyUI patch tuples by the model's parameter names; the memory manager calls
-`forge_patch_model` / `forge_unpatch_model` to move the model and `refresh_loras` when it loads it."""
+`forge_patch_model` / `forge_unpatch_model` to move the model and `refresh_loras` when it loads it.
+
+Ports backend/patcher/base.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
+"""
 from backend import memory_management
 from backend.patcher.lora import LoraLoader
 

@@ -3,7 +3,10 @@ weights under `torch.inference_mode`, replacing each patched Parameter with a ne
 in `backup` (on the offload device); the next refresh with other patches puts the backups back first. One loader
 per KModel (`model.lora_loader`), shared by every patcher clone. `merge_lora_to_weight` applies ComfyUI's patch
 tuples ("lora", "loha", "lokr"; DoRA's `dora_scale` along the output axis when it has the output's length, else the
-input's). Online LoRA, GLoRA, OFT and quantised weights are left out."""
+input's). Online LoRA, GLoRA, OFT and quantised weights are left out.
+
+Ports backend/patcher/lora.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
+"""
 import torch
 
 

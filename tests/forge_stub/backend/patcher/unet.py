@@ -1,4 +1,7 @@
-"""Forge's `UnetPatcher` (backend/patcher/unet.py): the KModel's patcher, `sd_model.forge_objects.unet`."""
+"""Forge's `UnetPatcher` (backend/patcher/unet.py): the KModel's patcher, `sd_model.forge_objects.unet`.
+
+Ports backend/patcher/unet.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
+"""
 from backend.modules.k_model import KModel
 from backend.patcher.base import ModelPatcher
 

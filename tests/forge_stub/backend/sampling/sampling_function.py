@@ -6,6 +6,7 @@ classifier-free-guidance step: the patcher's KModel `apply_model` (sigmas in, de
 conditional and unconditional conditioning, mixed by `cond_scale`. Conditioning is what the engine's
 `get_learned_conditioning` returns: a tensor (`c_crossattn`), or SDXL's {"crossattn", "vector"} (`y` is the vector).
 Left out: area and timestep-range conditioning, ControlNet, model-option hooks, batching cond and uncond together.
+Ports backend/sampling/sampling_function.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 from backend import memory_management
 

@@ -10,6 +10,7 @@ t1, t2, dora_scale)) or ("lokr", (w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora_sc
 that matched nothing. `model_lora_keys_clip(cond_stage_model)`: SD1's CLIP layers as
 `lora_te_text_model_encoder_layers_<n>_<layer>` (the stand-in's text encoder is ldm's, without Forge's `clip_l.`
 prefix; SD2's and SDXL's text keys are left out). GLoRA, diff and BFL control formats are left out.
+Ports packages_3rdparty/comfyui_lora_collection/lora.py and utils.py of lllyasviel/stable-diffusion-webui-forge at commit dfdcbab685e5.
 """
 _ATTENTION = ("proj_in", "proj_out", "norm")
 _TRANSFORMER = ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",

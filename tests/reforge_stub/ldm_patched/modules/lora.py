@@ -2,7 +2,10 @@
 `load_lora` and the merging formulas are the same ComfyUI code Forge 2 vendors (packages_3rdparty/
 comfyui_lora_collection, backend/patcher/lora.py), so the Forge stand-in's are used (tests/forge_stub); the text
 encoder's are here: for each `clip_l`/`clip_h` transformers layer of the CLIP's state dict,
-`lora_te_text_model_encoder_layers_N_<LORA_CLIP_MAP name>` (and `lora_te1_…`, `text_encoder.…`)."""
+`lora_te_text_model_encoder_layers_N_<LORA_CLIP_MAP name>` (and `lora_te1_…`, `text_encoder.…`).
+
+Ports ldm_patched/modules/lora.py of Panchovix/stable-diffusion-webui-reForge `main` at commit 3b56b268.
+"""
 import sys
 from pathlib import Path
 

@@ -29,10 +29,6 @@ def get_torch_device():
     return gpu
 
 
-def unet_offload_device():
-    return cpu
-
-
 def module_size(module):
     return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 

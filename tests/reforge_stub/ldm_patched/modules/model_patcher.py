@@ -41,9 +41,6 @@ class ModelPatcher:
     def loaded_size(self):
         return self.model.model_loaded_weight_memory
 
-    def current_loaded_device(self):
-        return self.model.device
-
     def clone(self):
         n = self.__class__(self.model, self.load_device, self.offload_device)
         n.patches = {k: list(v) for k, v in self.patches.items()}

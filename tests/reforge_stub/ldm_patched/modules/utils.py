@@ -1,4 +1,7 @@
-"""ldm_patched/modules/utils.py: the attribute setters the patcher replaces weights with."""
+"""ldm_patched/modules/utils.py: the attribute setters the patcher replaces weights with.
+
+Ports ldm_patched/modules/utils.py of Panchovix/stable-diffusion-webui-reForge `main` at commit 3b56b268.
+"""
 import torch
 
 
