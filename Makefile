@@ -51,7 +51,7 @@ STOCK_SKIP := on_sd2_and_sdxl or killed_command_line or changed_dataset or anoth
 	or a_lycoris_that or pip_failure or torch_too_old or does_not_divide or help_lists or options_override \
 	or progress_bar or process_that_dies or rest_refuses or doctor_counts_masks or settings_that_cannot_work \
 	or prodigy_takes_learning_rates or missing_package or the_rest_check_and_the_tab or doctor_reports_each_sub_folder \
-	or kohya_over_rest or kohya_form_settings or leaves_the_file_as_it_was or prints_the_estimate
+	or kohya_over_rest or kohya_form_settings or leaves_the_file_as_it_was or prints_the_estimate or quick_dry_run
 test-stock: $(STOCK_STAMP)
 	LOHATRAIN_FAST_TESTS=1 OMP_NUM_THREADS=1 .venv-stock/bin/python -m pytest $(PYTEST_ARGS) $(STOCK_TESTS) \
 		-m "not other_families" -k "not ($(STOCK_SKIP))"
