@@ -30,7 +30,7 @@ import dataclasses
 import math
 import random
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -454,6 +454,12 @@ class _Holder(nn.Module):
         return self.run()
 
 
+# The last fake runs by what decides them: "Fit my card" and then Train, or a refusal and then Fit my card, estimate
+# the same settings again, each a few seconds of CPU on a tiny model and many more on SDXL. Only numbers are kept.
+_RUNS: OrderedDict[tuple, _Run] = OrderedDict()
+_RUNS_KEPT = 32
+
+
 def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device,
               fp8_tensors: set[int]) -> _Run:
     modules = [m for m in (parts.root, parts.unet, parts.vae, parts.text_encoder) if isinstance(m, nn.Module)]
@@ -462,13 +468,37 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
     fake = compat.fake_mode()
     holder = _Holder(tops, lambda: _run(parts, settings, data, device, fake))
     fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
-    named = [*holder.named_parameters(), *holder.named_buffers()]
+    spec = {name: (t.shape, t.stride(), device if t.device.type == "meta" else t.device,
+                   fp8_dtype if id(t) in fp8_tensors else t.dtype)
+            for name, t in [*holder.named_parameters(), *holder.named_buffers()]}
+    key = _run_key(parts, holder, spec, settings, data, device)
+    if key in _RUNS:
+        _RUNS.move_to_end(key)
+        return _RUNS[key]
     with fake:
-        fakes = {name: torch.empty_strided(t.shape, t.stride(), device=device if t.device.type == "meta" else t.device,
-                                           dtype=fp8_dtype if id(t) in fp8_tensors else t.dtype)
-                 for name, t in named}
+        fakes = {name: torch.empty_strided(shape, stride, device=on, dtype=dtype)
+                 for name, (shape, stride, on, dtype) in spec.items()}
     with fake:
-        return torch.func.functional_call(holder, fakes, (), tie_weights=False)
+        run = torch.func.functional_call(holder, fakes, (), tie_weights=False)
+    _RUNS[key] = run
+    while len(_RUNS) > _RUNS_KEPT:
+        _RUNS.popitem(last=False)
+    return run
+
+
+def _run_key(parts: ModelParts, holder: nn.Module, spec: dict, settings: TrainSettings, data: _Data,
+             device: torch.device) -> tuple:
+    """Everything a fake run's figures depend on: the model object and its host's flags, every tensor's name,
+    shape, stride, device and dtype, the code of each module's forward (the WebUI swaps attention forwards when
+    its cross-attention optimization changes), torch's attention kernels allowed, the settings and the data."""
+    forwards = {(type(m), getattr(type(m), "forward", None), m.__dict__.get("forward")) for m in holder.modules()}
+    kernels = tuple(getattr(torch.backends.cuda, f)() for f in (
+        "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled") if hasattr(torch.backends.cuda, f))
+    return (id(parts.root), id(parts.unet), parts.family.name, parts.managed, parts.applies_clip_skip,
+            tuple((name, tuple(shape), tuple(stride), str(on), str(dtype)) for name, (shape, stride, on, dtype)
+                  in spec.items()),
+            frozenset((id(c), id(f), id(own)) for c, f, own in forwards), kernels, repr(settings), repr(data),
+            str(device))
 
 
 def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fake) -> _Run:

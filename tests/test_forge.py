@@ -18,6 +18,7 @@ from backend import memory_management  # noqa: E402  (forge_env put the Forge st
 from backend.loader import forge_loader  # noqa: E402
 
 from lohatrain.errors import LohatrainError
+from lohatrain.hosts.forge import ForgeHost
 
 pytestmark = pytest.mark.usefixtures("forge_memory")
 
