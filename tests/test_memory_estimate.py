@@ -102,6 +102,35 @@ def test_the_estimate_leaves_the_model_as_found(tiny_model, sample_dataset, tmp_
     assert live_tensor_bytes() == alive  # nothing of the estimate is kept
 
 
+def test_the_same_model_and_settings_are_estimated_once_and_a_change_anew(tiny_model, sample_dataset, tmp_path,
+                                                                         monkeypatch):
+    """Fit my card and then Train (or a refusal and then Fit my card) estimate the same settings again: the step
+    on fakes runs once for them; a change of the settings, of the model's dtypes or of its attention's forward
+    (the WebUI swaps it when its cross-attention optimization changes) is estimated anew."""
+    from ldm.modules.attention import CrossAttention
+
+    runs = []
+    real_run = memory._run
+    monkeypatch.setattr(memory, "_run", lambda *args: runs.append(args[1]) or real_run(*args))
+    settings = settings_for(sample_dataset, tmp_path, batch_size=1, train_dtype="bf16")
+    prepared = preflight(ldm_parts(tiny_model), settings)
+    first = memory.estimate(ldm_parts(tiny_model), settings, prepared=prepared)
+    assert memory.estimate(ldm_parts(tiny_model), settings, prepared=prepared).parts == first.parts
+    assert len(runs) == 1
+    wider = memory.estimate(ldm_parts(tiny_model), dataclasses.replace(settings, batch_size=2), prepared=prepared)
+    assert len(runs) == 2 and wider.parts["activations"] > first.parts["activations"]
+
+    real_forward = CrossAttention.forward
+    monkeypatch.setattr(CrossAttention, "forward", lambda self, x, context=None, mask=None: real_forward(
+        self, x * torch.ones_like(x), context, mask))  # the ones are kept for backward: more activations
+    more = memory.estimate(ldm_parts(tiny_model), settings, prepared=prepared)
+    assert len(runs) == 3 and more.parts["activations"] > first.parts["activations"]
+    monkeypatch.setattr(CrossAttention, "forward", real_forward)
+
+    halved = memory.estimate(ldm_parts(hold_like_the_webui(tiny_model, "fp16")), settings, prepared=prepared)
+    assert len(runs) == 4 and halved.parts["model"] < first.parts["model"]
+
+
 def test_a_run_that_does_not_fit_is_refused_naming_what_would_fit(tiny_model, sample_dataset, tmp_path):
     parts = ldm_parts(tiny_model)
     heavy = settings_for(sample_dataset, tmp_path)
