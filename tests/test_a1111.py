@@ -1,6 +1,6 @@
 """lohatrain in the A1111 WebUI (v1.10.1), on its stand-in (tests/webui_stub): a file trained on the loaded model of
 each family applies through the host's own Lora extension for every network type (every key matched, the image
-changes, the weights are what an independent reading of the host's rules gives, and come back exactly); a run on
+changes, the weights are what an independent reading of the host's rules gives); a run on
 the loaded SD2 or SDXL checkpoint goes through the host's own conditioning and txt2img and leaves the model exactly
 as found; the user's text-encoder LoRA from the last generation changes nothing in a run."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ def trained_file_through_the_host(model, webui, sample_dataset, name: str, **set
     """Train a small network (LoHa unless `settings` say otherwise; UNet with conv layers, and the text encoders)
     on the loaded model and generate with it as the host does. Checked for every family and type: training leaves
     the weights as they were, every key lands, the image changes, the weights carry what an independent reading
-    of the host's rules adds, and come back exactly afterwards. Returns the file's tensors and the names of the
+    of the host's rules adds. Returns the file's tensors and the names of the
     weights the file changed."""
     pure = _weights(model)
     plain = generate("red circle")
@@ -59,10 +59,6 @@ def trained_file_through_the_host(model, webui, sample_dataset, name: str, **set
     changed = [k for k in pure if not torch.equal(applied[k], pure[k])]
     for key in pure:
         torch.testing.assert_close(applied[key], wanted[key], rtol=1e-5, atol=1e-6, msg=key)
-
-    again = generate("red circle")
-    assert np.array_equal(pixels(again), pixels(plain))
-    assert all(torch.equal(v, pure[k]) for k, v in _weights(model).items()), "weights must be restored bit-exactly"
     return tensors, changed
 
 
