@@ -15,7 +15,7 @@ import lohatrain.webui
 from lohatrain.settings import TrainSettings
 from lohatrain.webui import actions, ui
 
-from page import run_body
+from page import finished, run_body, wait_until
 
 ADDED = [f.name for f in dataclasses.fields(TrainSettings) if f.metadata.get("recorded_when_set")]
 
@@ -167,3 +167,23 @@ def test_train_with_a_bad_value_shows_the_same_message_as_rest(webui_server, cha
     assert "lohatrain-error" in answer and ui.html.escape(problem) in answer
     assert not list(webui_server.lora_dir.glob("bad-advanced*"))
 
+
+
+def test_fit_my_card_gives_the_form_values_train_accepts(webui_server, monkeypatch):
+    """Fit my card's answer put into the form: the changed fields hold their new values, the others (the preset's
+    dropdown included, which reForge and Forge showed holding an update inside an update) what they held, and Train
+    then starts the run the recipe fits."""
+    from lohatrain import memory
+
+    form = TrainSettings.from_dict(run_body(webui_server, "fit-form", batch_size=2))
+    values = plain(ui.form_values(form))
+    free = actions.memory_estimate(dataclasses.replace(form, gradient_checkpointing=True), "tab").need
+    monkeypatch.setattr(memory, "available_bytes", lambda parts: free)
+    message, *updates = ui.fit_my_card(*values)
+    assert "gradient_checkpointing → True" in message
+    shown = [u["value"] if "value" in u else old for u, old in zip(updates, values)]
+    assert [k for k, new, old in zip(ui.FIELDS, shown, values) if new != old] == ["gradient_checkpointing"]
+    assert ui.settings_from_form(shown) == dataclasses.replace(ui.settings_from_form(values), gradient_checkpointing=True)
+    answer = ui.start_training(lohatrain.webui.runner(), *shown)
+    assert "started" in answer, answer
+    assert wait_until(webui_server, finished)["state"] == "done"

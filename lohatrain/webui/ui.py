@@ -268,8 +268,16 @@ def fit_my_card(*values) -> list:
         settings, text = actions.fit_my_card(settings_from_form(list(values)), "tab", frozenset(FIELDS))
     except LohatrainError as e:
         return [_message(str(e), "error"), *(gr.update() for _ in values)]
-    fitted = form_values(settings)
-    return [_message(text), *(gr.update(value=new) if new != old else gr.update() for new, old in zip(fitted, values))]
+    return [_message(text), *(_changed(new, old) for new, old in zip(form_values(settings), values))]
+
+
+def _changed(new, old):
+    """One field's update: the new value, or none where the form has it already. `form_values` gives some fields as
+    an update already (the preset, with its type's choices): that one goes as it is, never inside another."""
+    value = new.get("value") if isinstance(new, dict) else new
+    if value == old:
+        return gr.update()
+    return new if isinstance(new, dict) else gr.update(value=new)
 
 
 def _run_label(run: dict) -> str:
