@@ -262,6 +262,7 @@ def test_fit_my_card_changes_the_forms_fields_and_says_what_it_changed(page, web
     expect(page.get_by_label("Gradient checkpointing")).to_be_checked()
     expect(page.locator("#lohatrain_batch_size input[type=number]")).to_have_value("1")
     expect(page.locator("#lohatrain_steps input")).to_have_value("33")
+    expect(page.locator("#lohatrain_preset input")).to_have_value(re.compile(r"^Small"))  # not blanked by Fit
     assert not (webui_server.lora_dir / "fit-run.safetensors").exists()
 
 
