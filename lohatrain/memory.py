@@ -455,9 +455,19 @@ class _Holder(nn.Module):
 
 
 # The last fake runs by what decides them: "Fit my card" and then Train, or a refusal and then Fit my card, estimate
-# the same settings again, each a few seconds of CPU on a tiny model and many more on SDXL. Only numbers are kept.
+# the same settings again, each a few seconds of CPU on a tiny model and many more on SDXL. And the caching pass's
+# peak apart, which most of a recipe's changes leave as it is (SDXL's VAE at 1024 px is half of its estimate's
+# time). Only numbers are kept.
 _RUNS: OrderedDict[tuple, _Run] = OrderedDict()
-_RUNS_KEPT = 32
+_ENCODINGS: OrderedDict[tuple, dict] = OrderedDict()
+_KEPT = 32
+
+
+def _remember(memo: OrderedDict, key: tuple, value):
+    memo[key] = value
+    while len(memo) > _KEPT:
+        memo.popitem(last=False)
+    return value
 
 
 def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device,
@@ -466,53 +476,55 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
     inside = {id(sub) for m in modules for sub in list(m.modules())[1:]}
     tops = list({id(m): m for m in modules if id(m) not in inside}.values())
     fake = compat.fake_mode()
-    holder = _Holder(tops, lambda: _run(parts, settings, data, device, fake))
+    holder = _Holder(tops, None)
     fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
     spec = {name: (t.shape, t.stride(), device if t.device.type == "meta" else t.device,
                    fp8_dtype if id(t) in fp8_tensors else t.dtype)
             for name, t in [*holder.named_parameters(), *holder.named_buffers()]}
-    key = _run_key(parts, holder, spec, settings, data, device)
+    model = _model_key(parts, holder, spec)
+    key = (model, repr(settings), repr(data), str(device))
     if key in _RUNS:
         _RUNS.move_to_end(key)
         return _RUNS[key]
+    encoding_key = (model, data.bucket, settings.train_dtype, settings.deterministic, str(device))
+    holder.run = lambda: _run(parts, settings, data, device, fake, _ENCODINGS.get(encoding_key))
     with fake:
         fakes = {name: torch.empty_strided(shape, stride, device=on, dtype=dtype)
                  for name, (shape, stride, on, dtype) in spec.items()}
     with fake:
         run = torch.func.functional_call(holder, fakes, (), tie_weights=False)
-    _RUNS[key] = run
-    while len(_RUNS) > _RUNS_KEPT:
-        _RUNS.popitem(last=False)
-    return run
+    _remember(_ENCODINGS, encoding_key, run.encoding)
+    return _remember(_RUNS, key, run)
 
 
-def _run_key(parts: ModelParts, holder: nn.Module, spec: dict, settings: TrainSettings, data: _Data,
-             device: torch.device) -> tuple:
-    """Everything a fake run's figures depend on: the model object and its host's flags, every tensor's name,
-    shape, stride, device and dtype, the code of each module's forward (the WebUI swaps attention forwards when
-    its cross-attention optimization changes), torch's attention kernels allowed, the settings and the data."""
+def _model_key(parts: ModelParts, holder: nn.Module, spec: dict) -> tuple:
+    """What a fake run's figures depend on besides the settings and the data: the model object and its host's
+    flags, every tensor's name, shape, stride, device and dtype, the code of each module's forward (the WebUI swaps
+    attention forwards when its cross-attention optimization changes) and torch's attention kernels allowed."""
     forwards = {(type(m), getattr(type(m), "forward", None), m.__dict__.get("forward")) for m in holder.modules()}
     kernels = tuple(getattr(torch.backends.cuda, f)() for f in (
         "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled") if hasattr(torch.backends.cuda, f))
     return (id(parts.root), id(parts.unet), parts.family.name, parts.managed, parts.applies_clip_skip,
             tuple((name, tuple(shape), tuple(stride), str(on), str(dtype)) for name, (shape, stride, on, dtype)
                   in spec.items()),
-            frozenset((id(c), id(f), id(own)) for c, f, own in forwards), kernels, repr(settings), repr(data),
-            str(device))
+            frozenset((id(c), id(f), id(own)) for c, f, own in forwards), kernels)
 
 
-def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fake) -> _Run:
+def _run(parts: ModelParts, settings: TrainSettings, data: _Data, device: torch.device, fake,
+         encoded: dict | None = None) -> _Run:
     """Inside the functional call: the model's tensors are fakes. The run's setup as lohatrain.trainer._train makes
     it (its own functions where it has them; the rest in its order: a change there belongs here too, and
-    tests/test_memory_estimate.py fails on one that changes the memory), one image's caching pass and one
-    training step, each tracked."""
+    tests/test_memory_estimate.py fails on one that changes the memory), one image's caching pass (unless
+    `encoded` gives its peak) and one training step, each tracked."""
     train_text = settings.text_encoder_lr > 0
     clip_skip = settings.effective_clip_skip if parts.applies_clip_skip else None
     with ExitStack() as stack:
         _, autocast = trainer._hold(stack, parts, settings, train_text, device)
         width, height = data.bucket
         encoding = Tracker(fake)
-        if parts.vae is not None and not parts.managed:  # a host that moves the parts would load the VAE itself
+        if encoded is not None:
+            encoding.peak = defaultdict(int, encoded)
+        elif parts.vae is not None and not parts.managed:  # a host that moves the parts would load the VAE itself
             pixels = torch.empty(1, 3, height, width)
             with encoding, torch.no_grad(), autocast():
                 encode(parts, pixels, device, 0)

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import gc
 import json
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import pytest
 import torch
@@ -109,6 +109,8 @@ def test_the_same_model_and_settings_are_estimated_once_and_a_change_anew(tiny_m
     (the WebUI swaps it when its cross-attention optimization changes) is estimated anew."""
     from ldm.modules.attention import CrossAttention
 
+    monkeypatch.setattr(memory, "_RUNS", OrderedDict())
+    monkeypatch.setattr(memory, "_ENCODINGS", OrderedDict())
     runs = []
     real_run = memory._run
     monkeypatch.setattr(memory, "_run", lambda *args: runs.append(args[1]) or real_run(*args))
@@ -119,16 +121,23 @@ def test_the_same_model_and_settings_are_estimated_once_and_a_change_anew(tiny_m
     assert len(runs) == 1
     wider = memory.estimate(ldm_parts(tiny_model), dataclasses.replace(settings, batch_size=2), prepared=prepared)
     assert len(runs) == 2 and wider.parts["activations"] > first.parts["activations"]
+    # the caching pass's peak, kept from the first (the batch size does not change it), is what it measures anew
+    assert len(memory._ENCODINGS) == 1
+    memory._RUNS.clear()
+    memory._ENCODINGS.clear()
+    assert memory.estimate(ldm_parts(tiny_model), dataclasses.replace(settings, batch_size=2),
+                           prepared=prepared).parts == wider.parts
+    assert len(runs) == 3
 
     real_forward = CrossAttention.forward
     monkeypatch.setattr(CrossAttention, "forward", lambda self, x, context=None, mask=None: real_forward(
         self, x * torch.ones_like(x), context, mask))  # the ones are kept for backward: more activations
     more = memory.estimate(ldm_parts(tiny_model), settings, prepared=prepared)
-    assert len(runs) == 3 and more.parts["activations"] > first.parts["activations"]
+    assert len(runs) == 4 and more.parts["activations"] > first.parts["activations"]
     monkeypatch.setattr(CrossAttention, "forward", real_forward)
 
     halved = memory.estimate(ldm_parts(hold_like_the_webui(tiny_model, "fp16")), settings, prepared=prepared)
-    assert len(runs) == 4 and halved.parts["model"] < first.parts["model"]
+    assert len(runs) == 5 and halved.parts["model"] < first.parts["model"]
 
 
 def test_a_run_that_does_not_fit_is_refused_naming_what_would_fit(tiny_model, sample_dataset, tmp_path):
