@@ -478,15 +478,20 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
     fake = compat.fake_mode()
     holder = _Holder(tops, None)
     fp8_dtype = getattr(torch, "float8_e4m3fn", None)  # the WebUI's FP8 weight option's dtype
+    named = dict([*holder.named_parameters(), *holder.named_buffers()])
     spec = {name: (t.shape, t.stride(), device if t.device.type == "meta" else t.device,
                    fp8_dtype if id(t) in fp8_tensors else t.dtype)
-            for name, t in [*holder.named_parameters(), *holder.named_buffers()]}
+            for name, t in named.items()}
     model = _model_key(parts, holder, spec)
     key = (model, repr(settings), repr(data), str(device))
     if key in _RUNS:
         _RUNS.move_to_end(key)
         return _RUNS[key]
-    encoding_key = (model, data.bucket, settings.train_dtype, settings.deterministic, str(device))
+    # the caching pass reads the VAE alone, which the FP8 option leaves as it is
+    vae = {id(t) for t in _tensors(parts.vae)}
+    vae_spec = {name: entry for name, entry in spec.items() if id(named[name]) in vae}
+    encoding_key = (_model_key(parts, parts.vae, vae_spec), data.bucket, settings.train_dtype, settings.deterministic,
+                    str(device))
     holder.run = lambda: _run(parts, settings, data, device, fake, _ENCODINGS.get(encoding_key))
     with fake:
         fakes = {name: torch.empty_strided(shape, stride, device=on, dtype=dtype)
@@ -497,11 +502,16 @@ def _fake_run(parts: ModelParts, settings: TrainSettings, data: _Data, device: t
     return _remember(_RUNS, key, run)
 
 
-def _model_key(parts: ModelParts, holder: nn.Module, spec: dict) -> tuple:
+def _tensors(module) -> list:
+    return [*module.parameters(), *module.buffers()] if isinstance(module, nn.Module) else []
+
+
+def _model_key(parts: ModelParts, modules, spec: dict) -> tuple:
     """What a fake run's figures depend on besides the settings and the data: the model object and its host's
     flags, every tensor's name, shape, stride, device and dtype, the code of each module's forward (the WebUI swaps
     attention forwards when its cross-attention optimization changes) and torch's attention kernels allowed."""
-    forwards = {(type(m), getattr(type(m), "forward", None), m.__dict__.get("forward")) for m in holder.modules()}
+    within = modules.modules() if isinstance(modules, nn.Module) else []
+    forwards = {(type(m), getattr(type(m), "forward", None), m.__dict__.get("forward")) for m in within}
     kernels = tuple(getattr(torch.backends.cuda, f)() for f in (
         "flash_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled") if hasattr(torch.backends.cuda, f))
     return (id(parts.root), id(parts.unet), parts.family.name, parts.managed, parts.applies_clip_skip,
