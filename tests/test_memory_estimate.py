@@ -15,7 +15,6 @@ import torch
 from lohatrain import __main__ as cli
 from lohatrain import compat, loop, memory, optimizers, trainer
 from lohatrain.errors import LohatrainError
-from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.families import ldm_parts
 from lohatrain.preflight import preflight
 from lohatrain.settings import TrainSettings
@@ -68,10 +67,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("family, overrides", CASES, ids=[f"{f}-{'-'.join(map(str, o.values()))}" for f, o in CASES])
-def test_the_estimate_is_what_a_real_step_holds(tiny_model, sample_dataset, tmp_path, live_tensor_bytes,
+def test_the_estimate_is_what_a_real_step_holds(family_model, sample_dataset, tmp_path, live_tensor_bytes,
                                                  monkeypatch, family, overrides):
-    model = tiny_model if family == "sd1" else build_tiny_sdxl(0)
-    parts = ldm_parts(model)
+    parts = ldm_parts(family_model)
     settings = settings_for(sample_dataset, tmp_path, family, **overrides)
     est = memory.estimate(parts, settings, prepared=preflight(parts, settings))
     peak, step = measured(parts, settings, live_tensor_bytes, monkeypatch)

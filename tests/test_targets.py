@@ -30,8 +30,6 @@ import networks  # noqa: E402  (the A1111 stand-in's, on the path a1111.py sets)
 from backend.loader import forge_loader, unet_config  # noqa: E402  (the Forge stand-in's, on forge_env.py's path)
 from packages_3rdparty.comfyui_lora_collection.lora import load_lora, model_lora_keys_unet  # noqa: E402
 
-from lohatrain.demo import build_tiny_sd1
-from lohatrain.demo_sdxl import build_tiny_sdxl
 from lohatrain.errors import LohatrainError
 from lohatrain.families import ldm_parts
 from lohatrain.network import Network, plan_text_encoder, plan_unet
@@ -39,7 +37,6 @@ from lohatrain.settings import SettingsError, TrainSettings
 from lohatrain.targets import TARGETS
 from lohatrain.trainer import Hooks, param_groups, train
 
-BUILD = {"sd1": lambda: build_tiny_sd1(0), "sdxl": build_tiny_sdxl}
 ATTENTION = re.compile(r"\.attn[12]\.(to_[qkv]|to_out\.0)$")
 # What "full" adds outside the blocks (ldm path → key), as kohya names SD1's and the hosts read SDXL's; the 3x3
 # convolutions (conv_in, conv_out) only with conv_dim > 0.
@@ -67,8 +64,9 @@ CASES = [(targets, "locon", 2) for targets in TARGETS] + [("full", "lora", 0)]
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 @pytest.mark.parametrize("targets,method,conv_dim", CASES, ids=[f"{t}-{m}" for t, m, _ in CASES])
-def test_every_key_of_each_target_set_lands_on_its_own_layer_in_every_host(family, targets, method, conv_dim):
-    model = BUILD[family]()
+def test_every_key_of_each_target_set_lands_on_its_own_layer_in_every_host(family, family_model, targets, method,
+                                                                           conv_dim):
+    model = family_model
     parts = ldm_parts(model)
     unet = parts.unet
     plans = plan_unet(parts.family, unet, 4, 2, conv_dim, 1, targets=targets)
@@ -193,9 +191,8 @@ def kohya_weights(family: str) -> tuple[dict, list[float]]:
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_block_weights_scale_the_learning_rate_of_exactly_their_blocks(family, tmp_path):
-    model = BUILD[family]()
-    parts = ldm_parts(model)
+def test_block_weights_scale_the_learning_rate_of_exactly_their_blocks(family, family_model, tmp_path):
+    parts = ldm_parts(family_model)
     given, by_block = kohya_weights(family)
     settings = dataclasses.replace(settings_for(tmp_path, tmp_path, training_method="locon", conv_dim=2,
                                                 network_targets="full", text_encoder_lr=1e-4), **given)
@@ -279,21 +276,22 @@ def test_a_bad_target_or_block_weight_is_refused_with_its_message(values, proble
     assert refused.value.problems[0].startswith(problem) and len(refused.value.problems) == 1
 
 
-def test_block_weights_are_checked_against_the_loaded_models_blocks(sample_dataset, tmp_path):
+def test_block_weights_are_checked_against_the_loaded_models_blocks(tiny_model, sdxl_model, sample_dataset,
+                                                                     tmp_path):
     """SD 1.x has 12 down blocks and SDXL 9 (kohya's counts): 12 weights train on the one, are refused on the other;
     weights that leave nothing to train are refused before a run starts."""
     from lohatrain.preflight import check_model
 
     twelve = settings_for(sample_dataset, tmp_path, down_lr_weight=",".join(["1"] * 12))
-    check_model(ldm_parts(build_tiny_sd1(0)), twelve)
+    check_model(ldm_parts(tiny_model), twelve)
     with pytest.raises(LohatrainError, match=r"down_lr_weight: 12 weights given, this model has 9 such blocks "
                                              r"\(SDXL: 9 down, 3 middle and 9 up blocks\)"):
-        check_model(ldm_parts(build_tiny_sdxl()), twelve)
+        check_model(ldm_parts(sdxl_model), twelve)
     nothing = dataclasses.replace(twelve, down_lr_weight="zeros", mid_lr_weight="0.5", up_lr_weight="zeros+0.2",
                                   block_lr_zero_threshold=0.5)
     with pytest.raises(LohatrainError, match="every block's learning-rate weight is 0"):
-        check_model(ldm_parts(build_tiny_sd1(0)), nothing)
-    check_model(ldm_parts(build_tiny_sd1(0)), dataclasses.replace(nothing, network_targets="full"))
+        check_model(ldm_parts(tiny_model), nothing)
+    check_model(ldm_parts(tiny_model), dataclasses.replace(nothing, network_targets="full"))
 
 
 def test_the_command_line_takes_targets_and_block_weights(sample_dataset, tmp_path, capsys):
