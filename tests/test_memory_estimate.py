@@ -161,8 +161,8 @@ def test_a_run_that_does_not_fit_is_refused_naming_what_would_fit(tiny_model, sa
     assert est.to_dict()["fit"]["steps"][0]["settings"] == {"gradient_checkpointing": True}
     assert memory.refusal(est, dataclasses.replace(heavy, ignore_memory_estimate=True)) is None
     assert memory.refusal(unfit, heavy) is None  # free memory unknown (a CPU host): reported, never refused
-    assert memory.estimate(parts, heavy, unfit.need, prepared=prepared).fit is None  # it fits: nothing to change
-    assert memory.refusal(memory.estimate(parts, heavy, unfit.need, prepared=prepared), heavy) is None
+    fitting = memory.estimate(parts, heavy, unfit.need, prepared=prepared)
+    assert fitting.fit is None and memory.refusal(fitting, heavy) is None  # it fits: nothing to change
 
 
 def test_the_recipe_goes_through_its_changes_in_order_until_the_run_fits(tiny_model, sample_dataset, tmp_path):
