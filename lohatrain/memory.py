@@ -455,9 +455,8 @@ class _Holder(nn.Module):
 
 
 # The last fake runs by what decides them: "Fit my card" and then Train, or a refusal and then Fit my card, estimate
-# the same settings again, each a few seconds of CPU on a tiny model and many more on SDXL. And the caching pass's
-# peak apart, which most of a recipe's changes leave as it is (SDXL's VAE at 1024 px is half of its estimate's
-# time). Only numbers are kept.
+# the same settings again, each a few seconds of CPU on a tiny model and half a minute on SDXL. And the caching
+# pass's peak apart, which every change of a recipe but the resolution's leaves as it is. Only numbers are kept.
 _RUNS: OrderedDict[tuple, _Run] = OrderedDict()
 _ENCODINGS: OrderedDict[tuple, dict] = OrderedDict()
 _KEPT = 32
